@@ -1,0 +1,66 @@
+"""Wiring: build the aiohttp application from a :class:`~proxy.config.Config`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiocache import SimpleMemoryCache
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.handlers import oci_errors, setup_routes
+from proxy.handlers.common import PULLTHROUGH, ROUTER
+from proxy.pullthrough import PullThrough
+from proxy.routing import Router
+from proxy.storage import FilesystemStore
+from proxy.upstream import UpstreamClient
+
+CONFIG = web.AppKey("config", Config)
+#: Request bodies on a cache are tiny; uploads (hosted repositories) stream past this cap.
+CLIENT_MAX_SIZE = 4 << 20
+
+
+async def _api_version_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+
+
+def create_app(config: Config) -> web.Application:
+    """An application serving the V2 API; its services start with the app and stop with it."""
+    app = web.Application(middlewares=[oci_errors], client_max_size=CLIENT_MAX_SIZE)
+    app[CONFIG] = config
+    app.on_response_prepare.append(_api_version_header)
+    app.cleanup_ctx.append(_services)
+    setup_routes(app)
+    return app
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = FilesystemStore(config.storage_root)
+    store.open()
+    session = aiohttp.ClientSession(
+        auto_decompress=False,  # blobs are verified and stored exactly as sent
+        read_bufsize=4 << 20,
+        connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+        headers={"User-Agent": "regproxy/0.1"},
+    )
+    tokens = SimpleMemoryCache(timeout=None, namespace="token")
+    upstreams = {
+        name: UpstreamClient(cfg, session, tokens) for name, cfg in config.upstreams.items()
+    }
+    pullthrough = PullThrough(
+        store,
+        SimpleMemoryCache(timeout=None, namespace="tag"),
+        tag_ttl=config.tag_ttl,
+        max_manifest_size=config.max_manifest_size,
+        manifest_memory=config.manifest_memory,
+        default_platform=config.default_platform,
+    )
+    app[ROUTER] = Router(upstreams, config.default_upstream)
+    app[PULLTHROUGH] = pullthrough
+    try:
+        yield
+    finally:
+        await pullthrough.close()
+        await session.close()

@@ -1,0 +1,67 @@
+"""The ``regproxy`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.accesslog import AccessLogger
+from proxy.app import create_app
+from proxy.config import Config, ConfigError, load
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"regproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the registry proxy")
+    serve.add_argument("--config", type=Path, help="config.toml (default: embedded defaults)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
+    serve.add_argument("--upstream", metavar="URL", help="URL of the default upstream")
+    serve.add_argument("--data-dir", metavar="DIR", help="override storage.root")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The file (if any) with the command-line overrides applied."""
+    config = load(args.config)
+    return config.with_overrides(listen=args.listen, upstream=args.upstream, data_dir=args.data_dir)
+
+
+def serve(config: Config) -> None:
+    """Run the server until SIGINT/SIGTERM."""
+    app = create_app(config)
+    web.run_app(
+        app,
+        host=config.listen_host,
+        port=config.listen_port,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("regproxy.access") if config.access_log else None,
+        print=lambda msg: logging.getLogger("regproxy").info(
+            "listening on %s:%d, data in %s", config.listen_host, config.listen_port,
+            config.storage_root),
+        shutdown_timeout=30,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"regproxy: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        serve(config)
+    return 0

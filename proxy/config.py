@@ -1,0 +1,268 @@
+"""Configuration: ``config.toml`` parsed into typed, validated settings.
+
+Every problem is reported as ``<key>: <problem>`` so an operator can fix the file without
+reading code; unknown keys are errors too (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from proxy.reference import NAME_RE
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the key at fault."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+DOCKER_HUB = "docker.io"
+#: Names under which clients refer to Docker Hub (containerd's ``ns`` uses ``docker.io``).
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry that the proxy caches."""
+
+    name: str
+    url: str
+    aliases: tuple[str, ...] = ()
+    username: str | None = None
+    password: str | None = None
+    library_prefix: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 30.0
+
+    def __repr__(self) -> str:  # never print the password
+        return f"UpstreamConfig(name={self.name!r}, url={self.url!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one proxy instance."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 5000
+    access_log: bool = True
+    storage_root: Path = Path("./data")
+    tag_ttl: float = 300.0
+    manifest_memory: int = 64 << 20
+    max_manifest_size: int = 4 << 20
+    default_upstream: str | None = DOCKER_HUB
+    default_platform: tuple[str, str] = ("linux", "amd64")
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+
+    def with_overrides(
+        self,
+        *,
+        listen: str | None = None,
+        upstream: str | None = None,
+        data_dir: str | None = None,
+    ) -> Config:
+        """Apply the command-line flags that take precedence over the file."""
+        cfg = self
+        if listen is not None:
+            host, port = parse_listen("--listen", listen)
+            cfg = replace(cfg, listen_host=host, listen_port=port)
+        if data_dir is not None:
+            cfg = replace(cfg, storage_root=Path(data_dir))
+        if upstream is not None:
+            url = parse_url("--upstream", upstream)
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+            name = host if parts.port is None else f"{host}:{parts.port}"
+            ups = dict(cfg.upstreams)
+            owner = next((u for u in ups.values() if name == u.name or name in u.aliases), None)
+            if owner is not None:
+                ups[owner.name] = replace(owner, url=url)
+                name = owner.name
+            else:
+                ups[name] = UpstreamConfig(name=name, url=url,
+                                           library_prefix=host == "registry-1.docker.io")
+            cfg = replace(cfg, upstreams=ups, default_upstream=name)
+        return cfg
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6,
+               "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12,
+               "tb": 10**12, "tib": 1 << 40}
+_DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(key: str, value: Any) -> int:
+    """``4194304``, ``"4MiB"``, ``"50GiB"`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ConfigError(key, f"expected a size such as 4194304 or \"4MiB\", got {value!r}")
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """``300``, ``"5m"``, ``"1h"``, ``"250ms"`` -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", value)
+        if m and m.group(2) in _DURATION_UNITS:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ConfigError(key, f"expected a duration such as 300 or \"5m\", got {value!r}")
+
+
+def parse_listen(key: str, value: Any) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[v6]:PORT`` -> (host, port)."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+        if m:
+            host = m.group(1) if m.group(1) is not None else m.group(3)
+            port = int(m.group(2) or m.group(4))
+            if 0 <= port <= 65535:
+                return host or "0.0.0.0", port
+    raise ConfigError(key, f"expected HOST:PORT such as \"127.0.0.1:5000\", got {value!r}")
+
+
+def parse_url(key: str, value: Any) -> str:
+    """An http(s) base URL without query, fragment or credentials, trailing slash removed."""
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if (parts.scheme in ("http", "https") and parts.hostname and not parts.query
+                and not parts.fragment and not parts.username):
+            return value.rstrip("/")
+    raise ConfigError(key, f"expected an http(s) URL without credentials, got {value!r}")
+
+
+def _take(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix, "expected a table")
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    return table
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(key, f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _upstream(name: str, raw: Any) -> UpstreamConfig:
+    key = f"upstreams.{name}"
+    t = _take(raw, key, {"url", "aliases", "username", "password", "library_prefix",
+                         "connect_timeout", "read_timeout", "breaker_threshold",
+                         "breaker_cooldown"})
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*(:\d+)?", name):
+        raise ConfigError(key, "an upstream name must be a lower-case host name such as ghcr.io")
+    if "url" not in t:
+        raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
+    aliases = t.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{key}.aliases", "expected a list of host names")
+    username = t.get("username")
+    password = t.get("password")
+    if (username is None) != (password is None):
+        raise ConfigError(f"{key}.password" if password is None else f"{key}.username",
+                          "username and password must be given together")
+    return UpstreamConfig(
+        name=name,
+        url=parse_url(f"{key}.url", t["url"]),
+        aliases=tuple(a.lower() for a in aliases),
+        username=_str(f"{key}.username", username) if username is not None else None,
+        password=_str(f"{key}.password", password) if password is not None else None,
+        library_prefix=_bool(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
+        connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
+        read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
+        breaker_threshold=_positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
+        breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
+    )
+
+
+def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base_dir``."""
+    top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams"})
+    server = _take(top.get("server", {}), "server", {"listen", "access_log"})
+    storage = _take(top.get("storage", {}), "storage", {"root"})
+    cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size"})
+    proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
+    upstreams_raw = _take(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
+
+    host, port = parse_listen("server.listen", server.get("listen", "127.0.0.1:5000"))
+    root = Path(_str("storage.root", storage.get("root", "./data")))
+    if not root.is_absolute():
+        root = base_dir / root
+
+    upstreams = {name: _upstream(name, raw) for name, raw in upstreams_raw.items()}
+    seen: dict[str, str] = {}
+    for up in upstreams.values():
+        for alias in (up.name, *up.aliases):
+            if alias in seen and seen[alias] != up.name:
+                raise ConfigError(f"upstreams.{up.name}.aliases",
+                                  f"{alias!r} is already used by upstream {seen[alias]!r}")
+            seen[alias] = up.name
+        if NAME_RE.fullmatch(up.name) is None and ":" not in up.name:
+            raise ConfigError(f"upstreams.{up.name}", "not usable as a path prefix")
+
+    default = proxy.get("default_upstream", DOCKER_HUB if DOCKER_HUB in upstreams else None)
+    if default is not None:
+        default = _str("proxy.default_upstream", default)
+        if default not in upstreams:
+            raise ConfigError("proxy.default_upstream",
+                              f"{default!r} is not one of the [upstreams] ({', '.join(upstreams) or 'none'})")
+    platform = _str("proxy.default_platform", proxy.get("default_platform", "linux/amd64"))
+    if not re.fullmatch(r"[a-z0-9]+/[a-z0-9]+", platform):
+        raise ConfigError("proxy.default_platform", f"expected OS/ARCH such as linux/amd64, got {platform!r}")
+    os_name, arch = platform.split("/")
+
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        access_log=_bool("server.access_log", server.get("access_log", True)),
+        storage_root=root,
+        tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 300)),
+        manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),
+        max_manifest_size=parse_size("cache.max_manifest_size", cache.get("max_manifest_size", 4 << 20)),
+        default_upstream=default,
+        default_platform=(os_name, arch),
+        upstreams=upstreams,
+    )
+
+
+def load(path: Path | None) -> Config:
+    """Load ``path`` (or the embedded defaults when ``None``)."""
+    if path is None:
+        return from_dict({"upstreams": {DOCKER_HUB: {"url": "https://registry-1.docker.io",
+                                                     "aliases": list(DOCKER_HUB_ALIASES[1:])}}})
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return from_dict(data, base_dir=path.resolve().parent)

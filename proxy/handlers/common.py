@@ -1,0 +1,52 @@
+"""What every handler shares: typed app keys, request parsing, OCI error responses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from proxy.errors import RegistryError, Unsupported
+from proxy.pullthrough import PullThrough
+from proxy.routing import Route, Router
+
+log = logging.getLogger("regproxy.http")
+
+ROUTER = web.AppKey("router", Router)
+PULLTHROUGH = web.AppKey("pullthrough", PullThrough)
+
+def route_of(request: web.Request) -> Route:
+    """The route of the repository named in the path (``ns`` query honoured)."""
+    return request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
+
+
+def error_response(exc: RegistryError) -> web.Response:
+    headers = {"Content-Type": "application/json", **exc.headers}
+    return web.Response(status=exc.status, body=exc.body(), headers=headers)
+
+
+class EndpointUnknown(RegistryError):
+    code, status, default_message = "NOT_FOUND", 404, "unknown API endpoint"
+
+
+@web.middleware
+async def oci_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure becomes an OCI error body; nothing escapes as a traceback."""
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        request["cache"] = request.get("cache", "error")
+        return error_response(exc)
+    except web.HTTPNotFound:
+        return error_response(EndpointUnknown(f"no API endpoint at {request.path[:200]}"))
+    except web.HTTPMethodNotAllowed:
+        return error_response(Unsupported(f"{request.method} is not supported here"))
+    except web.HTTPException:
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.path[:200])
+        err = RegistryError("internal error; see the proxy's log")
+        return error_response(err)

@@ -1,0 +1,59 @@
+"""``/v2/<name>/tags/list`` and ``/v2/_catalog``, with ``n``/``last`` pagination."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from aiohttp import web
+
+from proxy.errors import RegistryError
+from proxy.handlers.common import PULLTHROUGH, route_of
+from proxy.pullthrough.service import paginate
+
+#: Upper bound on ``n`` so one request cannot ask for an unbounded page.
+MAX_PAGE = 10_000
+
+
+class PaginationNumberInvalid(RegistryError):
+    code, status, default_message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results"
+
+
+def _page_params(request: web.Request) -> tuple[int | None, str | None]:
+    raw_n = request.query.get("n")
+    n: int | None = None
+    if raw_n is not None:
+        if not raw_n.isdigit() or len(raw_n) > 9:
+            raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw_n[:20]!r}")
+        n = min(int(raw_n), MAX_PAGE)
+    last = request.query.get("last") or None
+    return n, last
+
+
+def _link(path: str, n: int | None, page: list[str], extra: str = "") -> dict[str, str]:
+    if not page:
+        return {}
+    query = f"n={n}&" if n is not None else ""
+    return {"Link": f'<{path}?{query}last={quote(page[-1], safe="")}{extra}>; rel="next"'}
+
+
+async def list_tags(request: web.Request) -> web.Response:
+    """Tags of a repository, sorted lexically as the spec asks."""
+    route = route_of(request)
+    n, last = _page_params(request)
+    if n == 0:
+        return web.json_response({"name": request.match_info["name"], "tags": []})
+    tags, more = await request.app[PULLTHROUGH].tags(route, n, last)
+    headers = _link(request.path, n, tags) if more else {}
+    ns = request.query.get("ns")
+    if more and ns:
+        headers["Link"] = headers["Link"].replace(">;", f"&ns={quote(ns, safe='')}>;")
+    return web.json_response({"name": request.match_info["name"], "tags": tags}, headers=headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    """Repositories held in the store (cached ones under their local names)."""
+    n, last = _page_params(request)
+    names = request.app[PULLTHROUGH].store.list_repositories()
+    page, more = paginate(names, n, last) if n != 0 else ([], False)
+    headers = _link(request.path, n, page) if more else {}
+    return web.json_response({"repositories": page}, headers=headers)

@@ -1,0 +1,71 @@
+"""Manifest media types and ``Accept`` negotiation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+IMAGE_MANIFESTS = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+INDEXES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+#: What we ask upstreams for: every type we can store and serve, so we never trigger a
+#: conversion upstream and the digest a client sees is the upstream's own.
+ALL_MANIFESTS = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+UPSTREAM_ACCEPT = ", ".join(ALL_MANIFESTS)
+
+
+def parse_accept(values: Iterable[str]) -> set[str]:
+    """Media types named in one or more ``Accept`` header lines (parameters dropped)."""
+    types: set[str] = set()
+    for value in values:
+        for item in value.split(","):
+            media = item.split(";", 1)[0].strip().lower()
+            if media:
+                types.add(media)
+    return types
+
+
+def accepts(accepted: set[str], media_type: str) -> bool:
+    """Whether a client that sent ``accepted`` takes ``media_type``.
+
+    No ``Accept`` at all, or a wildcard, means anything goes (containerd always adds
+    ``*/*``; skopeo and crane send explicit lists).
+    """
+    if not accepted or "*/*" in accepted or "application/*" in accepted:
+        return True
+    return media_type.lower() in accepted
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """The ``mediaType`` a manifest declares about itself, if any."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(doc, dict):
+        value = doc.get("mediaType")
+        if isinstance(value, str):
+            return value
+        if "manifests" in doc:
+            return OCI_INDEX
+        if "config" in doc and "layers" in doc:
+            return OCI_MANIFEST
+    return None
+
+
+def platform_child(index: bytes, os_name: str, arch: str) -> str | None:
+    """Digest of the ``os/arch`` entry of an index or manifest list (for old clients)."""
+    try:
+        doc = json.loads(index)
+        for entry in doc.get("manifests", []):
+            plat = entry.get("platform") or {}
+            if plat.get("os") == os_name and plat.get("architecture") == arch:
+                digest = entry.get("digest")
+                return digest if isinstance(digest, str) else None
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return None

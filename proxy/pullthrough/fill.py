@@ -1,0 +1,170 @@
+"""One upstream blob download, shared by every client that wants the blob while it runs.
+
+The fill runs in its own task and tees the upstream body into a temp file of the store,
+hashing as it goes. Readers tail that file with ``pread`` as bytes arrive, so a joiner's
+first byte comes as soon as the first chunk is on disk, and a client that hangs up does
+not stop the fill. The blob's last byte is only handed out once the digest has been
+checked, so a corrupt or truncated upstream body can never look complete to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+
+from proxy.errors import (
+    BadGateway,
+    BlobUnknown,
+    DigestInvalid,
+    RegistryError,
+    SizeInvalid,
+    TooManyRequests,
+    Unavailable,
+)
+from proxy.reference import Digest
+from proxy.storage import FilesystemStore
+from proxy.upstream import UpstreamClient
+
+log = logging.getLogger("regproxy.fill")
+
+#: Bytes handed to a reader per ``pread``; large chunks keep per-chunk overhead low.
+READ_CHUNK = 1 << 20
+
+
+class BlobFill:
+    """A running upstream download of one blob into the store."""
+
+    def __init__(self, digest: Digest, store: FilesystemStore) -> None:
+        self.digest = digest
+        self._writer = store.new_writer(digest.algorithm)  # creates the temp file now
+        self.size: int | None = None
+        self.written = 0
+        self.verified = False
+        self.done = False
+        self.error: RegistryError | None = None
+        self._headers = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    # -- reader side -------------------------------------------------------------------
+
+    def reader(self) -> FillReader:
+        """A reader on the fill's file. Call it synchronously right after finding the fill:
+        the temp path stays valid until the fill is removed from its registry."""
+        return FillReader(self, os.open(self._writer.path, os.O_RDONLY))
+
+    async def wait_headers(self) -> int | None:
+        """Wait until the upstream answered; return the blob size (``None`` if not sent)."""
+        await self._headers.wait()
+        if self.error is not None and self.size is None:
+            raise self.error
+        return self.size
+
+    async def wait_progress(self) -> None:
+        """Wait for the next chunk, the verification, or the end of the fill."""
+        await self._progress.wait()
+
+    # -- writer side -------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def run(
+        self, upstream: UpstreamClient, remote: str, on_settled: Callable[[BlobFill], None]
+    ) -> None:
+        """Download, verify, sync and publish. ``on_settled`` is called (synchronously)
+        just before the temp file is renamed or removed."""
+        writer = self._writer
+        try:
+            async with upstream.request("GET", remote, f"blobs/{self.digest}") as resp:
+                if resp.status == 404:
+                    raise BlobUnknown(f"blob {self.digest} unknown to upstream {upstream.name}")
+                if resp.status in (401, 403):
+                    raise BlobUnknown(f"upstream {upstream.name} denied access to {remote}")
+                if resp.status == 429:
+                    raise TooManyRequests(
+                        f"upstream {upstream.name} rate-limited the request",
+                        headers={"Retry-After": resp.headers.get("Retry-After", "60")},
+                    )
+                if resp.status != 200:
+                    raise Unavailable(f"upstream {upstream.name} answered {resp.status}")
+                self.size = resp.content_length
+                self._headers.set()
+                while True:
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        break
+                    writer.write(chunk)
+                    self.written += len(chunk)
+                    if self.size is not None and self.written > self.size:
+                        raise BadGateway("upstream sent more bytes than announced")
+                    self._notify()
+            try:
+                writer.verify(self.digest, self.size)
+            except (DigestInvalid, SizeInvalid) as exc:
+                log.error("upstream %s sent bad content for %s: %s", upstream.name,
+                          self.digest, exc.message)
+                raise BadGateway(f"upstream content failed verification: {exc.message}") from None
+            self.verified = True
+            self._notify()
+            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
+            on_settled(self)
+            writer.publish(self.digest)
+            self.done = True
+        except BaseException as exc:
+            self.error = exc if isinstance(exc, RegistryError) else Unavailable(
+                f"blob fill failed: {type(exc).__name__}")
+            if not isinstance(exc, RegistryError | asyncio.CancelledError):
+                log.exception("blob fill %s failed", self.digest)
+            on_settled(self)
+            writer.abort()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._headers.set()
+            self._notify()
+
+
+class FillReader:
+    """One client's view of a fill: its own file descriptor, read with ``pread``."""
+
+    def __init__(self, fill: BlobFill, fd: int) -> None:
+        self.fill = fill
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield bytes ``[start, end)`` of the blob as they arrive.
+
+        Raises the fill's error if the download fails before the range is complete.
+        """
+        fill, pos = self.fill, start
+        while True:
+            assert self._fd is not None, "reader closed"
+            limit = end if end is not None else fill.size
+            if limit is not None and pos >= limit:
+                return
+            if fill.error is not None:
+                raise fill.error
+            avail = fill.written - pos
+            if limit is not None:
+                avail = min(avail, limit - pos)
+            if (avail > 0 and fill.size is not None and not fill.verified
+                    and pos + avail >= fill.size):
+                avail -= 1  # keep the last byte back until the digest is checked
+            if avail > 0:
+                data = os.pread(self._fd, min(avail, READ_CHUNK), pos)
+                if not data:
+                    raise BadGateway("blob file shrank while being read")
+                pos += len(data)
+                yield data
+                continue
+            if fill.done and fill.size is None:
+                return  # chunked upstream body: everything was written and verified
+            await fill.wait_progress()

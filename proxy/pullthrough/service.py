@@ -1,0 +1,360 @@
+"""The pull-through service: answers manifest, blob and tag reads for cached repositories.
+
+Data flows one way: handlers call this service, which reads the store and, on a miss,
+the upstream client. Manifests by digest are immutable and kept forever; tags are trusted
+for ``tag_ttl`` and then revalidated with a HEAD (which Docker Hub does not count against
+its pull limit). When the upstream cannot answer, the last known tag is served (stale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiocache import BaseCache
+
+from proxy.errors import (
+    BadGateway,
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unavailable,
+)
+from proxy.mediatypes import (
+    IMAGE_MANIFESTS,
+    INDEXES,
+    UPSTREAM_ACCEPT,
+    accepts,
+    platform_child,
+    sniff_media_type,
+)
+from proxy.pullthrough.fill import BlobFill, FillReader
+from proxy.pullthrough.lru import ManifestLRU
+from proxy.reference import Digest
+from proxy.routing import Route
+from proxy.singleflight import SingleFlight
+from proxy.storage import FilesystemStore, StoredManifest
+from proxy.upstream import UpstreamClient, UpstreamResponse, read_capped
+
+log = logging.getLogger("regproxy.pullthrough")
+
+HIT, MISS, COALESCED, STALE, REVALIDATED = "hit", "miss", "coalesced", "stale", "revalidated"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    """A manifest to answer with; ``data`` is ``None`` for a HEAD answered from upstream."""
+
+    digest: Digest
+    media_type: str
+    size: int
+    data: bytes | None
+    outcome: str
+
+
+@dataclass(slots=True)
+class BlobResult:
+    """A blob to answer with: a stored file, or a running fill to tail (GET only)."""
+
+    digest: Digest
+    size: int | None
+    outcome: str
+    path: Path | None = None
+    reader: FillReader | None = None
+
+
+def _upstream_error(resp: UpstreamResponse, upstream: UpstreamClient, what: str,
+                    not_found: type[RegistryError]) -> RegistryError:
+    """Translate a non-success upstream status into the error our client should see.
+
+    404/401/403 become 404s (clients then fall back to their next host), 429 keeps its
+    status and Retry-After, and everything else is a 503.
+    """
+    if resp.status == 404:
+        return not_found(f"{what} not found on upstream {upstream.name}")
+    if resp.status in (401, 403):
+        return not_found(f"upstream {upstream.name} denied access to {what} ({resp.status})")
+    if resp.status == 429:
+        return TooManyRequests(f"upstream {upstream.name} rate-limited the request",
+                               headers={"Retry-After": resp.headers.get("Retry-After", "60")})
+    return Unavailable(f"upstream {upstream.name} answered {resp.status} for {what}")
+
+
+class PullThrough:
+    """Reads of cached repositories, backed by the store and the upstreams."""
+
+    def __init__(
+        self,
+        store: FilesystemStore,
+        tag_cache: BaseCache,
+        *,
+        tag_ttl: float,
+        max_manifest_size: int,
+        manifest_memory: int,
+        default_platform: tuple[str, str],
+    ) -> None:
+        self.store = store
+        self._tags = tag_cache
+        self.tag_ttl = tag_ttl
+        self.max_manifest_size = max_manifest_size
+        self.default_platform = default_platform
+        self._memory = ManifestLRU(manifest_memory)
+        self._flight: SingleFlight[ManifestResult] = SingleFlight()
+        self._head_flight: SingleFlight[int] = SingleFlight()
+        self._fills: dict[str, BlobFill] = {}
+        self._fill_tasks: set[asyncio.Task[None]] = set()
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def local_manifest(self, digest: Digest) -> StoredManifest | None:
+        """A stored manifest by digest, from memory when hot."""
+        key = str(digest)
+        item = self._memory.get(key)
+        if item is None:
+            item = self.store.get_manifest(digest)
+            if item is not None:
+                self._memory.put(item)
+        return item
+
+    async def manifest(
+        self, route: Route, reference: str | Digest, accepted: set[str], *, head: bool
+    ) -> ManifestResult:
+        """Resolve a manifest by tag or digest, filling the cache on a miss."""
+        if isinstance(reference, Digest):
+            return await self._manifest_by_digest(route, reference, head=head)
+        result = await self._manifest_by_tag(route, reference, head=head)
+        return await self._negotiate(route, result, accepted, head=head)
+
+    async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
+        local = self.local_manifest(digest)
+        if local is not None:
+            return _result(local, HIT)
+        if head:
+            return await self._head_manifest(route, str(digest), expect=digest)
+        result, shared = await self._flight.do(
+            ("manifest", str(digest)), lambda: self._fetch_manifest(route, str(digest), digest)
+        )
+        return _result_from(result, COALESCED if shared else MISS)
+
+    async def _manifest_by_tag(self, route: Route, tag: str, *, head: bool) -> ManifestResult:
+        key = f"{route.name}:{tag}"
+        cached = await self._tags.get(key)
+        if cached is not None:
+            local = self.local_manifest(Digest.parse(cached))
+            if local is not None:
+                return _result(local, HIT)
+        flight_key = ("head" if head else "get", key)
+        result, shared = await self._flight.do(
+            flight_key, lambda: self._refresh_tag(route, tag, key, want_body=not head)
+        )
+        return _result_from(result, COALESCED if shared else result.outcome)
+
+    async def _refresh_tag(self, route: Route, tag: str, key: str, *, want_body: bool
+                           ) -> ManifestResult:
+        previous = self.store.get_tag(route.name, tag)
+        try:
+            if previous is None and want_body:
+                result = await self._fetch_manifest(route, tag, None)
+                outcome = MISS
+            else:
+                head = await self._head_manifest(route, tag, expect=None)
+                self.store.set_tag(route.name, tag, head.digest)
+                local = self.local_manifest(head.digest)
+                if local is not None:
+                    result, outcome = _result(local, HIT), (
+                        REVALIDATED if previous is not None else HIT)
+                elif not want_body and head.media_type not in INDEXES:
+                    return head  # HEAD never downloads a body, except an index's
+                else:
+                    result = await self._fetch_manifest(route, str(head.digest), head.digest)
+                    outcome = MISS
+        except (Unavailable, TooManyRequests, BadGateway, ManifestUnknown, NameUnknown) as exc:
+            stale = self.local_manifest(previous) if previous is not None else None
+            if stale is None:
+                raise
+            log.warning("serving stale %s:%s (%s) because upstream %s failed: %s", route.name,
+                        tag, previous, route.upstream.name, exc.message)
+            return _result(stale, STALE)
+        self.store.set_tag(route.name, tag, result.digest)
+        await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
+        return _result_from(result, outcome)
+
+    async def _head_manifest(self, route: Route, ref: str, expect: Digest | None) -> ManifestResult:
+        upstream = route.upstream
+        async with upstream.request("HEAD", route.remote, f"manifests/{ref}",
+                                    headers={"Accept": UPSTREAM_ACCEPT}) as resp:
+            if resp.status != 200:
+                raise _upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
+                                      ManifestUnknown)
+            header = resp.headers.get("Docker-Content-Digest")
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            size = resp.content_length
+        if header is None or size is None or not media_type:
+            # Not enough to answer a HEAD from (some registries omit the digest): GET it.
+            return await self._fetch_manifest(route, ref, expect)
+        try:
+            digest = Digest.parse(header)
+        except RegistryError:
+            raise BadGateway(f"upstream {upstream.name} sent a bad digest header") from None
+        if expect is not None and digest != expect:
+            raise BadGateway(f"upstream {upstream.name} answered {digest} for {expect}")
+        return ManifestResult(digest, media_type, size, None, MISS)
+
+    async def _fetch_manifest(self, route: Route, ref: str, expect: Digest | None
+                              ) -> ManifestResult:
+        """GET a manifest upstream, verify it, store it byte for byte."""
+        upstream = route.upstream
+        async with upstream.request("GET", route.remote, f"manifests/{ref}",
+                                    headers={"Accept": UPSTREAM_ACCEPT}) as resp:
+            if resp.status != 200:
+                raise _upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
+                                      ManifestUnknown)
+            if (resp.content_length or 0) > self.max_manifest_size:
+                raise BadGateway(f"upstream manifest exceeds {self.max_manifest_size} bytes")
+            data = await read_capped(resp, self.max_manifest_size)
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            header = resp.headers.get("Docker-Content-Digest")
+        if media_type in ("", "application/json", "text/plain", "application/octet-stream"):
+            media_type = sniff_media_type(data) or media_type or "application/json"
+        if expect is None and header is not None:
+            try:
+                expect = Digest.parse(header)
+            except RegistryError:
+                raise BadGateway(f"upstream {upstream.name} sent a bad digest header") from None
+        digest = Digest.of(data, expect.algorithm if expect else "sha256")
+        if expect is not None and digest != expect:
+            log.error("upstream %s sent manifest %s for %s (expected %s)", upstream.name,
+                      digest, ref, expect)
+            raise BadGateway(f"upstream manifest digest {digest} does not match {expect}")
+        item = StoredManifest(digest, media_type, data)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._store_manifest, route.name, item)
+        self._memory.put(item)
+        return _result(item, MISS)
+
+    def _store_manifest(self, name: str, item: StoredManifest) -> None:
+        self.store.put_manifest(item.digest, item.data, item.media_type)
+        self.store.link_manifest(name, item.digest)
+
+    async def _negotiate(self, route: Route, result: ManifestResult, accepted: set[str], *,
+                         head: bool) -> ManifestResult:
+        """Serve what the client accepts; an index becomes its default-platform child for
+        clients that only take image manifests (what Docker Hub does for old clients)."""
+        if accepts(accepted, result.media_type):
+            return result
+        if result.media_type in INDEXES and result.data is not None and accepted & IMAGE_MANIFESTS:
+            child = platform_child(result.data, *self.default_platform)
+            if child is not None:
+                resolved = await self._manifest_by_digest(route, Digest.parse(child), head=head)
+                if accepts(accepted, resolved.media_type):
+                    return resolved
+        raise ManifestUnknown(
+            f"manifest is {result.media_type}, which is not in the request's Accept header")
+
+    # -- blobs -------------------------------------------------------------------------
+
+    async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
+        """Find a blob: stored, being filled, or (GET) start a fill; HEAD asks upstream."""
+        size = self.store.blob_size(digest)
+        if size is not None:
+            return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+        key = str(digest)
+        fill = self._fills.get(key)
+        if head:
+            if fill is not None and fill.size is not None:
+                return BlobResult(digest, fill.size, COALESCED)
+            size, shared = await self._head_flight.do(key, lambda: self._head_blob(route, digest))
+            return BlobResult(digest, size, COALESCED if shared else MISS)
+        outcome = COALESCED
+        if fill is None:
+            fill = self._start_fill(route, digest)
+            outcome = MISS
+        reader = fill.reader()
+        try:
+            size = await fill.wait_headers()
+        except BaseException:
+            reader.close()
+            raise
+        return BlobResult(digest, size, outcome, reader=reader)
+
+    def _start_fill(self, route: Route, digest: Digest) -> BlobFill:
+        fill = BlobFill(digest, self.store)
+        key = str(digest)
+        self._fills[key] = fill
+
+        def settled(f: BlobFill) -> None:
+            if self._fills.get(key) is f:
+                del self._fills[key]
+
+        task = asyncio.create_task(fill.run(route.upstream, route.remote, settled))
+        self._fill_tasks.add(task)
+        task.add_done_callback(self._fill_tasks.discard)
+        return fill
+
+    async def _head_blob(self, route: Route, digest: Digest) -> int:
+        upstream = route.upstream
+        async with upstream.request("HEAD", route.remote, f"blobs/{digest}") as resp:
+            if resp.status != 200:
+                raise _upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)
+            if resp.content_length is None:
+                raise BadGateway(f"upstream {upstream.name} sent no Content-Length for {digest}")
+            return resp.content_length
+
+    async def close(self) -> None:
+        """Cancel running fills (their temp files are removed)."""
+        for task in list(self._fill_tasks):
+            task.cancel()
+        if self._fill_tasks:
+            await asyncio.gather(*self._fill_tasks, return_exceptions=True)
+
+    # -- tags --------------------------------------------------------------------------
+
+    async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        """Tags from the upstream (paginated there); the stored ones if it is unreachable.
+
+        Returns ``(tags, more)``.
+        """
+        query = []
+        if n is not None:
+            query.append(f"n={n}")
+        if last is not None:
+            query.append(f"last={last}")
+        path = "tags/list" + ("?" + "&".join(query) if query else "")
+        try:
+            async with route.upstream.request("GET", route.remote, path) as resp:
+                if resp.status != 200:
+                    raise _upstream_error(resp, route.upstream, f"tags of {route.remote}",
+                                          NameUnknown)
+                raw = await read_capped(resp, self.max_manifest_size)
+                more = 'rel="next"' in resp.headers.get("Link", "")
+            doc = json.loads(raw)
+            tags = [t for t in doc.get("tags") or [] if isinstance(t, str)]
+            return tags, more
+        except (Unavailable, TooManyRequests, BadGateway, NameUnknown, ValueError,
+                AttributeError) as exc:
+            local = self.store.list_tags(route.name)
+            if local is None:
+                raise NameUnknown(f"repository {route.name} is not cached") from exc
+            return paginate(local, n, last)
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """The spec's ``n``/``last`` pagination over a sorted list: ``(page, more)``."""
+    if last is not None:
+        items = [i for i in items if i > last]
+    if n is None:
+        return items, False
+    return items[:n], len(items) > n
+
+
+def _result(item: StoredManifest, outcome: str) -> ManifestResult:
+    return ManifestResult(item.digest, item.media_type, len(item.data), item.data, outcome)
+
+
+def _result_from(result: ManifestResult, outcome: str) -> ManifestResult:
+    return ManifestResult(result.digest, result.media_type, result.size, result.data, outcome)

@@ -1,0 +1,253 @@
+"""Content-addressed store on a local filesystem.
+
+Layout under the root (documented in README.md, "On-disk layout")::
+
+    blobs/<alg>/<hex[:2]>/<hex>                  bytes of every blob and manifest, stored once
+    manifests/<alg>/<hex[:2]>/<hex>              media type of a stored manifest (bytes in blobs/)
+    repositories/<name>/_tags/<tag>              digest that <tag> last pointed to
+    repositories/<name>/_manifests/<alg>/<hex>   marker: <name> holds this manifest
+    tmp/                                         files being written (removed at start-up)
+
+Nothing appears under ``blobs/`` or ``manifests/`` before its digest and size were checked
+and its bytes fsynced: writers fill a temp file and ``rename`` it into place. Repository
+name components cannot start with ``_`` (see :mod:`proxy.reference`), so ``_tags`` and
+``_manifests`` never collide with a nested repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.errors import DigestInvalid, SizeInvalid
+from proxy.reference import Digest
+
+_TAGS = "_tags"
+_MANIFESTS = "_manifests"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest as stored: its exact bytes and the media type it was served with."""
+
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+class BlobWriter:
+    """Writes one object to a temp file, hashing as it goes; :meth:`commit` publishes it.
+
+    Writes are plain ``os.write`` calls on the event loop thread: they land in the page
+    cache, which is cheaper than a thread hop per chunk (see performance notes).
+    """
+
+    def __init__(self, store: FilesystemStore, algorithm: str = "sha256") -> None:
+        self._store = store
+        self.path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hash = hashlib.new(algorithm)
+        self._algorithm = algorithm
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``; a short write (ENOSPC) raises instead of leaving a hole."""
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._hash.update(data)
+        self.size += len(data)
+
+    def digest(self) -> Digest:
+        """The digest of what was written so far."""
+        return Digest(self._algorithm, self._hash.hexdigest())
+
+    def verify(self, expected: Digest, expected_size: int | None = None) -> None:
+        """Raise unless the content matches ``expected`` (and ``expected_size``)."""
+        if expected_size is not None and self.size != expected_size:
+            raise SizeInvalid(f"got {self.size} bytes, expected {expected_size}")
+        if expected.algorithm != self._algorithm or self.digest() != expected:
+            raise DigestInvalid(f"content digest {self.digest()} does not match {expected}")
+
+    def sync(self) -> None:
+        """fsync and close the temp file (blocking: call it from a thread for big blobs)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def publish(self, digest: Digest) -> Path:
+        """Rename the synced temp file to its content address (atomic on POSIX)."""
+        self.sync()
+        final = self._store.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, final)
+        self._store.fsync_dir(final.parent)
+        return final
+
+    def commit(self, expected: Digest, expected_size: int | None = None) -> Path:
+        """Verify, sync and publish in one go (for small objects)."""
+        self.verify(expected, expected_size)
+        return self.publish(expected)
+
+    def abort(self) -> None:
+        """Drop the temp file; nothing becomes visible."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class FilesystemStore:
+    """The local, content-addressed store. All paths come from validated names and digests."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self._repos = root / "repositories"
+
+    def open(self) -> None:
+        """Create the layout and remove temp files a crash or kill left behind."""
+        for sub in ("blobs", "manifests", "repositories", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def blob_size(self, digest: Digest) -> int | None:
+        """Size of a stored blob, or ``None`` when absent."""
+        try:
+            return os.stat(self.blob_path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def new_writer(self, algorithm: str = "sha256") -> BlobWriter:
+        return BlobWriter(self, algorithm)
+
+    def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store a small object (a manifest) after checking its digest."""
+        if self.blob_size(digest) == len(data):
+            return
+        writer = self.new_writer(digest.algorithm)
+        try:
+            writer.write(data)
+            writer.commit(digest, len(data))
+        except BaseException:
+            writer.abort()
+            raise
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def _media_type_path(self, digest: Digest) -> Path:
+        return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
+        """Store manifest bytes (verified) and then its media type, which makes it visible."""
+        self.put_bytes(digest, data)
+        self._write_small(self._media_type_path(digest), media_type.encode())
+
+    def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        try:
+            media_type = self._media_type_path(digest).read_text()
+            data = self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+        return StoredManifest(digest, media_type, data)
+
+    def has_manifest(self, digest: Digest) -> bool:
+        return self._media_type_path(digest).exists()
+
+    # -- repositories ------------------------------------------------------------------
+
+    def _repo(self, name: str) -> Path:
+        return self._repos / name
+
+    def link_manifest(self, name: str, digest: Digest) -> None:
+        """Record that repository ``name`` holds ``digest`` (idempotent)."""
+        marker = self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+    def set_tag(self, name: str, tag: str, digest: Digest) -> None:
+        path = self._repo(name) / _TAGS / tag
+        try:
+            if path.read_text() == str(digest):
+                return
+        except FileNotFoundError:
+            pass
+        self._write_small(path, str(digest).encode())
+
+    def get_tag(self, name: str, tag: str) -> Digest | None:
+        try:
+            return Digest.parse(self._repo(name).joinpath(_TAGS, tag).read_text().strip())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except Exception:  # a damaged link is treated as absent, never as a 500
+            return None
+
+    def list_tags(self, name: str) -> list[str] | None:
+        """Sorted tags of ``name``, or ``None`` when the repository does not exist."""
+        repo = self._repo(name)
+        if not (repo / _TAGS).is_dir() and not (repo / _MANIFESTS).is_dir():
+            return None
+        try:
+            return sorted(p.name for p in (repo / _TAGS).iterdir())
+        except FileNotFoundError:
+            return []
+
+    def list_repositories(self) -> list[str]:
+        """Sorted names of every repository holding a tag or a manifest."""
+        names: list[str] = []
+        for dirpath, dirnames, _files in os.walk(self._repos):
+            if _TAGS in dirnames or _MANIFESTS in dirnames:
+                names.append(os.path.relpath(dirpath, self._repos).replace(os.sep, "/"))
+            dirnames[:] = [d for d in dirnames if not d.startswith("_")]
+        return sorted(names)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _write_small(self, path: Path, data: bytes) -> None:
+        """Atomically replace a small metadata file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{secrets.token_hex(12)}.meta"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def iter_blob_digests(self) -> Iterator[Digest]:
+        """Every stored blob (used by GC and tests)."""
+        base = self.root / "blobs"
+        for alg_dir in base.iterdir():
+            for shard in alg_dir.iterdir():
+                for f in shard.iterdir():
+                    yield Digest(alg_dir.name, f.name)

@@ -1,0 +1,202 @@
+"""HTTP client for one upstream registry.
+
+It owns what is specific to talking upstream: the token flow (401 challenge -> token
+endpoint -> token cached per scope), Basic credentials, redirects to blob CDNs (followed by
+hand so that ``Authorization`` never leaves the upstream's host), timeouts and the circuit
+breaker. Callers get a plain response, or :class:`~proxy.errors.Unavailable` fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+from aiocache import BaseCache
+from yarl import URL
+
+from proxy.config import UpstreamConfig
+from proxy.errors import BadGateway, Unavailable
+from proxy.singleflight import SingleFlight
+from proxy.upstream.auth import Challenge, parse_challenges
+from proxy.upstream.breaker import CircuitBreaker
+
+log = logging.getLogger("regproxy.upstream")
+
+UpstreamResponse = aiohttp.ClientResponse
+_REDIRECTS = {301, 302, 303, 307, 308}
+_MAX_REDIRECTS = 5
+
+
+async def read_capped(resp: UpstreamResponse, cap: int) -> bytes:
+    """Read a small body (a manifest, a tag list) whole, refusing more than ``cap`` bytes."""
+    if (resp.content_length or 0) > cap:
+        raise BadGateway(f"upstream body exceeds {cap} bytes")
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > cap:
+            raise BadGateway(f"upstream body exceeds {cap} bytes")
+    return bytes(body)
+
+
+class UpstreamClient:
+    """One configured upstream: ``request()`` handles auth, redirects and failures."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        token_cache: BaseCache,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.base = URL(config.url)
+        self._session = session
+        self._tokens = token_cache
+        self._token_flight: SingleFlight[str | None] = SingleFlight()
+        self._challenge: Challenge | None = None
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.connect_timeout,
+            connect=config.connect_timeout,
+            sock_read=config.read_timeout,
+        )
+        #: Last ``ratelimit-remaining`` seen (Docker Hub), for metrics and logs.
+        self.ratelimit_remaining: str | None = None
+
+    def remote_name(self, name: str) -> str:
+        """The repository name on this upstream (Docker Hub puts official images in library/)."""
+        if self.config.library_prefix and "/" not in name:
+            return f"library/{name}"
+        return name
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, repo: str, path: str, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send ``METHOD /v2/<repo>/<path>`` upstream and yield the final response.
+
+        Raises :class:`Unavailable` when the upstream cannot be reached, times out, or the
+        breaker is open. Any HTTP status is yielded; 5xx count as breaker failures.
+        """
+        if not self.breaker.allow():
+            raise Unavailable(f"upstream {self.name} is unavailable (circuit open)")
+        url = self.base.with_path(f"{self.base.path.rstrip('/')}/v2/{repo}/{path}", encoded=False)
+        scope = f"repository:{repo}:pull"
+        base_headers = dict(headers or {})
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp = await self._send_authorized(method, url, base_headers, scope)
+            if resp.status >= 500:
+                self.breaker.failure()
+            else:
+                self.breaker.success()
+            remaining = resp.headers.get("ratelimit-remaining")
+            if remaining is not None:
+                self.ratelimit_remaining = remaining
+            yield resp
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if resp is None:
+                self.breaker.failure()
+            log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
+                        type(exc).__name__)
+            raise Unavailable(f"upstream {self.name} failed: {type(exc).__name__}") from None
+        finally:
+            if resp is not None:
+                resp.release()
+
+    async def _send_authorized(
+        self, method: str, url: URL, headers: dict[str, str], scope: str
+    ) -> aiohttp.ClientResponse:
+        auth = await self._authorization(scope, refresh=False)
+        resp = await self._send(method, url, headers, auth)
+        if resp.status != 401:
+            return resp
+        challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+        chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
+            (c for c in challenges if c.scheme == "basic"), None
+        )
+        if chosen is None or (chosen.scheme == "basic" and self._basic() in (None, auth)):
+            return resp  # nothing more we can try: the caller maps the 401
+        resp.release()
+        self._challenge = chosen
+        auth = await self._authorization(scope, refresh=True)
+        return await self._send(method, url, headers, auth)
+
+    async def _send(
+        self, method: str, url: URL, headers: dict[str, str], auth: str | None
+    ) -> aiohttp.ClientResponse:
+        """Send, following redirects by hand; credentials only go to the upstream's origin."""
+        origin = url.origin()
+        for _ in range(_MAX_REDIRECTS + 1):
+            h = dict(headers)
+            if auth is not None and url.origin() == origin:
+                h["Authorization"] = auth
+            resp = await self._session.request(
+                method, url, headers=h, allow_redirects=False, timeout=self.timeout
+            )
+            location = resp.headers.get("Location")
+            if resp.status not in _REDIRECTS or not location:
+                return resp
+            resp.release()
+            url = url.join(URL(location))
+            if method not in ("GET", "HEAD"):
+                method = "GET"
+        raise aiohttp.TooManyRedirects(resp.request_info, resp.history)
+
+    async def _authorization(self, scope: str, *, refresh: bool) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic()
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return None
+        key = f"token:{self.name}:{scope}"
+        if not refresh:
+            cached = await self._tokens.get(key)
+            if cached is not None:
+                return f"Bearer {cached}"
+        token, _ = await self._token_flight.do(key, lambda: self._fetch_token(challenge, scope, key))
+        return f"Bearer {token}" if token else None
+
+    def _basic(self) -> str | None:
+        if self.config.username is None or self.config.password is None:
+            return None
+        raw = f"{self.config.username}:{self.config.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    async def _fetch_token(self, challenge: Challenge, scope: str, key: str) -> str | None:
+        realm = URL(challenge.params["realm"])
+        query = {"scope": scope}
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        headers = {}
+        basic = self._basic()
+        if basic is not None:
+            headers["Authorization"] = basic
+        started = time.monotonic()
+        async with self._session.get(
+            realm.update_query(query), headers=headers, timeout=self.timeout,
+            allow_redirects=False,
+        ) as resp:
+            if resp.status != 200:
+                log.warning("upstream %s: token endpoint %s answered %d", self.name,
+                            realm.with_query(None), resp.status)
+                return None
+            body = await resp.json(content_type=None)
+        token = body.get("token") or body.get("access_token")
+        if not isinstance(token, str) or not token:
+            return None
+        try:
+            expires_in = int(body.get("expires_in", 60))
+        except (TypeError, ValueError):
+            expires_in = 60
+        ttl = max(expires_in - 15 - int(time.monotonic() - started), 5)
+        await self._tokens.set(key, token, ttl=ttl)
+        return token
