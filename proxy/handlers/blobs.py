@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from proxy.errors import RegistryError, Unsupported
-from proxy.handlers.common import PULLTHROUGH, route_of
+from proxy.handlers.common import PULLTHROUGH, head_response, route_of
 from proxy.handlers.ranges import parse_range
 from proxy.reference import Digest
 
@@ -31,9 +31,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         parse_range(request.headers.get("Range"), result.size)  # 416 as an OCI error
         return web.FileResponse(result.path, headers=headers, chunk_size=1 << 20)
     if result.reader is None:  # HEAD answered from upstream
-        resp = web.Response(headers=headers)
-        resp.content_length = result.size
-        return resp
+        return head_response(headers, result.size)
 
     reader = result.reader
     try:

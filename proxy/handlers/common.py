@@ -21,6 +21,14 @@ def route_of(request: web.Request) -> Route:
     return request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
 
 
+def head_response(headers: dict[str, str], size: int | None) -> web.StreamResponse:
+    """A body-less answer that still announces the object's real ``Content-Length``."""
+    resp = web.StreamResponse(headers=headers)
+    if size is not None:
+        resp.content_length = size
+    return resp
+
+
 def error_response(exc: RegistryError) -> web.Response:
     headers = {"Content-Type": "application/json", **exc.headers}
     return web.Response(status=exc.status, body=exc.body(), headers=headers)

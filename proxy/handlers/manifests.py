@@ -5,12 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import Unsupported
-from proxy.handlers.common import PULLTHROUGH, route_of
+from proxy.handlers.common import PULLTHROUGH, head_response, route_of
 from proxy.mediatypes import parse_accept
 from proxy.reference import parse_reference
 
 
-async def get_manifest(request: web.Request) -> web.Response:
+async def get_manifest(request: web.Request) -> web.StreamResponse:
     """Serve a manifest byte for byte, with its stored media type and digest."""
     route = route_of(request)
     reference = parse_reference(request.match_info["reference"])
@@ -27,9 +27,7 @@ async def get_manifest(request: web.Request) -> web.Response:
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     if head or result.data is None:
-        resp = web.Response(headers=headers)
-        resp.content_length = result.size
-        return resp
+        return head_response(headers, result.size)
     return web.Response(body=result.data, headers=headers)
 
 

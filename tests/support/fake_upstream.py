@@ -1,0 +1,174 @@
+"""An in-process fake upstream registry for fault injection.
+
+It serves manifests and blobs from dicts and can misbehave on demand: die mid-blob, lie
+about a digest, be slow, answer 429/5xx, demand a bearer token, or redirect blob GETs to
+another host. Every request is recorded so tests can count upstream traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeUpstream:
+    """State and knobs of the fake; build its app with :meth:`app`."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    die_after: int | None = None          # close the connection after N body bytes
+    corrupt: bool = False                 # flip a byte of every blob body
+    chunk_delay: float = 0.0              # seconds between 64 KiB chunks of a blob
+    status: int | None = None             # answer every /v2/<name>/... request with this
+    require_token: str | None = None      # bearer token that must be presented
+    redirect_to: str | None = None        # base URL that blob GETs are redirected to
+    omit_digest_header: bool = False
+    token_requests: int = 0
+
+    # -- content -----------------------------------------------------------------------
+
+    def add_blob(self, data: bytes) -> str:
+        d = digest_of(data)
+        self.blobs[d] = data
+        return d
+
+    def add_image(self, repo: str, tag: str, layers: list[bytes],
+                  media_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
+        """Store config + layers + manifest under repo:tag; returns the manifest digest."""
+        layer_descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": self.add_blob(data), "size": len(data)} for data in layers]
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers",
+                                        "diff_ids": [d["digest"] for d in layer_descs]}}).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": media_type,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": self.add_blob(config), "size": len(config)},
+            "layers": layer_descs,
+        }).encode()
+        return self.add_manifest(repo, tag, manifest, media_type)
+
+    def add_manifest(self, repo: str, tag: str | None, data: bytes, media_type: str) -> str:
+        d = digest_of(data)
+        self.manifests[(repo, d)] = (data, media_type)
+        if tag is not None:
+            self.manifests[(repo, tag)] = (data, media_type)
+        return d
+
+    def count(self, method: str, fragment: str) -> int:
+        """How many recorded requests had this method and a path containing ``fragment``."""
+        return sum(1 for r in self.requests if r.method == method and fragment in r.path)
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/token", self._token)
+        app.router.add_route("*", "/v2/", self._ping)
+        app.router.add_route("*", "/v2/{name:.+?}/manifests/{ref}", self._manifest)
+        app.router.add_route("*", "/v2/{name:.+?}/blobs/{digest}", self._blob)
+        app.router.add_route("*", "/v2/{name:.+?}/tags/list", self._tags)
+        app.router.add_route("*", "/cdn/{digest}", self._cdn)
+        app.middlewares.append(self._record)
+        return app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler):
+        self.requests.append(Recorded(request.method, request.path, request.query_string,
+                                      dict(request.headers)))
+        if request.path.startswith("/v2/") and request.path != "/v2/" and self.status:
+            return web.json_response({"errors": [{"code": "X", "message": "injected"}]},
+                                     status=self.status, headers={"Retry-After": "7"})
+        if self.require_token and request.path.startswith("/v2"):
+            if request.headers.get("Authorization") != f"Bearer {self.require_token}":
+                realm = f"http://{request.host}/token"
+                return web.json_response(
+                    {"errors": [{"code": "UNAUTHORIZED", "message": "token"}]}, status=401,
+                    headers={"WWW-Authenticate":
+                             f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'})
+        return await handler(request)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        return web.json_response({"token": self.require_token, "expires_in": 300})
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        item = self.manifests.get((request.match_info["name"], request.match_info["ref"]))
+        if item is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "x"}]},
+                                     status=404)
+        data, media_type = item
+        headers = {"Content-Type": media_type}
+        if not self.omit_digest_header:
+            headers["Docker-Content-Digest"] = digest_of(data)
+        if request.method == "HEAD":
+            resp = web.StreamResponse(headers=headers)
+            resp.content_length = len(data)
+            return resp
+        return web.Response(body=data, headers=headers)
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        tags = sorted(ref for (repo, ref) in self.manifests if repo == name and ":" not in ref)
+        return web.json_response({"name": name, "tags": tags})
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        data = self.blobs.get(digest)
+        if data is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "x"}]},
+                                     status=404)
+        if self.redirect_to and request.method == "GET":
+            raise web.HTTPTemporaryRedirect(f"{self.redirect_to}/cdn/{digest}")
+        return await self._send_blob(request, data)
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        data = self.blobs.get(request.match_info["digest"])
+        if data is None:
+            raise web.HTTPNotFound()
+        return await self._send_blob(request, data)
+
+    async def _send_blob(self, request: web.Request, data: bytes) -> web.StreamResponse:
+        if self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        sent = 0
+        for i in range(0, len(data), 65536):
+            chunk = data[i:i + 65536]
+            if self.die_after is not None and sent + len(chunk) > self.die_after:
+                await resp.write(chunk[: self.die_after - sent])
+                await asyncio.sleep(0.05)
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            await resp.write(chunk)
+            sent += len(chunk)
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,472 @@
+"""Pull-through behaviour against an in-process fake upstream that misbehaves on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from proxy.app import create_app
+from tests.support.fake_upstream import FakeUpstream, digest_of
+from tests.support.proxyfix import make_config
+
+MiB = 1 << 20
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@pytest.fixture
+def fake() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_server, fake):
+    server = await aiohttp_server(fake.app())
+    return str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def proxy(aiohttp_server, upstream_url, tmp_path):
+    """(base URL, data dir) of a proxy whose default upstream is the fake."""
+    data = tmp_path / "data"
+    server = await aiohttp_server(create_app(make_config(data, {"fake.io": upstream_url})))
+    return str(server.make_url("")).rstrip("/"), data
+
+
+@pytest.fixture
+async def client():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def stored_blobs(data: Path) -> set[str]:
+    base = data / "blobs" / "sha256"
+    return {f"sha256:{p.name}" for p in base.glob("*/*")} if base.exists() else set()
+
+
+async def wait_stored(data: Path, digest: str) -> bool:
+    """The client has its last byte once the digest is verified; the fsync and rename
+    into the store follow right after."""
+    for _ in range(100):
+        if digest in stored_blobs(data):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def tmp_files(data: Path) -> list[str]:
+    return os.listdir(data / "tmp")
+
+
+# -- blobs -------------------------------------------------------------------------------
+
+
+async def test_blob_miss_is_streamed_cached_and_then_served_locally(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(3 * MiB + 17)
+    d = fake.add_blob(blob)
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
+        assert r.status == 200
+        assert r.headers["Docker-Content-Digest"] == d
+        assert await r.read() == blob
+    assert await wait_stored(data, d)
+    async with client.get(f"{base}/v2/other/repo/blobs/{d}") as r:  # dedup across repos
+        assert r.status == 200 and await r.read() == blob
+    assert fake.count("GET", f"/blobs/{d}") == 1
+    assert tmp_files(data) == []
+
+
+async def test_twenty_concurrent_clients_cause_one_upstream_transfer(fake, proxy, client):
+    base, data = proxy
+    fake.chunk_delay = 0.002  # keep the fill running while clients pile up
+    blob = os.urandom(4 * MiB)
+    d = fake.add_blob(blob)
+
+    async def pull(i: int) -> bytes:
+        async with client.get(f"{base}/v2/repo{i % 3}/blobs/{d}") as r:
+            assert r.status == 200
+            return await r.read()
+
+    bodies = await asyncio.gather(*(pull(i) for i in range(20)))
+    assert all(b == blob for b in bodies)
+    assert fake.count("GET", f"/blobs/{d}") == 1
+    assert await wait_stored(data, d)
+
+
+async def test_joiner_receives_bytes_before_the_fill_ends(fake, proxy, client):
+    base, _ = proxy
+    fake.chunk_delay = 0.01  # 64 KiB every 10 ms: 2 MiB take ~0.3 s
+    blob = os.urandom(2 * MiB)
+    d = fake.add_blob(blob)
+    first = await client.get(f"{base}/v2/a/blobs/{d}")
+    await first.content.readexactly(256 * 1024)
+    started = time.monotonic()
+    second = await client.get(f"{base}/v2/b/blobs/{d}")
+    await second.content.readexactly(1)
+    ttfb = time.monotonic() - started
+    rest_first = await first.read()
+    total = time.monotonic() - started
+    rest_second = await second.read()
+    assert rest_second and len(rest_second) + 1 == len(blob)
+    assert len(rest_first) + 256 * 1024 == len(blob)
+    assert ttfb < total / 2, (ttfb, total)  # the joiner did not wait for the whole fill
+    assert fake.count("GET", f"/blobs/{d}") == 1
+    first.release()
+    second.release()
+
+
+async def test_fill_continues_after_the_client_disconnects(fake, proxy, client):
+    base, data = proxy
+    fake.chunk_delay = 0.005
+    blob = os.urandom(2 * MiB)
+    d = fake.add_blob(blob)
+    r = await client.get(f"{base}/v2/a/blobs/{d}")
+    await r.content.readexactly(64 * 1024)
+    r.close()  # hang up mid-transfer
+    assert await wait_stored(data, d)
+    assert (data / "blobs" / "sha256" / d[7:9] / d[7:]).read_bytes() == blob
+    assert fake.count("GET", f"/blobs/{d}") == 1
+
+
+async def test_upstream_dying_mid_blob_aborts_the_client_and_caches_nothing(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(2 * MiB)
+    d = fake.add_blob(blob)
+    fake.die_after = MiB
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+            assert r.status == 200
+            await r.read()
+    await asyncio.sleep(0.1)
+    assert d not in stored_blobs(data)
+    assert tmp_files(data) == []
+    fake.die_after = None  # the upstream recovers: the next pull fills the cache
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        assert await r.read() == blob
+    assert await wait_stored(data, d)
+
+
+async def test_upstream_lying_about_a_digest_is_never_cached(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(300_000)
+    d = fake.add_blob(blob)
+    fake.corrupt = True
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+            await r.read()
+    await asyncio.sleep(0.05)
+    assert d not in stored_blobs(data)
+    assert tmp_files(data) == []
+
+
+async def test_range_requests_on_a_filling_and_on_a_cached_blob(fake, proxy, client):
+    base, _ = proxy
+    fake.chunk_delay = 0.003
+    blob = os.urandom(2 * MiB)
+    d = fake.add_blob(blob)
+    url = f"{base}/v2/a/blobs/{d}"
+    ranges = [(0, 99), (MiB, MiB + 4095), (2 * MiB - 10, 2 * MiB - 1)]
+
+    async def fetch(lo: int, hi: int) -> tuple[int, str, bytes]:
+        async with client.get(url, headers={"Range": f"bytes={lo}-{hi}"}) as r:
+            return r.status, r.headers.get("Content-Range", ""), await r.read()
+
+    while_filling = await asyncio.gather(*(fetch(lo, hi) for lo, hi in ranges))
+    cached = await asyncio.gather(*(fetch(lo, hi) for lo, hi in ranges))
+    for (lo, hi), got in zip(ranges * 2, while_filling + cached, strict=True):
+        assert got == (206, f"bytes {lo}-{hi}/{len(blob)}", blob[lo:hi + 1])
+    async with client.get(url, headers={"Range": f"bytes={len(blob)}-"}) as r:
+        assert r.status == 416
+        assert r.headers["Content-Range"] == f"bytes */{len(blob)}"
+    assert fake.count("GET", f"/blobs/{d}") == 1
+
+
+async def test_head_on_an_uncached_blob_never_downloads_it(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(100_000)
+    d = fake.add_blob(blob)
+    async with client.head(f"{base}/v2/a/blobs/{d}") as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == str(len(blob))
+        assert r.headers["Docker-Content-Digest"] == d
+    assert fake.count("HEAD", f"/blobs/{d}") == 1
+    assert fake.count("GET", f"/blobs/{d}") == 0
+    assert d not in stored_blobs(data)
+    missing = digest_of(b"nope")
+    async with client.head(f"{base}/v2/a/blobs/{missing}") as r:
+        assert r.status == 404
+
+
+async def test_unknown_blob_is_a_fast_oci_404(fake, proxy, client):
+    base, _ = proxy
+    async with client.get(f"{base}/v2/a/blobs/{digest_of(b'absent')}") as r:
+        assert r.status == 404
+        assert (await r.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+# -- manifests -----------------------------------------------------------------------------
+
+
+async def test_manifest_by_tag_then_digest_byte_for_byte(fake, proxy, client):
+    base, data = proxy
+    d = fake.add_image("team/app", "v1", [b"layer-one"], media_type=DOCKER_MANIFEST)
+    body, _ = fake.manifests[("team/app", "v1")]
+    for ref in ("v1", d):
+        async with client.get(f"{base}/v2/team/app/manifests/{ref}",
+                              headers={"Accept": DOCKER_MANIFEST}) as r:
+            assert r.status == 200
+            assert await r.read() == body
+            assert r.headers["Content-Type"] == DOCKER_MANIFEST
+            assert r.headers["Docker-Content-Digest"] == d
+            assert r.headers["ETag"] == f'"{d}"'
+            assert r.headers["Content-Length"] == str(len(body))
+    assert fake.count("GET", "/manifests/") == 1
+    async with client.get(f"{base}/v2/team/app/manifests/{d}",
+                          headers={"If-None-Match": f'"{d}"'}) as r:
+        assert r.status == 304
+
+
+async def test_head_by_tag_uses_upstream_head_and_keeps_an_index(fake, proxy, client):
+    base, _ = proxy
+    child = fake.add_image("multi", None or "child", [b"amd64-layer"])
+    child_body, _ = fake.manifests[("multi", "child")]
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": child, "size": len(child_body),
+         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    index_digest = fake.add_manifest("multi", "latest", index, OCI_INDEX)
+    single = fake.add_image("single", "latest", [b"x"])
+    async with client.head(f"{base}/v2/single/manifests/latest") as r:
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == single
+        assert int(r.headers["Content-Length"]) > 0
+    assert fake.count("GET", "/single/manifests/") == 0  # HEAD stays a HEAD upstream
+    async with client.head(f"{base}/v2/multi/manifests/latest") as r:
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == index_digest
+    assert fake.count("GET", f"/multi/manifests/{index_digest}") == 1  # the index is kept
+    fake.status = 503  # upstream down: the index is still served by digest
+    async with client.get(f"{base}/v2/multi/manifests/{index_digest}",
+                          headers={"Accept": OCI_INDEX}) as r:
+        assert r.status == 200 and await r.read() == index
+
+
+async def test_client_without_index_support_gets_the_platform_child(fake, proxy, client):
+    base, _ = proxy
+    child = fake.add_image("multi", "child", [b"amd64-layer"], media_type=DOCKER_MANIFEST)
+    child_body, _ = fake.manifests[("multi", "child")]
+    lst = "application/vnd.docker.distribution.manifest.list.v2+json"
+    index = json.dumps({"schemaVersion": 2, "mediaType": lst, "manifests": [
+        {"mediaType": DOCKER_MANIFEST, "digest": child, "size": len(child_body),
+         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    fake.add_manifest("multi", "latest", index, lst)
+    async with client.get(f"{base}/v2/multi/manifests/latest",
+                          headers={"Accept": DOCKER_MANIFEST}) as r:
+        assert r.status == 200
+        assert r.headers["Docker-Content-Digest"] == child
+        assert await r.read() == child_body
+    async with client.get(f"{base}/v2/multi/manifests/latest",
+                          headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        assert r.status == 404  # neither the list nor its child is acceptable
+        assert (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_tags_are_revalidated_with_head_after_the_ttl(aiohttp_server, fake, upstream_url,
+                                                            tmp_path, client):
+    cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0.2)
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    d1 = fake.add_image("app", "latest", [b"one"])
+    url = f"{base}/v2/app/manifests/latest"
+    async with client.get(url) as r:
+        assert r.headers["Docker-Content-Digest"] == d1
+    async with client.get(url) as r:  # within the TTL: no upstream request at all
+        assert r.headers["Docker-Content-Digest"] == d1
+    assert len([x for x in fake.requests if "/manifests/" in x.path]) == 1
+    await asyncio.sleep(0.3)
+    async with client.get(url) as r:  # expired, unchanged: one HEAD, no GET
+        assert r.headers["Docker-Content-Digest"] == d1
+    assert fake.count("HEAD", "/app/manifests/latest") == 1
+    assert fake.count("GET", "/app/manifests/") == 1
+    d2 = fake.add_image("app", "latest", [b"two"])  # the tag moves upstream
+    await asyncio.sleep(0.3)
+    async with client.get(url) as r:
+        assert r.headers["Docker-Content-Digest"] == d2
+    assert fake.count("GET", f"/app/manifests/{d2}") == 1
+
+
+@pytest.mark.parametrize("status", [503, 429, 404, 500])
+async def test_last_known_tag_is_served_when_the_upstream_fails(aiohttp_server, fake, upstream_url,
+                                                                tmp_path, client, status):
+    cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0)
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    d = fake.add_image("app", "stable", [b"content"])
+    async with client.get(f"{base}/v2/app/manifests/stable") as r:
+        assert r.status == 200
+    fake.status = status
+    if status == 404:
+        fake.status = None
+        del fake.manifests[("app", "stable")]
+    async with client.get(f"{base}/v2/app/manifests/stable") as r:
+        assert r.status == 200
+        assert r.headers["Docker-Content-Digest"] == d
+    assert (tmp_path / "d" / "repositories" / "app" / "_tags" / "stable").read_text() == d
+
+
+async def test_uncached_content_during_an_outage_is_a_fast_error(fake, proxy, client):
+    base, _ = proxy
+    fake.status = 429
+    async with client.get(f"{base}/v2/app/manifests/new") as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "7"
+        assert (await r.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    fake.status = 502
+    async with client.get(f"{base}/v2/app/manifests/new") as r:
+        assert r.status == 503
+        assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_circuit_breaker_makes_an_outage_cost_one_timeout(aiohttp_server, tmp_path, client):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there: connections are refused
+    cfg = make_config(tmp_path / "d", {"down.io": f"http://127.0.0.1:{port}"})
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    for _ in range(3):
+        async with client.get(f"{base}/v2/app/manifests/x") as r:
+            assert r.status == 503
+    async with client.get(f"{base}/v2/app/manifests/x") as r:
+        assert r.status == 503
+        assert "circuit open" in (await r.json())["errors"][0]["message"]
+
+
+async def test_manifest_with_a_wrong_digest_is_refused(fake, proxy, client):
+    base, data = proxy
+    good = b'{"schemaVersion":2,"mediaType":"%s","config":{},"layers":[]}' % OCI_MANIFEST.encode()
+    d = digest_of(good)
+    fake.manifests[("app", d)] = (good + b" ", OCI_MANIFEST)  # bytes do not match the digest
+    async with client.get(f"{base}/v2/app/manifests/{d}") as r:
+        assert r.status == 502
+    assert not (data / "manifests" / "sha256" / d[7:9] / d[7:]).exists()
+
+
+# -- auth and redirects --------------------------------------------------------------------
+
+
+async def test_bearer_token_flow_and_redirects_without_credentials(aiohttp_server, fake, tmp_path,
+                                                                   client):
+    cdn = FakeUpstream()
+    cdn_server = await aiohttp_server(cdn.app())
+    fake.require_token = "s3cret-token"
+    fake.redirect_to = str(cdn_server.make_url("")).rstrip("/")
+    up = await aiohttp_server(fake.app())
+    cfg = make_config(tmp_path / "d", {"fake.io": str(up.make_url("")).rstrip("/")})
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    blobs = [os.urandom(1000 + i) for i in range(3)]
+    d = fake.add_image("app", "v1", blobs)
+    for b in blobs:
+        cdn.add_blob(b)
+    async with client.get(f"{base}/v2/app/manifests/v1") as r:
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == d
+        manifest = await r.json()
+    for layer in manifest["layers"]:
+        async with client.get(f"{base}/v2/app/blobs/{layer['digest']}") as r:
+            assert r.status == 200
+            assert digest_of(await r.read()) == layer["digest"]
+    assert fake.token_requests == 1  # one token per scope, reused
+    assert cdn.requests and all("Authorization" not in x.headers for x in cdn.requests)
+    assert all(x.headers.get("Authorization") == "Bearer s3cret-token"
+               for x in fake.requests if "/blobs/" in x.path)
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+async def test_ns_and_path_prefix_route_to_one_cache_key(aiohttp_server, tmp_path, client):
+    hub, ghcr = FakeUpstream(), FakeUpstream()
+    hub_url = str((await aiohttp_server(hub.app())).make_url("")).rstrip("/")
+    ghcr_url = str((await aiohttp_server(ghcr.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"docker.io": hub_url, "ghcr.io": ghcr_url})
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    hub_digest = hub.add_image("library/alpine", "3", [b"hub"])
+    ghcr_digest = ghcr.add_image("org/tool", "1", [b"ghcr"])
+    for url in (f"{base}/v2/alpine/manifests/3", f"{base}/v2/library/alpine/manifests/3?ns=docker.io",
+                f"{base}/v2/alpine/manifests/3?ns=docker.io",
+                f"{base}/v2/docker.io/library/alpine/manifests/3"):
+        async with client.get(url) as r:
+            assert r.status == 200, url
+            assert r.headers["Docker-Content-Digest"] == hub_digest
+    for url in (f"{base}/v2/org/tool/manifests/1?ns=ghcr.io", f"{base}/v2/ghcr.io/org/tool/manifests/1"):
+        async with client.get(url) as r:
+            assert r.status == 200, url
+            assert r.headers["Docker-Content-Digest"] == ghcr_digest
+    assert hub.count("GET", "/manifests/") == 1  # one cache entry whatever the spelling
+    assert ghcr.count("GET", "/manifests/") == 1
+    async with client.get(f"{base}/v2/org/tool/manifests/1?ns=quay.io") as r:
+        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    async with client.get(f"{base}/v2/_catalog") as r:
+        assert (await r.json())["repositories"] == ["ghcr.io/org/tool", "library/alpine"]
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v2/Upper/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/../b/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/a%2F..%2Fb/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/a//b/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/a/manifests/bad!tag", 400, "TAG_INVALID"),
+        ("GET", "/v2/a/manifests/sha256:abc", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/a/blobs/md5:0123", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/a/blobs/latest", 400, "DIGEST_INVALID"),
+        ("PUT", "/v2/a/manifests/latest", 405, "UNSUPPORTED"),
+        ("DELETE", f"/v2/a/blobs/sha256:{'0' * 64}", 405, "UNSUPPORTED"),
+        ("POST", "/v2/a/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("GET", "/v2/a/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("GET", "/v2/a/nothing/here", 404, "NOT_FOUND"),
+    ],
+)
+async def test_bad_requests_get_oci_errors(proxy, client, method, path, status, code):
+    base, _ = proxy
+    async with client.request(method, URL(base + path, encoded=True)) as r:
+        assert r.status == status
+        assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+        assert (await r.json())["errors"][0]["code"] == code
+
+
+async def test_version_check(proxy, client):
+    base, _ = proxy
+    async with client.get(f"{base}/v2/") as r:
+        assert r.status == 200
+        assert r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+
+async def test_tags_list_from_upstream_and_catalog_pagination(fake, proxy, client):
+    base, _ = proxy
+    for i in range(5):
+        fake.add_image(f"repo{i}", f"t{i}", [b"x%d" % i])
+        fake.add_image("repo0", f"extra{i}", [b"y%d" % i])
+    async with client.get(f"{base}/v2/repo0/tags/list") as r:
+        assert (await r.json())["tags"] == sorted(["t0"] + [f"extra{i}" for i in range(5)])
+    for i in range(5):
+        async with client.get(f"{base}/v2/repo{i}/manifests/t{i}") as r:
+            assert r.status == 200
+    async with client.get(f"{base}/v2/_catalog?n=2") as r:
+        assert (await r.json())["repositories"] == ["repo0", "repo1"]
+        assert r.headers["Link"] == '</v2/_catalog?n=2&last=repo1>; rel="next"'
+    async with client.get(f"{base}/v2/_catalog?n=2&last=repo3") as r:
+        assert (await r.json())["repositories"] == ["repo4"]
+        assert "Link" not in r.headers
+    fake.status = 503  # tags of a cached repository survive an outage
+    async with client.get(f"{base}/v2/repo2/tags/list") as r:
+        assert (await r.json()) == {"name": "repo2", "tags": ["t2"]}
