@@ -216,7 +216,7 @@ async def test_unknown_blob_is_a_fast_oci_404(fake, proxy, client):
 
 
 async def test_manifest_by_tag_then_digest_byte_for_byte(fake, proxy, client):
-    base, data = proxy
+    base, _data = proxy
     d = fake.add_image("team/app", "v1", [b"layer-one"], media_type=DOCKER_MANIFEST)
     body, _ = fake.manifests[("team/app", "v1")]
     for ref in ("v1", d):
@@ -236,7 +236,7 @@ async def test_manifest_by_tag_then_digest_byte_for_byte(fake, proxy, client):
 
 async def test_head_by_tag_uses_upstream_head_and_keeps_an_index(fake, proxy, client):
     base, _ = proxy
-    child = fake.add_image("multi", None or "child", [b"amd64-layer"])
+    child = fake.add_image("multi", "child", [b"amd64-layer"])
     child_body, _ = fake.manifests[("multi", "child")]
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
         {"mediaType": OCI_MANIFEST, "digest": child, "size": len(child_body),

@@ -97,13 +97,13 @@ class FakeUpstream:
         if request.path.startswith("/v2/") and request.path != "/v2/" and self.status:
             return web.json_response({"errors": [{"code": "X", "message": "injected"}]},
                                      status=self.status, headers={"Retry-After": "7"})
-        if self.require_token and request.path.startswith("/v2"):
-            if request.headers.get("Authorization") != f"Bearer {self.require_token}":
-                realm = f"http://{request.host}/token"
-                return web.json_response(
-                    {"errors": [{"code": "UNAUTHORIZED", "message": "token"}]}, status=401,
-                    headers={"WWW-Authenticate":
-                             f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'})
+        authorized = request.headers.get("Authorization") == f"Bearer {self.require_token}"
+        if self.require_token and request.path.startswith("/v2") and not authorized:
+            realm = f"http://{request.host}/token"
+            return web.json_response(
+                {"errors": [{"code": "UNAUTHORIZED", "message": "token"}]}, status=401,
+                headers={"WWW-Authenticate":
+                         f'Bearer realm="{realm}",service="fake",scope="repository:x:pull"'})
         return await handler(request)
 
     async def _token(self, request: web.Request) -> web.Response:
