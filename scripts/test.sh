@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what the test suite needs (when missing) and run it.
+# Debian 12: apt packages for the real upstream registry, skopeo, dockerd and containerd;
+# pip: the project with its test extras. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v docker-registry >/dev/null || need_apt+=(docker-registry)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v containerd >/dev/null || need_apt+=(containerd)
+if ((${#need_apt[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+python3 -m ruff check proxy tests
+exec python3 -m pytest -q "$@"
