@@ -5,11 +5,18 @@ from __future__ import annotations
 import logging
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, FileResponse, StreamResponse
+
+
+def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
+    """Body bytes sent; sendfile bypasses aiohttp's counter, so file responses use their length."""
+    if isinstance(response, FileResponse) and request.method != "HEAD":
+        return response.content_length or 0
+    return response.body_length
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``method= path= status= bytes= duration_ms= cache= remote= ua=`` per request.
+    """``method= path= status= bytes= (body + headers, or file body) duration_ms= cache= remote= ua=`` per request.
 
     It runs in aiohttp's own logging hook, which is cheaper than a middleware.
     """
@@ -21,7 +28,7 @@ class AccessLogger(AbstractAccessLogger):
             request.method,
             request.path_qs[:300].replace('"', "%22"),
             response.status,
-            response.body_length,
+            _bytes_sent(request, response),
             time * 1000,
             request.get("cache", "-"),
             request.remote,

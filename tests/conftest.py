@@ -1,0 +1,55 @@
+"""Shared fixtures: real docker-registry upstreams, HTTP sessions, layer scratch dirs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+# Make ``tests.support`` importable when pytest is run as ``pytest`` (not ``python -m pytest``).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.support.registry import RegistryProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def upstream_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """A docker-registry shared by the whole session; do not stop it in tests."""
+    reg = RegistryProcess(tmp_path_factory.mktemp("upstream-registry"))
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def fresh_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
+    """A private docker-registry for one test; it may be stopped and restarted freely."""
+    reg = RegistryProcess(tmp_path / "fresh-registry")
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture
+def tmp_layer_dir(tmp_path: Path) -> Path:
+    """Scratch directory for generated layer files."""
+    d = tmp_path / "layers"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp session (no proxy env, generous timeouts) for pushing test content."""
+    timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+        yield session

@@ -1,0 +1,215 @@
+"""Run a real ``docker-registry`` (distribution 2.8) on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+REGISTRY_BINARY = os.environ.get("DOCKER_REGISTRY_BIN", "/usr/bin/docker-registry")
+# Ignore any http_proxy/https_proxy in the environment: everything is loopback.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """Return a currently unused TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RegistryError(RuntimeError):
+    """The registry process failed to start or answer."""
+
+
+class RegistryProcess:
+    """A docker-registry subprocess with filesystem storage under ``workdir``.
+
+    The port and storage directory are fixed at construction time so that
+    ``stop()`` followed by ``start()`` brings back the same registry (used to
+    simulate upstream outages).
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str,
+        port: int | None = None,
+        *,
+        startup_timeout: float = 15.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port if port is not None else free_port()
+        self.storage_dir = self.workdir / "storage"
+        self.storage_dir.mkdir(exist_ok=True)
+        self.config_path = self.workdir / "config.yml"
+        self.log_path = self.workdir / "registry.log"
+        self.startup_timeout = startup_timeout
+        self.extra_env = dict(extra_env or {})
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self._write_config()
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:5000``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` as used in image references."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the subprocess is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _write_config(self) -> None:
+        # Hand-written YAML (no PyYAML dependency). http.debug is absent, so the
+        # debug server is disabled.
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    "version: 0.1",
+                    "log:",
+                    "  level: info",
+                    "  formatter: text",
+                    "  accesslog:",
+                    "    disabled: false",
+                    "storage:",
+                    "  filesystem:",
+                    f'    rootdirectory: "{self.storage_dir}"',
+                    "  delete:",
+                    "    enabled: true",
+                    "  cache:",
+                    "    blobdescriptor: inmemory",
+                    "  maintenance:",
+                    "    uploadpurging:",
+                    "      enabled: false",
+                    "http:",
+                    f'  addr: "127.0.0.1:{self.port}"',
+                    "  headers:",
+                    "    X-Content-Type-Options: [nosniff]",
+                    "",
+                ]
+            )
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Return the last ``lines`` lines of the registry log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "<no log>"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _ping(self) -> bool:
+        try:
+            with _NO_PROXY_OPENER.open(f"{self.url}/v2/", timeout=1.0) as resp:
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError, ConnectionError):
+            return False
+
+    def start(self) -> RegistryProcess:
+        """Start the registry (same port/storage as before) and wait until ``/v2/`` answers 200."""
+        if self.running:
+            return self
+        env = {**os.environ, **self.extra_env}
+        # Stop the registry from picking up ambient REGISTRY_* overrides.
+        for key in list(env):
+            if key.startswith("REGISTRY_") and key not in self.extra_env:
+                del env[key]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime
+        self._log_file = log
+        self._proc = subprocess.Popen(
+            [REGISTRY_BINARY, "serve", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                rc = self._proc.returncode
+                self._cleanup()
+                raise RegistryError(
+                    f"docker-registry exited with {rc} during startup; log tail:\n{self.log_tail()}"
+                )
+            if self._ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RegistryError(
+            f"docker-registry did not answer GET /v2/ on {self.url} within "
+            f"{self.startup_timeout}s; log tail:\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the registry: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=timeout)
+        self._cleanup()
+        # Wait until the port is really free so a restart can bind it again.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._port_in_use():
+            time.sleep(0.05)
+
+    def restart(self) -> RegistryProcess:
+        """Stop then start again on the same port and storage."""
+        self.stop()
+        return self.start()
+
+    def _port_in_use(self) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def _cleanup(self) -> None:
+        self._proc = None
+        log = self._log_file
+        self._log_file = None
+        if log is not None:
+            log.close()
+
+    def __enter__(self) -> RegistryProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running_registry(workdir: Path | str, port: int | None = None) -> Iterator[RegistryProcess]:
+    """Context manager yielding a started :class:`RegistryProcess`."""
+    reg = RegistryProcess(workdir, port)
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
