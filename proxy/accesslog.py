@@ -16,7 +16,7 @@ def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``method= path= status= bytes= (body + headers, or file body) duration_ms= cache= remote= ua=`` per request.
+    """``method= path= status= bytes= duration_ms= cache= remote= ua=`` per request.
 
     It runs in aiohttp's own logging hook, which is cheaper than a middleware.
     """

@@ -157,10 +157,12 @@ async def test_cli_serve_flags_and_config_errors(upstream_registry, http_session
     assert "cache=miss" in proxy.log_path.read_text()
     bad = tmp_path / "bad.toml"
     bad.write_text('[cache]\ntag_ttl = "soon"\n')
-    res = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=30)
-    assert res.returncode == 2
-    assert "cache.tag_ttl" in res.stderr and "Traceback" not in res.stderr
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(bad),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert b"cache.tag_ttl" in err and b"Traceback" not in err
 
 
 async def test_range_requests_through_the_proxy_match_the_upstream(

@@ -40,10 +40,9 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with _OPENER.open(f"{self.url}/v2/", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
+            with contextlib.suppress(OSError), _OPENER.open(f"{self.url}/v2/", timeout=1) as resp:
+                if resp.status == 200:
+                    return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"proxy did not start:\n{self.log_tail()}")
