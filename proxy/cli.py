@@ -24,6 +24,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
     serve.add_argument("--upstream", metavar="URL", help="URL of the default upstream")
     serve.add_argument("--data-dir", metavar="DIR", help="override storage.root")
+    serve.add_argument("--hosted", metavar="PATTERN", action="append",
+                       help="hosted (push-enabled) repository pattern, e.g. 'team/*' (repeatable)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return parser
 
@@ -31,7 +33,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> Config:
     """The file (if any) with the command-line overrides applied."""
     config = load(args.config)
-    return config.with_overrides(listen=args.listen, upstream=args.upstream, data_dir=args.data_dir)
+    return config.with_overrides(listen=args.listen, upstream=args.upstream, data_dir=args.data_dir,
+                                 hosted=args.hosted)
 
 
 def serve(config: Config) -> None:

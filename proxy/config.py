@@ -63,6 +63,9 @@ class Config:
     default_upstream: str | None = DOCKER_HUB
     default_platform: tuple[str, str] = ("linux", "amd64")
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    hosted: tuple[str, ...] = ()
+    delete_enabled: bool = True
+    upload_max_age: float = 86400.0
 
     def with_overrides(
         self,
@@ -70,12 +73,17 @@ class Config:
         listen: str | None = None,
         upstream: str | None = None,
         data_dir: str | None = None,
+        hosted: list[str] | None = None,
     ) -> Config:
         """Apply the command-line flags that take precedence over the file."""
         cfg = self
         if listen is not None:
             host, port = parse_listen("--listen", listen)
             cfg = replace(cfg, listen_host=host, listen_port=port)
+        if hosted:
+            patterns = tuple(parse_hosted_pattern("--hosted", p) for p in hosted)
+            cfg = replace(cfg, hosted=(*cfg.hosted, *patterns))
+            check_hosted(cfg)
         if data_dir is not None:
             cfg = replace(cfg, storage_root=Path(data_dir))
         if upstream is not None:
@@ -145,6 +153,28 @@ def parse_url(key: str, value: Any) -> str:
     raise ConfigError(key, f"expected an http(s) URL without credentials, got {value!r}")
 
 
+_PATTERN_RE = re.compile(r"[a-z0-9._/*-]+")
+
+
+def parse_hosted_pattern(key: str, value: Any) -> str:
+    """A hosted-namespace pattern: a repository name where ``*`` matches one path component
+    and a trailing ``/**`` any depth (``team/*``, ``internal/**``, ``exact/name``)."""
+    if not isinstance(value, str) or not _PATTERN_RE.fullmatch(value) or value.startswith("/"):
+        raise ConfigError(key, f"expected a repository pattern such as \"team/*\", got {value!r}")
+    return value
+
+
+def check_hosted(cfg: Config) -> None:
+    """A name is either hosted or cached, never both: hosted patterns may not start with an
+    upstream's name (which routes by path prefix)."""
+    prefixes = {a for u in cfg.upstreams.values() for a in (u.name, *u.aliases)}
+    for pattern in cfg.hosted:
+        first = pattern.split("/", 1)[0]
+        if first in prefixes or (first in ("*", "**") and prefixes):
+            raise ConfigError("hosted.repositories",
+                              f"pattern {pattern!r} overlaps the upstream path prefix {first!r}")
+
+
 def _take(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(prefix, "expected a table")
@@ -205,7 +235,12 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
 
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base_dir``."""
-    top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams"})
+    top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams", "hosted"})
+    hosted = _take(top.get("hosted", {}), "hosted",
+                   {"repositories", "delete_enabled", "upload_max_age"})
+    patterns = hosted.get("repositories", [])
+    if not isinstance(patterns, list):
+        raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log"})
     storage = _take(top.get("storage", {}), "storage", {"root"})
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size"})
@@ -239,7 +274,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         raise ConfigError("proxy.default_platform", f"expected OS/ARCH such as linux/amd64, got {platform!r}")
     os_name, arch = platform.split("/")
 
-    return Config(
+    cfg = Config(
         listen_host=host,
         listen_port=port,
         access_log=_bool("server.access_log", server.get("access_log", True)),
@@ -250,7 +285,12 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         default_upstream=default,
         default_platform=(os_name, arch),
         upstreams=upstreams,
+        hosted=tuple(parse_hosted_pattern("hosted.repositories", p) for p in patterns),
+        delete_enabled=_bool("hosted.delete_enabled", hosted.get("delete_enabled", True)),
+        upload_max_age=parse_duration("hosted.upload_max_age", hosted.get("upload_max_age", 86400)),
     )
+    check_hosted(cfg)
+    return cfg
 
 
 def load(path: Path | None) -> Config:

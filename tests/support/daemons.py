@@ -325,6 +325,7 @@ class _Daemon:
 class DockerDaemon(_Daemon):
     """A private dockerd (vfs, no iptables/bridge) using ``mirror_url`` as its registry mirror.
 
+    ``storage_driver="overlay2"`` also works here (its mounts are undone by stop()).
     dockerd spawns its own containerd with state under the private exec/data roots.
     An ``http://127.0.0.1:PORT`` (or localhost) mirror needs no ``--insecure-registry``.
     """
@@ -336,9 +337,11 @@ class DockerDaemon(_Daemon):
         tmpdir: Path | str | None = None,
         mirror_url: str | None = None,
         extra_args: Sequence[str] = (),
+        storage_driver: str = "vfs",
     ) -> None:
         super().__init__(tmpdir)
         self.mirror_url = mirror_url
+        self.storage_driver = storage_driver
         self.extra_args = list(extra_args)
         self.sock = self.root / "docker.sock"
         self.data_root = self.root / "data"
@@ -374,7 +377,7 @@ class DockerDaemon(_Daemon):
             "--exec-root", str(self.exec_root),
             "--pidfile", str(self.root / "docker.pid"),
             "--host", self.host,
-            "--storage-driver", "vfs",
+            "--storage-driver", self.storage_driver,
             "--iptables=false",
             "--ip-masq=false",
             "--bridge=none",
