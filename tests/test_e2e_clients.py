@@ -1,0 +1,85 @@
+"""End to end: a real Docker daemon (registry-mirrors) and containerd (hosts.toml, ?ns=)
+pull through the proxy. Their HTTP(S) proxy is a closed loopback port, so a fallback to
+the real Docker Hub fails at once: a successful pull proves the proxy served it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.app import create_app
+from tests.support.daemons import Containerd, DockerDaemon, go_arch, write_hosts_toml
+from tests.support.images import make_tar_layer, push_image, push_index
+from tests.support.proxyfix import make_config
+from tests.support.registry import RegistryProcess
+
+pytestmark = pytest.mark.e2e
+
+LAYER = make_tar_layer({"etc/os-release": b'NAME="regproxy e2e"\n'}, seed=77)
+
+
+def upstream_blob_gets(reg: RegistryProcess, digest: str) -> int:
+    return sum(1 for line in reg.log_path.read_text(errors="replace").splitlines()
+               if f"GET /v2/library/alpine/blobs/{digest}" in line)
+
+
+async def start_mirror(aiohttp_server, reg: RegistryProcess, data: Path) -> str:
+    """The proxy with a local docker-registry playing Docker Hub (``docker.io``)."""
+    cfg = make_config(data, {"docker.io": reg.url})
+    server = await aiohttp_server(create_app(cfg))
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_docker_daemon_pulls_alpine_through_the_proxy(
+    aiohttp_server, fresh_registry, http_session: aiohttp.ClientSession, tmp_path
+):
+    reg = fresh_registry
+    alpine = await push_image(http_session, reg.url, "library/alpine", "latest", [LAYER],
+                              schema="docker", platform=("linux", go_arch()))
+    mirror = await start_mirror(aiohttp_server, reg, tmp_path / "data")
+    with DockerDaemon(tmp_path / "d1", mirror) as dockerd:
+        res = await dockerd.apull("alpine")
+        assert res.returncode == 0, f"{res.stderr}\n{dockerd.log_tail()}"
+        info = await dockerd.aimage_inspect("alpine")
+        assert info["Id"] == alpine.config.digest
+        assert f"alpine@{alpine.digest}" in info["RepoDigests"]
+        assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
+
+        # Second pull with the upstream down: served from the cache alone.
+        await dockerd.adocker("rmi", "alpine")
+        reg.stop()
+        res = await dockerd.apull("alpine")
+        assert res.returncode == 0, f"{res.stderr}\n{dockerd.log_tail()}"
+        assert (await dockerd.aimage_inspect("alpine"))["Id"] == alpine.config.digest
+    reg.start()
+    assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
+
+
+async def test_containerd_pulls_with_ns_through_the_proxy(
+    aiohttp_server, fresh_registry, http_session: aiohttp.ClientSession, tmp_path
+):
+    reg = fresh_registry
+    alpine = await push_image(http_session, reg.url, "library/alpine", "latest", [LAYER],
+                              schema="oci", platform=("linux", go_arch()))
+    other = "arm64" if go_arch() != "arm64" else "amd64"
+    children = [await push_image(http_session, reg.url, "library/multi", None,
+                                 [make_tar_layer(seed=80 + i)], schema="oci",
+                                 platform=("linux", arch))
+                for i, arch in enumerate([other, go_arch()])]
+    multi = await push_index(http_session, reg.url, "library/multi", "latest", children)
+    mirror = await start_mirror(aiohttp_server, reg, tmp_path / "data")
+    hosts = tmp_path / "hosts"
+    write_hosts_toml(hosts, mirror)
+    with Containerd(tmp_path / "c1") as ctrd:
+        res = await ctrd.apull("docker.io/library/alpine:latest", hosts)
+        assert res.returncode == 0, f"{res.stderr}\n{ctrd.log_tail()}"
+        assert await ctrd.aimage_digest("docker.io/library/alpine:latest") == alpine.digest
+        res = await ctrd.apull("docker.io/library/multi:latest", hosts)
+        assert res.returncode == 0, f"{res.stderr}\n{ctrd.log_tail()}"
+        assert await ctrd.aimage_digest("docker.io/library/multi:latest") == multi.digest
+    assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
+    # containerd's ?ns=docker.io did not create a separate cache key
+    async with http_session.get(f"{mirror}/v2/_catalog") as r:
+        assert await r.json() == {"repositories": ["library/alpine", "library/multi"]}
