@@ -10,7 +10,8 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.handlers import oci_errors, setup_routes
-from proxy.handlers.common import PULLTHROUGH, ROUTER
+from proxy.handlers.common import HOSTED, PULLTHROUGH, ROUTER
+from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.routing import Router
 from proxy.storage import FilesystemStore
@@ -57,8 +58,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         manifest_memory=config.manifest_memory,
         default_platform=config.default_platform,
     )
-    app[ROUTER] = Router(upstreams, config.default_upstream)
+    app[ROUTER] = Router(upstreams, config.default_upstream, config.hosted)
     app[PULLTHROUGH] = pullthrough
+    hosted = Hosted(store, max_manifest_size=config.max_manifest_size,
+                    delete_enabled=config.delete_enabled)
+    hosted.uploads.purge(config.upload_max_age)
+    app[HOSTED] = hosted
     try:
         yield
     finally:

@@ -12,7 +12,9 @@ from aiohttp import web
 from proxy import __version__
 from proxy.accesslog import AccessLogger
 from proxy.app import create_app
-from proxy.config import Config, ConfigError, load
+from proxy.config import Config, ConfigError, load, parse_duration
+from proxy.storage import FilesystemStore
+from proxy.storage.gc import collect
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,15 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hosted", metavar="PATTERN", action="append",
                        help="hosted (push-enabled) repository pattern, e.g. 'team/*' (repeatable)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    gc = sub.add_parser("gc", help="remove unreferenced blobs and manifests (safe while serving)")
+    gc.add_argument("--config", type=Path, help="config.toml (default: embedded defaults)")
+    gc.add_argument("--data-dir", metavar="DIR", help="override storage.root")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    gc.add_argument("--delete-untagged", action="store_true",
+                    help="also remove manifests no tag or referrer reaches")
+    gc.add_argument("--grace", default="1h",
+                    help="keep objects younger than this (default 1h), protects concurrent pushes")
+    gc.set_defaults(listen=None, upstream=None, hosted=None, log_level="WARNING")
     return parser
 
 
@@ -67,4 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         serve(config)
+    elif args.command == "gc":
+        return run_gc(config, args)
+    return 0
+
+
+def run_gc(config: Config, args: argparse.Namespace) -> int:
+    """``regproxy gc``: one mark-and-sweep pass, printing what goes and the bytes freed."""
+    try:
+        grace = parse_duration("--grace", args.grace)
+    except ConfigError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 2
+    store = FilesystemStore(config.storage_root)
+    if not (config.storage_root / "blobs").is_dir():
+        print(f"regproxy: no store at {config.storage_root}", file=sys.stderr)
+        return 1
+    report = collect(store, dry_run=args.dry_run, delete_untagged=args.delete_untagged,
+                     grace=grace)
+    verb = "would delete" if args.dry_run else "deleted"
+    for repo, digest in report.untagged:
+        print(f"{verb} untagged manifest {repo}@{digest}")
+    for digest, size in report.blobs:
+        print(f"{verb} blob {digest} ({size} bytes)")
+    print(f"{verb} {len(report.blobs)} blobs, {report.bytes_freed} bytes; kept {report.kept}")
     return 0

@@ -59,7 +59,7 @@ class DigestInvalid(RegistryError):
 
 
 class ManifestBlobUnknown(RegistryError):
-    code, status, default_message = "MANIFEST_BLOB_UNKNOWN", 404, "manifest references unknown blob"
+    code, status, default_message = "MANIFEST_BLOB_UNKNOWN", 400, "manifest references unknown blob"
 
 
 class ManifestInvalid(RegistryError):

@@ -6,6 +6,10 @@ Three ways to address an upstream, all mapping to one cache key (the *local name
 * a path prefix: ``/v2/ghcr.io/org/img/...`` (podman mirror locations, ``override_path``);
 * nothing: the default upstream (``registry-mirrors`` traffic, which is always Docker Hub).
 
+Hosted repositories (push allowed) match the ``[hosted]`` patterns and are addressed
+without ``ns`` or upstream prefix; a hosted pattern may not start with an upstream's name,
+so a name is either hosted or cached, never both.
+
 The local name is ``<name>`` for the default upstream and ``<upstream>/<name>`` for the
 others, so ``?ns=docker.io`` + ``alpine``, ``docker.io/library/alpine`` and
 ``library/alpine`` are the same cached repository, and ``ns`` never enters a key.
@@ -13,6 +17,7 @@ others, so ``?ns=docker.io`` + ``alpine``, ``docker.io/library/alpine`` and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from proxy.errors import NameInvalid, NameUnknown
@@ -22,17 +27,39 @@ from proxy.upstream import UpstreamClient
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where a request for a repository goes."""
+    """Where a request for a repository goes: an upstream, or ``None`` when hosted here."""
 
-    name: str  #: local (cache) name, as listed by ``_catalog``
+    name: str  #: local name, as stored and listed by ``_catalog``
     remote: str  #: name on the upstream
-    upstream: UpstreamClient
+    upstream: UpstreamClient | None
+
+    @property
+    def hosted(self) -> bool:
+        return self.upstream is None
+
+
+def compile_patterns(patterns: tuple[str, ...] | list[str]) -> re.Pattern[str] | None:
+    """``team/*`` (one component), ``team/**`` (any depth), exact names; ``None`` if empty."""
+    if not patterns:
+        return None
+    parts = []
+    for pattern in patterns:
+        comps = []
+        for comp in pattern.split("/"):
+            if comp == "**":
+                comps.append(r"[^/]+(?:/[^/]+)*")
+            else:
+                comps.append(re.escape(comp).replace(r"\*", "[^/]*"))
+        parts.append("/".join(comps))
+    return re.compile("|".join(f"(?:{p})" for p in parts))
 
 
 class Router:
     """Maps (repository name, ``ns``) to a :class:`Route`."""
 
-    def __init__(self, upstreams: dict[str, UpstreamClient], default: str | None) -> None:
+    def __init__(self, upstreams: dict[str, UpstreamClient], default: str | None,
+                 hosted: tuple[str, ...] = ()) -> None:
+        self._hosted = compile_patterns(hosted)
         self._default = upstreams.get(default) if default else None
         self._by_host: dict[str, UpstreamClient] = {}
         for up in upstreams.values():
@@ -47,6 +74,8 @@ class Router:
             if upstream is None:
                 raise NameUnknown(f"no upstream is configured for ns={ns[:100]!r}")
             return self._make(upstream, name)
+        if self._hosted is not None and self._hosted.fullmatch(name):
+            return Route(name=name, remote=name, upstream=None)
         first, _, rest = name.partition("/")
         upstream = self._by_host.get(first)
         if upstream is not None and rest:
@@ -54,6 +83,9 @@ class Router:
         if self._default is None:
             raise NameUnknown(f"repository {name!r} matches no upstream and no default is set")
         return self._make(self._default, name)
+
+    def is_hosted(self, name: str) -> bool:
+        return self._hosted is not None and self._hosted.fullmatch(name) is not None
 
     def _make(self, upstream: UpstreamClient, name: str) -> Route:
         remote = upstream.remote_name(name)

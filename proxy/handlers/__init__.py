@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.handlers import base, blobs, manifests, tags
+from proxy.handlers import base, blobs, manifests, referrers, tags, uploads
 from proxy.handlers.common import oci_errors
 
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
@@ -20,13 +20,16 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v2/_catalog", tags.catalog)
     r.add_get(f"/v2/{_NAME}/tags/list", tags.list_tags)
     r.add_get(f"/v2/{_NAME}/manifests/{{reference}}", manifests.get_manifest)
-    for method in ("PUT", "DELETE"):
-        r.add_route(method, f"/v2/{_NAME}/manifests/{{reference}}", manifests.write_manifest)
-    r.add_route("POST", f"/v2/{_NAME}/blobs/uploads/", blobs.write_blob)
-    for method in ("GET", "PATCH", "PUT", "DELETE"):
-        r.add_route(method, f"/v2/{_NAME}/blobs/uploads/{{uuid}}", blobs.write_blob)
+    r.add_put(f"/v2/{_NAME}/manifests/{{reference}}", manifests.put_manifest)
+    r.add_delete(f"/v2/{_NAME}/manifests/{{reference}}", manifests.delete_manifest)
+    r.add_post(f"/v2/{_NAME}/blobs/uploads/", uploads.start_upload)
+    r.add_get(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.upload_status)
+    r.add_patch(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.patch_upload)
+    r.add_put(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.finish_upload)
+    r.add_delete(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.cancel_upload)
     r.add_get(f"/v2/{_NAME}/blobs/{{digest}}", blobs.get_blob)
-    r.add_route("DELETE", f"/v2/{_NAME}/blobs/{{digest}}", blobs.write_blob)
+    r.add_delete(f"/v2/{_NAME}/blobs/{{digest}}", blobs.delete_blob)
+    r.add_get(f"/v2/{_NAME}/referrers/{{digest}}", referrers.list_referrers)
 
 
 __all__ = ["oci_errors", "setup_routes"]

@@ -6,8 +6,8 @@ import logging
 
 from aiohttp import web
 
-from proxy.errors import RegistryError, Unsupported
-from proxy.handlers.common import PULLTHROUGH, head_response, route_of
+from proxy.errors import RegistryError
+from proxy.handlers.common import head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
 from proxy.reference import Digest
 
@@ -19,7 +19,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     route = route_of(request)
     digest = Digest.parse(request.match_info["digest"])
     head = request.method == "HEAD"
-    result = await request.app[PULLTHROUGH].blob(route, digest, head=head)
+    result = await reader_of(request, route).blob(route, digest, head=head)
     request["cache"] = result.outcome
     headers = {
         "Docker-Content-Digest": str(digest),
@@ -63,7 +63,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def write_blob(request: web.Request) -> web.Response:
-    """Cached repositories are read-only."""
-    route_of(request)
-    raise Unsupported(f"{request.method} of blobs is not supported on cached repositories")
+async def delete_blob(request: web.Request) -> web.Response:
+    """Unlink a blob from a hosted repository (garbage collection reclaims it)."""
+    route = route_of(request)
+    hosted_only(request, route).delete_blob(route, Digest.parse(request.match_info["digest"]))
+    return web.Response(status=202)

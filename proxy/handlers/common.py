@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from proxy.errors import RegistryError, Unsupported
+from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.routing import Route, Router
 
@@ -15,10 +16,24 @@ log = logging.getLogger("regproxy.http")
 
 ROUTER = web.AppKey("router", Router)
 PULLTHROUGH = web.AppKey("pullthrough", PullThrough)
+HOSTED = web.AppKey("hosted", Hosted)
 
 def route_of(request: web.Request) -> Route:
     """The route of the repository named in the path (``ns`` query honoured)."""
     return request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
+
+
+def reader_of(request: web.Request, route: Route) -> Hosted | PullThrough:
+    """The service that answers reads of ``route``: the store alone, or the pull-through."""
+    return request.app[HOSTED] if route.hosted else request.app[PULLTHROUGH]
+
+
+def hosted_only(request: web.Request, route: Route) -> Hosted:
+    """The hosted service, or UNSUPPORTED for writes to a cached repository."""
+    if not route.hosted:
+        raise Unsupported(f"{request.method} is not supported on cached repository {route.name}; "
+                          "push to a hosted repository instead")
+    return request.app[HOSTED]
 
 
 def head_response(headers: dict[str, str], size: int | None) -> web.StreamResponse:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.errors import Unsupported
-from proxy.handlers.common import PULLTHROUGH, head_response, route_of
+from proxy.errors import PayloadTooLarge
+from proxy.handlers.common import head_response, hosted_only, reader_of, route_of
 from proxy.mediatypes import parse_accept
 from proxy.reference import parse_reference
 
@@ -16,7 +16,7 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     reference = parse_reference(request.match_info["reference"])
     head = request.method == "HEAD"
     accepted = parse_accept(request.headers.getall("Accept", ()))
-    result = await request.app[PULLTHROUGH].manifest(route, reference, accepted, head=head)
+    result = await reader_of(request, route).manifest(route, reference, accepted, head=head)
     request["cache"] = result.outcome
     etag = f'"{result.digest}"'
     headers = {
@@ -31,7 +31,29 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     return web.Response(body=result.data, headers=headers)
 
 
-async def write_manifest(request: web.Request) -> web.Response:
-    """Cached repositories are read-only."""
-    route_of(request)  # a bad name is still NAME_INVALID, not UNSUPPORTED
-    raise Unsupported(f"{request.method} of manifests is not supported on cached repositories")
+async def put_manifest(request: web.Request) -> web.Response:
+    """Store a pushed manifest (hosted repositories); 201 with its digest."""
+    route = route_of(request)
+    service = hosted_only(request, route)
+    reference = parse_reference(request.match_info["reference"])
+    limit = service.max_manifest_size
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"manifest exceeds {limit} bytes")
+    data = await request.content.read(limit + 1)
+    while len(data) <= limit and (more := await request.content.read(limit + 1 - len(data))):
+        data += more
+    digest, subject = await service.put_manifest(
+        route, reference, data, request.headers.get("Content-Type", ""))
+    headers = {"Location": f"/v2/{route.name}/manifests/{digest}",
+               "Docker-Content-Digest": str(digest)}
+    if subject is not None:
+        headers["OCI-Subject"] = str(subject)
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    """Delete a manifest by digest, or only a tag (OCI 1.1)."""
+    route = route_of(request)
+    service = hosted_only(request, route)
+    service.delete_manifest(route, parse_reference(request.match_info["reference"]))
+    return web.Response(status=202)

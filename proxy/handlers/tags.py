@@ -7,7 +7,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proxy.errors import RegistryError
-from proxy.handlers.common import PULLTHROUGH, route_of
+from proxy.handlers.common import PULLTHROUGH, reader_of, route_of
 from proxy.pullthrough.service import paginate
 
 #: Upper bound on ``n`` so one request cannot ask for an unbounded page.
@@ -42,7 +42,7 @@ async def list_tags(request: web.Request) -> web.Response:
     n, last = _page_params(request)
     if n == 0:
         return web.json_response({"name": request.match_info["name"], "tags": []})
-    tags, more = await request.app[PULLTHROUGH].tags(route, n, last)
+    tags, more = await reader_of(request, route).tags(route, n, last)
     headers = _link(request.path, n, tags) if more else {}
     ns = request.query.get("ns")
     if more and ns:

@@ -6,6 +6,10 @@ Layout under the root (documented in README.md, "On-disk layout")::
     manifests/<alg>/<hex[:2]>/<hex>              media type of a stored manifest (bytes in blobs/)
     repositories/<name>/_tags/<tag>              digest that <tag> last pointed to
     repositories/<name>/_manifests/<alg>/<hex>   marker: <name> holds this manifest
+    repositories/<name>/_layers/<alg>/<hex>      marker: <name> holds this blob (hosted)
+    repositories/<name>/_referrers/<alg>/<subject-hex>/<alg>-<hex>
+                                                 marker: manifest <hex> has <subject> as subject
+    uploads/<uuid>/{data,repo,started}           resumable blob uploads (hosted)
     tmp/                                         files being written (removed at start-up)
 
 Nothing appears under ``blobs/`` or ``manifests/`` before its digest and size were checked
@@ -29,6 +33,8 @@ from proxy.reference import Digest
 
 _TAGS = "_tags"
 _MANIFESTS = "_manifests"
+_LAYERS = "_layers"
+_REFERRERS = "_referrers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +123,7 @@ class FilesystemStore:
 
     def open(self) -> None:
         """Create the layout and remove temp files a crash or kill left behind."""
-        for sub in ("blobs", "manifests", "repositories", "tmp"):
+        for sub in ("blobs", "manifests", "repositories", "tmp", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for stale in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
@@ -168,6 +174,11 @@ class FilesystemStore:
             return None
         return StoredManifest(digest, media_type, data)
 
+    def forget_manifest(self, digest: Digest) -> None:
+        """Drop a manifest's media type (GC, before its bytes go)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._media_type_path(digest).unlink()
+
     def has_manifest(self, digest: Digest) -> bool:
         return self._media_type_path(digest).exists()
 
@@ -182,6 +193,77 @@ class FilesystemStore:
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
+
+    def has_manifest_link(self, name: str, digest: Digest) -> bool:
+        return (self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex).exists()
+
+    def unlink_manifest(self, name: str, digest: Digest) -> bool:
+        """Remove ``digest`` (and every tag pointing at it) from ``name``; True if it was there."""
+        marker = self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            return False
+        for tag in self.list_tags(name) or []:
+            if self.get_tag(name, tag) == digest:
+                self.delete_tag(name, tag)
+        return True
+
+    def link_blob(self, name: str, digest: Digest) -> None:
+        """Record that repository ``name`` holds blob ``digest`` (hosted repositories)."""
+        marker = self._repo(name) / _LAYERS / digest.algorithm / digest.hex
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+    def has_blob_link(self, name: str, digest: Digest) -> bool:
+        return (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).exists()
+
+    def unlink_blob(self, name: str, digest: Digest) -> bool:
+        try:
+            (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def touch_blob(self, digest: Digest) -> None:
+        """Mark a blob as just used, so a concurrent GC's grace period protects it."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.blob_path(digest))
+
+    def add_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+        marker = (self._repo(name) / _REFERRERS / subject.algorithm / subject.hex
+                  / f"{digest.algorithm}-{digest.hex}")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+    def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self._repo(name) / _REFERRERS / subject.algorithm / subject.hex
+             / f"{digest.algorithm}-{digest.hex}").unlink()
+
+    def list_referrers(self, name: str, subject: Digest) -> list[Digest]:
+        base = self._repo(name) / _REFERRERS / subject.algorithm / subject.hex
+        try:
+            entries = sorted(os.listdir(base))
+        except FileNotFoundError:
+            return []
+        return [Digest(*e.split("-", 1)) for e in entries if "-" in e]
+
+    def list_manifest_links(self, name: str) -> list[Digest]:
+        base = self._repo(name) / _MANIFESTS
+        out: list[Digest] = []
+        with contextlib.suppress(FileNotFoundError):
+            for alg in os.listdir(base):
+                out.extend(Digest(alg, h) for h in os.listdir(base / alg))
+        return out
+
+    def delete_tag(self, name: str, tag: str) -> bool:
+        try:
+            (self._repo(name) / _TAGS / tag).unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def set_tag(self, name: str, tag: str, digest: Digest) -> None:
         path = self._repo(name) / _TAGS / tag
@@ -203,7 +285,7 @@ class FilesystemStore:
     def list_tags(self, name: str) -> list[str] | None:
         """Sorted tags of ``name``, or ``None`` when the repository does not exist."""
         repo = self._repo(name)
-        if not (repo / _TAGS).is_dir() and not (repo / _MANIFESTS).is_dir():
+        if not any((repo / d).is_dir() for d in (_TAGS, _MANIFESTS, _LAYERS)):
             return None
         try:
             return sorted(p.name for p in (repo / _TAGS).iterdir())
@@ -214,7 +296,7 @@ class FilesystemStore:
         """Sorted names of every repository holding a tag or a manifest."""
         names: list[str] = []
         for dirpath, dirnames, _files in os.walk(self._repos):
-            if _TAGS in dirnames or _MANIFESTS in dirnames:
+            if _TAGS in dirnames or _MANIFESTS in dirnames or _LAYERS in dirnames:
                 names.append(os.path.relpath(dirpath, self._repos).replace(os.sep, "/"))
             dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         return sorted(names)

@@ -1,0 +1,76 @@
+"""``/v2/<name>/blobs/uploads/``: monolithic, chunked and resumable blob uploads, and
+cross-repository mounts (hosted repositories only)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.errors import BlobUploadInvalid, RegistryError
+from proxy.handlers.common import ROUTER, hosted_only, route_of
+from proxy.hosted.service import upload_headers
+from proxy.reference import Digest, validate_name
+
+
+def _digest_param(request: web.Request) -> Digest | None:
+    value = request.query.get("digest")
+    return Digest.parse(value) if value is not None else None
+
+
+async def start_upload(request: web.Request) -> web.Response:
+    """POST: a mount (201), a whole blob with ``?digest=`` (201), or a new upload (202)."""
+    route = route_of(request)
+    service = hosted_only(request, route)
+    mount = request.query.get("mount")
+    if mount is not None:
+        digest = Digest.parse(mount)
+        source = None
+        source_name = request.query.get("from")
+        if source_name is not None:
+            try:
+                source = request.app[ROUTER].route(validate_name(source_name))
+            except RegistryError:
+                source = None
+        if service.mount(route, digest, source):
+            return web.Response(status=201, headers={
+                "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+    digest = _digest_param(request)
+    if digest is not None:
+        await service.monolithic(route, digest, request.content.readany)
+        return web.Response(status=201, headers={
+            "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+    upload = service.start_upload(route)
+    return web.Response(status=202, headers=upload_headers(route.name, upload))
+
+
+async def patch_upload(request: web.Request) -> web.Response:
+    """PATCH: append a chunk (streamed); 416 when it does not start where the upload ends."""
+    route = route_of(request)
+    service = hosted_only(request, route)
+    upload = await service.append(route, request.match_info["uuid"], request.content.readany,
+                                  request.headers.get("Content-Range"))
+    return web.Response(status=202, headers=upload_headers(route.name, upload))
+
+
+async def finish_upload(request: web.Request) -> web.Response:
+    """PUT ``?digest=``: the last chunk (optional), then verify and publish."""
+    route = route_of(request)
+    service = hosted_only(request, route)
+    digest = _digest_param(request)
+    if digest is None:
+        raise BlobUploadInvalid("the digest query parameter is required to complete an upload")
+    await service.finish(route, request.match_info["uuid"], digest, request.content.readany)
+    return web.Response(status=201, headers={
+        "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    """GET: where the upload stands (204 with ``Range``), so a client can resume."""
+    route = route_of(request)
+    upload = hosted_only(request, route).upload(route, request.match_info["uuid"])
+    return web.Response(status=204, headers=upload_headers(route.name, upload))
+
+
+async def cancel_upload(request: web.Request) -> web.Response:
+    route = route_of(request)
+    hosted_only(request, route).cancel_upload(route, request.match_info["uuid"])
+    return web.Response(status=204)

@@ -1,0 +1,325 @@
+"""Reads and writes of hosted repositories, backed by the store alone.
+
+Every object is verified before it becomes visible: uploads by their digest, manifests by
+their digest and by the existence of everything they reference in the same repository.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy.errors import (
+    BlobUnknown,
+    BlobUploadInvalid,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    RegistryError,
+    Unsupported,
+)
+from proxy.mediatypes import INDEXES, OCI_INDEX, sniff_media_type
+from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
+from proxy.reference import Digest
+from proxy.routing import Route
+from proxy.storage import FilesystemStore, Upload, UploadStore
+
+#: Reads a request body chunk by chunk (``b""`` at the end).
+ChunkSource = Callable[[], Awaitable[bytes]]
+
+
+class Hosted:
+    """The private-registry service for repositories matched by ``[hosted]`` patterns."""
+
+    def __init__(self, store: FilesystemStore, *, max_manifest_size: int,
+                 delete_enabled: bool) -> None:
+        self.store = store
+        self.uploads = UploadStore(store)
+        self.max_manifest_size = max_manifest_size
+        self.delete_enabled = delete_enabled
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def manifest(self, route: Route, reference: str | Digest, accepted: set[str], *,
+                       head: bool) -> ManifestResult:
+        """A stored manifest of the repository, by tag or digest, as pushed."""
+        digest = reference if isinstance(reference, Digest) else self.store.get_tag(
+            route.name, reference)
+        if digest is None or not self.store.has_manifest_link(route.name, digest):
+            raise ManifestUnknown(f"manifest {route.name}:{reference} unknown")
+        item = self.store.get_manifest(digest)
+        if item is None:
+            raise ManifestUnknown(f"manifest {digest} unknown")
+        return ManifestResult(digest, item.media_type, len(item.data), item.data, HIT)
+
+    async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
+        """A blob linked to the repository (pushed, mounted, or a manifest of it)."""
+        size = self.store.blob_size(digest)
+        linked = self.store.has_blob_link(route.name, digest) or self.store.has_manifest_link(
+            route.name, digest)
+        if size is None or not linked:
+            raise BlobUnknown(f"blob {digest} unknown to {route.name}")
+        return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+
+    async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        tags = self.store.list_tags(route.name)
+        if tags is None:
+            raise NameUnknown(f"repository {route.name} unknown")
+        return paginate(tags, n, last)
+
+    # -- uploads -----------------------------------------------------------------------
+
+    def start_upload(self, route: Route) -> Upload:
+        return self.uploads.create(route.name)
+
+    def upload(self, route: Route, uid: str) -> Upload:
+        return self.uploads.get(route.name, uid)
+
+    def cancel_upload(self, route: Route, uid: str) -> None:
+        self.uploads.delete(self.uploads.get(route.name, uid))
+
+    def mount(self, route: Route, digest: Digest, source: Route | None) -> bool:
+        """Link an existing blob from ``source`` into the repository; False to fall back."""
+        if source is None or self.store.blob_size(digest) is None:
+            return False
+        if source.hosted and not self.store.has_blob_link(source.name, digest):
+            return False
+        self.store.link_blob(route.name, digest)
+        self.store.touch_blob(digest)
+        return True
+
+    async def append(self, route: Route, uid: str, read: ChunkSource,
+                     content_range: str | None) -> Upload:
+        """Append a chunk; its ``Content-Range`` must start where the upload ends (else 416)."""
+        async with self._lock(uid):
+            upload = self.uploads.get(route.name, uid)
+            if content_range is not None:
+                start = _range_start(content_range)
+                if start != upload.size:
+                    raise RangeNotSatisfiable(
+                        f"chunk starts at {start}, upload is at {upload.size}",
+                        headers=_upload_headers(route, upload))
+            await self._write(upload, read)
+            return self.uploads.get(route.name, uid)
+
+    async def finish(self, route: Route, uid: str, digest: Digest, read: ChunkSource) -> None:
+        """Append the last chunk (if any), verify the digest and publish the blob."""
+        async with self._lock(uid):
+            upload = self.uploads.get(route.name, uid)
+            await self._write(upload, read)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.uploads.complete, upload, digest)
+            self.store.link_blob(route.name, digest)
+
+    async def monolithic(self, route: Route, digest: Digest, read: ChunkSource) -> None:
+        """A whole blob in one POST (``?digest=``)."""
+        upload = self.uploads.create(route.name)
+        try:
+            await self.finish(route, upload.uuid, digest, read)
+        except BaseException:
+            self.uploads.delete(upload)
+            raise
+
+    async def _write(self, upload: Upload, read: ChunkSource) -> None:
+        fd, hasher = self.uploads.open_append(upload)
+        written = 0
+        try:
+            while chunk := await read():
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                hasher.update(chunk)
+                written += len(chunk)
+        except BaseException:
+            os.close(fd)
+            fd = -1
+            self.uploads.truncate(upload, upload.size)  # drop the partial chunk
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        lock = self._locks.get(uid)
+        if lock is None:
+            lock = self._locks[uid] = asyncio.Lock()
+        if len(self._locks) > 10_000:  # forget idle locks
+            for key in [k for k, v in self._locks.items() if not v.locked() and k != uid]:
+                del self._locks[key]
+        return lock
+
+    # -- manifests ---------------------------------------------------------------------
+
+    async def put_manifest(self, route: Route, reference: str | Digest, data: bytes,
+                           content_type: str) -> tuple[Digest, Digest | None]:
+        """Validate and store a manifest; returns its digest and its subject (if any)."""
+        if len(data) > self.max_manifest_size:
+            raise PayloadTooLarge(f"manifest exceeds {self.max_manifest_size} bytes")
+        algorithm = reference.algorithm if isinstance(reference, Digest) else "sha256"
+        digest = Digest.of(data, algorithm)
+        if isinstance(reference, Digest) and digest != reference:
+            raise DigestInvalid(f"manifest digest {digest} does not match {reference}")
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise ManifestInvalid("manifest is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise ManifestInvalid("manifest must be a JSON object")
+        media_type = _media_type(doc, content_type, data)
+        subject = self._validate_references(route, doc, media_type)
+        self.store.put_manifest(digest, data, media_type)
+        self.store.link_manifest(route.name, digest)
+        for ref in _blob_refs(doc):
+            self.store.touch_blob(ref)
+        if subject is not None:
+            self.store.add_referrer(route.name, subject, digest)
+        if isinstance(reference, str):
+            self.store.set_tag(route.name, reference, digest)
+        return digest, subject
+
+    def _validate_references(self, route: Route, doc: dict[str, Any], media_type: str
+                             ) -> Digest | None:
+        if doc.get("schemaVersion") != 2:
+            raise ManifestInvalid("only schemaVersion 2 manifests are accepted")
+        if media_type in INDEXES or "manifests" in doc:
+            for desc in _descriptors(doc.get("manifests"), "manifests"):
+                if not self.store.has_manifest_link(route.name, desc):
+                    raise ManifestBlobUnknown(f"child manifest {desc} is not in {route.name}")
+        else:
+            config = doc.get("config")
+            refs = [] if config is None else _descriptors([config], "config")
+            for layer in doc.get("layers") or []:
+                if isinstance(layer, dict) and layer.get("urls"):
+                    continue  # foreign layer: not stored here by design
+                refs.extend(_descriptors([layer], "layers"))
+            for ref in refs:
+                if self.store.blob_size(ref) is None or not self.store.has_blob_link(route.name, ref):
+                    raise ManifestBlobUnknown(f"blob {ref} is not in {route.name}",
+                                              detail={"digest": str(ref)})
+        subject = doc.get("subject")
+        if subject is None:
+            return None
+        (digest,) = _descriptors([subject], "subject")
+        return digest
+
+    def delete_manifest(self, route: Route, reference: str | Digest) -> None:
+        """By digest: remove the manifest and its tags; by tag: remove only the tag."""
+        if not self.delete_enabled:
+            raise Unsupported("deletion is disabled (hosted.delete_enabled = false)")
+        if isinstance(reference, str):
+            if not self.store.delete_tag(route.name, reference):
+                raise ManifestUnknown(f"tag {reference} unknown in {route.name}")
+            return
+        item = self.store.get_manifest(reference)
+        if not self.store.unlink_manifest(route.name, reference):
+            raise ManifestUnknown(f"manifest {reference} unknown in {route.name}")
+        if item is not None:
+            try:
+                subject = json.loads(item.data).get("subject")
+                (sd,) = _descriptors([subject], "subject") if subject else (None,)
+            except (ValueError, AttributeError, RegistryError):
+                sd = None
+            if sd is not None:
+                self.store.remove_referrer(route.name, sd, reference)
+
+    def delete_blob(self, route: Route, digest: Digest) -> None:
+        """Unlink a blob from the repository; GC reclaims the bytes."""
+        if not self.delete_enabled:
+            raise Unsupported("deletion is disabled (hosted.delete_enabled = false)")
+        if not self.store.unlink_blob(route.name, digest):
+            raise BlobUnknown(f"blob {digest} unknown to {route.name}")
+
+    def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> bytes:
+        """An OCI image index of the manifests whose ``subject`` is ``subject``."""
+        entries = []
+        for digest in self.store.list_referrers(route.name, subject):
+            item = self.store.get_manifest(digest)
+            if item is None or not self.store.has_manifest_link(route.name, digest):
+                continue
+            try:
+                doc = json.loads(item.data)
+            except ValueError:
+                continue
+            art = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
+            if artifact_type is not None and art != artifact_type:
+                continue
+            desc: dict[str, Any] = {"mediaType": item.media_type, "digest": str(digest),
+                                    "size": len(item.data)}
+            if art:
+                desc["artifactType"] = art
+            if doc.get("annotations"):
+                desc["annotations"] = doc["annotations"]
+            entries.append(desc)
+        return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                           "manifests": entries}).encode()
+
+
+def _media_type(doc: dict[str, Any], content_type: str, data: bytes) -> str:
+    declared = doc.get("mediaType")
+    header = content_type.split(";")[0].strip()
+    if header in ("", "application/json", "application/octet-stream", "text/plain"):
+        header = ""
+    if isinstance(declared, str) and header and declared != header:
+        raise ManifestInvalid(f"mediaType {declared!r} does not match Content-Type {header!r}")
+    media_type = header or (declared if isinstance(declared, str) else None) or sniff_media_type(data)
+    if not media_type:
+        raise ManifestInvalid("cannot tell the manifest's media type")
+    return media_type
+
+
+def _descriptors(items: Any, field: str) -> list[Digest]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ManifestInvalid(f"{field} must be a list of descriptors")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("digest"), str):
+            raise ManifestInvalid(f"{field}: every descriptor needs a digest")
+        if not isinstance(item.get("size", 0), int):
+            raise ManifestInvalid(f"{field}: descriptor size must be an integer")
+        try:
+            out.append(Digest.parse(item["digest"]))
+        except RegistryError:
+            raise ManifestInvalid(f"{field}: invalid digest {item['digest'][:100]!r}") from None
+    return out
+
+
+def _blob_refs(doc: dict[str, Any]) -> list[Digest]:
+    refs = []
+    for item in [doc.get("config"), *(doc.get("layers") or [])]:
+        if isinstance(item, dict) and isinstance(item.get("digest"), str):
+            with contextlib.suppress(RegistryError):
+                refs.append(Digest.parse(item["digest"]))
+    return refs
+
+
+def _range_start(value: str) -> int:
+    """Start of a chunk's ``Content-Range: <start>-<end>`` (``bytes`` prefix tolerated)."""
+    text = value.strip().removeprefix("bytes").strip().removeprefix("=").strip()
+    start, sep, end = text.partition("-")
+    if not sep or not start.isdigit() or not end.isdigit() or int(end) < int(start):
+        raise BlobUploadInvalid(f"invalid Content-Range {value[:100]!r}")
+    return int(start)
+
+
+def _upload_headers(route: Route, upload: Upload) -> dict[str, str]:
+    return upload_headers(route.name, upload)
+
+
+def upload_headers(name: str, upload: Upload) -> dict[str, str]:
+    """Location, Range and Docker-Upload-UUID of an upload, as every upload answer has them."""
+    return {
+        "Location": f"/v2/{name}/blobs/uploads/{upload.uuid}",
+        "Range": f"0-{max(upload.size - 1, 0)}",
+        "Docker-Upload-UUID": upload.uuid,
+    }

@@ -1,0 +1,146 @@
+"""Resumable blob uploads on disk (hosted repositories).
+
+Each upload is a directory ``uploads/<uuid>/`` holding ``data`` (the bytes so far) and
+``repo`` (the repository it belongs to). The state lives on disk so an upload survives a
+restart; the running hash is kept in memory and rebuilt from ``data`` when missing.
+Completing an upload verifies the digest, fsyncs and renames ``data`` into ``blobs/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.errors import BlobUploadUnknown, DigestInvalid, SizeInvalid
+from proxy.reference import Digest
+from proxy.storage.filesystem import FilesystemStore
+
+_UUID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class Upload:
+    """An upload in progress."""
+
+    uuid: str
+    repo: str
+    path: Path  #: the upload's directory
+    size: int
+    started: float
+
+
+class UploadStore:
+    """Creates, appends to, completes and purges uploads under ``<root>/uploads``."""
+
+    def __init__(self, store: FilesystemStore) -> None:
+        self.store = store
+        self.root = store.root / "uploads"
+        self._hashers: dict[str, hashlib._Hash] = {}
+
+    def create(self, repo: str) -> Upload:
+        uid = uuidlib.uuid4().hex
+        path = self.root / uid
+        path.mkdir(parents=True)
+        (path / "data").touch()
+        (path / "repo").write_text(repo)
+        now = time.time()
+        (path / "started").write_text(str(now))
+        self._hashers[uid] = hashlib.sha256()
+        return Upload(uid, repo, path, 0, now)
+
+    def get(self, repo: str, uid: str) -> Upload:
+        """The upload ``uid`` of ``repo``; BLOB_UPLOAD_UNKNOWN otherwise (also for bad ids)."""
+        if not _UUID_RE.fullmatch(uid):
+            raise BlobUploadUnknown(f"upload {uid[:80]!r} unknown")
+        path = self.root / uid
+        try:
+            owner = (path / "repo").read_text()
+            size = os.stat(path / "data").st_size
+            started = float((path / "started").read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            raise BlobUploadUnknown(f"upload {uid} unknown") from None
+        if owner != repo:
+            raise BlobUploadUnknown(f"upload {uid} does not belong to {repo}")
+        return Upload(uid, repo, path, size, started)
+
+    def _hasher(self, upload: Upload) -> hashlib._Hash:
+        h = self._hashers.get(upload.uuid)
+        if h is None:  # after a restart: rebuild the running hash from what is on disk
+            h = hashlib.sha256()
+            with open(upload.path / "data", "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            self._hashers[upload.uuid] = h
+        return h
+
+    def open_append(self, upload: Upload) -> tuple[int, hashlib._Hash]:
+        """An fd positioned at the end of the upload's data, and its running hash."""
+        hasher = self._hasher(upload)
+        fd = os.open(upload.path / "data", os.O_WRONLY | os.O_APPEND)
+        return fd, hasher
+
+    def truncate(self, upload: Upload, size: int) -> None:
+        """Roll back a chunk that failed half-way (client disconnect): keep ``size`` bytes."""
+        os.truncate(upload.path / "data", size)
+        self._hashers.pop(upload.uuid, None)
+
+    def complete(self, upload: Upload, expected: Digest) -> int:
+        """Verify and publish the upload as blob ``expected``; returns its size."""
+        data = upload.path / "data"
+        size = os.stat(data).st_size
+        if expected.algorithm == "sha256":
+            actual = Digest("sha256", self._hasher(upload).hexdigest())
+        else:
+            h = expected.hasher()
+            with open(data, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+            actual = Digest(expected.algorithm, h.hexdigest())
+        if actual != expected:
+            raise DigestInvalid(f"uploaded content has digest {actual}, not {expected}")
+        final = self.store.blob_path(expected)
+        if self.store.blob_size(expected) == size:
+            os.utime(final)  # already stored: keep the existing file, refresh for GC
+        else:
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(data, final)
+            self.store.fsync_dir(final.parent)
+        self.delete(upload)
+        return size
+
+    def delete(self, upload: Upload) -> None:
+        self._hashers.pop(upload.uuid, None)
+        shutil.rmtree(upload.path, ignore_errors=True)
+
+    def purge(self, max_age: float) -> int:
+        """Remove uploads started more than ``max_age`` seconds ago; returns how many."""
+        removed = 0
+        cutoff = time.time() - max_age
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root):
+                try:
+                    started = float((Path(entry.path) / "started").read_text() or 0)
+                except (FileNotFoundError, ValueError, NotADirectoryError):
+                    started = 0.0
+                if started < cutoff:
+                    self._hashers.pop(entry.name, None)
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+        return removed
+
+
+def check_size(expected: int | None, actual: int) -> None:
+    if expected is not None and expected != actual:
+        raise SizeInvalid(f"got {actual} bytes, Content-Length said {expected}")
