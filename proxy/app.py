@@ -26,10 +26,17 @@ async def _api_version_header(_request: web.Request, response: web.StreamRespons
     response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
 
 
-def create_app(config: Config) -> web.Application:
-    """An application serving the V2 API; its services start with the app and stop with it."""
+CLEAN_TMP = web.AppKey("clean_tmp", bool)
+
+
+def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
+    """An application serving the V2 API; its services start with the app and stop with it.
+
+    ``clean_tmp=False`` for worker processes: the parent cleaned the store's ``tmp/``.
+    """
     app = web.Application(middlewares=[oci_errors], client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
+    app[CLEAN_TMP] = clean_tmp
     app.on_response_prepare.append(_api_version_header)
     app.cleanup_ctx.append(_services)
     setup_routes(app)
@@ -39,7 +46,7 @@ def create_app(config: Config) -> web.Application:
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = FilesystemStore(config.storage_root)
-    store.open()
+    store.open(clean=app[CLEAN_TMP])
     session = aiohttp.ClientSession(
         auto_decompress=False,  # blobs are verified and stored exactly as sent
         read_bufsize=4 << 20,

@@ -7,11 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
-from proxy import __version__
-from proxy.accesslog import AccessLogger
-from proxy.app import create_app
+from proxy import __version__, server
 from proxy.config import Config, ConfigError, load, parse_duration
 from proxy.storage import FilesystemStore
 from proxy.storage.gc import collect
@@ -26,6 +22,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
     serve.add_argument("--upstream", metavar="URL", help="URL of the default upstream")
     serve.add_argument("--data-dir", metavar="DIR", help="override storage.root")
+    serve.add_argument("--workers", metavar="N", help="override server.workers (a number or auto)")
     serve.add_argument("--hosted", metavar="PATTERN", action="append",
                        help="hosted (push-enabled) repository pattern, e.g. 'team/*' (repeatable)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
@@ -37,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="also remove manifests no tag or referrer reaches")
     gc.add_argument("--grace", default="1h",
                     help="keep objects younger than this (default 1h), protects concurrent pushes")
-    gc.set_defaults(listen=None, upstream=None, hosted=None, log_level="WARNING")
+    gc.set_defaults(listen=None, upstream=None, hosted=None, workers=None, log_level="WARNING")
     return parser
 
 
@@ -45,23 +42,12 @@ def load_config(args: argparse.Namespace) -> Config:
     """The file (if any) with the command-line overrides applied."""
     config = load(args.config)
     return config.with_overrides(listen=args.listen, upstream=args.upstream, data_dir=args.data_dir,
-                                 hosted=args.hosted)
+                                 hosted=args.hosted, workers=args.workers)
 
 
 def serve(config: Config) -> None:
     """Run the server until SIGINT/SIGTERM."""
-    app = create_app(config)
-    web.run_app(
-        app,
-        host=config.listen_host,
-        port=config.listen_port,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("regproxy.access") if config.access_log else None,
-        print=lambda msg: logging.getLogger("regproxy").info(
-            "listening on %s:%d, data in %s", config.listen_host, config.listen_port,
-            config.storage_root),
-        shutdown_timeout=30,
-    )
+    server.run(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ reading code; unknown keys are errors too (a typo must not silently fall back to
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -56,6 +57,7 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 5000
     access_log: bool = True
+    workers: int = 1
     storage_root: Path = Path("./data")
     tag_ttl: float = 300.0
     manifest_memory: int = 64 << 20
@@ -74,18 +76,23 @@ class Config:
         upstream: str | None = None,
         data_dir: str | None = None,
         hosted: list[str] | None = None,
+        workers: str | int | None = None,
     ) -> Config:
         """Apply the command-line flags that take precedence over the file."""
         cfg = self
         if listen is not None:
             host, port = parse_listen("--listen", listen)
             cfg = replace(cfg, listen_host=host, listen_port=port)
+        if workers is not None:
+            cfg = replace(cfg, workers=parse_workers("--workers", workers))
         if hosted:
             patterns = tuple(parse_hosted_pattern("--hosted", p) for p in hosted)
             cfg = replace(cfg, hosted=(*cfg.hosted, *patterns))
             check_hosted(cfg)
         if data_dir is not None:
             cfg = replace(cfg, storage_root=Path(data_dir))
+        if cfg.workers > 1 and cfg.listen_port == 0:
+            raise ConfigError("server.workers", "several workers need a fixed listen port")
         if upstream is not None:
             url = parse_url("--upstream", upstream)
             parts = urlsplit(url)
@@ -141,6 +148,17 @@ def parse_listen(key: str, value: Any) -> tuple[str, int]:
             if 0 <= port <= 65535:
                 return host or "0.0.0.0", port
     raise ConfigError(key, f"expected HOST:PORT such as \"127.0.0.1:5000\", got {value!r}")
+
+
+def parse_workers(key: str, value: Any) -> int:
+    """A worker count: a positive integer, or ``"auto"`` for one per CPU."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
+        return value
+    raise ConfigError(key, f"expected a number of worker processes (1-64) or \"auto\", got {value!r}")
 
 
 def parse_url(key: str, value: Any) -> str:
@@ -241,7 +259,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     patterns = hosted.get("repositories", [])
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
-    server = _take(top.get("server", {}), "server", {"listen", "access_log"})
+    server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers"})
     storage = _take(top.get("storage", {}), "storage", {"root"})
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size"})
     proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
@@ -278,6 +296,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         listen_host=host,
         listen_port=port,
         access_log=_bool("server.access_log", server.get("access_log", True)),
+        workers=parse_workers("server.workers", server.get("workers", 1)),
         storage_root=root,
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 300)),
         manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),

@@ -1,5 +1,9 @@
 """One upstream blob download, shared by every client that wants the blob while it runs.
 
+Within a process, readers of a fill are woken per chunk (:class:`FillReader`). Other
+worker processes on the same store find the fill's well-known temp file and tail it
+(:class:`TailReader`), so single flight holds across workers too.
+
 The fill runs in its own task and tees the upstream body into a temp file of the store,
 hashing as it goes. Readers tail that file with ``pread`` as bytes arrive, so a joiner's
 first byte comes as soon as the first chunk is on disk, and a client that hangs up does
@@ -24,7 +28,7 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.reference import Digest
-from proxy.storage import FilesystemStore
+from proxy.storage import BlobWriter, FilesystemStore
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy.fill")
@@ -36,9 +40,9 @@ READ_CHUNK = 1 << 20
 class BlobFill:
     """A running upstream download of one blob into the store."""
 
-    def __init__(self, digest: Digest, store: FilesystemStore) -> None:
+    def __init__(self, digest: Digest, writer: BlobWriter) -> None:
         self.digest = digest
-        self._writer = store.new_writer(digest.algorithm)  # creates the temp file now
+        self._writer = writer  # its file exists from now on
         self.size: int | None = None
         self.written = 0
         self.verified = False
@@ -91,6 +95,7 @@ class BlobFill:
                 if resp.status != 200:
                     raise Unavailable(f"upstream {upstream.name} answered {resp.status}")
                 self.size = resp.content_length
+                writer.announce_size(self.size)
                 self._headers.set()
                 while True:
                     chunk = await resp.content.readany()
@@ -168,3 +173,71 @@ class FillReader:
             if fill.done and fill.size is None:
                 return  # chunked upstream body: everything was written and verified
             await fill.wait_progress()
+
+
+class TailReader:
+    """Tails a fill that another process (a sibling worker) is running.
+
+    Progress is the file's size, polled with a short back-off; the blob is verified once
+    its final path exists (the filler renames the file there), and the fill failed when
+    the file is gone without a final blob or its filler no longer holds the lock.
+    """
+
+    def __init__(self, store: FilesystemStore, digest: Digest, fd: int, size: int | None) -> None:
+        self._store = store
+        self._digest = digest
+        self._fd: int | None = fd
+        self.size = size
+
+    @classmethod
+    async def open(cls, store: FilesystemStore, digest: Digest, max_wait: float = 30.0
+                   ) -> TailReader | None:
+        """Join another process's fill; ``None`` when there is none (or it just ended)."""
+        fd = store.open_fill(digest)
+        if fd is None:
+            return None
+        delay, waited = 0.001, 0.0
+        while (size := store.fill_size(digest)) is False:
+            if not store.filler_alive(fd) or waited > max_wait:
+                os.close(fd)
+                return None
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.02)
+        return cls(store, digest, fd, size if isinstance(size, int) else None)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _verified(self) -> bool:
+        return self._store.blob_size(self._digest) is not None
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        pos, delay = start, 0.001
+        while True:
+            assert self._fd is not None, "reader closed"
+            limit = end if end is not None else self.size
+            if limit is not None and pos >= limit:
+                return
+            written = os.fstat(self._fd).st_size
+            avail = written - pos if limit is None else min(written, limit) - pos
+            verified = self._verified()
+            if avail > 0 and self.size is not None and not verified and pos + avail >= self.size:
+                avail -= 1
+            if avail > 0:
+                data = os.pread(self._fd, min(avail, READ_CHUNK), pos)
+                if data:
+                    pos += len(data)
+                    delay = 0.001
+                    yield data
+                    continue
+            if verified and self.size is None and pos >= written:
+                return
+            if not verified and not self._store.filler_alive(self._fd):
+                if self._verified():
+                    continue  # published between the two checks
+                raise Unavailable("the worker filling this blob failed; retry")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)

@@ -33,12 +33,12 @@ from proxy.mediatypes import (
     platform_child,
     sniff_media_type,
 )
-from proxy.pullthrough.fill import BlobFill, FillReader
+from proxy.pullthrough.fill import BlobFill, FillReader, TailReader
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
 from proxy.routing import Route
 from proxy.singleflight import SingleFlight
-from proxy.storage import FilesystemStore, StoredManifest
+from proxy.storage import BlobWriter, FilesystemStore, StoredManifest
 from proxy.upstream import UpstreamClient, UpstreamResponse, read_capped
 
 log = logging.getLogger("regproxy.pullthrough")
@@ -65,7 +65,7 @@ class BlobResult:
     size: int | None
     outcome: str
     path: Path | None = None
-    reader: FillReader | None = None
+    reader: FillReader | TailReader | None = None
 
 
 def _upstream_error(resp: UpstreamResponse, upstream: UpstreamClient, what: str,
@@ -270,10 +270,21 @@ class PullThrough:
                 return BlobResult(digest, fill.size, COALESCED)
             size, shared = await self._head_flight.do(key, lambda: self._head_blob(route, digest))
             return BlobResult(digest, size, COALESCED if shared else MISS)
-        outcome = COALESCED
-        if fill is None:
-            fill = self._start_fill(route, digest)
-            outcome = MISS
+        if fill is not None:
+            return await self._join(digest, fill, COALESCED)
+        for _ in range(3):
+            writer = self.store.claim_fill(digest)
+            if writer is not None:
+                return await self._join(digest, self._start_fill(route, digest, writer), MISS)
+            tail = await TailReader.open(self.store, digest)  # a sibling worker is filling
+            if tail is not None:
+                return BlobResult(digest, tail.size, COALESCED, reader=tail)
+            size = self.store.blob_size(digest)
+            if size is not None:  # it finished meanwhile
+                return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+        raise Unavailable(f"could not start or join a fill of {digest}")
+
+    async def _join(self, digest: Digest, fill: BlobFill, outcome: str) -> BlobResult:
         reader = fill.reader()
         try:
             size = await fill.wait_headers()
@@ -282,8 +293,8 @@ class PullThrough:
             raise
         return BlobResult(digest, size, outcome, reader=reader)
 
-    def _start_fill(self, route: Route, digest: Digest) -> BlobFill:
-        fill = BlobFill(digest, self.store)
+    def _start_fill(self, route: Route, digest: Digest, writer: BlobWriter) -> BlobFill:
+        fill = BlobFill(digest, writer)
         key = str(digest)
         self._fills[key] = fill
 

@@ -21,6 +21,7 @@ name components cannot start with ``_`` (see :mod:`proxy.reference`), so ``_tags
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
@@ -47,16 +48,25 @@ class StoredManifest:
 
 
 class BlobWriter:
-    """Writes one object to a temp file, hashing as it goes; :meth:`commit` publishes it.
+    """Writes one object to a temp file, hashing as it goes; :meth:`publish` makes it visible.
 
     Writes are plain ``os.write`` calls on the event loop thread: they land in the page
     cache, which is cheaper than a thread hop per chunk (see performance notes).
+
+    A *fill* writer (see :meth:`FilesystemStore.claim_fill`) writes to a well-known path,
+    ``tmp/<alg>-<hex>.fill``, holding an exclusive ``flock`` until it has renamed or removed
+    the file: other processes on the same store find the in-progress download there, tail
+    it, and can tell a live filler (lock held) from a dead one (lock free).
     """
 
-    def __init__(self, store: FilesystemStore, algorithm: str = "sha256") -> None:
+    def __init__(self, store: FilesystemStore, algorithm: str = "sha256",
+                 path: Path | None = None, fd: int | None = None) -> None:
         self._store = store
-        self.path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if path is None or fd is None:
+            path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.path = path
+        self._fd: int | None = fd
         self._hash = hashlib.new(algorithm)
         self._algorithm = algorithm
         self.size = 0
@@ -83,18 +93,18 @@ class BlobWriter:
             raise DigestInvalid(f"content digest {self.digest()} does not match {expected}")
 
     def sync(self) -> None:
-        """fsync and close the temp file (blocking: call it from a thread for big blobs)."""
+        """fsync the temp file (blocking: call it from a thread for big blobs)."""
         if self._fd is not None:
             os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
 
     def publish(self, digest: Digest) -> Path:
-        """Rename the synced temp file to its content address (atomic on POSIX)."""
+        """Rename the synced temp file to its content address (atomic on POSIX), then let
+        go of the file (and of its lock, for a fill)."""
         self.sync()
         final = self._store.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, final)
+        self._close()
         self._store.fsync_dir(final.parent)
         return final
 
@@ -105,12 +115,26 @@ class BlobWriter:
 
     def abort(self) -> None:
         """Drop the temp file; nothing becomes visible."""
+        if self._fd is not None:  # unlink while still holding a fill's lock
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.with_suffix(".size"))
+        self._close()
+
+    def announce_size(self, size: int | None) -> None:
+        """Tell other processes tailing this fill how big the blob is (``-1``: unknown)."""
+        if self.path.suffix == ".fill":
+            self._store._write_small(self.path.with_suffix(".size"), str(
+                -1 if size is None else size).encode())
+
+    def _close(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path.with_suffix(".size"))
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 class FilesystemStore:
@@ -121,13 +145,17 @@ class FilesystemStore:
         self.tmp_dir = root / "tmp"
         self._repos = root / "repositories"
 
-    def open(self) -> None:
-        """Create the layout and remove temp files a crash or kill left behind."""
+    def open(self, *, clean: bool = True) -> None:
+        """Create the layout and (``clean``) remove temp files a crash or kill left behind.
+
+        With several worker processes only the parent cleans, before they start.
+        """
         for sub in ("blobs", "manifests", "repositories", "tmp", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        for stale in self.tmp_dir.iterdir():
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        if clean:
+            for stale in self.tmp_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -155,6 +183,79 @@ class FilesystemStore:
         except BaseException:
             writer.abort()
             raise
+
+    # -- fills shared between processes ------------------------------------------------
+
+    def fill_path(self, digest: Digest) -> Path:
+        return self.tmp_dir / f"{digest.algorithm}-{digest.hex}.fill"
+
+    def claim_fill(self, digest: Digest) -> BlobWriter | None:
+        """Become the one process filling ``digest``, or ``None`` if a live one already is.
+
+        The file is created under a random name, locked, and only then linked to the
+        well-known name, so nobody ever sees an unlocked fill file of a live filler. A fill
+        file whose lock is free was left by a dead process and is taken over.
+        """
+        path = self.fill_path(digest)
+        for _ in range(3):
+            tmp = self.tmp_dir / f"{secrets.token_hex(12)}.claim"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                os.unlink(tmp)
+                os.close(fd)
+                if not self._remove_if_abandoned(path):
+                    return None
+                continue
+            os.unlink(tmp)
+            return BlobWriter(self, digest.algorithm, path=path, fd=fd)
+        return None
+
+    def _remove_if_abandoned(self, path: Path) -> bool:
+        """Remove a fill file nobody holds the lock of; True if it is gone now."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live filler holds it
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+            return True
+        finally:
+            os.close(fd)
+
+    def open_fill(self, digest: Digest) -> int | None:
+        """Open another process's in-progress fill for tailing (``None`` if there is none)."""
+        try:
+            return os.open(self.fill_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+
+    def fill_size(self, digest: Digest) -> int | bool | None:
+        """The size a filler announced: an int, ``None`` if unknown (chunked), ``False`` if
+        it has not announced one yet."""
+        try:
+            value = int(self.fill_path(digest).with_suffix(".size").read_text() or "x")
+        except (FileNotFoundError, ValueError):
+            return False
+        return None if value < 0 else value
+
+    @staticmethod
+    def filler_alive(fd: int) -> bool:
+        """Whether some process still holds the exclusive lock of an open fill file."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
 
     # -- manifests ---------------------------------------------------------------------
 

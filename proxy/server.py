@@ -1,0 +1,83 @@
+"""Running the server: one process, or several workers sharing the port (SO_REUSEPORT).
+
+Workers share everything that matters through the store: blobs, manifests and tags are
+files, and an in-progress fill is a locked file in ``tmp/`` that any worker can tail, so
+single flight holds across workers. Only the parent cleans ``tmp/`` at start, before the
+workers exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.accesslog import AccessLogger
+from proxy.app import create_app
+from proxy.config import Config
+from proxy.storage import FilesystemStore
+
+log = logging.getLogger("regproxy")
+
+#: Seconds that in-flight requests get to finish on SIGTERM/SIGINT.
+SHUTDOWN_TIMEOUT = 30.0
+
+
+def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> None:
+    app = create_app(config, clean_tmp=clean)
+    web.run_app(
+        app,
+        host=config.listen_host,
+        port=config.listen_port,
+        reuse_port=reuse_port or None,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("regproxy.access") if config.access_log else None,
+        print=lambda _msg: log.info("listening on %s:%d (pid %d), data in %s", config.listen_host,
+                                    config.listen_port, os.getpid(), config.storage_root),
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **extra,
+    )
+
+
+def run(config: Config, **extra: Any) -> None:
+    """Serve until SIGTERM/SIGINT; ``extra`` goes to :func:`aiohttp.web.run_app`."""
+    if config.workers <= 1:
+        _run_app(config, clean=True, reuse_port=False, **extra)
+        return
+    FilesystemStore(config.storage_root).open(clean=True)
+    ctx = multiprocessing.get_context("fork")
+    stopping = False
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=_run_app, args=(config,),
+                           kwargs={"clean": False, "reuse_port": True, **extra}, daemon=False)
+        proc.start()
+        return proc
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in workers:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    workers = [spawn() for _ in range(config.workers)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("started %d workers on %s:%d", config.workers, config.listen_host, config.listen_port)
+    while True:
+        for i, proc in enumerate(workers):
+            if not proc.is_alive() and not stopping:
+                log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
+                time.sleep(0.5)
+                workers[i] = spawn()
+        if stopping:
+            for proc in workers:
+                proc.join(SHUTDOWN_TIMEOUT + 5)
+            return
+        time.sleep(0.2)

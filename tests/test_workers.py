@@ -1,0 +1,116 @@
+"""Single flight across worker processes: the in-progress fill file is the rendezvous."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import subprocess
+
+import aiohttp
+import pytest
+
+from proxy.app import create_app
+from proxy.reference import Digest
+from proxy.storage import FilesystemStore
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import make_layer_file, push_image
+from tests.support.proxyfix import make_config
+from tests.support.proxyproc import ProxyProcess
+from tests.test_integration_registry import upstream_gets
+
+MiB = 1 << 20
+
+
+def test_claim_fill_is_exclusive_and_takes_over_abandoned_fills(tmp_path):
+    store = FilesystemStore(tmp_path)
+    store.open()
+    d = Digest.of(b"x")
+    first = store.claim_fill(d)
+    assert first is not None
+    assert store.claim_fill(d) is None  # a live filler holds the lock
+    fd = store.open_fill(d)
+    assert fd is not None and store.filler_alive(fd)
+    first.abort()
+    assert not store.filler_alive(fd)
+    os.close(fd)
+    # a fill file left by a dead process (no lock held) is taken over
+    store.fill_path(d).write_bytes(b"partial")
+    second = store.claim_fill(d)
+    assert second is not None
+    with open(store.fill_path(d), "rb") as fh, pytest.raises(BlockingIOError):
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    second.abort()
+
+
+@pytest.fixture
+async def two_workers(aiohttp_server, tmp_path):
+    """Two app instances on one store, as two worker processes would be."""
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "data", {"fake.io": up})
+    a = await aiohttp_server(create_app(cfg))
+    b = await aiohttp_server(create_app(cfg, clean_tmp=False))
+    return fake, str(a.make_url("")).rstrip("/"), str(b.make_url("")).rstrip("/"), tmp_path / "data"
+
+
+async def test_joiners_on_another_worker_tail_the_fill(two_workers):
+    fake, a, b, data = two_workers
+    fake.chunk_delay = 0.003
+    blob = os.urandom(3 * MiB)
+    d = fake.add_blob(blob)
+    async with aiohttp.ClientSession() as client:
+        first = await client.get(f"{a}/v2/x/blobs/{d}")
+        await first.content.readexactly(128 * 1024)
+
+        async def pull(url: str) -> bytes:
+            async with client.get(f"{url}/v2/y/blobs/{d}") as r:
+                return await r.read()
+
+        bodies = await asyncio.gather(*(pull(url) for url in (b, b, b, a)))
+        range_part = await (await client.get(f"{b}/v2/y/blobs/{d}",
+                                             headers={"Range": "bytes=100-199"})).read()
+        rest = await first.read()
+    assert all(body == blob for body in bodies)
+    assert len(rest) + 128 * 1024 == len(blob)
+    assert range_part == blob[100:200]
+    assert fake.count("GET", f"/blobs/{d}") == 1
+    assert os.listdir(data / "tmp") == []
+
+
+async def test_a_failed_fill_aborts_joiners_on_other_workers(two_workers):
+    fake, a, b, data = two_workers
+    fake.chunk_delay = 0.003
+    fake.die_after = 2 * MiB
+    d = fake.add_blob(os.urandom(3 * MiB))
+    async with aiohttp.ClientSession() as client:
+        first = await client.get(f"{a}/v2/x/blobs/{d}")
+        await first.content.readexactly(64 * 1024)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(f"{b}/v2/x/blobs/{d}") as r:
+                await r.read()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await first.read()
+    await asyncio.sleep(0.1)
+    assert not (data / "blobs" / "sha256" / d[7:9] / d[7:]).exists()
+    assert os.listdir(data / "tmp") == []
+
+
+async def test_two_worker_processes_make_one_upstream_transfer(
+    upstream_registry, http_session, tmp_path
+):
+    reg = upstream_registry
+    layer = tmp_path / "layer"
+    make_layer_file(layer, 64 * MiB, seed=5)
+    img = await push_image(http_session, reg.url, "it/workers", "v1", [layer], schema="oci")
+    digest = img.layers[0].digest
+    with ProxyProcess(tmp_path / "p", "--upstream", reg.url, "--workers", "2",
+                      "--data-dir", str(tmp_path / "data")) as proxy:
+        procs = await asyncio.gather(*(
+            asyncio.create_subprocess_exec(
+                "curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                f"{proxy.url}/v2/it/workers/blobs/{digest}", stdout=subprocess.PIPE)
+            for _ in range(16)))
+        outs = [(await p.communicate())[0].decode() for p in procs]
+    assert outs == [f"200 {64 * MiB}"] * 16
+    assert upstream_gets(reg, f"/blobs/{digest}") == 1
