@@ -1,4 +1,7 @@
-"""One structured (logfmt) access-log line per request, with the cache outcome."""
+"""Per-request bookkeeping: one logfmt access-log line and the request metrics.
+
+Both run in aiohttp's access-log hook, which is cheaper than a middleware.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,11 @@ import logging
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, FileResponse, StreamResponse
+
+from proxy import metrics
+
+#: Handlers whose requests are cache reads, and the kind they count as.
+_CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
 
 
 def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
@@ -16,25 +24,36 @@ def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``method= path= status= bytes= duration_ms= cache= remote= ua=`` per request.
-
-    It runs in aiohttp's own logging hook, which is cheaper than a middleware.
-    """
+    """``method= path= status= bytes= duration_ms= cache= remote= ua=`` per request, logged
+    when the ``regproxy.access`` logger is enabled for INFO; metrics are always recorded."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
-        self.logger.info(
-            'method=%s path="%s" status=%d bytes=%d duration_ms=%.1f cache=%s remote=%s ua="%s"',
-            request.method,
-            request.path_qs[:300].replace('"', "%22"),
-            response.status,
-            _bytes_sent(request, response),
-            time * 1000,
-            request.get("cache", "-"),
-            request.remote,
-            ua,
-        )
+        match_info = getattr(request, "match_info", None)
+        route = getattr(getattr(match_info, "route", None), "handler", None)
+        handler = getattr(route, "__name__", "none")
+        sent = _bytes_sent(request, response)
+        outcome = request.get("cache", "-")
+        metrics.REQUESTS.labels(handler, request.method, str(response.status)).inc()
+        kind = _CACHE_KINDS.get(handler)
+        if kind is not None and outcome != "-":
+            metrics.CACHE.labels(kind, outcome).inc()
+            if kind == "blob" and request.method == "GET" and response.status in (200, 206):
+                source = "cache" if outcome == "hit" else "upstream"
+                metrics.BYTES_SERVED.labels(source).inc(sent)
+        if self.logger.isEnabledFor(logging.INFO):
+            ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
+            self.logger.info(
+                'method=%s path="%s" status=%d bytes=%d duration_ms=%.1f cache=%s remote=%s ua="%s"',
+                request.method,
+                request.path_qs[:300].replace('"', "%22"),
+                response.status,
+                sent,
+                time * 1000,
+                outcome,
+                request.remote,
+                ua,
+            )
 
     @property
     def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+        return True

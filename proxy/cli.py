@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from proxy import __version__, server
+from proxy import __version__, edgecli
 from proxy.config import Config, ConfigError, load, parse_duration
 from proxy.storage import FilesystemStore
 from proxy.storage.gc import collect
@@ -34,6 +35,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="also remove manifests no tag or referrer reaches")
     gc.add_argument("--grace", default="1h",
                     help="keep objects younger than this (default 1h), protects concurrent pushes")
+    edgecli.add_parsers(sub)
     gc.set_defaults(listen=None, upstream=None, hosted=None, workers=None, log_level="WARNING")
     return parser
 
@@ -47,6 +49,13 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def serve(config: Config) -> None:
     """Run the server until SIGINT/SIGTERM."""
+    if config.workers > 1:
+        # prometheus-client picks its multi-process mode at import time: set it up first.
+        metrics_dir = config.storage_root / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from proxy import server
+
     server.run(config)
 
 
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("certs", "htpasswd"):
+        return edgecli.run(args)
     try:
         config = load_config(args)
     except ConfigError as exc:

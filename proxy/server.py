@@ -18,9 +18,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy.accesslog import AccessLogger
-from proxy.app import create_app
+from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
 from proxy.storage import FilesystemStore
+from proxy.tls import SSL_CONTEXT
 
 log = logging.getLogger("regproxy")
 
@@ -28,19 +29,31 @@ log = logging.getLogger("regproxy")
 SHUTDOWN_TIMEOUT = 30.0
 
 
+def runner_kwargs(config: Config) -> dict[str, Any]:
+    """aiohttp runner settings: the access-log hook always runs (it records the request
+    metrics); its log lines are off unless ``server.access_log`` is true."""
+    logger = logging.getLogger("regproxy.access")
+    if not config.access_log:
+        logger.setLevel(logging.WARNING)
+    return {"access_log_class": AccessLogger, "access_log": logger}
+
+
 def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> None:
     app = create_app(config, clean_tmp=clean)
+    ssl_context = app.get(SSL_CONTEXT)
+    scheme = "https" if ssl_context is not None else "http"
     web.run_app(
         app,
         host=config.listen_host,
         port=config.listen_port,
         reuse_port=reuse_port or None,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("regproxy.access") if config.access_log else None,
-        print=lambda _msg: log.info("listening on %s:%d (pid %d), data in %s", config.listen_host,
-                                    config.listen_port, os.getpid(), config.storage_root),
+        **runner_kwargs(config),
+        ssl_context=ssl_context,
+        print=lambda _msg: log.info("listening on %s://%s:%d (pid %d), data in %s", scheme,
+                                    config.listen_host, config.listen_port, os.getpid(),
+                                    config.storage_root),
         shutdown_timeout=SHUTDOWN_TIMEOUT,
-        **extra,
+        **{**SERVER_LIMITS, **extra},
     )
 
 
@@ -50,6 +63,10 @@ def run(config: Config, **extra: Any) -> None:
         _run_app(config, clean=True, reuse_port=False, **extra)
         return
     FilesystemStore(config.storage_root).open(clean=True)
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:  # samples of earlier runs must not be summed in
+        for name in os.listdir(metrics_dir):
+            os.unlink(os.path.join(metrics_dir, name))
     ctx = multiprocessing.get_context("fork")
     stopping = False
 
@@ -69,6 +86,8 @@ def run(config: Config, **extra: Any) -> None:
     workers = [spawn() for _ in range(config.workers)]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda _s, _f: [os.kill(p.pid, signal.SIGHUP) for p in workers
+                                                 if p.pid is not None and p.is_alive()])
     log.info("started %d workers on %s:%d", config.workers, config.listen_host, config.listen_port)
     while True:
         for i, proc in enumerate(workers):

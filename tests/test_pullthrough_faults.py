@@ -311,9 +311,11 @@ async def test_last_known_tag_is_served_when_the_upstream_fails(aiohttp_server, 
     if status == 404:
         fake.status = None
         del fake.manifests[("app", "stable")]
+    requests_before = len(fake.requests)
     async with client.get(f"{base}/v2/app/manifests/stable") as r:
         assert r.status == 200
         assert r.headers["Docker-Content-Digest"] == d
+    assert len(fake.requests) > requests_before  # the upstream was asked, and failed
     assert (tmp_path / "d" / "repositories" / "app" / "_tags" / "stable").read_text() == d
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.handlers import base, blobs, manifests, referrers, tags, uploads
+from proxy.handlers import base, blobs, manifests, ops, referrers, tags, uploads
 from proxy.handlers.common import oci_errors
 
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
@@ -30,6 +30,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_get(f"/v2/{_NAME}/blobs/{{digest}}", blobs.get_blob)
     r.add_delete(f"/v2/{_NAME}/blobs/{{digest}}", blobs.delete_blob)
     r.add_get(f"/v2/{_NAME}/referrers/{{digest}}", referrers.list_referrers)
+    r.add_get("/metrics", ops.metrics_endpoint)
+    r.add_get("/healthz", ops.healthz)
+    r.add_get("/readyz", ops.readyz)
 
 
 __all__ = ["oci_errors", "setup_routes"]

@@ -54,6 +54,9 @@ async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
     n, last = _page_params(request)
     names = request.app[PULLTHROUGH].store.list_repositories()
+    visible = request.get("regproxy.catalog_filter")  # set by proxy.auth: what this client may pull
+    if visible is not None:
+        names = [name for name in names if visible(name)]
     page, more = paginate(names, n, last) if n != 0 else ([], False)
     headers = _link(request.path, n, page) if more else {}
     return web.json_response({"repositories": page}, headers=headers)

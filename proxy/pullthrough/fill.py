@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 
+from proxy import metrics
 from proxy.errors import (
     BadGateway,
     BlobUnknown,
@@ -113,6 +114,7 @@ class BlobFill:
                           self.digest, exc.message)
                 raise BadGateway(f"upstream content failed verification: {exc.message}") from None
             self.verified = True
+            metrics.UPSTREAM_BYTES.labels(upstream.name).inc(self.written)
             self._notify()
             await asyncio.get_running_loop().run_in_executor(None, writer.sync)
             on_settled(self)

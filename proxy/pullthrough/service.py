@@ -181,7 +181,8 @@ class PullThrough:
                         tag, previous, route.upstream.name, exc.message)
             return _result(stale, STALE)
         self.store.set_tag(route.name, tag, result.digest)
-        await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
+        if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
+            await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
         return _result_from(result, outcome)
 
     async def _head_manifest(self, route: Route, ref: str, expect: Digest | None) -> ManifestResult:

@@ -9,6 +9,7 @@ breaker. Callers get a plain response, or :class:`~proxy.errors.Unavailable` fas
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,11 +19,12 @@ import aiohttp
 from aiocache import BaseCache
 from yarl import URL
 
+from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.errors import BadGateway, Unavailable
 from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
-from proxy.upstream.breaker import CircuitBreaker
+from proxy.upstream.breaker import BreakerState, CircuitBreaker
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -85,30 +87,44 @@ class UpstreamClient:
         breaker is open. Any HTTP status is yielded; 5xx count as breaker failures.
         """
         if not self.breaker.allow():
+            metrics.UPSTREAM_ERRORS.labels(self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open)")
         url = self.base.with_path(f"{self.base.path.rstrip('/')}/v2/{repo}/{path}", encoded=False)
         scope = f"repository:{repo}:pull"
         base_headers = dict(headers or {})
         resp: aiohttp.ClientResponse | None = None
+        started = time.monotonic()
         try:
             resp = await self._send_authorized(method, url, base_headers, scope)
+            metrics.UPSTREAM_LATENCY.labels(self.name).observe(time.monotonic() - started)
+            metrics.UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
             if resp.status >= 500:
-                self.breaker.failure()
+                self._failed()
             else:
                 self.breaker.success()
+                metrics.BREAKER_OPEN.labels(self.name).set(0)
             remaining = resp.headers.get("ratelimit-remaining")
             if remaining is not None:
                 self.ratelimit_remaining = remaining
+                with contextlib.suppress(ValueError):
+                    metrics.RATELIMIT_REMAINING.labels(self.name).set(
+                        int(remaining.split(";")[0]))
             yield resp
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if resp is None:
-                self.breaker.failure()
+                self._failed()
+            metrics.UPSTREAM_ERRORS.labels(self.name, type(exc).__name__).inc()
             log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
                         type(exc).__name__)
             raise Unavailable(f"upstream {self.name} failed: {type(exc).__name__}") from None
         finally:
             if resp is not None:
                 resp.release()
+
+    def _failed(self) -> None:
+        self.breaker.failure()
+        metrics.BREAKER_OPEN.labels(self.name).set(
+            1 if self.breaker.state is BreakerState.OPEN else 0)
 
     async def _send_authorized(
         self, method: str, url: URL, headers: dict[str, str], scope: str

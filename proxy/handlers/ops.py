@@ -1,0 +1,40 @@
+"""Operational endpoints: ``/metrics`` (Prometheus), ``/healthz`` (alive), ``/readyz``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from aiohttp import web
+
+from proxy import metrics
+from proxy.handlers.common import PULLTHROUGH
+
+_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type, **_SECURITY_HEADERS})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and its event loop answers."""
+    return web.json_response({"status": "ok"}, headers=_SECURITY_HEADERS)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to serve: the configuration is loaded and the store is writable."""
+    store = request.app[PULLTHROUGH].store
+    probe = store.tmp_dir / f"ready-{secrets.token_hex(6)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return web.json_response({"status": "unavailable", "storage": str(exc.strerror)},
+                                 status=503, headers=_SECURITY_HEADERS)
+    return web.json_response({"status": "ready"}, headers=_SECURITY_HEADERS)

@@ -1,0 +1,58 @@
+"""Prometheus metrics (prometheus-client).
+
+With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set by the parent before this module
+is imported (see :mod:`proxy.cli`), and ``/metrics`` aggregates every worker's samples.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
+                   ["route", "method", "status"])
+CACHE = Counter("regproxy_cache_requests_total",
+                "Manifest and blob reads by cache outcome (hit, miss, coalesced, stale, ...)",
+                ["kind", "outcome"])
+BYTES_SERVED = Counter("regproxy_bytes_served_total",
+                       "Blob body bytes sent to clients, by where they came from",
+                       ["source"])
+UPSTREAM_REQUESTS = Counter("regproxy_upstream_requests_total", "Requests sent upstream",
+                            ["upstream", "method", "status"])
+UPSTREAM_ERRORS = Counter("regproxy_upstream_errors_total",
+                          "Upstream requests that failed without an answer (or breaker open)",
+                          ["upstream", "kind"])
+UPSTREAM_LATENCY = Histogram("regproxy_upstream_latency_seconds",
+                             "Time to the upstream's response headers", ["upstream"],
+                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+UPSTREAM_BYTES = Counter("regproxy_upstream_bytes_total", "Blob bytes fetched from upstreams",
+                         ["upstream"])
+BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open", "1 while an upstream's breaker is open",
+                     ["upstream"], multiprocess_mode="max")
+RATELIMIT_REMAINING = Gauge("regproxy_upstream_ratelimit_remaining",
+                            "Last ratelimit-remaining an upstream announced (Docker Hub)",
+                            ["upstream"], multiprocess_mode="mostrecent")
+CACHE_SIZE = Gauge("regproxy_cache_size_bytes", "Bytes of cached (upstream) content in the store",
+                   multiprocess_mode="mostrecent")
+CACHE_BUDGET = Gauge("regproxy_cache_budget_bytes", "Configured cache budget (0: unlimited)",
+                     multiprocess_mode="mostrecent")
+EVICTIONS = Counter("regproxy_evictions_total", "Cached blobs and manifests evicted (LRU)")
+EVICTED_BYTES = Counter("regproxy_evicted_bytes_total", "Bytes freed by eviction")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of every metric (of every worker, when there are several)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,69 @@
+"""/metrics counters move as expected across hit, miss, coalesced and stale; health probes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+from prometheus_client import REGISTRY
+
+from proxy.app import create_app
+from proxy.server import runner_kwargs
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.proxyfix import make_config
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_follow_cache_outcomes(aiohttp_server, tmp_path):
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"metrics.io": up}, tag_ttl=0.0)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    blob = os.urandom(1 << 20)
+    d = fake.add_blob(blob)
+    fake.add_image("app", "v1", [b"layer"])
+    fake.chunk_delay = 0.002
+    before = {k: sample("regproxy_cache_requests_total", kind=kind, outcome=k.split(":")[1])
+              for k in ("blob:miss", "blob:coalesced", "blob:hit", "manifest:miss",
+                        "manifest:stale") for kind in [k.split(":")[0]]}
+    served_cache = sample("regproxy_bytes_served_total", source="cache")
+    served_up = sample("regproxy_bytes_served_total", source="upstream")
+    up_bytes = sample("regproxy_upstream_bytes_total", upstream="metrics.io")
+    async with aiohttp.ClientSession() as client:
+        async def get(path: str) -> bytes:
+            async with client.get(base + path) as r:
+                assert r.status == 200, path
+                return await r.read()
+
+        await asyncio.gather(*(get(f"/v2/app/blobs/{d}") for _ in range(3)))  # 1 miss, 2 joined
+        await get(f"/v2/app/blobs/{d}")  # hit
+        await get("/v2/app/manifests/v1")  # miss
+        fake.status = 503
+        await get("/v2/app/manifests/v1")  # tag_ttl=0: revalidation fails -> stale
+        async with client.get(f"{base}/metrics") as r:
+            text = await r.text()
+            assert r.headers["Content-Type"].startswith("text/plain")
+        async with client.get(f"{base}/healthz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ok"
+        async with client.get(f"{base}/readyz") as r:
+            assert r.status == 200 and (await r.json())["status"] == "ready"
+
+    def delta(key: str) -> float:
+        kind, outcome = key.split(":")
+        return sample("regproxy_cache_requests_total", kind=kind, outcome=outcome) - before[key]
+
+    assert delta("blob:miss") == 1
+    assert delta("blob:coalesced") == 2
+    assert delta("blob:hit") == 1
+    assert delta("manifest:miss") == 1
+    assert delta("manifest:stale") == 1
+    assert sample("regproxy_bytes_served_total", source="cache") - served_cache == len(blob)
+    assert sample("regproxy_bytes_served_total", source="upstream") - served_up >= 3 * len(blob)
+    assert sample("regproxy_upstream_bytes_total", upstream="metrics.io") - up_bytes == len(blob)
+    assert 'regproxy_upstream_requests_total{method="HEAD",status="503",upstream="metrics.io"}' in text
+    assert "regproxy_upstream_latency_seconds_bucket" in text
