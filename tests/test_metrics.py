@@ -41,6 +41,11 @@ async def test_metrics_follow_cache_outcomes(aiohttp_server, tmp_path):
                 return await r.read()
 
         await asyncio.gather(*(get(f"/v2/app/blobs/{d}") for _ in range(3)))  # 1 miss, 2 joined
+        stored = tmp_path / "d" / "blobs" / "sha256" / d[7:9] / d[7:]
+        for _ in range(100):  # clients finish at verification; the rename follows
+            if stored.exists():
+                break
+            await asyncio.sleep(0.02)
         await get(f"/v2/app/blobs/{d}")  # hit
         await get("/v2/app/manifests/v1")  # miss
         fake.status = 503
