@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiocache import SimpleMemoryCache
 from aiohttp import web
 
+from proxy import tls
+from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import oci_errors, setup_routes
-from proxy.handlers.common import HOSTED, PULLTHROUGH, ROUTER
+from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
+from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Router
 from proxy.storage import FilesystemStore
 from proxy.upstream import UpstreamClient
@@ -20,6 +25,10 @@ from proxy.upstream import UpstreamClient
 CONFIG = web.AppKey("config", Config)
 #: Request bodies on a cache are tiny; uploads (hosted repositories) stream past this cap.
 CLIENT_MAX_SIZE = 4 << 20
+#: Limits of the HTTP server (aiohttp handler arguments): request line and header sizes, the
+#: number of headers, and how long an idle keep-alive connection is kept.
+SERVER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64,
+                 "keepalive_timeout": 60.0}
 
 
 async def _api_version_header(_request: web.Request, response: web.StreamResponse) -> None:
@@ -40,6 +49,8 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     app.on_response_prepare.append(_api_version_header)
     app.cleanup_ctx.append(_services)
     setup_routes(app)
+    install_auth(app, config.auth, tuple(config.upstreams))  # auth middleware, /auth/token
+    tls.install(app, config.tls)  # app[tls.SSL_CONTEXT] and certificate reload
     return app
 
 
@@ -71,8 +82,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                     delete_enabled=config.delete_enabled)
     hosted.uploads.purge(config.upload_max_age)
     app[HOSTED] = hosted
+    evictor = Evictor(pullthrough, app[ROUTER].is_hosted, max_size=config.max_size,
+                      max_age=config.max_age)
+    pullthrough.after_fill = evictor.kick
+    app[EVICTOR] = evictor
+    eviction_task = asyncio.create_task(evictor.run_forever())
     try:
         yield
     finally:
+        eviction_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await eviction_task
         await pullthrough.close()
         await session.close()

@@ -9,12 +9,17 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from proxy.reference import NAME_RE
+
+if TYPE_CHECKING:
+    from proxy.auth.settings import AuthConfig
+    from proxy.tls import TLSConfig
 
 
 class ConfigError(Exception):
@@ -61,6 +66,8 @@ class Config:
     storage_root: Path = Path("./data")
     tag_ttl: float = 300.0
     manifest_memory: int = 64 << 20
+    max_size: int = 0
+    max_age: float = 0.0
     max_manifest_size: int = 4 << 20
     default_upstream: str | None = DOCKER_HUB
     default_platform: tuple[str, str] = ("linux", "amd64")
@@ -68,6 +75,8 @@ class Config:
     hosted: tuple[str, ...] = ()
     delete_enabled: bool = True
     upload_max_age: float = 86400.0
+    tls: TLSConfig | None = None  #: [tls]: serve HTTPS (proxy/tls.py)
+    auth: AuthConfig | None = None  #: [auth]: users and access rules (proxy/auth/)
 
     def with_overrides(
         self,
@@ -253,7 +262,8 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
 
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base_dir``."""
-    top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams", "hosted"})
+    top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams", "hosted",
+                                 "tls", "auth"})
     hosted = _take(top.get("hosted", {}), "hosted",
                    {"repositories", "delete_enabled", "upload_max_age"})
     patterns = hosted.get("repositories", [])
@@ -261,7 +271,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers"})
     storage = _take(top.get("storage", {}), "storage", {"root"})
-    cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size"})
+    cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size",
+                                                  "max_size", "max_age"})
     proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
     upstreams_raw = _take(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
 
@@ -300,6 +311,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         storage_root=root,
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 300)),
         manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),
+        max_size=parse_size("cache.max_size", cache.get("max_size", 0)),
+        max_age=parse_duration("cache.max_age", cache.get("max_age", 0)),
         max_manifest_size=parse_size("cache.max_manifest_size", cache.get("max_manifest_size", 4 << 20)),
         default_upstream=default,
         default_platform=(os_name, arch),
@@ -309,14 +322,25 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         upload_max_age=parse_duration("hosted.upload_max_age", hosted.get("upload_max_age", 86400)),
     )
     check_hosted(cfg)
+    if "tls" in top or "auth" in top:  # the edge modules import this one: import them late
+        from proxy.auth.settings import parse_auth
+        from proxy.tls import parse_tls
+
+        cfg = replace(cfg, tls=parse_tls(top["tls"], base_dir) if "tls" in top else None,
+                      auth=parse_auth(top["auth"], base_dir) if "auth" in top else None)
     return cfg
 
 
-def load(path: Path | None) -> Config:
-    """Load ``path`` (or the embedded defaults when ``None``)."""
+def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (or the embedded defaults when ``None``), then apply the environment's
+    ``REGISTRY_*``/``REGPROXY_*`` overrides (:mod:`proxy.envconfig`; ``env`` defaults to
+    ``os.environ``)."""
+    from proxy.envconfig import apply_env
+
+    env = os.environ if env is None else env
     if path is None:
-        return from_dict({"upstreams": {DOCKER_HUB: {"url": "https://registry-1.docker.io",
-                                                     "aliases": list(DOCKER_HUB_ALIASES[1:])}}})
+        return from_dict(apply_env({"upstreams": {DOCKER_HUB: {
+            "url": "https://registry-1.docker.io", "aliases": list(DOCKER_HUB_ALIASES[1:])}}}, env))
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -324,4 +348,4 @@ def load(path: Path | None) -> Config:
         raise ConfigError(str(path), "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    return from_dict(data, base_dir=path.resolve().parent)
+    return from_dict(apply_env(data, env), base_dir=path.resolve().parent)

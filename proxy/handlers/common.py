@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.errors import RegistryError, Unsupported
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
+from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Route, Router
 
 log = logging.getLogger("regproxy.http")
@@ -17,6 +18,7 @@ log = logging.getLogger("regproxy.http")
 ROUTER = web.AppKey("router", Router)
 PULLTHROUGH = web.AppKey("pullthrough", PullThrough)
 HOSTED = web.AppKey("hosted", Hosted)
+EVICTOR = web.AppKey("evictor", Evictor)
 
 def route_of(request: web.Request) -> Route:
     """The route of the repository named in the path (``ns`` query honoured)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +110,28 @@ class PullThrough:
         self._head_flight: SingleFlight[int] = SingleFlight()
         self._fills: dict[str, BlobFill] = {}
         self._fill_tasks: set[asyncio.Task[None]] = set()
+        self._touched: dict[Digest, float] = {}
+        #: Seconds between two recency updates of one object by this process.
+        self.touch_interval = 30.0
+        #: Called after each successful fill (the evictor checks the budget).
+        self.after_fill: Callable[[], None] | None = None
+
+    def touch(self, digest: Digest) -> None:
+        """Record an access (the object's mtime is its last use, for LRU eviction)."""
+        now = time.monotonic()
+        last = self._touched.get(digest)
+        if last is not None and now - last < self.touch_interval:
+            return
+        if len(self._touched) > 200_000:
+            self._touched.clear()
+        self._touched[digest] = now
+        self.store.touch_blob(digest)
+
+    def forget(self, digests: list[Digest]) -> None:
+        """Drop evicted objects from the in-memory caches of this process."""
+        for digest in digests:
+            self._memory.discard(str(digest))
+            self._touched.pop(digest, None)
 
     # -- manifests ---------------------------------------------------------------------
 
@@ -126,9 +150,13 @@ class PullThrough:
     ) -> ManifestResult:
         """Resolve a manifest by tag or digest, filling the cache on a miss."""
         if isinstance(reference, Digest):
-            return await self._manifest_by_digest(route, reference, head=head)
-        result = await self._manifest_by_tag(route, reference, head=head)
-        return await self._negotiate(route, result, accepted, head=head)
+            result = await self._manifest_by_digest(route, reference, head=head)
+        else:
+            result = await self._manifest_by_tag(route, reference, head=head)
+            result = await self._negotiate(route, result, accepted, head=head)
+        if result.data is not None:
+            self.touch(result.digest)
+        return result
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
         local = self.local_manifest(digest)
@@ -263,6 +291,7 @@ class PullThrough:
         """Find a blob: stored, being filled, or (GET) start a fill; HEAD asks upstream."""
         size = self.store.blob_size(digest)
         if size is not None:
+            self.touch(digest)
             return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
         key = str(digest)
         fill = self._fills.get(key)
@@ -302,6 +331,8 @@ class PullThrough:
         def settled(f: BlobFill) -> None:
             if self._fills.get(key) is f:
                 del self._fills[key]
+                if f.error is None and self.after_fill is not None:
+                    self.after_fill()
 
         task = asyncio.create_task(fill.run(route.upstream, route.remote, settled))
         self._fill_tasks.add(task)

@@ -320,6 +320,14 @@ class FilesystemStore:
     def has_blob_link(self, name: str, digest: Digest) -> bool:
         return (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).exists()
 
+    def list_blob_links(self, name: str) -> list[Digest]:
+        base = self._repo(name) / _LAYERS
+        out: list[Digest] = []
+        with contextlib.suppress(FileNotFoundError):
+            for alg in os.listdir(base):
+                out.extend(Digest(alg, h) for h in os.listdir(base / alg))
+        return out
+
     def unlink_blob(self, name: str, digest: Digest) -> bool:
         try:
             (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).unlink()

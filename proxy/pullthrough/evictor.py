@@ -1,0 +1,92 @@
+"""Runs cache eviction in the background of the server.
+
+One pass at a time across every process on the store (an ``flock``); passes run
+periodically and soon after a fill when a size budget is set. Each pass drops what it
+evicted from this process's in-memory caches and updates the cache metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+
+from proxy import metrics
+from proxy.pullthrough.service import PullThrough
+from proxy.storage.eviction import EvictionReport, evict
+
+log = logging.getLogger("regproxy.eviction")
+
+
+class Evictor:
+    """Keeps the cached content of ``pullthrough.store`` within ``max_size`` / ``max_age``."""
+
+    def __init__(self, pullthrough: PullThrough, is_hosted: Callable[[str], bool], *,
+                 max_size: int, max_age: float, interval: float = 60.0) -> None:
+        self.pullthrough = pullthrough
+        self.store = pullthrough.store
+        self.is_hosted = is_hosted
+        self.max_size = max_size
+        self.max_age = max_age
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self.recent: list[tuple[float, str, int]] = []  #: (time, digest, bytes), newest last
+        metrics.CACHE_BUDGET.set(max_size)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_size > 0 or self.max_age > 0
+
+    def kick(self) -> None:
+        """Ask for a pass soon (after a fill added bytes)."""
+        if self.max_size > 0:
+            self._wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("eviction pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            await asyncio.sleep(1.0)  # coalesce bursts of fills into one pass
+
+    async def run_once(self) -> EvictionReport | None:
+        """One pass, unless another process is running one right now."""
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(None, self._locked_pass)
+        if report is None:
+            return None
+        digests = [d for d, _ in report.evicted]
+        self.pullthrough.forget(digests)
+        metrics.CACHE_SIZE.set(report.remaining_bytes)
+        if report.evicted:
+            metrics.EVICTIONS.inc(len(report.evicted))
+            metrics.EVICTED_BYTES.inc(report.evicted_bytes)
+            now = loop.time()
+            self.recent.extend((now, str(d), size) for d, size in report.evicted)
+            del self.recent[:-100]
+            log.info("evicted %d objects, %d bytes; cached content now %d bytes",
+                     len(report.evicted), report.evicted_bytes, report.remaining_bytes)
+        return report
+
+    def _locked_pass(self) -> EvictionReport | None:
+        fd = os.open(self.store.root / "evict.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            if not self.enabled:  # still measure, for the metrics and the status page
+                return evict(self.store, max_size=0, max_age=0, is_hosted=self.is_hosted)
+            return evict(self.store, max_size=self.max_size, max_age=self.max_age,
+                         is_hosted=self.is_hosted)
+        finally:
+            os.close(fd)

@@ -1,0 +1,154 @@
+"""Cache budget: reference-aware LRU eviction of cached content, never of hosted content."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import aiohttp
+import pytest
+
+from proxy.app import create_app
+from proxy.handlers.common import EVICTOR, PULLTHROUGH
+from tests.support.fake_upstream import FakeUpstream, digest_of
+from tests.support.proxyfix import make_config
+
+MiB = 1 << 20
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+async def env(aiohttp_server, tmp_path):
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    data = tmp_path / "data"
+    cfg = make_config(data, {"fake.io": up}, hosted=("team/*",), max_size=1 << 40)
+    server = await aiohttp_server(create_app(cfg))
+    app = server.app
+    app[PULLTHROUGH].touch_interval = 0
+    async with aiohttp.ClientSession() as client:
+        yield fake, str(server.make_url("")).rstrip("/"), data, app, client
+
+
+def blob_file(data, digest: str):
+    return data / "blobs" / "sha256" / digest[7:9] / digest[7:]
+
+
+async def pull(client, base: str, repo: str, tag: str) -> list[str]:
+    """Pull an image through the proxy; returns every digest it consists of."""
+    async with client.get(f"{base}/v2/{repo}/manifests/{tag}") as r:
+        assert r.status == 200
+        manifest = await r.json()
+        digests = [r.headers["Docker-Content-Digest"]]
+    for desc in [manifest["config"], *manifest["layers"]]:
+        async with client.get(f"{base}/v2/{repo}/blobs/{desc['digest']}") as r:
+            assert r.status == 200
+            assert digest_of(await r.read()) == desc["digest"]
+        digests.append(desc["digest"])
+    return digests
+
+
+def age(data, digests: list[str], seconds: float) -> None:
+    when = time.time() - seconds
+    for d in digests:
+        os.utime(blob_file(data, d), (when, when))
+
+
+async def wait_stored(data, digests: list[str]) -> None:
+    for _ in range(100):
+        if all(blob_file(data, d).exists() for d in digests):
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_tiny_budget_keeps_recent_and_hosted_drops_old(env):
+    fake, base, data, app, client = env
+    shared = os.urandom(MiB)
+    fake.add_image("old", "v1", [os.urandom(MiB), shared])
+    fake.add_image("new", "v1", [os.urandom(MiB // 2), shared])
+    old = await pull(client, base, "old", "v1")
+    new = await pull(client, base, "new", "v1")
+    await wait_stored(data, old + new)
+    # a hosted image, older than everything, bigger than the budget allows
+    hosted_layer = os.urandom(2 * MiB)
+    hd = digest_of(hosted_layer)
+    async with client.post(f"{base}/v2/team/app/blobs/uploads/?digest={hd}", data=hosted_layer) as r:
+        assert r.status == 201
+    age(data, old, 3600)
+    age(data, new, 60)
+    age(data, [hd], 7200)
+    app[EVICTOR].max_size = 2 * MiB
+    report = await app[EVICTOR].run_once()
+    assert report is not None and report.evicted
+    evicted = {str(d) for d, _ in report.evicted}
+    assert set(old) - {digest_of(shared)} <= evicted  # the old image's own content went
+    assert digest_of(shared) not in evicted           # the shared layer is still needed
+    assert not evicted & set(new)
+    assert hd not in evicted and blob_file(data, hd).exists()
+    assert report.remaining_bytes <= 2 * MiB
+    gets = fake.count("GET", "/old/manifests/")
+    assert await pull(client, base, "old", "v1") == old  # pulled again from upstream
+    assert fake.count("GET", "/old/manifests/") == gets + 1  # no stale in-memory manifest
+
+
+async def test_heads_count_as_use_and_max_age(env):
+    fake, base, data, app, client = env
+    layer = os.urandom(1000)
+    d = fake.add_blob(layer)
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+        await r.read()
+    await wait_stored(data, [d])
+    age(data, [d], 3600)
+    async with client.head(f"{base}/v2/x/blobs/{d}") as r:
+        assert r.status == 200
+    assert time.time() - blob_file(data, d).stat().st_mtime < 60  # recency updated by HEAD
+    app[EVICTOR].max_age = 1800
+    age(data, [d], 3600)
+    report = await app[EVICTOR].run_once()
+    assert report is not None and [str(x) for x, _ in report.evicted] == [d]
+    assert not blob_file(data, d).exists()
+
+
+async def test_eviction_never_breaks_a_concurrent_read(env):
+    fake, base, data, app, client = env
+    big = os.urandom(4 * MiB)
+    d = fake.add_blob(big)
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+        await r.read()
+    await wait_stored(data, [d])
+    age(data, [d], 3600)
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:  # a slow reader of a cached blob
+        first = await r.content.readexactly(64 * 1024)
+        app[EVICTOR].max_size = 1
+        app[PULLTHROUGH].touch_interval = 3600
+        age(data, [d], 3600)
+        report = await app[EVICTOR].run_once()
+        assert report is not None and d in {str(x) for x, _ in report.evicted}
+        rest = await r.read()
+    assert first + rest == big
+
+
+async def test_budget_is_enforced_after_fills_in_the_background(aiohttp_server, tmp_path):
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    data = tmp_path / "data"
+    cfg = make_config(data, {"fake.io": up}, max_size=2 * MiB)
+    server = await aiohttp_server(create_app(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    digests = [fake.add_blob(os.urandom(MiB)) for _ in range(5)]
+    async with aiohttp.ClientSession() as client:
+        for d in digests:
+            async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+                await r.read()
+            await asyncio.sleep(0.05)
+    total = 0
+    for _ in range(100):  # the evictor runs shortly after the fills
+        total = sum(f.stat().st_size for f in (data / "blobs").rglob("*") if f.is_file())
+        if total <= 2 * MiB:
+            break
+        await asyncio.sleep(0.1)
+    assert total <= 2 * MiB
+    assert json.dumps(server.app[EVICTOR].recent)  # recent evictions are recorded
+    assert len(server.app[EVICTOR].recent) >= 3
