@@ -6,12 +6,16 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from proxy import __version__, edgecli
 from proxy.config import Config, ConfigError, load, parse_duration
+from proxy.errors import RegistryError
+from proxy.reference import parse_reference, validate_name
 from proxy.storage import FilesystemStore
 from proxy.storage.gc import collect
+from proxy.tools import commands as tool_commands
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -36,6 +40,17 @@ def _build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--grace", default="1h",
                     help="keep objects younger than this (default 1h), protects concurrent pushes")
     edgecli.add_parsers(sub)
+    tool_commands.add_parsers(sub)
+    cache = sub.add_parser("cache", help="inspect or purge cached (upstream) content")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, helptext in (("ls", "list cached repositories, tags, sizes and last use"),
+                           ("purge", "remove a cached image: NAME:TAG or NAME@DIGEST")):
+        p = cache_sub.add_parser(name, help=helptext)
+        p.add_argument("--config", type=Path, help="config.toml (default: embedded defaults)")
+        p.add_argument("--data-dir", metavar="DIR", help="override storage.root")
+        if name == "purge":
+            p.add_argument("image", help="local name as listed by `cache ls`, with :tag or @digest")
+        p.set_defaults(listen=None, upstream=None, hosted=None, workers=None, log_level="WARNING")
     gc.set_defaults(listen=None, upstream=None, hosted=None, workers=None, log_level="WARNING")
     return parser
 
@@ -68,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command in ("certs", "htpasswd"):
         return edgecli.run(args)
+    if args.command in tool_commands.COMMANDS:
+        return tool_commands.run(args)
     try:
         config = load_config(args)
     except ConfigError as exc:
@@ -77,6 +94,51 @@ def main(argv: list[str] | None = None) -> int:
         serve(config)
     elif args.command == "gc":
         return run_gc(config, args)
+    elif args.command == "cache":
+        return run_cache(config, args)
+    return 0
+
+
+def run_cache(config: Config, args: argparse.Namespace) -> int:
+    """``regproxy cache ls`` and ``regproxy cache purge IMAGE``."""
+    from proxy.routing import compile_patterns
+    from proxy.storage.eviction import purge
+    from proxy.storage.gc import image_size
+
+    store = FilesystemStore(config.storage_root)
+    hosted = compile_patterns(config.hosted)
+    if args.cache_command == "ls":
+        print(f"{'REPOSITORY':40} {'TAG':20} {'DIGEST':19} {'SIZE':>12}  LAST USED")
+        for repo in store.list_repositories():
+            if hosted is not None and hosted.fullmatch(repo):
+                continue
+            for tag in store.list_tags(repo) or []:
+                digest = store.get_tag(repo, tag)
+                if digest is None or not store.has_manifest(digest):
+                    continue
+                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(
+                    store.blob_path(digest).stat().st_mtime))
+                print(f"{repo:40} {tag:20} {str(digest)[:19]:19} "
+                      f"{image_size(store, digest):>12}  {used}")
+        return 0
+    name, sep, ref = args.image.rpartition("@")
+    if not sep:
+        name, sep, ref = args.image.rpartition(":")
+    try:
+        validate_name(name)
+        reference = parse_reference(ref)
+    except RegistryError as exc:
+        print(f"regproxy: {args.image!r}: {exc.message} (expected NAME:TAG or NAME@DIGEST)",
+              file=sys.stderr)
+        return 2
+    if hosted is not None and hosted.fullmatch(name):
+        print(f"regproxy: {name} is a hosted repository; delete through the API", file=sys.stderr)
+        return 2
+    removed = purge(store, name, reference)
+    for digest, size in removed:
+        print(f"deleted {digest} ({size} bytes)")
+    print(f"purged {args.image}: {len(removed)} objects, {sum(s for _, s in removed)} bytes "
+          "(a running server forgets the tag within cache.tag_ttl)")
     return 0
 
 

@@ -152,3 +152,31 @@ async def test_budget_is_enforced_after_fills_in_the_background(aiohttp_server, 
     assert total <= 2 * MiB
     assert json.dumps(server.app[EVICTOR].recent)  # recent evictions are recorded
     assert len(server.app[EVICTOR].recent) >= 3
+
+
+async def test_cache_ls_and_purge_commands(env):
+    import subprocess
+    import sys
+
+    fake, base, data, app, client = env
+    shared = os.urandom(1000)
+    fake.add_image("lib/a", "v1", [os.urandom(1000), shared])
+    fake.add_image("lib/b", "v1", [shared])
+    a = await pull(client, base, "lib/a", "v1")
+    b = await pull(client, base, "lib/b", "v1")
+    await wait_stored(data, a + b)
+
+    async def cli(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "cache", *args, "--data-dir", str(data),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        return out.decode()
+
+    listing = await cli("ls")
+    assert "lib/a" in listing and "lib/b" in listing and a[0][:19] in listing
+    out = await cli("purge", "lib/a:v1")
+    assert "purged lib/a:v1: 3 objects" in out  # manifest, config, own layer; not the shared one
+    assert not blob_file(data, a[0]).exists() and blob_file(data, digest_of(shared)).exists()
+    assert "lib/a" not in await cli("ls")

@@ -119,3 +119,54 @@ def evict(
         except FileNotFoundError:
             continue
     return report
+
+
+def purge(store: FilesystemStore, name: str, reference: str | Digest) -> list[tuple[Digest, int]]:
+    """Remove a cached image (a tag, or a manifest by digest) and the content only it used.
+
+    Returns what was deleted. Content still referenced by another manifest in any
+    repository stays.
+    """
+    if isinstance(reference, Digest):
+        roots = [reference] if store.has_manifest_link(name, reference) else []
+        store.unlink_manifest(name, reference)
+    else:
+        digest = store.get_tag(name, reference)
+        store.delete_tag(name, reference)
+        still_tagged = digest is not None and any(
+            store.get_tag(name, t) == digest for t in store.list_tags(name) or [])
+        roots = [digest] if digest is not None and not still_tagged else []
+        if roots:
+            store.unlink_manifest(name, roots[0])
+    if not roots:
+        return []
+    candidates: set[Digest] = set()
+    stack = list(roots)
+    while stack:
+        d = stack.pop()
+        if d in candidates:
+            continue
+        candidates.add(d)
+        manifests, blobs = _children(store, d)
+        candidates.update(blobs)
+        stack.extend(manifests)
+    still_used: set[Digest] = set()
+    for repo in store.list_repositories():
+        stack = list(store.list_manifest_links(repo)) + list(store.list_blob_links(repo))
+        while stack:
+            d = stack.pop()
+            if d in still_used:
+                continue
+            still_used.add(d)
+            manifests, blobs = _children(store, d)
+            still_used.update(blobs)
+            stack.extend(manifests)
+    removed = []
+    for d in candidates - still_used:
+        size = store.blob_size(d)
+        if size is None:
+            continue
+        store.forget_manifest(d)
+        os.unlink(store.blob_path(d))
+        removed.append((d, size))
+    return removed

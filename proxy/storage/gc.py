@@ -59,6 +59,24 @@ def _children(store: FilesystemStore, digest: Digest) -> tuple[list[Digest], lis
     return manifests, blobs
 
 
+def image_size(store: FilesystemStore, digest: Digest) -> int:
+    """Bytes of a manifest and everything it references that is stored."""
+    total, seen, stack = 0, set(), [digest]
+    while stack:
+        d = stack.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        total += store.blob_size(d) or 0
+        manifests, blobs = _children(store, d)
+        stack.extend(manifests)
+        for b in blobs:
+            if b not in seen:
+                seen.add(b)
+                total += store.blob_size(b) or 0
+    return total
+
+
 def collect(store: FilesystemStore, *, dry_run: bool = False, delete_untagged: bool = False,
             grace: float = 3600.0) -> GCReport:
     """Run one GC pass over ``store``."""
