@@ -158,7 +158,7 @@ async def test_cache_ls_and_purge_commands(env):
     import subprocess
     import sys
 
-    fake, base, data, app, client = env
+    fake, base, data, _app, client = env
     shared = os.urandom(1000)
     fake.add_image("lib/a", "v1", [os.urandom(1000), shared])
     fake.add_image("lib/b", "v1", [shared])
