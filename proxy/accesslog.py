@@ -11,6 +11,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, FileResponse, StreamResponse
 
 from proxy import metrics
+from proxy.stats import STATS
 
 #: Handlers whose requests are cache reads, and the kind they count as.
 _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
@@ -37,6 +38,7 @@ class AccessLogger(AbstractAccessLogger):
         kind = _CACHE_KINDS.get(handler)
         if kind is not None and outcome != "-":
             metrics.CACHE.labels(kind, outcome).inc()
+            STATS.record(request.get("repo"), outcome, sent if request.method == "GET" else 0)
             if kind == "blob" and request.method == "GET" and response.status in (200, 206):
                 source = "cache" if outcome == "hit" else "upstream"
                 metrics.BYTES_SERVED.labels(source).inc(sent)

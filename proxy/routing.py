@@ -84,6 +84,15 @@ class Router:
             raise NameUnknown(f"repository {name!r} matches no upstream and no default is set")
         return self._make(self._default, name)
 
+    @property
+    def upstreams(self) -> list[UpstreamClient]:
+        """Every configured upstream, once each."""
+        return list({id(u): u for u in self._by_host.values()}.values())
+
+    @property
+    def default(self) -> UpstreamClient | None:
+        return self._default
+
     def is_hosted(self, name: str) -> bool:
         return self._hosted is not None and self._hosted.fullmatch(name) is not None
 

@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 
 from proxy.app import create_app
 from proxy.server import runner_kwargs
+from proxy.stats import STATS
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
 
@@ -72,3 +73,31 @@ async def test_metrics_follow_cache_outcomes(aiohttp_server, tmp_path):
     assert sample("regproxy_upstream_bytes_total", upstream="metrics.io") - up_bytes == len(blob)
     assert 'regproxy_upstream_requests_total{method="HEAD",status="503",upstream="metrics.io"}' in text
     assert "regproxy_upstream_latency_seconds_bucket" in text
+
+
+async def test_status_page_renders_its_figures(aiohttp_server, tmp_path):
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"status.io": up}, max_size=1 << 30)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    fake.add_image("shown/repo", "v1", [os.urandom(5000)])
+    STATS.bytes_by_repo.clear()  # the figures are per process: other tests served bytes too
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{base}/v2/shown/repo/manifests/v1") as r:
+            manifest = await r.json()
+        layer = manifest["layers"][0]["digest"]
+        for _ in range(3):
+            async with client.get(f"{base}/v2/shown/repo/blobs/{layer}") as r:
+                await r.read()
+        async with client.get(f"{base}/status") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+            page = await r.text()
+        async with client.get(f"{base}/status.json") as r:
+            snap = await r.json()
+    assert "<h1>regproxy" in page and "status.io" in page and "<svg" in page
+    assert "shown/repo" in page and "Hit ratio" in page
+    assert snap["upstreams"][0]["breaker"] == "closed"
+    assert dict(snap["top_repositories"]).get("shown/repo", 0) >= 3 * 5000  # stats are per process
+    assert snap["outcomes"]["miss"] >= 2 and snap["outcomes"]["hit"] >= 1
+    assert snap["cache"]["budget"] == 1 << 30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.handlers import base, blobs, manifests, ops, referrers, tags, uploads
+from proxy.handlers import base, blobs, manifests, ops, referrers, status, tags, uploads
 from proxy.handlers.common import oci_errors
 
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
@@ -33,6 +33,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/metrics", ops.metrics_endpoint)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
+    r.add_get("/", status.status_page)
+    r.add_get("/status", status.status_page)
+    r.add_get("/status.json", status.status_json)
 
 
 __all__ = ["oci_errors", "setup_routes"]

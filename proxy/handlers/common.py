@@ -22,7 +22,9 @@ EVICTOR = web.AppKey("evictor", Evictor)
 
 def route_of(request: web.Request) -> Route:
     """The route of the repository named in the path (``ns`` query honoured)."""
-    return request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
+    route = request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
+    request["repo"] = route.name
+    return route
 
 
 def reader_of(request: web.Request, route: Route) -> Hosted | PullThrough:

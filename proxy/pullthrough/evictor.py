@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from proxy import metrics
@@ -34,6 +35,7 @@ class Evictor:
         self.interval = interval
         self._wake = asyncio.Event()
         self.recent: list[tuple[float, str, int]] = []  #: (time, digest, bytes), newest last
+        self.last_report: EvictionReport | None = None
         metrics.CACHE_BUDGET.set(max_size)
 
     @property
@@ -64,13 +66,14 @@ class Evictor:
         report = await loop.run_in_executor(None, self._locked_pass)
         if report is None:
             return None
+        self.last_report = report
         digests = [d for d, _ in report.evicted]
         self.pullthrough.forget(digests)
         metrics.CACHE_SIZE.set(report.remaining_bytes)
         if report.evicted:
             metrics.EVICTIONS.inc(len(report.evicted))
             metrics.EVICTED_BYTES.inc(report.evicted_bytes)
-            now = loop.time()
+            now = time.time()
             self.recent.extend((now, str(d), size) for d, size in report.evicted)
             del self.recent[:-100]
             log.info("evicted %d objects, %d bytes; cached content now %d bytes",
