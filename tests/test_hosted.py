@@ -161,6 +161,9 @@ async def test_manifest_push_validation(registry, client):
         assert (await r.json())["errors"][0]["code"] == "MANIFEST_INVALID"  # type mismatch
     async with client.put(f"{base}/v2/team/app/manifests/v1", data=b" " * (5 << 20)) as r:
         assert r.status == 413
+    async with client.put(f"{base}/v2/team/app/manifests/.bad", data=body,
+                          headers={"Content-Type": OCI_MANIFEST}) as r:
+        assert r.status == 400 and (await r.json())["errors"][0]["code"] == "TAG_INVALID"
     async with client.put(f"{base}/v2/team/app/manifests/v1", data=body,
                           headers={"Content-Type": OCI_MANIFEST}) as r:
         assert r.status == 201

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.errors import PayloadTooLarge
+from proxy.errors import ManifestUnknown, PayloadTooLarge, TagInvalid
 from proxy.handlers.common import head_response, hosted_only, reader_of, route_of
 from proxy.mediatypes import parse_accept
-from proxy.reference import parse_reference
+from proxy.reference import Digest, parse_reference
+
+
+def _existing_reference(value: str) -> str | Digest:
+    """A reference to look up: a tag outside the grammar cannot exist, so it is a 404
+    (what the OCI conformance suite expects), while a malformed digest stays a 400."""
+    try:
+        return parse_reference(value)
+    except TagInvalid:
+        raise ManifestUnknown(f"manifest {value[:200]!r} unknown") from None
 
 
 async def get_manifest(request: web.Request) -> web.StreamResponse:
     """Serve a manifest byte for byte, with its stored media type and digest."""
     route = route_of(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = _existing_reference(request.match_info["reference"])
     head = request.method == "HEAD"
     accepted = parse_accept(request.headers.getall("Accept", ()))
     result = await reader_of(request, route).manifest(route, reference, accepted, head=head)
@@ -55,5 +64,5 @@ async def delete_manifest(request: web.Request) -> web.Response:
     """Delete a manifest by digest, or only a tag (OCI 1.1)."""
     route = route_of(request)
     service = hosted_only(request, route)
-    service.delete_manifest(route, parse_reference(request.match_info["reference"]))
+    service.delete_manifest(route, _existing_reference(request.match_info["reference"]))
     return web.Response(status=202)
