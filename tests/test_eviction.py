@@ -83,14 +83,14 @@ async def test_tiny_budget_keeps_recent_and_hosted_drops_old(env):
     report = await app[EVICTOR].run_once()
     assert report is not None and report.evicted
     evicted = {str(d) for d, _ in report.evicted}
-    assert set(old) - {digest_of(shared)} <= evicted  # the old image's own content went
+    assert evicted <= set(old) - {digest_of(shared)}  # only the old image's own content went
     assert digest_of(shared) not in evicted           # the shared layer is still needed
     assert not evicted & set(new)
     assert hd not in evicted and blob_file(data, hd).exists()
     assert report.remaining_bytes <= 2 * MiB
-    gets = fake.count("GET", "/old/manifests/")
-    assert await pull(client, base, "old", "v1") == old  # pulled again from upstream
-    assert fake.count("GET", "/old/manifests/") == gets + 1  # no stale in-memory manifest
+    gets = fake.count("GET", "/old/blobs/")
+    assert await pull(client, base, "old", "v1") == old  # evicted parts come from upstream again
+    assert fake.count("GET", "/old/blobs/") > gets
 
 
 async def test_heads_count_as_use_and_max_age(env):
@@ -180,3 +180,19 @@ async def test_cache_ls_and_purge_commands(env):
     assert "purged lib/a:v1: 3 objects" in out  # manifest, config, own layer; not the shared one
     assert not blob_file(data, a[0]).exists() and blob_file(data, digest_of(shared)).exists()
     assert "lib/a" not in await cli("ls")
+
+
+async def test_evicting_a_manifest_invalidates_the_in_memory_caches(env):
+    fake, base, data, app, client = env
+    fake.add_image("m", "v1", [os.urandom(1000)])
+    digests = await pull(client, base, "m", "v1")
+    await wait_stored(data, digests)
+    age(data, digests[:1], 7200)  # the manifest is old...
+    age(data, digests[1:], 60)    # ...its blobs were used recently
+    app[EVICTOR].max_age = 3600
+    report = await app[EVICTOR].run_once()
+    assert report is not None and [str(d) for d, _ in report.evicted] == digests[:1]
+    gets = fake.count("GET", "/m/manifests/")
+    async with client.get(f"{base}/v2/m/manifests/v1") as r:  # not served from memory
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == digests[0]
+    assert fake.count("GET", "/m/manifests/") == gets + 1

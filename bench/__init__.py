@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of regproxy, distribution and nginx (see README.md)."""

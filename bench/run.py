@@ -1,0 +1,468 @@
+"""Side-by-side benchmark: regproxy vs distribution (proxy mode) vs nginx proxy_cache.
+
+    python bench/run.py [--quick] [--systems regproxy,distribution,nginx] [--out FILE] [--keep]
+
+See bench/README.md for what is measured and how each system is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.load import MANIFEST_ACCEPT, run_ab, run_load, run_wrk  # noqa: E402
+from bench.seed import MiB, Seeded, Sizes, seed  # noqa: E402
+from bench.systems import (  # noqa: E402
+    CountingHop,
+    Distribution,
+    Managed,
+    NginxCache,
+    Regproxy,
+)
+from tests.support.registry import RegistryProcess  # noqa: E402
+
+SYSTEMS = ("regproxy", "distribution", "nginx")
+ORIGIN = "origin"
+GiB = 1 << 30
+BURST_CLIENTS = 16
+PULL_CONCURRENCY = 6
+WARM_CLIENTS = (1, 8, 32)
+LOAD_CONNECTIONS = 64
+
+
+class Deadline(Exception):
+    """The whole run took longer than its bound."""
+
+
+# ---------------------------------------------------------------------------------------
+# results and the table
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    spec: str  # format spec of the value
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, key: str, label: str, spec: str) -> None:
+        if all(r.key != key for r in self.rows):
+            self.rows.append(Row(key, label, spec))
+
+    def set(self, key: str, column: str, value: Any) -> None:
+        self.values.setdefault(key, {})[column] = value
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", flush=True)
+        self.notes.append(text)
+
+    def table(self, systems: list[str]) -> str:
+        ratio_cols = [o for o in ("distribution", "nginx") if o in systems and "regproxy" in systems]
+        head = ["figure", *systems, "origin (direct)", *(f"regproxy/{o}" for o in ratio_cols)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", *["---:"] * (len(head) - 1)]) + "|"]
+        for row in self.rows:
+            vals = self.values.get(row.key, {})
+            cells = [row.label, *(_fmt(vals.get(c), row.spec) for c in [*systems, ORIGIN])]
+            for other in ratio_cols:
+                a, b = vals.get("regproxy"), vals.get(other)
+                ok = isinstance(a, int | float) and isinstance(b, int | float) and b != 0
+                cells.append(f"{a / b:.2f}" if ok else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def scratch(directory: Path, size: int) -> None:
+    """Write and delete ``size`` bytes so that the next fill gets pages the VM already has.
+    Earlier dirty pages are written back first, so that their writeback does not run during
+    the next scenario."""
+    os.sync()
+    path = directory / "scratch"
+    chunk = b"\x00" * MiB
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(size // MiB):
+            os.write(fd, chunk)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def wait_quiet(res: Results, label: str, max_wait: float = 20.0, limit: float = 0.15) -> None:
+    """Wait until the machine is (nearly) idle: other sessions may share it. Notes it if not."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0, total0 = _cpu_times()
+        time.sleep(0.5)
+        busy1, total1 = _cpu_times()
+        busy = (busy1 - busy0) / max(1, total1 - total0)
+        if busy < limit:
+            return
+        if time.monotonic() > deadline:
+            res.note(f"machine {busy:.0%} busy before {label} (another session, or the system's own "
+                     "background work): its figures may be low")
+            return
+
+
+@contextlib.contextmanager
+def counted(hop: CountingHop, system: str) -> Iterator[dict[str, Any]]:
+    """Upstream traffic (through ``system``'s hop) of the block, background fills included."""
+    hop.wait_idle()
+    mark = hop.mark(system)
+    out: dict[str, Any] = {}
+    yield out
+    if not hop.wait_idle(120):
+        out["busy"] = True
+    time.sleep(0.1)
+    out["count"] = hop.count_since(system, mark)
+
+
+def log_problems(sut: Managed) -> list[str]:
+    """Warning/error lines from the system's own logs."""
+    paths = [sut.log_path]
+    if isinstance(sut, NginxCache):
+        paths.append(sut.workdir / "error.log")
+    bad = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text(errors="replace").splitlines():
+                low = line.lower()
+                if any(w in low for w in ("warn", "error", "traceback", "exception", "crit", "alert")):
+                    bad.append(line.strip())
+    return bad
+
+
+# ---------------------------------------------------------------------------------------
+# scenarios
+# ---------------------------------------------------------------------------------------
+def image_bytes(image: Any) -> int:
+    return len(image.manifest) + image.config.size + sum(layer.size for layer in image.layers)
+
+
+def origin_baseline(origin: RegistryProcess, hop: CountingHop, seeded: Seeded, sizes: Sizes, res: Results,
+                    work: Path) -> None:
+    print("== origin (direct)", flush=True)
+    wait_quiet(res, "origin baseline")
+    many = seeded.many
+    times = []
+    for _ in range(3):
+        r = run_load({"kind": "pull", "base": origin.url, "repo": many.repo, "ref": many.tag,
+                      "concurrency": PULL_CONCURRENCY})
+        if r.get("error_count") or r.get("error"):
+            res.note(f"origin: pull errors {r}")
+        times.append(r["seconds"])
+    res.set("pull.time", ORIGIN, statistics.median(times))
+    times = []
+    for _ in range(3):  # the same through the relay the systems pull through
+        r = run_load({"kind": "pull", "base": hop.hop_url(ORIGIN), "repo": many.repo, "ref": many.tag,
+                      "concurrency": PULL_CONCURRENCY})
+        times.append(r["seconds"])
+    res.set("pull.time_hop", ORIGIN, statistics.median(times))
+    # The same bursts straight from the origin (which holds every blob): the floor for "all done".
+    cold = next(iter(seeded.cold.values())).layers[0]
+    r = run_load({"kind": "burst", "url": f"{origin.url}/v2/bench/cold/blobs/{cold.digest}",
+                  "clients": BURST_CLIENTS})
+    res.set("burst.ttfb", ORIGIN, r["ttfb_median"] * 1000)
+    res.set("burst.ttfb_join", ORIGIN, r["ttfb_joiners_median"] * 1000)
+    res.set("burst.total", ORIGIN, r["total"])
+    res.set("burst.err", ORIGIN, r["errors"])
+    big = seeded.big.layers[0]
+    big_url = f"{origin.url}/v2/{seeded.big.repo}/blobs/{big.digest}"
+    r = run_load({"kind": "burst", "url": big_url, "clients": 1})
+    res.set("single.mibs", ORIGIN, big.size / MiB / r["clients"][0]["done"])
+    warm(big_url, ORIGIN, sizes, res)
+    manifests(origin.url, ORIGIN, None, seeded, sizes, res, work)
+
+
+def manifests(base: str, column: str, hop: CountingHop | None, seeded: Seeded, sizes: Sizes,
+              res: Results, work: Path) -> None:
+    repo = seeded.small_repo
+    tags = [f"/v2/{repo}/manifests/{img.tag}" for img in seeded.small]
+    digests = [f"/v2/{repo}/manifests/{img.digest}" for img in seeded.small]
+    warmed = run_load({"kind": "requests", "base": base, "accept": MANIFEST_ACCEPT,
+                     "items": [("GET", p) for p in tags + digests]})
+    if set(warmed["statuses"]) != {"200"}:
+        res.note(f"{column}: manifest warm-up statuses {warmed['statuses']}")
+    for method, key in (("GET", "man.get"), ("HEAD", "man.head")):
+        ctx = counted(hop, column) if hop is not None else contextlib.nullcontext({})
+        runs = []
+        with ctx as up:
+            for _ in range(sizes.windows):
+                if method == "GET":  # wrk, round robin over every tag
+                    runs.append(run_wrk(base, method, tags, work, connections=LOAD_CONNECTIONS,
+                                        duration=sizes.wrk_duration))
+                else:  # ab (wrk cannot do HEAD), one digest
+                    runs.append(run_ab(base, method, digests[0], work, connections=LOAD_CONNECTIONS,
+                                       duration=sizes.wrk_duration))
+        res.set(f"{key}.rps", column, statistics.median(w["rps"] for w in runs))
+        res.set(f"{key}.p99", column, statistics.median(w["p99_us"] for w in runs) / 1000)
+        errors = sum(w["errors"] for w in runs)
+        res.set(f"{key}.err", column, errors)
+        if errors:
+            res.note(f"{column}: {method} manifests: load generator errors {runs}")
+        if "count" in up:
+            res.set(f"{key}.up", column, up["count"].requests / (sizes.windows * sizes.wrk_duration))
+
+
+def warm(url: str, column: str, sizes: Sizes, res: Results) -> None:
+    """Throughput of the warm big blob at 1, 8 and 32 clients (median of the windows)."""
+    for n in WARM_CLIENTS:
+        runs = [run_load({"kind": "throughput", "url": url, "clients": n, "duration": sizes.duration})
+                for _ in range(sizes.windows)]
+        res.set(f"warm.{n}", column, statistics.median(r["bytes_per_s"] for r in runs) / GiB)
+        errors = sum(r["error_count"] for r in runs)
+        if errors:
+            res.note(f"{column}: warm x{n}: {errors} errors, e.g. {runs[0]['errors']}")
+        print(f"  warm x{n}: {res.values[f'warm.{n}'][column]:.2f} GiB/s", flush=True)
+
+
+def bench_system(name: str, sut: Managed, hop: CountingHop, seeded: Seeded, sizes: Sizes,
+                 res: Results, work: Path) -> None:
+    base = sut.url
+
+    # 1. 16 clients at once on a cold blob
+    cold = seeded.cold[name].layers[0]
+    wait_quiet(res, f"{name} cold burst")
+    scratch(work, sizes.scratch)
+    with counted(hop, name) as up:
+        r = run_load({"kind": "burst", "url": f"{base}/v2/bench/cold/blobs/{cold.digest}",
+                      "clients": BURST_CLIENTS})
+    c = up["count"]
+    res.set("burst.upreq", name, c.requests)
+    res.set("burst.upbytes", name, c.bytes / cold.size)
+    res.set("burst.ttfb", name, r["ttfb_median"] * 1000 if r["ttfb_median"] is not None else None)
+    res.set("burst.ttfb_join", name,
+            r["ttfb_joiners_median"] * 1000 if r["ttfb_joiners_median"] is not None else None)
+    res.set("burst.total", name, r["total"])
+    res.set("burst.err", name, r["errors"])
+    if r["errors"]:
+        bad = [cl for cl in r["clients"] if not cl["complete"] or cl["status"] != 200]
+        res.note(f"{name}: cold burst: {r['errors']} failed clients, e.g. {bad[:2]}")
+    print(f"  burst: {c.requests} upstream requests, {c.bytes / cold.size:.2f}x bytes, "
+          f"ttfb p50 {r['ttfb_median']}, total {r['total']:.2f}s", flush=True)
+
+    # 2. single cold stream: the big layer, which also warms it
+    big = seeded.big.layers[0]
+    big_url = f"{base}/v2/{seeded.big.repo}/blobs/{big.digest}"
+    wait_quiet(res, f"{name} single cold stream")
+    scratch(work, sizes.scratch)
+    with counted(hop, name) as up:
+        r = run_load({"kind": "burst", "url": big_url, "clients": 1})
+    client = r["clients"][0]
+    if not client["complete"] or client["bytes"] != big.size:
+        res.note(f"{name}: cold single stream failed: {client}")
+    res.set("single.mibs", name, big.size / MiB / client["done"] if client["done"] else None)
+    res.set("single.upbytes", name, up["count"].bytes / big.size)
+    print(f"  single cold stream: {big.size / MiB / client['done']:.0f} MiB/s", flush=True)
+
+    # 3. cold pull of the many-layer image
+    many = seeded.many
+    wait_quiet(res, f"{name} cold pull")
+    scratch(work, sizes.scratch)
+    with counted(hop, name) as up:
+        r = run_load({"kind": "pull", "base": base, "repo": many.repo, "ref": many.tag,
+                      "concurrency": PULL_CONCURRENCY})
+    if r.get("error") or r.get("error_count"):
+        res.note(f"{name}: cold pull errors: {r}")
+    c = up["count"]
+    res.set("pull.upreq", name, c.requests)
+    res.set("pull.upbytes", name, c.bytes / image_bytes(many))
+    res.set("pull.time", name, r["seconds"])
+    for key, ref in (("pull.vs", "pull.time"), ("pull.vs_hop", "pull.time_hop")):
+        ref_time = res.values.get(ref, {}).get(ORIGIN)
+        if ref_time:
+            res.set(key, name, r["seconds"] / ref_time)
+    print(f"  cold pull: {c.requests} upstream requests, {r['seconds']:.2f}s", flush=True)
+
+    # 4. warm big blob at 1, 8, 32 clients
+    os.sync()  # nginx and distribution do not fsync their fills: write them back now, not mid-run
+    wait_quiet(res, f"{name} warm blob")
+    with counted(hop, name) as up:
+        warm(big_url, name, sizes, res)
+    res.set("warm.up", name, up["count"].requests)
+
+    # 5. manifests by tag (GET) and by digest (HEAD), 64 connections
+    wait_quiet(res, f"{name} manifests")
+    manifests(base, name, hop, seeded, sizes, res, work)
+    print(f"  manifests: GET tag {res.values['man.get.rps'][name]:.0f} req/s, "
+          f"HEAD digest {res.values['man.head.rps'][name]:.0f} req/s", flush=True)
+
+    # 6. peak memory
+    res.set("mem", name, sut.peak_rss_kib() / 1024)
+
+
+def define_rows(res: Results, sizes: Sizes) -> None:
+    cold, big, n, n_tags = sizes.cold // MiB, sizes.big // MiB, sizes.layers, sizes.tags
+    b = f"{BURST_CLIENTS} clients at once, cold {cold} MiB blob"
+    for key, label, spec in [
+        ("burst.upreq", f"{b}: upstream requests ↓", "d"),
+        ("burst.upbytes", f"{b}: upstream bytes ÷ blob size ↓", ".2f"),
+        ("burst.ttfb", f"{b}: TTFB median, ms ↓", ".0f"),
+        ("burst.ttfb_join", f"{b}: TTFB median of joiners, ms ↓", ".0f"),
+        ("burst.total", f"{b}: all done, s ↓", ".2f"),
+        ("burst.err", f"{b}: failed clients ↓", "d"),
+        ("single.mibs", f"single cold stream ({big} MiB), MiB/s ↑", ".0f"),
+        ("single.upbytes", "single cold stream: upstream bytes ÷ blob size ↓", ".2f"),
+        ("pull.upreq", f"cold pull, {n} x 1 MiB layers, {PULL_CONCURRENCY} at a time: upstream requests ↓",
+         "d"),
+        ("pull.upbytes", "cold pull: upstream bytes ÷ image size ↓", ".2f"),
+        ("pull.time", "cold pull: total, s ↓", ".2f"),
+        ("pull.vs", "cold pull ÷ same pull straight from origin ↓", ".2f"),
+        ("pull.time_hop", "same pull from origin through the counting hop only, s", ".2f"),
+        ("pull.vs_hop", "cold pull ÷ same pull through the counting hop only ↓", ".2f"),
+        *((f"warm.{c}", f"warm {big} MiB blob, {c} client{'s' if c > 1 else ''}, GiB/s ↑", ".2f")
+          for c in WARM_CLIENTS),
+        ("warm.up", "warm blob runs: upstream requests ↓", "d"),
+        ("man.get.rps", f"GET manifest by tag ({LOAD_CONNECTIONS} conns, wrk, {n_tags} tags), req/s ↑",
+         ".0f"),
+        ("man.get.p99", "GET manifest by tag: p99 latency, ms ↓", ".1f"),
+        ("man.get.err", "GET manifest by tag: errors ↓", "d"),
+        ("man.get.up", "GET manifest by tag: upstream requests per second of load ↓", ".1f"),
+        ("man.head.rps", f"HEAD manifest by digest ({LOAD_CONNECTIONS} conns, ab), req/s ↑", ".0f"),
+        ("man.head.p99", "HEAD manifest by digest: p99 latency, ms ↓", ".1f"),
+        ("man.head.err", "HEAD manifest by digest: errors ↓", "d"),
+        ("man.head.up", "HEAD manifest by digest: upstream requests per second of load ↓", ".1f"),
+        ("mem", "peak memory (VmHWM, all processes), MiB ↓", ".0f"),
+    ]:
+        res.row(key, label, spec)
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+def make_system(name: str, work: Path, hop: CountingHop, regproxy_args: list[str]) -> Managed:
+    upstream = hop.hop_url(name)
+    factories: dict[str, Callable[[], Managed]] = {
+        "regproxy": lambda: Regproxy(work / name, upstream, extra_args=regproxy_args),
+        "distribution": lambda: Distribution(work / name, upstream),
+        "nginx": lambda: NginxCache(work / name, upstream),
+    }
+    return factories[name]()
+
+
+def run(systems: list[str], sizes: Sizes, work: Path, res: Results, regproxy_args: list[str]) -> None:
+    define_rows(res, sizes)
+    with contextlib.ExitStack() as stack:
+        origin = RegistryProcess(work / "origin")
+        origin.start()
+        stack.callback(origin.stop)
+        t = time.monotonic()
+        seeded = seed(origin.url, work, sizes, systems)
+        print(f"seeded the origin in {time.monotonic() - t:.1f}s", flush=True)
+        hop = CountingHop(work / "hop", origin.port, [*systems, ORIGIN])
+        hop.start()
+        stack.callback(hop.stop)
+        origin_baseline(origin, hop, seeded, sizes, res, work)
+        for name in systems:
+            print(f"== {name}", flush=True)
+            sut = make_system(name, work, hop, regproxy_args)
+            sut.start()
+            try:
+                bench_system(name, sut, hop, seeded, sizes, res, work)
+            except (RuntimeError, OSError, KeyError, ValueError, TypeError):
+                res.note(f"{name}: scenario failed: {traceback.format_exc(limit=3)}")
+            finally:
+                problems = log_problems(sut)
+                sut.stop()
+            if problems:
+                res.note(f"{name}: {len(problems)} warning/error log lines, e.g.: "
+                         + " || ".join(p[:300] for p in problems[:3]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and short windows (smoke run)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--out", type=Path, help="also write the table (and notes) to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--regproxy-args", default="", metavar="ARGS",
+                        help="extra arguments for 'python -m proxy serve', e.g. '--workers 2'")
+    args = parser.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        parser.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGALRM:
+            raise Deadline("the benchmark exceeded its time bound")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.alarm(6 * 60 if args.quick else 25 * 60)
+
+    work = Path(tempfile.mkdtemp(prefix="regproxy-bench-"))
+    res = Results()
+    started = time.monotonic()
+    status = 0
+    try:
+        run(systems, sizes, work, res, shlex.split(args.regproxy_args))
+    except (KeyboardInterrupt, Deadline) as exc:
+        res.note(f"run aborted: {exc!r}")
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    finally:
+        signal.alarm(0)
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    mode = "quick" if args.quick else "full"
+    if args.regproxy_args:
+        mode += f" (regproxy {args.regproxy_args})"
+    text = (f"{res.table(systems)}\n\n{mode} run, {time.monotonic() - started:.0f} s; warm and manifest "
+            f"figures are the median of {sizes.windows} window(s), the others one run each; "
+            f"↑/↓: higher/lower is better; ratios are regproxy ÷ other.\n")
+    if res.notes:
+        text += "\nNotes:\n" + "".join(f"- {n}\n" for n in res.notes)
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""``[auth]`` of ``config.toml``: who may do what, and how clients prove who they are.
+
+Imported lazily by :mod:`proxy.config` (it needs :class:`~proxy.config.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.config import ConfigError, _str, _take, parse_duration, parse_url
+
+ACTIONS = ("pull", "push", "delete")
+#: A repository pattern: a local repository name where ``*`` matches within one component
+#: and ``**`` (a whole component) any number of components. ``:`` for ``host:port`` prefixes.
+_PATTERN_RE = re.compile(r"[a-z0-9._*:-]+(?:/[a-z0-9._*:-]+)*")
+_USER_RE = re.compile(r"[^:\s]+")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``[[auth.rules]]``: ``users``/``groups`` may do ``actions`` on ``repositories``."""
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    repositories: tuple[str, ...] = ()
+    actions: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Edge authentication and access control; ``Config.auth is None`` means open access."""
+
+    htpasswd: Path | None = None
+    realm: str = "regproxy"
+    anonymous_pull: tuple[str, ...] = ()
+    anonymous_networks: tuple[IPNetwork, ...] = ()
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    mode: str = "basic"  #: "basic" (htpasswd on every request) or "token" (bearer tokens)
+    token_key: Path = Path("certs/token.key")
+    token_ttl: float = 300.0
+    token_realm: str | None = None  #: default: <scheme>://<Host header>/auth/token
+    service: str = "regproxy"
+    cache_ttl: float = 60.0  #: how long a successful password check is remembered
+
+
+def parse_pattern(key: str, value: Any) -> str:
+    if (not isinstance(value, str) or not _PATTERN_RE.fullmatch(value)
+            or any("**" in c and c != "**" for c in value.split("/"))):
+        raise ConfigError(key, f"expected a repository pattern such as \"library/*\" or "
+                               f"\"ghcr.io/**\", got {value!r}")
+    return value
+
+
+def _str_list(key: str, value: Any, check=None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    return tuple(check(key, v) if check else v for v in value)
+
+
+def _user(key: str, value: str) -> str:
+    if not _USER_RE.fullmatch(value):
+        raise ConfigError(key, f"not a valid user name: {value!r}")
+    return value
+
+
+def _network(key: str, value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(key, f"expected an address or network such as \"10.0.0.0/8\", "
+                               f"got {value!r}") from None
+    return value
+
+
+def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
+    """Validate ``[auth]``; the htpasswd file is read here so bad entries stop start-up."""
+    t = _take(raw, "auth", {"htpasswd", "realm", "anonymous_pull", "anonymous_networks", "groups",
+                            "rules", "mode", "token_key", "token_ttl", "token_realm", "service",
+                            "cache_ttl"})
+
+    def path(key: str, value: Any) -> Path:
+        p = Path(_str(key, value)).expanduser()
+        return p if p.is_absolute() else base_dir / p
+
+    htpasswd = path("auth.htpasswd", t["htpasswd"]) if "htpasswd" in t else None
+    if htpasswd is not None:
+        from proxy.auth.htpasswd import read_htpasswd
+
+        read_htpasswd(htpasswd)  # raises ConfigError naming the file and line
+    realm = _str("auth.realm", t.get("realm", "regproxy"))
+    if '"' in realm or "\\" in realm:
+        raise ConfigError("auth.realm", "may not contain quotes or backslashes")
+
+    groups_raw = _take(t.get("groups", {}), "auth.groups", set(t.get("groups", {}) or {}))
+    groups = {g: _str_list(f"auth.groups.{g}", members, _user) for g, members in groups_raw.items()}
+
+    rules_raw = t.get("rules", [])
+    if not isinstance(rules_raw, list):
+        raise ConfigError("auth.rules", "expected [[auth.rules]] tables")
+    rules = []
+    for i, r in enumerate(rules_raw):
+        key = f"auth.rules[{i}]"
+        r = _take(r, key, {"users", "groups", "repositories", "actions"})
+        users = _str_list(f"{key}.users", r.get("users", []))
+        rule_groups = _str_list(f"{key}.groups", r.get("groups", []))
+        for g in rule_groups:
+            if g not in groups:
+                raise ConfigError(f"{key}.groups", f"group {g!r} is not defined in [auth.groups]")
+        if not users and not rule_groups:
+            raise ConfigError(key, "needs users = [...] or groups = [...] (\"*\" = any signed-in user)")
+        if "repositories" not in r:
+            raise ConfigError(f"{key}.repositories", "missing (e.g. repositories = [\"team/*\"])")
+        repos = _str_list(f"{key}.repositories", r["repositories"], parse_pattern)
+        actions = _str_list(f"{key}.actions", r.get("actions", ["pull"]))
+        for a in actions:
+            if a not in ACTIONS and a != "*":
+                raise ConfigError(f"{key}.actions", f"unknown action {a!r} (allowed: pull, push, delete, *)")
+        acts = frozenset(ACTIONS) if "*" in actions else frozenset(actions)
+        rules.append(Rule(users=users, groups=rule_groups, repositories=repos, actions=acts))
+
+    mode = t.get("mode", "basic")
+    if mode not in ("basic", "token"):
+        raise ConfigError("auth.mode", f"expected \"basic\" or \"token\", got {mode!r}")
+    token_realm = t.get("token_realm")
+    if token_realm is not None:
+        token_realm = parse_url("auth.token_realm", token_realm)
+    service = _str("auth.service", t.get("service", "regproxy"))
+    if '"' in service or "\\" in service:
+        raise ConfigError("auth.service", "may not contain quotes or backslashes")
+    ttl = parse_duration("auth.token_ttl", t.get("token_ttl", 300))
+    if not 10 <= ttl <= 86400:
+        raise ConfigError("auth.token_ttl", "expected between 10 s and 1 d")
+    return AuthConfig(
+        htpasswd=htpasswd,
+        realm=realm,
+        anonymous_pull=_str_list("auth.anonymous_pull", t.get("anonymous_pull", []), parse_pattern),
+        anonymous_networks=tuple(
+            ipaddress.ip_network(n, strict=False)
+            for n in _str_list("auth.anonymous_networks", t.get("anonymous_networks", []), _network)),
+        groups=groups,
+        rules=tuple(rules),
+        mode=mode,
+        token_key=path("auth.token_key", t.get("token_key", "certs/token.key")),
+        token_ttl=ttl,
+        token_realm=token_realm,
+        service=service,
+        cache_ttl=parse_duration("auth.cache_ttl", t.get("cache_ttl", 60)),
+    )
+
+
+__all__ = ["ACTIONS", "AuthConfig", "Rule", "parse_auth", "parse_pattern"]

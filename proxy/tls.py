@@ -1,0 +1,163 @@
+"""TLS termination: the server's SSL context, and certificate reload without a restart.
+
+The context accepts TLS 1.2 and 1.3 only, with ECDHE + AEAD cipher suites for TLS 1.2
+(TLS 1.3 suites are all modern). Reload calls ``load_cert_chain`` again on the *same*
+context: handshakes after it use the new certificate, while established connections (a
+layer half-way through its transfer) keep theirs, because OpenSSL copies the certificate
+into each connection when it starts. Reload happens on SIGHUP and when the files' mtimes
+change (checked every ``reload_interval`` seconds). A failed reload, such as a key that
+does not match the certificate half-way through a rotation, is logged and the old
+certificate stays in use. ``client_ca`` turns on mutual TLS (client certificates required);
+a reload adds CAs written to that file, but removing one needs a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import ConfigError, _str, _take, parse_duration
+
+log = logging.getLogger("regproxy.tls")
+
+#: TLS 1.2 suites: forward secrecy and AEAD only. TLS 1.3 suites are fixed by OpenSSL.
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    reload_interval: float = 10.0
+
+
+def parse_tls(raw: Any, base_dir: Path) -> TLSConfig:
+    """``[tls] cert, key, client_ca, reload_interval``; paths relative to the config file."""
+    t = _take(raw, "tls", {"cert", "key", "client_ca", "reload_interval"})
+
+    def path(key: str) -> Path:
+        p = Path(_str(f"tls.{key}", t[key])).expanduser()
+        return p if p.is_absolute() else base_dir / p
+
+    for key in ("cert", "key"):
+        if key not in t:
+            raise ConfigError(f"tls.{key}", "missing: [tls] needs both cert and key "
+                                            "(create them with `regproxy certs init`)")
+    cfg = TLSConfig(cert=path("cert"), key=path("key"),
+                    client_ca=path("client_ca") if "client_ca" in t else None,
+                    reload_interval=parse_duration("tls.reload_interval", t.get("reload_interval", 10)))
+    server_context(cfg)  # unreadable or mismatched files stop start-up with a clear message
+    return cfg
+
+
+def server_context(cfg: TLSConfig) -> ssl.SSLContext:
+    """A server context for ``cfg``; :class:`ConfigError` if the files cannot be used."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    ctx.set_alpn_protocols(["http/1.1"])
+    _load_chain(ctx, cfg)
+    if cfg.client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(cfg.client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls.client_ca", f"cannot load {cfg.client_ca}: {exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cfg: TLSConfig) -> None:
+    for key, p in (("tls.cert", cfg.cert), ("tls.key", cfg.key)):
+        if not p.is_file():
+            raise ConfigError(key, f"file not found: {p}")
+    try:
+        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls.cert", f"cannot use {cfg.cert} with {cfg.key}: {exc}") from None
+
+
+class CertReloader:
+    """Re-loads the certificate into a live context on SIGHUP and when the files change."""
+
+    def __init__(self, cfg: TLSConfig, ctx: ssl.SSLContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self._stamp = self._stat()
+        self.reloads = 0
+
+    def _stat(self) -> tuple[tuple[int, int] | None, ...]:
+        out = []
+        for p in (self.cfg.cert, self.cfg.key, self.cfg.client_ca):
+            try:
+                st = p.stat() if p is not None else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size) if st is not None else None)
+        return tuple(out)
+
+    def reload(self, force: bool = False) -> bool:
+        """Load the files again if they changed (or ``force``); True when it did."""
+        stamp = self._stat()
+        if not force and stamp == self._stamp:
+            return False
+        try:
+            _load_chain(self.ctx, self.cfg)
+            if self.cfg.client_ca is not None:
+                self.ctx.load_verify_locations(cafile=str(self.cfg.client_ca))
+        except (ConfigError, OSError, ssl.SSLError) as exc:
+            log.warning("TLS certificate not reloaded, the previous one stays in use: %s", exc)
+            return False
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("TLS certificate reloaded from %s", self.cfg.cert)
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval)
+            self.reload()
+
+    def install(self, app: web.Application) -> None:
+        """Watch the files and listen for SIGHUP while ``app`` runs."""
+
+        async def ctx(_app: web.Application) -> AsyncIterator[None]:
+            loop = asyncio.get_running_loop()
+            hup = False
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload, True)
+                hup = True
+            task = loop.create_task(self._watch()) if self.cfg.reload_interval > 0 else None
+            try:
+                yield
+            finally:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if hup:
+                    loop.remove_signal_handler(signal.SIGHUP)
+
+        app.cleanup_ctx.append(ctx)
+
+
+SSL_CONTEXT = web.AppKey("ssl_context", ssl.SSLContext)
+
+
+def install(app: web.Application, cfg: TLSConfig | None) -> None:
+    """With ``[tls]``: build the context (``app[SSL_CONTEXT]``, for the listener) and its reloader."""
+    if cfg is None:
+        return
+    ctx = server_context(cfg)
+    app[SSL_CONTEXT] = ctx
+    CertReloader(cfg, ctx).install(app)
