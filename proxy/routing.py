@@ -60,6 +60,7 @@ class Router:
     def __init__(self, upstreams: dict[str, UpstreamClient], default: str | None,
                  hosted: tuple[str, ...] = ()) -> None:
         self._hosted = compile_patterns(hosted)
+        self._memo: dict[tuple[str, str | None], Route] = {}
         self._default = upstreams.get(default) if default else None
         self._by_host: dict[str, UpstreamClient] = {}
         for up in upstreams.values():
@@ -67,7 +68,19 @@ class Router:
                 self._by_host[host.lower()] = up
 
     def route(self, name: str, ns: str | None = None) -> Route:
-        """Resolve a validated-on-the-way repository name; NAME_UNKNOWN when nothing serves it."""
+        """Resolve a repository name (validated on the way); NAME_UNKNOWN when nothing
+        serves it. Results are memoised: routing sits on every request's hot path."""
+        key = (name, ns)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        route = self._route(name, ns)
+        if len(self._memo) >= 10_000:
+            self._memo.clear()
+        self._memo[key] = route
+        return route
+
+    def _route(self, name: str, ns: str | None) -> Route:
         validate_name(name)
         if ns is not None:
             upstream = self._by_host.get(ns.strip().lower())

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from proxy import metrics
 from proxy.errors import (
@@ -76,6 +77,10 @@ class BlobFill:
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
+    @staticmethod
+    def _store_fsync_dir(path: Path) -> None:
+        FilesystemStore.fsync_dir(path)
+
     async def run(
         self, upstream: UpstreamClient, remote: str, on_settled: Callable[[BlobFill], None]
     ) -> None:
@@ -116,10 +121,12 @@ class BlobFill:
             self.verified = True
             metrics.UPSTREAM_BYTES.labels(upstream.name).inc(self.written)
             self._notify()
-            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
-            on_settled(self)
-            writer.publish(self.digest)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, writer.sync)
+            on_settled(self)  # leave the registry and rename in one step of the loop
+            final = writer.publish(self.digest, synced=True)
             self.done = True
+            await loop.run_in_executor(None, self._store_fsync_dir, final.parent)
         except BaseException as exc:
             self.error = exc if isinstance(exc, RegistryError) else Unavailable(
                 f"blob fill failed: {type(exc).__name__}")

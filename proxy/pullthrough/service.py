@@ -111,6 +111,7 @@ class PullThrough:
         self._fills: dict[str, BlobFill] = {}
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._touched: dict[Digest, float] = {}
+        self._tag_l1: dict[str, tuple[Digest, float]] = {}
         #: Seconds between two recency updates of one object by this process.
         self.touch_interval = 30.0
         #: Called after each successful fill (the evictor checks the budget).
@@ -171,9 +172,9 @@ class PullThrough:
 
     async def _manifest_by_tag(self, route: Route, tag: str, *, head: bool) -> ManifestResult:
         key = f"{route.name}:{tag}"
-        cached = await self._tags.get(key)
-        if cached is not None:
-            local = self.local_manifest(Digest.parse(cached))
+        digest = await self._fresh_tag(route, tag, key)
+        if digest is not None:
+            local = self.local_manifest(digest)
             if local is not None:
                 return _result(local, HIT)
         flight_key = ("head" if head else "get", key)
@@ -181,6 +182,33 @@ class PullThrough:
             flight_key, lambda: self._refresh_tag(route, tag, key, want_body=not head)
         )
         return _result_from(result, COALESCED if shared else result.outcome)
+
+    async def _fresh_tag(self, route: Route, tag: str, key: str) -> Digest | None:
+        """The digest of a tag confirmed upstream less than ``tag_ttl`` ago, if any.
+
+        Three places, fastest first: this process's memory; the shared cache backend
+        (aiocache); the tag link in the store, whose mtime is the last confirmation, so
+        sibling workers and restarts share one revalidation per TTL.
+        """
+        if self.tag_ttl <= 0:
+            return None
+        now = time.monotonic()
+        entry = self._tag_l1.get(key)
+        if entry is not None and entry[1] > now:
+            return entry[0]
+        cached = await self._tags.get(key)
+        if cached is not None:
+            digest: Digest | None = Digest.parse(cached)
+            expires = now + min(self.tag_ttl, 1.0)
+        else:
+            digest, age = self.store.tag_with_age(route.name, tag)
+            if digest is None or age >= self.tag_ttl:
+                return None
+            expires = now + self.tag_ttl - age
+        if len(self._tag_l1) > 100_000:
+            self._tag_l1.clear()
+        self._tag_l1[key] = (digest, expires)
+        return digest
 
     async def _refresh_tag(self, route: Route, tag: str, key: str, *, want_body: bool
                            ) -> ManifestResult:
@@ -208,8 +236,9 @@ class PullThrough:
             log.warning("serving stale %s:%s (%s) because upstream %s failed: %s", route.name,
                         tag, previous, route.upstream.name, exc.message)
             return _result(stale, STALE)
-        self.store.set_tag(route.name, tag, result.digest)
+        self.store.set_tag(route.name, tag, result.digest, confirmed=True)
         if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
+            self._tag_l1[key] = (result.digest, time.monotonic() + self.tag_ttl)
             await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
         return _result_from(result, outcome)
 

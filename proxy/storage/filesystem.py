@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,15 +98,18 @@ class BlobWriter:
         if self._fd is not None:
             os.fsync(self._fd)
 
-    def publish(self, digest: Digest) -> Path:
+    def publish(self, digest: Digest, *, synced: bool = False) -> Path:
         """Rename the synced temp file to its content address (atomic on POSIX), then let
-        go of the file (and of its lock, for a fill)."""
-        self.sync()
+        go of the file (and of its lock, for a fill). With ``synced`` the caller has
+        already fsynced the data and fsyncs the directory itself (off the event loop)."""
+        if not synced:
+            self.sync()
         final = self._store.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, final)
         self._close()
-        self._store.fsync_dir(final.parent)
+        if not synced:
+            self._store.fsync_dir(final.parent)
         return final
 
     def commit(self, expected: Digest, expected_size: int | None = None) -> Path:
@@ -124,9 +128,10 @@ class BlobWriter:
 
     def announce_size(self, size: int | None) -> None:
         """Tell other processes tailing this fill how big the blob is (``-1``: unknown)."""
-        if self.path.suffix == ".fill":
-            self._store._write_small(self.path.with_suffix(".size"), str(
-                -1 if size is None else size).encode())
+        if self.path.suffix == ".fill":  # a hint for live processes: no fsync needed
+            tmp = self.path.with_suffix(f".{secrets.token_hex(4)}.sz")
+            tmp.write_text(str(-1 if size is None else size))
+            os.replace(tmp, self.path.with_suffix(".size"))
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -374,14 +379,27 @@ class FilesystemStore:
         except FileNotFoundError:
             return False
 
-    def set_tag(self, name: str, tag: str, digest: Digest) -> None:
+    def set_tag(self, name: str, tag: str, digest: Digest, *, confirmed: bool = False) -> None:
+        """Point ``tag`` at ``digest``. ``confirmed``: the upstream just confirmed it, so the
+        link's mtime (the time of the last confirmation) is refreshed even if unchanged."""
         path = self._repo(name) / _TAGS / tag
         try:
             if path.read_text() == str(digest):
+                if confirmed:
+                    os.utime(path)
                 return
         except FileNotFoundError:
             pass
         self._write_small(path, str(digest).encode())
+
+    def tag_with_age(self, name: str, tag: str) -> tuple[Digest | None, float]:
+        """A tag's digest and the seconds since it was last written or confirmed."""
+        path = self._repo(name) / _TAGS / tag
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None, 0.0
+        return self.get_tag(name, tag), age
 
     def get_tag(self, name: str, tag: str) -> Digest | None:
         try:
