@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy import tls
 from proxy.auth import install as install_auth
 from proxy.config import Config
-from proxy.handlers import oci_errors, setup_routes
+from proxy.handlers import add_catch_all, oci_errors, setup_routes
 from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
@@ -31,8 +31,28 @@ SERVER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 6
                  "keepalive_timeout": 60.0}
 
 
-async def _api_version_header(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+#: Sent on every response: the API version clients check, and headers that keep browsers
+#: from interpreting registry content. One prebuilt list, added in one response hook
+#: (hooks and middlewares cost a measurable share of a manifest hit).
+COMMON_HEADERS = (
+    ("Docker-Distribution-API-Version", "registry/2.0"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+#: Pages that set their own policy (the status page) keep it.
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    headers = response.headers
+    headers.extend(COMMON_HEADERS)
+    headers["Server"] = "regproxy"  # replaces aiohttp's, which names its version
+    if "Content-Security-Policy" not in headers:
+        headers["Content-Security-Policy"] = DEFAULT_CSP
+    if request.secure:
+        headers["Strict-Transport-Security"] = "max-age=31536000"
 
 
 CLEAN_TMP = web.AppKey("clean_tmp", bool)
@@ -43,14 +63,18 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
 
     ``clean_tmp=False`` for worker processes: the parent cleaned the store's ``tmp/``.
     """
-    app = web.Application(middlewares=[oci_errors], client_max_size=CLIENT_MAX_SIZE)
+    # Handlers turn their own errors into OCI bodies; the error middleware is only needed
+    # (outermost) when the auth middleware, which raises them too, is installed.
+    middlewares = [oci_errors] if config.auth is not None else []
+    app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[CLEAN_TMP] = clean_tmp
-    app.on_response_prepare.append(_api_version_header)
+    app.on_response_prepare.append(_common_headers)
     app.cleanup_ctx.append(_services)
     setup_routes(app)
     install_auth(app, config.auth, tuple(config.upstreams))  # auth middleware, /auth/token
     tls.install(app, config.tls)  # app[tls.SSL_CONTEXT] and certificate reload
+    add_catch_all(app)
     return app
 
 

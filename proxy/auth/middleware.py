@@ -270,34 +270,10 @@ async def token_endpoint(request: web.Request) -> web.Response:
     return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Resource-Policy": "same-origin",
-}
-
-#: For HTML pages (the status page): inline styles and SVG, no scripts, nothing external.
-HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
-
-
-async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers that keep browsers from interpreting registry content; HSTS over TLS."""
-    for key, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(key, value)
-    if response.content_type == "text/html":  # the status page: its own inline CSS and SVG only
-        response.headers["Content-Security-Policy"] = HTML_CSP
-    if request.secure:
-        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-    response.headers["Server"] = "regproxy"
-
-
 def install(app: web.Application, auth: AuthConfig | None, upstream_names: tuple[str, ...] = ()) -> None:
-    """Add the security headers, and with ``auth`` the auth middleware and token endpoint.
+    """With ``auth``: the auth middleware and the token endpoint.
 
     Call before the application starts (middlewares and routes freeze then)."""
-    app.on_response_prepare.append(security_headers)
     if auth is None:
         return
     edge = Edge(auth, upstream_names)

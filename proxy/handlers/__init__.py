@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.handlers import base, blobs, manifests, ops, referrers, status, tags, uploads
-from proxy.handlers.common import oci_errors
+from proxy.handlers.common import Handler, endpoint_unknown, method_unsupported, oci, oci_errors
 
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
 # fixed suffixes after it keep the patterns unambiguous.
@@ -13,29 +13,46 @@ _NAME = "{name:[^{}]+?}"
 
 
 def setup_routes(app: web.Application) -> None:
-    """Register every V2 endpoint; aiohttp answers HEAD through the GET routes' handlers."""
-    r = app.router
-    r.add_get("/v2/", base.version_check)
-    r.add_get("/v2", base.version_check)
-    r.add_get("/v2/_catalog", tags.catalog)
-    r.add_get(f"/v2/{_NAME}/tags/list", tags.list_tags)
-    r.add_get(f"/v2/{_NAME}/manifests/{{reference}}", manifests.get_manifest)
-    r.add_put(f"/v2/{_NAME}/manifests/{{reference}}", manifests.put_manifest)
-    r.add_delete(f"/v2/{_NAME}/manifests/{{reference}}", manifests.delete_manifest)
-    r.add_post(f"/v2/{_NAME}/blobs/uploads/", uploads.start_upload)
-    r.add_get(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.upload_status)
-    r.add_patch(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.patch_upload)
-    r.add_put(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.finish_upload)
-    r.add_delete(f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.cancel_upload)
-    r.add_get(f"/v2/{_NAME}/blobs/{{digest}}", blobs.get_blob)
-    r.add_delete(f"/v2/{_NAME}/blobs/{{digest}}", blobs.delete_blob)
-    r.add_get(f"/v2/{_NAME}/referrers/{{digest}}", referrers.list_referrers)
-    r.add_get("/metrics", ops.metrics_endpoint)
-    r.add_get("/healthz", ops.healthz)
-    r.add_get("/readyz", ops.readyz)
-    r.add_get("/", status.status_page)
-    r.add_get("/status", status.status_page)
-    r.add_get("/status.json", status.status_json)
+    """Register every endpoint, each wrapped by :func:`oci`; aiohttp answers HEAD through
+    the GET handlers. Unknown methods and paths get OCI errors from catch-all routes."""
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/v2/", base.version_check),
+        ("GET", "/v2", base.version_check),
+        ("GET", "/v2/_catalog", tags.catalog),
+        ("GET", f"/v2/{_NAME}/tags/list", tags.list_tags),
+        ("GET", f"/v2/{_NAME}/manifests/{{reference}}", manifests.get_manifest),
+        ("PUT", f"/v2/{_NAME}/manifests/{{reference}}", manifests.put_manifest),
+        ("DELETE", f"/v2/{_NAME}/manifests/{{reference}}", manifests.delete_manifest),
+        ("POST", f"/v2/{_NAME}/blobs/uploads/", uploads.start_upload),
+        ("GET", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.upload_status),
+        ("PATCH", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.patch_upload),
+        ("PUT", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.finish_upload),
+        ("DELETE", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.cancel_upload),
+        ("GET", f"/v2/{_NAME}/blobs/{{digest}}", blobs.get_blob),
+        ("DELETE", f"/v2/{_NAME}/blobs/{{digest}}", blobs.delete_blob),
+        ("GET", f"/v2/{_NAME}/referrers/{{digest}}", referrers.list_referrers),
+        ("GET", "/metrics", ops.metrics_endpoint),
+        ("GET", "/healthz", ops.healthz),
+        ("GET", "/readyz", ops.readyz),
+        ("GET", "/", status.status_page),
+        ("GET", "/status", status.status_page),
+        ("GET", "/status.json", status.status_json),
+    ]
+    paths: list[str] = []
+    for method, path, handler in routes:
+        if method == "GET":
+            app.router.add_get(path, oci(handler))  # with HEAD
+        else:
+            app.router.add_route(method, path, oci(handler))
+        if path not in paths:
+            paths.append(path)
+    for path in paths:
+        app.router.add_route("*", path, oci(method_unsupported))
 
 
-__all__ = ["oci_errors", "setup_routes"]
+def add_catch_all(app: web.Application) -> None:
+    """The last route: anything else is an OCI 404 (call after every other route)."""
+    app.router.add_route("*", "/{tail:.*}", oci(endpoint_unknown))
+
+
+__all__ = ["add_catch_all", "oci_errors", "setup_routes"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -57,8 +59,32 @@ class EndpointUnknown(RegistryError):
     code, status, default_message = "NOT_FOUND", 404, "unknown API endpoint"
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def oci(handler: Handler) -> Handler:
+    """Wrap a handler so that every failure becomes an OCI error body (no middleware: a
+    wrapper costs less per request)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        return await oci_errors(request, handler)
+
+    return wrapped
+
+
+async def endpoint_unknown(request: web.Request) -> web.StreamResponse:
+    """Catch-all for paths outside the API."""
+    raise EndpointUnknown(f"no API endpoint at {request.path[:200]}")
+
+
+async def method_unsupported(request: web.Request) -> web.StreamResponse:
+    """Catch-all for methods an endpoint does not have."""
+    raise Unsupported(f"{request.method} is not supported here")
+
+
 @web.middleware
-async def oci_errors(request: web.Request, handler) -> web.StreamResponse:
+async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes an OCI error body; nothing escapes as a traceback."""
     try:
         return await handler(request)
