@@ -48,7 +48,7 @@ log = logging.getLogger("regproxy.pullthrough")
 HIT, MISS, COALESCED, STALE, REVALIDATED = "hit", "miss", "coalesced", "stale", "revalidated"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ManifestResult:
     """A manifest to answer with; ``data`` is ``None`` for a HEAD answered from upstream."""
 
