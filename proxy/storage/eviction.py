@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from proxy.reference import Digest
 from proxy.storage.filesystem import FilesystemStore
-from proxy.storage.gc import _children
+from proxy.storage.gc import _children, mark_reachable
 
 
 @dataclass
@@ -56,16 +56,7 @@ def evict(
     for repo in store.list_repositories():
         links = store.list_manifest_links(repo)
         if is_hosted(repo):
-            protected.update(store.list_blob_links(repo))
-            stack = list(links)
-            while stack:
-                d = stack.pop()
-                if d in protected and d not in links:
-                    continue
-                protected.add(d)
-                manifests, blobs = _children(store, d)
-                protected.update(blobs)
-                stack.extend(m for m in manifests if m not in protected)
+            mark_reachable(store, [*links, *store.list_blob_links(repo)], protected)
         else:
             for d in links:
                 cached_manifests.setdefault(d, []).append(repo)
@@ -140,27 +131,11 @@ def purge(store: FilesystemStore, name: str, reference: str | Digest) -> list[tu
             store.unlink_manifest(name, roots[0])
     if not roots:
         return []
-    candidates: set[Digest] = set()
-    stack = list(roots)
-    while stack:
-        d = stack.pop()
-        if d in candidates:
-            continue
-        candidates.add(d)
-        manifests, blobs = _children(store, d)
-        candidates.update(blobs)
-        stack.extend(manifests)
+    candidates = mark_reachable(store, roots, set())
     still_used: set[Digest] = set()
     for repo in store.list_repositories():
-        stack = list(store.list_manifest_links(repo)) + list(store.list_blob_links(repo))
-        while stack:
-            d = stack.pop()
-            if d in still_used:
-                continue
-            still_used.add(d)
-            manifests, blobs = _children(store, d)
-            still_used.update(blobs)
-            stack.extend(manifests)
+        mark_reachable(store, [*store.list_manifest_links(repo), *store.list_blob_links(repo)],
+                       still_used)
     removed = []
     for d in candidates - still_used:
         size = store.blob_size(d)

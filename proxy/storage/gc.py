@@ -59,22 +59,24 @@ def _children(store: FilesystemStore, digest: Digest) -> tuple[list[Digest], lis
     return manifests, blobs
 
 
-def image_size(store: FilesystemStore, digest: Digest) -> int:
-    """Bytes of a manifest and everything it references that is stored."""
-    total, seen, stack = 0, set(), [digest]
+def mark_reachable(store: FilesystemStore, roots: Iterable[Digest], into: set[Digest]) -> set[Digest]:
+    """Add to ``into`` the roots and everything they reference (child manifests, config,
+    layers), transitively; returns ``into``. The one graph walk GC, eviction and purge share."""
+    stack = list(roots)
     while stack:
         d = stack.pop()
-        if d in seen:
+        if d in into:
             continue
-        seen.add(d)
-        total += store.blob_size(d) or 0
+        into.add(d)
         manifests, blobs = _children(store, d)
         stack.extend(manifests)
-        for b in blobs:
-            if b not in seen:
-                seen.add(b)
-                total += store.blob_size(b) or 0
-    return total
+        into.update(blobs)
+    return into
+
+
+def image_size(store: FilesystemStore, digest: Digest) -> int:
+    """Bytes of a manifest and everything it references that is stored."""
+    return sum(store.blob_size(d) or 0 for d in mark_reachable(store, [digest], set()))
 
 
 def collect(store: FilesystemStore, *, dry_run: bool = False, delete_untagged: bool = False,
@@ -85,15 +87,7 @@ def collect(store: FilesystemStore, *, dry_run: bool = False, delete_untagged: b
     live: set[Digest] = set()
 
     def mark(digest: Digest) -> None:
-        stack = [digest]
-        while stack:
-            d = stack.pop()
-            if d in live:
-                continue
-            live.add(d)
-            manifests, blobs = _children(store, d)
-            stack.extend(manifests)
-            live.update(blobs)
+        mark_reachable(store, [digest], live)
 
     for repo in store.list_repositories():
         roots = [d for t in store.list_tags(repo) or [] if (d := store.get_tag(repo, t))]
