@@ -14,9 +14,11 @@ checked, so a corrupt or truncated upstream body can never look complete to a cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from proxy import metrics
@@ -37,6 +39,9 @@ log = logging.getLogger("regproxy.fill")
 
 #: Bytes handed to a reader per ``pread``; large chunks keep per-chunk overhead low.
 READ_CHUNK = 1 << 20
+#: Chunks at least this big are hashed and written in a thread, in parallel with receiving.
+PIPELINE_MIN_CHUNK = 256 << 10
+_TEE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tee")
 
 
 class BlobFill:
@@ -52,6 +57,7 @@ class BlobFill:
         self.error: RegistryError | None = None
         self._headers = asyncio.Event()
         self._progress = asyncio.Event()
+        self._pending: asyncio.Future[None] | None = None  #: a chunk being written by a thread
 
     # -- reader side -------------------------------------------------------------------
 
@@ -72,6 +78,10 @@ class BlobFill:
         await self._progress.wait()
 
     # -- writer side -------------------------------------------------------------------
+
+    def _advance(self, n: int) -> None:
+        self.written += n
+        self._notify()
 
     def _notify(self) -> None:
         event, self._progress = self._progress, asyncio.Event()
@@ -103,15 +113,27 @@ class BlobFill:
                 self.size = resp.content_length
                 writer.announce_size(self.size)
                 self._headers.set()
+                # Pipeline: a thread hashes and writes chunk N (hashlib and os.write let go
+                # of the GIL) while the loop receives chunk N+1; small chunks stay inline,
+                # where a thread hop would cost more than it saves.
+                loop = asyncio.get_running_loop()
+                pending_len = 0
                 while True:
                     chunk = await resp.content.readany()
+                    if self._pending is not None:
+                        await self._pending
+                        self._pending = None
+                        self._advance(pending_len)
                     if not chunk:
                         break
-                    writer.write(chunk)
-                    self.written += len(chunk)
-                    if self.size is not None and self.written > self.size:
+                    if self.size is not None and self.written + len(chunk) > self.size:
                         raise BadGateway("upstream sent more bytes than announced")
-                    self._notify()
+                    if len(chunk) >= PIPELINE_MIN_CHUNK:
+                        self._pending = loop.run_in_executor(_TEE_POOL, writer.write, chunk)
+                        pending_len = len(chunk)
+                    else:
+                        writer.write(chunk)
+                        self._advance(len(chunk))
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:
@@ -132,6 +154,9 @@ class BlobFill:
                 f"blob fill failed: {type(exc).__name__}")
             if not isinstance(exc, RegistryError | asyncio.CancelledError):
                 log.exception("blob fill %s failed", self.digest)
+            if self._pending is not None:  # let the thread finish before the file goes
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(self._pending)
             on_settled(self)
             writer.abort()
             if isinstance(exc, asyncio.CancelledError):
