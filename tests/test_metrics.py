@@ -101,3 +101,26 @@ async def test_status_page_renders_its_figures(aiohttp_server, tmp_path):
     assert dict(snap["top_repositories"]).get("shown/repo", 0) >= 3 * 5000  # stats are per process
     assert snap["outcomes"]["miss"] >= 2 and snap["outcomes"]["hit"] >= 1
     assert snap["cache"]["budget"] == 1 << 30
+
+
+async def test_status_page_screenshot_in_headless_chromium(aiohttp_server, tmp_path):
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by scripts/test.sh"
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"shot.io": up}, max_size=1 << 30)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    png = tmp_path / "status.png"
+    proc = await asyncio.create_subprocess_exec(
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,1100",
+        f"--screenshot={png}", str(server.make_url("/status")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 10_000  # a real rendered page

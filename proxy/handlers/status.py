@@ -66,8 +66,11 @@ def _chart(series: list[tuple[int, float | None]], width: int = 720, height: int
     lines = "".join(
         f'<polyline fill="none" stroke="#2a7" stroke-width="2" points="{" ".join(seg)}"/>'
         for seg in segments if seg)
-    grid = "".join(f'<line x1="0" x2="{width}" y1="{y}" y2="{y}" stroke="#ddd"/>'
-                   for y in (0, height / 2, height))
+    grid = "".join(
+        f'<line x1="0" x2="{width}" y1="{y}" y2="{y}" stroke="#ddd"/>'
+        f'<text x="{width - 2}" y="{max(y - 3, 10)}" font-size="10" fill="#999" '
+        f'text-anchor="end">{label}</text>'
+        for y, label in ((0, "100%"), (height / 2, "50%"), (height, "0%")))
     return (f'<svg role="img" aria-label="hit ratio, last {len(series) // 60} hours" '
             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">{grid}{lines}</svg>')
 
