@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -40,12 +39,19 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), _OPENER.open(f"{self.url}/v2/", timeout=1) as resp:
-                if resp.status == 200:
-                    return self
+            if self.ready():
+                return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"proxy did not start:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        """Whether the server answers ``/v2/`` (with a 200)."""
+        try:
+            with _OPENER.open(f"{self.url}/v2/", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
 
     def peak_rss_kib(self) -> int:
         """VmHWM of the process: the peak resident memory so far."""
