@@ -39,8 +39,11 @@ log = logging.getLogger("regproxy.fill")
 
 #: Bytes handed to a reader per ``pread``; large chunks keep per-chunk overhead low.
 READ_CHUNK = 1 << 20
-#: Chunks at least this big are hashed and written in a thread, in parallel with receiving.
+#: Chunks at least this big, of blobs at least PIPELINE_MIN_BLOB big, are hashed and
+#: written in a thread in parallel with receiving; small blobs stay inline, where the
+#: thread hops would cost more latency than they save CPU.
 PIPELINE_MIN_CHUNK = 256 << 10
+PIPELINE_MIN_BLOB = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tee")
 
 
@@ -118,6 +121,8 @@ class BlobFill:
                 # where a thread hop would cost more than it saves.
                 loop = asyncio.get_running_loop()
                 pending_len = 0
+                min_chunk = PIPELINE_MIN_CHUNK if (
+                    self.size is None or self.size >= PIPELINE_MIN_BLOB) else 1 << 62
                 while True:
                     chunk = await resp.content.readany()
                     if self._pending is not None:
@@ -128,7 +133,7 @@ class BlobFill:
                         break
                     if self.size is not None and self.written + len(chunk) > self.size:
                         raise BadGateway("upstream sent more bytes than announced")
-                    if len(chunk) >= PIPELINE_MIN_CHUNK:
+                    if len(chunk) >= min_chunk:
                         self._pending = loop.run_in_executor(_TEE_POOL, writer.write, chunk)
                         pending_len = len(chunk)
                     else:
