@@ -78,6 +78,14 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     return app
 
 
+async def _purge_uploads(hosted: Hosted, max_age: float) -> None:
+    """Remove abandoned uploads at start and then periodically."""
+    interval = min(max(max_age / 4, 60.0), 3600.0)
+    while True:
+        await asyncio.get_running_loop().run_in_executor(None, hosted.uploads.purge, max_age)
+        await asyncio.sleep(interval)
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = FilesystemStore(config.storage_root)
@@ -104,18 +112,20 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[PULLTHROUGH] = pullthrough
     hosted = Hosted(store, max_manifest_size=config.max_manifest_size,
                     delete_enabled=config.delete_enabled)
-    hosted.uploads.purge(config.upload_max_age)
     app[HOSTED] = hosted
     evictor = Evictor(pullthrough, app[ROUTER].is_hosted, max_size=config.max_size,
                       max_age=config.max_age)
     pullthrough.after_fill = evictor.kick
     app[EVICTOR] = evictor
-    eviction_task = asyncio.create_task(evictor.run_forever())
+    background = [asyncio.create_task(evictor.run_forever()),
+                  asyncio.create_task(_purge_uploads(hosted, config.upload_max_age))]
     try:
         yield
     finally:
-        eviction_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await eviction_task
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await pullthrough.close()
         await session.close()

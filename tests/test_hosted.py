@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -120,6 +121,10 @@ async def test_cancel_and_purge_uploads(registry, client):
         uid = r.headers["Docker-Upload-UUID"]
     (data / "uploads" / uid / "started").write_text(str(time.time() - 3 * 86400))
     base2 = await start(upload_max_age=86400.0)  # abandoned uploads are purged at start
+    for _ in range(100):
+        if not (data / "uploads" / uid).exists():
+            break
+        await asyncio.sleep(0.02)
     assert not (data / "uploads" / uid).exists()
     async with client.get(f"{base2}/v2/team/app/blobs/uploads/{uid}") as r:
         assert r.status == 404
@@ -280,7 +285,6 @@ async def test_gc_sweeps_unreferenced_content_and_respects_grace(registry, clien
 
 
 async def test_gc_command_line(registry, client, tmp_path):
-    import asyncio
     import subprocess
     import sys
 
