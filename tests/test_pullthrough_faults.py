@@ -388,6 +388,28 @@ async def test_bearer_token_flow_and_redirects_without_credentials(aiohttp_serve
                for x in fake.requests if "/blobs/" in x.path)
 
 
+@pytest.mark.parametrize("with_credentials", [True, False])
+async def test_basic_auth_upstream_gets_its_configured_credentials(aiohttp_server, fake, tmp_path,
+                                                                   client, with_credentials):
+    from dataclasses import replace
+
+    fake.require_basic = "robot:s3cret"
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"basic.io": up})
+    if with_credentials:
+        ups = {"basic.io": replace(cfg.upstreams["basic.io"], username="robot", password="s3cret")}
+        cfg = replace(cfg, upstreams=ups)
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    d = fake.add_image("private/app", "v1", [b"secret layer"])
+    async with client.get(f"{base}/v2/private/app/manifests/v1") as r:
+        if with_credentials:
+            assert r.status == 200 and r.headers["Docker-Content-Digest"] == d
+            assert "s3cret" not in str(r.headers) and "Basic" not in str(r.headers)
+        else:  # the upstream refuses us: a 404 so clients fall back, never a 401 loop
+            assert r.status == 404
+            assert "denied" in (await r.json())["errors"][0]["message"]
+
+
 # -- routing -------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ another host. Every request is recorded so tests can count upstream traffic.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class FakeUpstream:
     chunk_delay: float = 0.0              # seconds between 64 KiB chunks of a blob
     status: int | None = None             # answer every /v2/<name>/... request with this
     require_token: str | None = None      # bearer token that must be presented
+    require_basic: str | None = None      # "user:password" that must be presented (Basic)
     redirect_to: str | None = None        # base URL that blob GETs are redirected to
     omit_digest_header: bool = False
     token_requests: int = 0
@@ -97,6 +99,12 @@ class FakeUpstream:
         if request.path.startswith("/v2/") and request.path != "/v2/" and self.status:
             return web.json_response({"errors": [{"code": "X", "message": "injected"}]},
                                      status=self.status, headers={"Retry-After": "7"})
+        if self.require_basic and request.path.startswith("/v2"):
+            expected = "Basic " + base64.b64encode(self.require_basic.encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                return web.json_response(
+                    {"errors": [{"code": "UNAUTHORIZED", "message": "basic"}]}, status=401,
+                    headers={"WWW-Authenticate": 'Basic realm="fake"'})
         authorized = request.headers.get("Authorization") == f"Bearer {self.require_token}"
         if self.require_token and request.path.startswith("/v2") and not authorized:
             realm = f"http://{request.host}/token"
