@@ -334,6 +334,10 @@ class PullThrough:
         for _ in range(3):
             writer = self.store.claim_fill(digest)
             if writer is not None:
+                size = self.store.blob_size(digest)
+                if size is not None:  # a sibling published it just before our claim
+                    writer.abort()
+                    return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
                 return await self._join(digest, self._start_fill(route, digest, writer), MISS)
             tail = await TailReader.open(self.store, digest)  # a sibling worker is filling
             if tail is not None:
