@@ -12,6 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, FileResponse, StreamResponse
 
 from proxy import metrics
+from proxy.handlers.common import CACHE_OUTCOME, REPO
 from proxy.stats import STATS
 
 #: Handlers whose requests are cache reads, and the kind they count as.
@@ -48,13 +49,13 @@ class AccessLogger(AbstractAccessLogger):
         route = getattr(getattr(match_info, "route", None), "handler", None)
         handler = getattr(route, "__name__", "none")
         sent = _bytes_sent(request, response)
-        outcome = request.get("cache", "-")
+        outcome = request.get(CACHE_OUTCOME, "-")
         status = response.status
         _child(metrics.REQUESTS, handler, request.method, status).inc()
         kind = _CACHE_KINDS.get(handler)
         if kind is not None and outcome != "-":
             _child(metrics.CACHE, kind, outcome).inc()
-            STATS.record(request.get("repo"), outcome, sent if request.method == "GET" else 0)
+            STATS.record(request.get(REPO), outcome, sent if request.method == "GET" else 0)
             if kind == "blob" and request.method == "GET" and response.status in (200, 206):
                 source = "cache" if outcome == "hit" else "upstream"
                 _child(metrics.BYTES_SERVED, source).inc(sent)

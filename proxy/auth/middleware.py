@@ -29,15 +29,13 @@ from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.settings import AuthConfig
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
 from proxy.errors import Denied, RegistryError, Unauthorized
-from proxy.handlers.common import ROUTER
+from proxy.handlers.common import CATALOG_FILTER, ROUTER
 
 log = logging.getLogger("regproxy.auth")
 
 TOKEN_PATH = "/auth/token"
-#: Set on a ``/v2/_catalog`` request: a predicate saying which local names the client may see.
-CATALOG_FILTER = "regproxy.catalog_filter"
 #: The authenticated user of a request (``None`` for anonymous), for handlers that care.
-REQUEST_USER = "regproxy.user"
+REQUEST_USER = web.RequestKey("regproxy.user", object)
 
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-:\[\]]{1,300}")
 

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from proxy.errors import RegistryError
-from proxy.handlers.common import head_response, hosted_only, reader_of, route_of
+from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
 from proxy.reference import Digest
 
@@ -20,7 +20,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = Digest.parse(request.match_info["digest"])
     head = request.method == "HEAD"
     result = await reader_of(request, route).blob(route, digest, head=head)
-    request["cache"] = result.outcome
+    request[CACHE_OUTCOME] = result.outcome
     headers = {
         "Docker-Content-Digest": str(digest),
         "Content-Type": "application/octet-stream",
@@ -53,7 +53,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             # The headers are gone: the only honest signal left is to cut the connection,
             # so the client sees a short body and retries instead of trusting it.
             log.warning("aborting %s for %s: %s", request.path, request.remote, exc.message)
-            request["cache"] = "upstream_error"
+            request[CACHE_OUTCOME] = "upstream_error"
             if request.transport is not None:
                 request.transport.close()
             return resp

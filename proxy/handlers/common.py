@@ -20,12 +20,17 @@ log = logging.getLogger("regproxy.http")
 ROUTER = web.AppKey("router", Router)
 PULLTHROUGH = web.AppKey("pullthrough", PullThrough)
 HOSTED = web.AppKey("hosted", Hosted)
+#: Per-request notes for the access log and metrics: the cache outcome and the local name.
+CACHE_OUTCOME = web.RequestKey("regproxy.cache", str)
+REPO = web.RequestKey("regproxy.repo", str)
+#: Set by the auth layer: which local names ``_catalog`` may list for this client.
+CATALOG_FILTER = web.RequestKey("regproxy.catalog_filter", Callable[[str], bool])
 EVICTOR = web.AppKey("evictor", Evictor)
 
 def route_of(request: web.Request) -> Route:
     """The route of the repository named in the path (``ns`` query honoured)."""
     route = request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
-    request["repo"] = route.name
+    request[REPO] = route.name
     return route
 
 
@@ -89,7 +94,7 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         return await handler(request)
     except RegistryError as exc:
-        request["cache"] = request.get("cache", "error")
+        request[CACHE_OUTCOME] = request.get(CACHE_OUTCOME, "error")
         return error_response(exc)
     except web.HTTPNotFound:
         return error_response(EndpointUnknown(f"no API endpoint at {request.path[:200]}"))

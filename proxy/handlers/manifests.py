@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import ManifestUnknown, PayloadTooLarge, TagInvalid
-from proxy.handlers.common import head_response, hosted_only, reader_of, route_of
+from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
 from proxy.mediatypes import parse_accept
 from proxy.reference import Digest, parse_reference
 
@@ -26,7 +26,7 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     head = request.method == "HEAD"
     accepted = parse_accept(request.headers.getall("Accept", ()))
     result = await reader_of(request, route).manifest(route, reference, accepted, head=head)
-    request["cache"] = result.outcome
+    request[CACHE_OUTCOME] = result.outcome
     etag = f'"{result.digest}"'
     headers = {
         "Docker-Content-Digest": str(result.digest),

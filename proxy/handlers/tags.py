@@ -7,7 +7,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proxy.errors import RegistryError
-from proxy.handlers.common import PULLTHROUGH, reader_of, route_of
+from proxy.handlers.common import CATALOG_FILTER, PULLTHROUGH, reader_of, route_of
 from proxy.pullthrough.service import paginate
 
 #: Upper bound on ``n`` so one request cannot ask for an unbounded page.
@@ -54,7 +54,7 @@ async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
     n, last = _page_params(request)
     names = request.app[PULLTHROUGH].store.list_repositories()
-    visible = request.get("regproxy.catalog_filter")  # set by proxy.auth: what this client may pull
+    visible = request.get(CATALOG_FILTER)  # set by proxy.auth: what this client may pull
     if visible is not None:
         names = [name for name in names if visible(name)]
     page, more = paginate(names, n, last) if n != 0 else ([], False)
