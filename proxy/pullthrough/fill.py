@@ -44,7 +44,7 @@ READ_CHUNK = 1 << 20
 #: thread hops would cost more latency than they save CPU.
 PIPELINE_MIN_CHUNK = 256 << 10
 PIPELINE_MIN_BLOB = 8 << 20
-_TEE_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tee")
+_TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
 class BlobFill:
