@@ -59,3 +59,36 @@ async def test_sigterm_mid_fill_without_clients_leaves_no_partial_object(aiohttp
         proxy.stop()
     assert os.listdir(data / "tmp") == []
     assert not (data / "blobs" / "sha256" / d[7:9] / d[7:]).exists()
+
+
+async def test_sigkill_mid_fill_leaves_nothing_visible_and_restart_cleans_up(aiohttp_server,
+                                                                             tmp_path):
+    fake = FakeUpstream()
+    fake.chunk_delay = 0.02
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    blob = os.urandom(4 * MiB)
+    d = fake.add_blob(blob)
+    data = tmp_path / "data"
+    stored = data / "blobs" / "sha256" / d[7:9] / d[7:]
+    proxy = ProxyProcess(tmp_path / "p", "--upstream", up, "--data-dir", str(data)).start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            r = await client.get(f"{proxy.url}/v2/x/blobs/{d}")
+            await r.content.readexactly(256 * 1024)
+            assert proxy.proc is not None
+            proxy.proc.kill()  # a crash: no cleanup code runs
+            await asyncio.to_thread(proxy.proc.wait, 10)
+            r.close()
+    finally:
+        proxy.stop()
+    assert not stored.exists()  # nothing partial became visible
+    assert os.listdir(data / "tmp")  # the half-written fill file is still there...
+    proxy = ProxyProcess(tmp_path / "p2", "--upstream", up, "--data-dir", str(data)).start()
+    try:
+        assert os.listdir(data / "tmp") == []  # ...until the next start cleans it
+        fake.chunk_delay = 0
+        async with aiohttp.ClientSession() as client, client.get(
+                f"{proxy.url}/v2/x/blobs/{d}") as r:
+            assert await r.read() == blob
+    finally:
+        proxy.stop()
