@@ -112,15 +112,19 @@ async def test_anonymous_pull_matches_local_names_however_addressed(aiohttp_clie
     # library/* on the default upstream (docker.io): by plain name, short name, ns, prefix
     for path in ("/v2/library/alpine/manifests/3", "/v2/alpine/manifests/3",
                  "/v2/alpine/manifests/3?ns=docker.io", "/v2/docker.io/library/alpine/manifests/3",
-                 "/v2/ghcr.io/org/tool/manifests/1", "/v2/org/tool/manifests/1?ns=ghcr.io"):
+                 "/v2/ghcr.io/org/tool/manifests/1", "/v2/org/tool/manifests/1?ns=ghcr.io",
+                 "/docker.io/v2/alpine/manifests/3", "/ghcr.io/v2/org/tool/manifests/1"):
         async with client.get(path) as r:
             assert r.status in (404, 503), path
     async with client.put("/v2/library/alpine/manifests/3", data=b"{}") as r:
         assert r.status == 401
     for path in ("/v2/team/app/manifests/1", "/v2/org/tool/manifests/1",
-                 "/v2/org/tool/manifests/1?ns=docker.io"):
+                 "/v2/org/tool/manifests/1?ns=docker.io", "/docker.io/v2/org/tool/manifests/1"):
         async with client.get(path) as r:
             assert r.status == 401, path
+    for path in ("/v2/_catalog", "/docker.io/v2/_catalog"):  # filtered the same way
+        async with client.get(path) as r:
+            assert r.status == 200 and "team/app" not in await r.text()
     # /v2/ answers 200 (anonymous pull exists) but still advertises the challenge
     async with client.get("/v2/") as r:
         assert r.status == 200

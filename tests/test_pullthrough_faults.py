@@ -423,18 +423,23 @@ async def test_ns_and_path_prefix_route_to_one_cache_key(aiohttp_server, tmp_pat
     ghcr_digest = ghcr.add_image("org/tool", "1", [b"ghcr"])
     for url in (f"{base}/v2/alpine/manifests/3", f"{base}/v2/library/alpine/manifests/3?ns=docker.io",
                 f"{base}/v2/alpine/manifests/3?ns=docker.io",
-                f"{base}/v2/docker.io/library/alpine/manifests/3"):
+                f"{base}/v2/docker.io/library/alpine/manifests/3",
+                f"{base}/docker.io/v2/alpine/manifests/3"):  # Engine 25+ mirror with a path
         async with client.get(url) as r:
             assert r.status == 200, url
             assert r.headers["Docker-Content-Digest"] == hub_digest
-    for url in (f"{base}/v2/org/tool/manifests/1?ns=ghcr.io", f"{base}/v2/ghcr.io/org/tool/manifests/1"):
+    for url in (f"{base}/v2/org/tool/manifests/1?ns=ghcr.io", f"{base}/v2/ghcr.io/org/tool/manifests/1",
+                f"{base}/ghcr.io/v2/org/tool/manifests/1"):
         async with client.get(url) as r:
             assert r.status == 200, url
             assert r.headers["Docker-Content-Digest"] == ghcr_digest
     assert hub.count("GET", "/manifests/") == 1  # one cache entry whatever the spelling
     assert ghcr.count("GET", "/manifests/") == 1
-    async with client.get(f"{base}/v2/org/tool/manifests/1?ns=quay.io") as r:
-        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    for url in (f"{base}/v2/org/tool/manifests/1?ns=quay.io", f"{base}/quay.io/v2/org/tool/manifests/1"):
+        async with client.get(url) as r:
+            assert r.status == 404 and (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    async with client.get(f"{base}/docker.io/v2/") as r:
+        assert r.status == 200
     async with client.get(f"{base}/v2/_catalog") as r:
         assert (await r.json())["repositories"] == ["ghcr.io/org/tool", "library/alpine"]
 

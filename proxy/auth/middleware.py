@@ -132,7 +132,8 @@ class Edge:
 
     def local_name(self, request: web.Request, name: str) -> str:
         try:
-            return request.app[ROUTER].route(name, request.query.get("ns")).name
+            ns = request.query.get("ns") or request.match_info.get("prefix")
+            return request.app[ROUTER].route(name, ns).name
         except (RegistryError, KeyError):
             return name
 
@@ -185,7 +186,8 @@ def _scope_name(name: str) -> str:
 @web.middleware
 async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
     """Authenticate and authorize every ``/v2`` request before its handler runs."""
-    if not request.path.startswith("/v2") or request.match_info.http_exception is not None:
+    api = request.path.startswith("/v2") or "prefix" in request.match_info  # /<upstream>/v2/...
+    if not api or request.match_info.http_exception is not None:
         return await handler(request)
     edge = request.app[EDGE]
     remote = request.remote
@@ -193,7 +195,7 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
     request[REQUEST_USER] = ident.user
     name = request.match_info.get("name")
     if name is None:  # /v2/ and /v2/_catalog
-        catalog = request.path.startswith("/v2/_catalog")
+        catalog = request.path.endswith("/v2/_catalog")
         if ident.anonymous and not edge.acl.anonymous_allowed_from(remote):
             raise edge.challenge(request, scope="registry:catalog:*" if catalog else None)
         if catalog:

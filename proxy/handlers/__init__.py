@@ -10,6 +10,8 @@ from proxy.handlers.common import Handler, endpoint_unknown, method_unsupported,
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
 # fixed suffixes after it keep the patterns unambiguous.
 _NAME = "{name:[^{}]+?}"
+#: An upstream's name as a path prefix: a host name, optionally with a port.
+_PREFIX = r"[a-z0-9][a-z0-9.-]*(?::[0-9]+)?"
 
 
 def setup_routes(app: web.Application) -> None:
@@ -38,6 +40,10 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/status", status.status_page),
         ("GET", "/status.json", status.status_json),
     ]
+    # The same API under an upstream prefix, ``/<upstream>/v2/...``: a Docker Engine 25+
+    # ``registry-mirrors`` entry may carry a path (``http://cache:5000/docker.io``).
+    routes += [(method, f"/{{prefix:{_PREFIX}}}{path}", handler)
+               for method, path, handler in list(routes) if path.startswith("/v2")]
     paths: list[str] = []
     for method, path, handler in routes:
         if method == "GET":

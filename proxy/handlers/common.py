@@ -28,8 +28,10 @@ CATALOG_FILTER = web.RequestKey("regproxy.catalog_filter", Callable[[str], bool]
 EVICTOR = web.AppKey("evictor", Evictor)
 
 def route_of(request: web.Request) -> Route:
-    """The route of the repository named in the path (``ns`` query honoured)."""
-    route = request.app[ROUTER].route(request.match_info["name"], request.query.get("ns"))
+    """The route of the repository named in the path; containerd's ``?ns=`` or a mirror
+    path prefix (``/<upstream>/v2/...``) chooses the upstream."""
+    ns = request.query.get("ns") or request.match_info.get("prefix")
+    route = request.app[ROUTER].route(request.match_info["name"], ns)
     request[REPO] = route.name
     return route
 
