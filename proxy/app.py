@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
-from aiocache import SimpleMemoryCache
 from aiohttp import web
 
 from proxy import tls
@@ -19,6 +18,7 @@ from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Router
+from proxy.sharedcache import make_cache
 from proxy.storage import FilesystemStore
 from proxy.upstream import UpstreamClient
 
@@ -96,13 +96,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
         headers={"User-Agent": "regproxy/0.1"},
     )
-    tokens = SimpleMemoryCache(timeout=None, namespace="token")
+    tokens = make_cache(config.cache_backend, config.cache_url, "token")
+    tags = make_cache(config.cache_backend, config.cache_url, "tag")
     upstreams = {
         name: UpstreamClient(cfg, session, tokens) for name, cfg in config.upstreams.items()
     }
     pullthrough = PullThrough(
         store,
-        SimpleMemoryCache(timeout=None, namespace="tag"),
+        tags,
         tag_ttl=config.tag_ttl,
         max_manifest_size=config.max_manifest_size,
         manifest_memory=config.manifest_memory,
@@ -129,3 +130,5 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 await task
         await pullthrough.close()
         await session.close()
+        await tokens.close()
+        await tags.close()

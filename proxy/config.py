@@ -68,6 +68,8 @@ class Config:
     manifest_memory: int = 64 << 20
     max_size: int = 0
     max_age: float = 0.0
+    cache_backend: str = "memory"
+    cache_url: str | None = None
     max_manifest_size: int = 4 << 20
     default_upstream: str | None = DOCKER_HUB
     default_platform: tuple[str, str] = ("linux", "amd64")
@@ -272,7 +274,16 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers"})
     storage = _take(top.get("storage", {}), "storage", {"root"})
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size",
-                                                  "max_size", "max_age"})
+                                                  "max_size", "max_age", "backend", "url"})
+    backend = cache.get("backend", "memory")
+    if backend not in ("memory", "redis"):
+        raise ConfigError("cache.backend", f"expected \"memory\" or \"redis\", got {backend!r}")
+    cache_url = cache.get("url")
+    if cache_url is not None and (not isinstance(cache_url, str)
+                                  or urlsplit(cache_url).scheme not in ("redis", "rediss")):
+        raise ConfigError("cache.url", f"expected redis://[:password@]host:port/db, got {cache_url!r}")
+    if backend == "redis" and cache_url is None:
+        raise ConfigError("cache.url", "required with backend = \"redis\"")
     proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
     upstreams_raw = _take(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
 
@@ -313,6 +324,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),
         max_size=parse_size("cache.max_size", cache.get("max_size", 0)),
         max_age=parse_duration("cache.max_age", cache.get("max_age", 0)),
+        cache_backend=backend,
+        cache_url=cache_url,
         max_manifest_size=parse_size("cache.max_manifest_size", cache.get("max_manifest_size", 4 << 20)),
         default_upstream=default,
         default_platform=(os_name, arch),

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiocache import BaseCache
-
 from proxy.errors import (
     BadGateway,
     BlobUnknown,
@@ -39,6 +37,7 @@ from proxy.pullthrough.fill import BlobFill, FillReader, TailReader
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
 from proxy.routing import Route
+from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.storage import BlobWriter, FilesystemStore, StoredManifest
 from proxy.upstream import UpstreamClient, UpstreamResponse, read_capped
@@ -93,7 +92,7 @@ class PullThrough:
     def __init__(
         self,
         store: FilesystemStore,
-        tag_cache: BaseCache,
+        tag_cache: SharedCache,
         *,
         tag_ttl: float,
         max_manifest_size: int,

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
-from aiocache import BaseCache
 from yarl import URL
 
 from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.errors import BadGateway, Unavailable
+from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
 from proxy.upstream.breaker import BreakerState, CircuitBreaker
@@ -52,7 +52,7 @@ class UpstreamClient:
         self,
         config: UpstreamConfig,
         session: aiohttp.ClientSession,
-        token_cache: BaseCache,
+        token_cache: SharedCache,
     ) -> None:
         self.config = config
         self.name = config.name

@@ -1,0 +1,94 @@
+"""Shared metadata through Redis (aiocache): replicas share upstream tokens and tag
+freshness; when Redis is down the proxy carries on without it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.app import create_app
+from proxy.config import ConfigError, from_dict
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.proxyfix import make_config
+from tests.support.registry import free_port
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A throw-away redis-server on loopback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                              text=True).stdout.strip() == "PONG":
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_replicas_share_tokens_and_tag_revalidations(aiohttp_server, tmp_path, redis_url):
+    fake = FakeUpstream()
+    fake.require_token = "shared-token"
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    shared = tmp_path / "shared-data"  # replicas on one store (as they would on S3)
+    bases = []
+    for _ in range(2):
+        cfg = make_config(shared, {"fake.io": up}, cache_backend="redis", cache_url=redis_url)
+        bases.append(str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/"))
+    d = fake.add_image("app", "v1", [b"layer"])
+    async with aiohttp.ClientSession() as client:
+        for base in bases * 2:
+            async with client.get(f"{base}/v2/app/manifests/v1") as r:
+                assert r.status == 200 and r.headers["Docker-Content-Digest"] == d
+    assert fake.token_requests == 1  # the second replica took the token from Redis
+    fetched = [x for x in fake.requests if "/manifests/" in x.path and "Authorization" in x.headers]
+    assert len(fetched) == 1  # one authorized fetch in all: replica B trusted the shared tag
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    cli = await asyncio.create_subprocess_exec(
+        "redis-cli", "-p", port, "--scan", "--pattern", "regproxy:*", stdout=subprocess.PIPE)
+    keys = (await cli.communicate())[0].decode().split()
+    assert any(k.startswith("regproxy:tag:") for k in keys)
+    assert any(k.startswith("regproxy:token:") for k in keys)
+
+
+async def test_redis_down_degrades_to_the_store(aiohttp_server, tmp_path):
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"fake.io": up}, cache_backend="redis",
+                      cache_url=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    d = fake.add_image("app", "v1", [b"layer"])
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.get(f"{base}/v2/app/manifests/v1") as r:
+                assert r.status == 200 and r.headers["Docker-Content-Digest"] == d
+    await asyncio.sleep(0)
+    # without the shared cache, freshness still comes from memory and the tag link's mtime
+    assert len([x for x in fake.requests if "/manifests/" in x.path]) == 1
+
+
+def test_cache_backend_config_errors():
+    with pytest.raises(ConfigError) as info:
+        from_dict({"cache": {"backend": "memcached"}})
+    assert info.value.key == "cache.backend"
+    with pytest.raises(ConfigError) as info:
+        from_dict({"cache": {"backend": "redis"}})
+    assert info.value.key == "cache.url"
+    with pytest.raises(ConfigError) as info:
+        from_dict({"cache": {"backend": "redis", "url": "http://x"}})
+    assert info.value.key == "cache.url"
+    cfg = from_dict({"cache": {"backend": "redis", "url": "redis://:pw@10.0.0.1:6380/2"}})
+    assert (cfg.cache_backend, cfg.cache_url) == ("redis", "redis://:pw@10.0.0.1:6380/2")
