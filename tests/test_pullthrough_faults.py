@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from pathlib import Path
 
 import aiohttp
@@ -108,16 +107,14 @@ async def test_joiner_receives_bytes_before_the_fill_ends(fake, proxy, client):
     d = fake.add_blob(blob)
     first = await client.get(f"{base}/v2/a/blobs/{d}")
     await first.content.readexactly(256 * 1024)
-    started = time.monotonic()
     second = await client.get(f"{base}/v2/b/blobs/{d}")
     await second.content.readexactly(1)
-    ttfb = time.monotonic() - started
+    # the joiner has bytes while the upstream is still sending: it tails the fill
+    assert d not in fake.sent_all
     rest_first = await first.read()
-    total = time.monotonic() - started
     rest_second = await second.read()
     assert rest_second and len(rest_second) + 1 == len(blob)
     assert len(rest_first) + 256 * 1024 == len(blob)
-    assert ttfb < total / 2, (ttfb, total)  # the joiner did not wait for the whole fill
     assert fake.count("GET", f"/blobs/{d}") == 1
     first.release()
     second.release()

@@ -44,6 +44,7 @@ class FakeUpstream:
     redirect_to: str | None = None        # base URL that blob GETs are redirected to
     omit_digest_header: bool = False
     token_requests: int = 0
+    sent_all: set[str] = field(default_factory=set)  # digests whose body was sent in full
 
     # -- content -----------------------------------------------------------------------
 
@@ -179,4 +180,5 @@ class FakeUpstream:
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
         await resp.write_eof()
+        self.sent_all.add(digest_of(data))
         return resp
