@@ -98,8 +98,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     tokens = make_cache(config.cache_backend, config.cache_url, "token")
     tags = make_cache(config.cache_backend, config.cache_url, "tag")
+    # a breaker opened by another replica matters only when replicas share a backend
+    breakers = (make_cache(config.cache_backend, config.cache_url, "breaker")
+                if config.cache_backend != "memory" else None)
     upstreams = {
-        name: UpstreamClient(cfg, session, tokens) for name, cfg in config.upstreams.items()
+        name: UpstreamClient(cfg, session, tokens, breakers)
+        for name, cfg in config.upstreams.items()
     }
     pullthrough = PullThrough(
         store,
@@ -130,5 +134,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 await task
         await pullthrough.close()
         await session.close()
-        await tokens.close()
-        await tags.close()
+        for cache in (tokens, tags, breakers):
+            if cache is not None:
+                await cache.close()

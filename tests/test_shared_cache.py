@@ -92,3 +92,23 @@ def test_cache_backend_config_errors():
     assert info.value.key == "cache.url"
     cfg = from_dict({"cache": {"backend": "redis", "url": "redis://:pw@10.0.0.1:6380/2"}})
     assert (cfg.cache_backend, cfg.cache_url) == ("redis", "redis://:pw@10.0.0.1:6380/2")
+
+
+async def test_an_open_circuit_is_shared_between_replicas(aiohttp_server, tmp_path, redis_url):
+    fake = FakeUpstream()
+    fake.status = 503  # the upstream is failing
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    bases = []
+    for i in range(2):
+        cfg = make_config(tmp_path / f"d{i}", {"fake.io": up}, cache_backend="redis",
+                          cache_url=redis_url)
+        bases.append(str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/"))
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):  # replica A: three failures open its breaker
+            async with client.get(f"{bases[0]}/v2/app/manifests/v1") as r:
+                assert r.status == 503
+        asked = len(fake.requests)
+        async with client.get(f"{bases[1]}/v2/app/manifests/v1") as r:  # replica B
+            assert r.status == 503
+            assert "circuit open on a replica" in (await r.json())["errors"][0]["message"]
+    assert len(fake.requests) == asked  # B did not even try the failing upstream

@@ -53,12 +53,15 @@ class UpstreamClient:
         config: UpstreamConfig,
         session: aiohttp.ClientSession,
         token_cache: SharedCache,
+        breaker_cache: SharedCache | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.base = URL(config.url)
         self._session = session
         self._tokens = token_cache
+        #: Shared with other replicas (Redis): an open circuit there makes us fail fast too.
+        self._shared_breaker = breaker_cache
         self._token_flight: SingleFlight[str | None] = SingleFlight()
         self._challenge: Challenge | None = None
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
@@ -89,6 +92,10 @@ class UpstreamClient:
         if not self.breaker.allow():
             metrics.UPSTREAM_ERRORS.labels(self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open)")
+        if (self._shared_breaker is not None and self.breaker.state is BreakerState.CLOSED
+                and await self._shared_breaker.get(self.name) is not None):
+            metrics.UPSTREAM_ERRORS.labels(self.name, "breaker_open").inc()
+            raise Unavailable(f"upstream {self.name} is unavailable (circuit open on a replica)")
         url = self.base.with_path(f"{self.base.path.rstrip('/')}/v2/{repo}/{path}", encoded=False)
         scope = f"repository:{repo}:pull"
         base_headers = dict(headers or {})
@@ -99,7 +106,7 @@ class UpstreamClient:
             metrics.UPSTREAM_LATENCY.labels(self.name).observe(time.monotonic() - started)
             metrics.UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
             if resp.status >= 500:
-                self._failed()
+                await self._failed()
             else:
                 self.breaker.success()
                 metrics.BREAKER_OPEN.labels(self.name).set(0)
@@ -112,7 +119,7 @@ class UpstreamClient:
             yield resp
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if resp is None:
-                self._failed()
+                await self._failed()
             metrics.UPSTREAM_ERRORS.labels(self.name, type(exc).__name__).inc()
             log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
                         type(exc).__name__)
@@ -121,10 +128,12 @@ class UpstreamClient:
             if resp is not None:
                 resp.release()
 
-    def _failed(self) -> None:
+    async def _failed(self) -> None:
         self.breaker.failure()
-        metrics.BREAKER_OPEN.labels(self.name).set(
-            1 if self.breaker.state is BreakerState.OPEN else 0)
+        is_open = self.breaker.state is BreakerState.OPEN
+        metrics.BREAKER_OPEN.labels(self.name).set(1 if is_open else 0)
+        if is_open and self._shared_breaker is not None:
+            await self._shared_breaker.set(self.name, "open", ttl=self.breaker.cooldown)
 
     async def _send_authorized(
         self, method: str, url: URL, headers: dict[str, str], scope: str
