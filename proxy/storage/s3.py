@@ -1,0 +1,370 @@
+"""Blob store on S3-compatible object storage (AWS S3, MinIO, SeaweedFS, ...), via aiobotocore.
+
+A building block for scale-out (issue 7): several proxy hosts share one bucket instead of
+one local disk. Layout under ``<prefix>/`` mirrors :mod:`proxy.storage.filesystem`::
+
+    blobs/<alg>/<hex[:2]>/<hex>     bytes of every blob and manifest, stored once
+    _uploads/<random>               objects being written (multipart uploads in progress)
+
+The same promise as the filesystem store holds: nothing appears under ``blobs/`` before
+its digest and size were checked. Large blobs stream into a multipart upload under a temp
+key as they arrive (at most two parts in memory: one filling, one uploading); ``commit``
+checks the digest and size, completes the upload, and server-side copies the object to its
+final key, which is atomic for readers. A blob that fits in one part skips the multipart
+upload and is PUT straight to its final key once verified (a PUT is atomic too).
+
+Limits: ``CopyObject`` copies at most 5 GiB, so bigger blobs are refused while being written
+(a multipart ``UploadPartCopy`` would lift that). A crash leaves incomplete multipart
+uploads and ``_uploads/`` objects behind: give the bucket a lifecycle rule that aborts
+incomplete multipart uploads and expires ``<prefix>/_uploads/`` after a day. Presigned
+URLs point at ``endpoint_url``, which clients must be able to reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from proxy.errors import (
+    BlobUnknown,
+    BlobUploadInvalid,
+    DigestInvalid,
+    RangeNotSatisfiable,
+    SizeInvalid,
+)
+from proxy.reference import Digest
+
+MiB = 1024 * 1024
+DEFAULT_PART_SIZE = 8 * MiB
+MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
+MAX_COPY_SIZE = 5 * 1024 * MiB  # CopyObject's limit
+READ_CHUNK = 256 * 1024
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """Where the blobs live. ``access_key``/``secret_key`` left ``None`` fall back to
+    botocore's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, IAM
+    roles). ``endpoint_url`` ``None`` means AWS itself; custom endpoints (MinIO, SeaweedFS)
+    get path-style addressing unless ``addressing_style`` says otherwise."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    prefix: str = ""
+    access_key: str | None = None
+    secret_key: str | None = None
+    addressing_style: str | None = None  # "path" | "virtual" | "auto"
+    part_size: int = DEFAULT_PART_SIZE
+
+    def key(self, rest: str) -> str:
+        prefix = self.prefix.strip("/")
+        return f"{prefix}/{rest}" if prefix else rest
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class S3Range:
+    """A ranged GET in progress: an async iterator of chunks that owns the response body.
+
+    Returned already started, so a caller learns of a missing blob or a bad range before
+    it sends response headers; ``start``/``end`` (inclusive)/``total`` fill Content-Range.
+    Iterating to the end or :meth:`aclose` releases the connection.
+    """
+
+    def __init__(self, body: Any, start: int, end: int, total: int) -> None:
+        self._body = body
+        self.start, self.end, self.total = start, end, total
+        self.length = end - start + 1
+
+    def __aiter__(self) -> S3Range:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._body.read(READ_CHUNK)
+        except BaseException:
+            await self.aclose()
+            raise
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        return bytes(chunk)
+
+    async def aclose(self) -> None:
+        if self._body is not None:
+            body, self._body = self._body, None
+            body.close()
+
+    async def __aenter__(self) -> S3Range:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class S3BlobWriter:
+    """Streams one blob into a multipart upload under a temp key, hashing as it goes.
+
+    Part uploads overlap with filling the next part (the caller is still reading its
+    upstream meanwhile) but never more than one is in flight, so memory stays below two
+    parts: :attr:`max_held` records the peak, for tests and metrics.
+    """
+
+    def __init__(self, store: S3BlobStore, algorithm: str = "sha256") -> None:
+        self._store = store
+        self._client = store.client
+        self._bucket = store.config.bucket
+        self._part_size = store.config.part_size
+        self.temp_key = store.config.key(f"_uploads/{secrets.token_hex(16)}")
+        self._algorithm = algorithm
+        self._hash = hashlib.new(algorithm)
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._inflight: asyncio.Task[None] | None = None
+        self._inflight_size = 0
+        self._done = False
+        self.size = 0
+        self.max_held = 0
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``; a full part goes to S3 while the next one fills."""
+        if self._done:
+            raise RuntimeError("writer already committed or aborted")
+        view = memoryview(data).cast("B")
+        if self.size + len(view) > MAX_COPY_SIZE:
+            raise BlobUploadInvalid("blobs over 5 GiB are not supported by the S3 backend")
+        self._hash.update(view)
+        self.size += len(view)
+        while view:
+            room = self._part_size - len(self._buf)
+            self._buf += view[:room]
+            view = view[room:]
+            self.max_held = max(self.max_held, len(self._buf) + self._inflight_size)
+            if len(self._buf) >= self._part_size:
+                await self._send_part()
+
+    def digest(self) -> Digest:
+        return Digest(self._algorithm, self._hash.hexdigest())
+
+    async def _send_part(self) -> None:
+        """Hand the full buffer to a background part upload (after the previous one ended)."""
+        await self._wait_inflight()
+        if self._upload_id is None:
+            resp = await self._client.create_multipart_upload(Bucket=self._bucket, Key=self.temp_key)
+            self._upload_id = resp["UploadId"]
+        part, self._buf = self._buf, bytearray()
+        number = len(self._parts) + 1
+        self._parts.append({"PartNumber": number})
+        self._inflight_size = len(part)
+        self._inflight = asyncio.create_task(self._upload_part(number, part))
+
+    async def _upload_part(self, number: int, body: bytearray) -> None:
+        resp = await self._client.upload_part(
+            Bucket=self._bucket, Key=self.temp_key, UploadId=self._upload_id,
+            PartNumber=number, Body=body, ContentLength=len(body),
+        )
+        self._parts[number - 1]["ETag"] = resp["ETag"]
+
+    async def _wait_inflight(self) -> None:
+        if self._inflight is not None:
+            task, self._inflight = self._inflight, None
+            try:
+                await task
+            finally:
+                self._inflight_size = 0
+
+    async def commit(self, expected: Digest, expected_size: int | None = None) -> None:
+        """Verify, then make the blob visible under its content address.
+
+        The digest is checked before anything is completed, so a bad blob never becomes
+        an object at all; the stored size is checked again before the copy.
+        """
+        if self._done:
+            raise RuntimeError("writer already committed or aborted")
+        try:
+            if expected_size is not None and self.size != expected_size:
+                raise SizeInvalid(f"got {self.size} bytes, expected {expected_size}")
+            if expected.algorithm != self._algorithm or self.digest() != expected:
+                raise DigestInvalid(f"content digest {self.digest()} does not match {expected}")
+            final = self._store.blob_key(expected)
+            if self._upload_id is None:  # fits in one part: a verified PUT is atomic
+                await self._client.put_object(
+                    Bucket=self._bucket, Key=final, Body=self._buf, ContentLength=len(self._buf),
+                )
+                self._buf = bytearray()
+                self._done = True
+                return
+            if self._buf:
+                await self._send_part()
+            await self._wait_inflight()
+            await self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=self.temp_key, UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+            self._upload_id = None  # completed: from here on, clean up the temp object
+            head = await self._client.head_object(Bucket=self._bucket, Key=self.temp_key)
+            if head["ContentLength"] != self.size:
+                raise SizeInvalid(f"object store holds {head['ContentLength']} bytes, sent {self.size}")
+            await self._client.copy_object(
+                Bucket=self._bucket, Key=final,
+                CopySource={"Bucket": self._bucket, "Key": self.temp_key},
+            )
+            await self._client.delete_object(Bucket=self._bucket, Key=self.temp_key)
+            self._done = True
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def abort(self) -> None:
+        """Drop everything written so far; nothing becomes visible. Safe to call twice."""
+        self._done = True
+        self._buf = bytearray()
+        if self._inflight is not None:
+            self._inflight.cancel()
+            with contextlib.suppress(BaseException):
+                await self._wait_inflight()
+        with contextlib.suppress(ClientError):
+            if self._upload_id is not None:
+                upload_id, self._upload_id = self._upload_id, None
+                await self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self.temp_key, UploadId=upload_id,
+                )
+            elif self._parts:  # completed but not copied: remove the temp object
+                await self._client.delete_object(Bucket=self._bucket, Key=self.temp_key)
+
+
+class S3BlobStore:
+    """Content-addressed blobs in one bucket; one aiobotocore client per store.
+
+    Use as ``async with S3BlobStore(config) as store:`` so the client's connection pool
+    is opened once and closed on shutdown.
+    """
+
+    def __init__(self, config: S3Config) -> None:
+        if config.part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)")
+        self.config = config
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("S3BlobStore used outside 'async with'")
+        return self._client
+
+    async def __aenter__(self) -> S3BlobStore:
+        cfg = self.config
+        style = cfg.addressing_style or ("path" if cfg.endpoint_url else "auto")
+        # Our own sha256 check covers integrity; botocore's default CRC checksums
+        # (1.36+) are not understood by every S3-compatible server.
+        options: dict[str, Any] = {"signature_version": "s3v4", "s3": {"addressing_style": style},
+                                   "retries": {"max_attempts": 3, "mode": "standard"}}
+        if "request_checksum_calculation" in Config.OPTION_DEFAULTS:  # botocore >= 1.36
+            options["request_checksum_calculation"] = "when_required"
+            options["response_checksum_validation"] = "when_required"
+        aio_config = AioConfig(**options)
+        stack = AsyncExitStack()
+        self._client = await stack.enter_async_context(get_session().create_client(
+            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
+            aws_access_key_id=cfg.access_key, aws_secret_access_key=cfg.secret_key,
+            config=aio_config,
+        ))
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    def blob_key(self, digest: Digest) -> str:
+        return self.config.key(f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}")
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        """Size of a stored blob (a HEAD), or ``None`` when absent."""
+        try:
+            head = await self.client.head_object(Bucket=self.config.bucket, Key=self.blob_key(digest))
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    async def open_writer(self, digest: Digest | None = None) -> S3BlobWriter:
+        """A writer for a new blob (``digest``, when known, only picks the hash algorithm)."""
+        return S3BlobWriter(self, digest.algorithm if digest is not None else "sha256")
+
+    async def put_small(self, digest: Digest, data: bytes) -> None:
+        """Store a small object (a manifest) after checking its digest; one atomic PUT."""
+        if Digest.of(data, digest.algorithm) != digest:
+            raise DigestInvalid(f"content digest does not match {digest}")
+        if await self.blob_size(digest) == len(data):
+            return
+        await self.client.put_object(
+            Bucket=self.config.bucket, Key=self.blob_key(digest), Body=data, ContentLength=len(data),
+        )
+
+    async def get_range(self, digest: Digest, start: int = 0, end: int | None = None) -> S3Range:
+        """A ranged GET of bytes ``start..end`` (inclusive, like HTTP; ``None``: to the end).
+
+        BLOB_UNKNOWN when absent, RANGE_NOT_SATISFIABLE when ``start`` is past the end.
+        """
+        if start < 0 or (end is not None and end < start):
+            raise RangeNotSatisfiable(f"bad range {start}-{end}")
+        rng = f"bytes={start}-" if end is None else f"bytes={start}-{end}"
+        try:
+            resp = await self.client.get_object(Bucket=self.config.bucket, Key=self.blob_key(digest),
+                                                Range=rng)
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+                raise BlobUnknown(f"blob {digest} unknown") from exc
+            if _error_code(exc) == "InvalidRange" or _status(exc) == 416:
+                raise RangeNotSatisfiable(f"range {start}-{end} not satisfiable") from exc
+            raise
+        length = int(resp["ContentLength"])
+        content_range = resp.get("ContentRange")  # "bytes 0-99/1234"; absent for a full reply
+        total = int(content_range.rsplit("/", 1)[1]) if content_range else length
+        first = int(content_range.split()[1].split("-")[0]) if content_range else 0
+        return S3Range(resp["Body"], first, first + length - 1, total)
+
+    async def iter_blob(self, digest: Digest) -> AsyncIterator[bytes]:
+        """The whole blob, streamed (convenience over :meth:`get_range`)."""
+        async with await self.get_range(digest) as body:
+            async for chunk in body:
+                yield chunk
+
+    async def presigned_url(self, digest: Digest, expires: int = 300) -> str:
+        """A URL anyone can GET for ``expires`` seconds, so clients fetch blob bytes straight
+        from the object store instead of through the proxy."""
+        url: str = await self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.config.bucket, "Key": self.blob_key(digest)},
+            ExpiresIn=expires,
+        )
+        return url
+
+    async def delete(self, digest: Digest) -> None:
+        """Remove a blob (GC); deleting an absent one is not an error."""
+        await self.client.delete_object(Bucket=self.config.bucket, Key=self.blob_key(digest))
