@@ -114,3 +114,23 @@ async def test_two_worker_processes_make_one_upstream_transfer(
         outs = [(await p.communicate())[0].decode() for p in procs]
     assert outs == [f"200 {64 * MiB}"] * 16
     assert upstream_gets(reg, f"/blobs/{digest}") == 1
+
+
+def test_start_up_cleaning_spares_what_live_processes_are_writing(tmp_path):
+    store = FilesystemStore(tmp_path)
+    store.open()
+    live = store.claim_fill(Digest.of(b"live"))  # another worker, still filling
+    assert live is not None
+    live.announce_size(123)
+    dead = store.fill_path(Digest.of(b"dead"))
+    dead.write_bytes(b"half")  # a crashed filler: nobody holds its lock
+    old_part = store.tmp_dir / "x.part"
+    old_part.write_bytes(b"old")
+    os.utime(old_part, (0, 0))
+    young_part = store.tmp_dir / "y.part"
+    young_part.write_bytes(b"being written")
+    store.clean_tmp()
+    left = sorted(p.name for p in store.tmp_dir.iterdir())
+    fill = store.fill_path(Digest.of(b"live"))
+    assert left == sorted([fill.name, fill.with_suffix(".size").name, "y.part"])
+    live.abort()

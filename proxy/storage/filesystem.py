@@ -151,16 +151,28 @@ class FilesystemStore:
         self._repos = root / "repositories"
 
     def open(self, *, clean: bool = True) -> None:
-        """Create the layout and (``clean``) remove temp files a crash or kill left behind.
-
-        With several worker processes only the parent cleans, before they start.
-        """
+        """Create the layout and (``clean``) remove temp files a crash or kill left behind."""
         for sub in ("blobs", "manifests", "repositories", "tmp", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if clean:
-            for stale in self.tmp_dir.iterdir():
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+            self.clean_tmp()
+
+    def clean_tmp(self, min_age: float = 600.0) -> None:
+        """Remove what crashed writers left in ``tmp/``, and only that: another process on
+        the same storage (a sibling worker, a replica) may be writing there right now. A
+        fill or claim file is abandoned when nobody holds its lock; other temp files when
+        they are older than ``min_age`` seconds."""
+        entries = sorted(self.tmp_dir.iterdir(), key=lambda p: p.suffix != ".fill")
+        now = time.time()
+        for entry in entries:  # fills first, so their .size hints can go with them
+            with contextlib.suppress(OSError):
+                if entry.suffix in (".fill", ".claim"):
+                    self._remove_if_abandoned(entry)
+                elif entry.suffix == ".size":
+                    if not entry.with_suffix(".fill").exists():
+                        entry.unlink()
+                elif now - entry.stat().st_mtime > min_age:
+                    entry.unlink()
 
     # -- blobs -------------------------------------------------------------------------
 
