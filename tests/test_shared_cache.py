@@ -112,3 +112,35 @@ async def test_an_open_circuit_is_shared_between_replicas(aiohttp_server, tmp_pa
             assert r.status == 503
             assert "circuit open on a replica" in (await r.json())["errors"][0]["message"]
     assert len(fake.requests) == asked  # B did not even try the failing upstream
+
+
+async def test_three_replicas_on_shared_storage_make_one_upstream_transfer(
+    upstream_registry, http_session, tmp_path, redis_url
+):
+    """Three proxy processes (replicas) on one store and one Redis: 30 concurrent cold clients
+    spread over them cause exactly one upstream transfer of the blob."""
+    from tests.support.images import make_layer_file, push_image
+    from tests.support.proxyproc import ProxyProcess
+    from tests.test_integration_registry import upstream_gets
+
+    reg = upstream_registry
+    layer = tmp_path / "layer"
+    make_layer_file(layer, 48 << 20, seed=31)
+    img = await push_image(http_session, reg.url, "it/replicas", "v1", [layer], schema="oci")
+    digest = img.layers[0].digest
+    config = tmp_path / "replica.toml"
+    config.write_text(f'[cache]\nbackend = "redis"\nurl = "{redis_url}"\n')
+    replicas = [ProxyProcess(tmp_path / f"r{i}", "--config", str(config), "--upstream", reg.url,
+                             "--data-dir", str(tmp_path / "shared")).start() for i in range(3)]
+    try:
+        procs = await asyncio.gather(*(
+            asyncio.create_subprocess_exec(
+                "curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                f"{replicas[i % 3].url}/v2/it/replicas/blobs/{digest}", stdout=subprocess.PIPE)
+            for i in range(30)))
+        outs = [(await p.communicate())[0].decode() for p in procs]
+    finally:
+        for r in replicas:
+            r.stop()
+    assert outs == [f"200 {48 << 20}"] * 30
+    assert upstream_gets(reg, f"/blobs/{digest}") == 1
