@@ -19,7 +19,9 @@ from proxy.tools import commands as tool_commands
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regproxy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="regproxy",
+        description="A pull-through caching proxy and private registry for container images.")
     parser.add_argument("--version", action="version", version=f"regproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the registry proxy")
