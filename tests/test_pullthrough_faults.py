@@ -497,3 +497,25 @@ async def test_tags_list_from_upstream_and_catalog_pagination(fake, proxy, clien
     fake.status = 503  # tags of a cached repository survive an outage
     async with client.get(f"{base}/v2/repo2/tags/list") as r:
         assert (await r.json()) == {"name": "repo2", "tags": ["t2"]}
+
+
+async def test_an_unexpected_error_mid_stream_cuts_the_connection(fake, proxy, client,
+                                                                  monkeypatch):
+    """A bug after the headers went out must not leave the client waiting for bytes."""
+    from proxy.pullthrough.fill import FillReader
+
+    original = FillReader.stream
+
+    async def broken(self, start=0, end=None):
+        async for chunk in original(self, start, end):
+            yield chunk
+            raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(FillReader, "stream", broken)
+    base, _ = proxy
+    fake.chunk_delay = 0.002
+    d = fake.add_blob(os.urandom(2 * MiB))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(f"{base}/v2/a/blobs/{d}",
+                              timeout=aiohttp.ClientTimeout(total=10)) as r:
+            await r.read()

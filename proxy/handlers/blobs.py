@@ -49,10 +49,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         try:
             async for chunk in reader.stream(start, end):
                 await resp.write(chunk)
-        except RegistryError as exc:
+        except Exception as exc:
             # The headers are gone: the only honest signal left is to cut the connection,
-            # so the client sees a short body and retries instead of trusting it.
-            log.warning("aborting %s for %s: %s", request.path, request.remote, exc.message)
+            # so the client sees a short body and retries instead of trusting it (or
+            # waiting for bytes that will never come).
+            if isinstance(exc, RegistryError):
+                log.warning("aborting %s for %s: %s", request.path, request.remote, exc.message)
+            else:
+                log.exception("aborting %s for %s", request.path, request.remote)
             request[CACHE_OUTCOME] = "upstream_error"
             if request.transport is not None:
                 request.transport.close()

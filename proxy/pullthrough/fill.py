@@ -146,6 +146,7 @@ class BlobFill:
                           self.digest, exc.message)
                 raise BadGateway(f"upstream content failed verification: {exc.message}") from None
             self.verified = True
+            writer.announce_verified()
             metrics.UPSTREAM_BYTES.labels(upstream.name).inc(self.written)
             self._notify()
             loop = asyncio.get_running_loop()
@@ -251,7 +252,7 @@ class TailReader:
             self._fd = None
 
     def _verified(self) -> bool:
-        return self._store.blob_size(self._digest) is not None
+        return self._store.fill_verified(self._digest)
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         pos, delay = start, 0.001

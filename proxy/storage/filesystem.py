@@ -133,10 +133,17 @@ class BlobWriter:
             tmp.write_text(str(-1 if size is None else size))
             os.replace(tmp, self.path.with_suffix(".size"))
 
+    def announce_verified(self) -> None:
+        """Tell processes tailing this fill that its digest checked out (``.ok``), so they
+        can finish their clients before the fsync and rename, as in-process readers do."""
+        if self.path.suffix == ".fill":
+            self.path.with_suffix(".ok").touch()
+
     def _close(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path.with_suffix(".size"))
+            for hint in (".size", ".ok"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path.with_suffix(hint))
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
@@ -168,7 +175,7 @@ class FilesystemStore:
             with contextlib.suppress(OSError):
                 if entry.suffix in (".fill", ".claim"):
                     self._remove_if_abandoned(entry)
-                elif entry.suffix == ".size":
+                elif entry.suffix in (".size", ".ok"):
                     if not entry.with_suffix(".fill").exists():
                         entry.unlink()
                 elif now - entry.stat().st_mtime > min_age:
@@ -254,6 +261,11 @@ class FilesystemStore:
             return os.open(self.fill_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
+
+    def fill_verified(self, digest: Digest) -> bool:
+        """Whether the blob is stored, or its running fill announced a verified digest."""
+        return self.blob_size(digest) is not None or self.fill_path(digest).with_suffix(
+            ".ok").exists()
 
     def fill_size(self, digest: Digest) -> int | bool | None:
         """The size a filler announced: an int, ``None`` if unknown (chunked), ``False`` if
