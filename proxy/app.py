@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -21,6 +21,8 @@ from proxy.routing import Router
 from proxy.sharedcache import make_cache
 from proxy.storage import FilesystemStore
 from proxy.upstream import UpstreamClient
+
+log = logging.getLogger("regproxy")
 
 CONFIG = web.AppKey("config", Config)
 #: Request bodies on a cache are tiny; uploads (hosted repositories) stream past this cap.
@@ -129,9 +131,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     finally:
         for task in background:
             task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        _, stuck = await asyncio.wait(background, timeout=5)
+        for task in stuck:  # never let a background task hold up the shutdown
+            log.error("background task %s did not stop; leaving it", task.get_coro())
         await pullthrough.close()
         await session.close()
         for cache in (tokens, tags, breakers):

@@ -55,8 +55,11 @@ class Evictor:
                 raise
             except Exception:
                 log.exception("eviction pass failed")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event being set, and the task would never stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(1.0)  # coalesce bursts of fills into one pass
 

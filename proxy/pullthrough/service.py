@@ -385,7 +385,7 @@ class PullThrough:
         for task in list(self._fill_tasks):
             task.cancel()
         if self._fill_tasks:
-            await asyncio.gather(*self._fill_tasks, return_exceptions=True)
+            await asyncio.wait(list(self._fill_tasks), timeout=10)
 
     # -- tags --------------------------------------------------------------------------
 
