@@ -108,7 +108,7 @@ async def test_status_page_screenshot_in_headless_chromium(aiohttp_server, tmp_p
     import subprocess
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is installed by scripts/test.sh"
+    assert chromium, "chromium is installed by scripts/install-test-deps.sh"
     fake = FakeUpstream()
     up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
     cfg = make_config(tmp_path / "d", {"shot.io": up}, max_size=1 << 30)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install what the test suite needs (when missing) and run it.
-# Debian 12: apt packages for the real upstream registry, skopeo, dockerd and containerd;
-# pip: the project with its test extras. Extra arguments go to pytest.
+# Install what the test suite needs, when missing (the README's test command runs it first).
+# Debian 12: apt packages for the real upstream registry, skopeo, dockerd, containerd,
+# chromium and redis; pip: the project with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +21,3 @@ if ((${#need_apt[@]})); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
-python3 -m ruff check proxy tests
-exec python3 -m pytest -q "$@"
