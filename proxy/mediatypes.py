@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
+
+from proxy.errors import RegistryError
+from proxy.reference import Digest
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -69,3 +73,22 @@ def platform_child(index: bytes, os_name: str, arch: str) -> str | None:
     except (ValueError, AttributeError, TypeError):
         return None
     return None
+
+
+def references(doc: object) -> tuple[list[Digest], list[Digest]]:
+    """(child manifests, blobs) a parsed manifest or index points at; malformed or foreign
+    descriptors are skipped (validation of pushed manifests is stricter, elsewhere)."""
+    if not isinstance(doc, dict):
+        return [], []
+
+    def digests(entries: Iterable[object]) -> list[Digest]:
+        out = []
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+                with contextlib.suppress(RegistryError):
+                    out.append(Digest.parse(entry["digest"]))
+        return out
+
+    manifests = digests(doc.get("manifests") or [])
+    blobs = digests([doc.get("config"), *(doc.get("layers") or []), *(doc.get("blobs") or [])])
+    return manifests, blobs

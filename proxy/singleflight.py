@@ -19,9 +19,6 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._inflight: dict[Hashable, asyncio.Future[T]] = {}
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._inflight
-
     async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Return ``(result, shared)``; ``shared`` is True for callers that joined."""
         fut = self._inflight.get(key)

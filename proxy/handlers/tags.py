@@ -43,10 +43,9 @@ async def list_tags(request: web.Request) -> web.Response:
     if n == 0:
         return web.json_response({"name": request.match_info["name"], "tags": []})
     tags, more = await reader_of(request, route).tags(route, n, last)
-    headers = _link(request.path, n, tags) if more else {}
     ns = request.query.get("ns")
-    if more and ns:
-        headers["Link"] = headers["Link"].replace(">;", f"&ns={quote(ns, safe='')}>;")
+    extra = f"&ns={quote(ns, safe='')}" if ns else ""
+    headers = _link(request.path, n, tags, extra) if more else {}
     return web.json_response({"name": request.match_info["name"], "tags": tags}, headers=headers)
 
 

@@ -7,7 +7,6 @@ their digest and by the existence of everything they reference in the same repos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from proxy.errors import (
     RegistryError,
     Unsupported,
 )
-from proxy.mediatypes import INDEXES, OCI_INDEX, sniff_media_type
+from proxy.mediatypes import INDEXES, OCI_INDEX, references, sniff_media_type
 from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
 from proxy.routing import Route
@@ -107,7 +106,7 @@ class Hosted:
                 if start != upload.size:
                     raise RangeNotSatisfiable(
                         f"chunk starts at {start}, upload is at {upload.size}",
-                        headers=_upload_headers(route, upload))
+                        headers=upload_headers(route.name, upload))
             await self._write(upload, read)
             return self.uploads.get(route.name, uid)
 
@@ -178,7 +177,7 @@ class Hosted:
         subject = self._validate_references(route, doc, media_type)
         self.store.put_manifest(digest, data, media_type)
         self.store.link_manifest(route.name, digest)
-        for ref in _blob_refs(doc):
+        for ref in references(doc)[1]:
             self.store.touch_blob(ref)
         if subject is not None:
             self.store.add_referrer(route.name, subject, digest)
@@ -294,15 +293,6 @@ def _descriptors(items: Any, field: str) -> list[Digest]:
     return out
 
 
-def _blob_refs(doc: dict[str, Any]) -> list[Digest]:
-    refs = []
-    for item in [doc.get("config"), *(doc.get("layers") or [])]:
-        if isinstance(item, dict) and isinstance(item.get("digest"), str):
-            with contextlib.suppress(RegistryError):
-                refs.append(Digest.parse(item["digest"]))
-    return refs
-
-
 def _range_start(value: str) -> int:
     """Start of a chunk's ``Content-Range: <start>-<end>`` (``bytes`` prefix tolerated)."""
     text = value.strip().removeprefix("bytes").strip().removeprefix("=").strip()
@@ -310,10 +300,6 @@ def _range_start(value: str) -> int:
     if not sep or not start.isdigit() or not end.isdigit() or int(end) < int(start):
         raise BlobUploadInvalid(f"invalid Content-Range {value[:100]!r}")
     return int(start)
-
-
-def _upload_headers(route: Route, upload: Upload) -> dict[str, str]:
-    return upload_headers(route.name, upload)
 
 
 def upload_headers(name: str, upload: Upload) -> dict[str, str]:

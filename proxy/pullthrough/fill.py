@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from proxy import metrics
 from proxy.errors import (
@@ -90,10 +89,6 @@ class BlobFill:
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
-    @staticmethod
-    def _store_fsync_dir(path: Path) -> None:
-        FilesystemStore.fsync_dir(path)
-
     async def run(
         self, upstream: UpstreamClient, remote: str, on_settled: Callable[[BlobFill], None]
     ) -> None:
@@ -154,7 +149,7 @@ class BlobFill:
             on_settled(self)  # leave the registry and rename in one step of the loop
             final = writer.publish(self.digest, synced=True)
             self.done = True
-            await loop.run_in_executor(None, self._store_fsync_dir, final.parent)
+            await loop.run_in_executor(None, FilesystemStore.fsync_dir, final.parent)
         except BaseException as exc:
             self.error = exc if isinstance(exc, RegistryError) else Unavailable(
                 f"blob fill failed: {type(exc).__name__}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from proxy.reference import Digest
 from proxy.storage.filesystem import FilesystemStore
-from proxy.storage.gc import _children, mark_reachable
+from proxy.storage.gc import mark_reachable, references
 
 
 @dataclass
@@ -72,7 +72,7 @@ def evict(
         recency[digest] = st.st_mtime
 
     def propagate(digest: Digest, when: float, seen: set[Digest]) -> None:
-        manifests, blobs = _children(store, digest)
+        manifests, blobs = references(store, digest)
         for b in blobs:
             if b in recency and recency[b] < when:
                 recency[b] = when

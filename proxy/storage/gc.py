@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from proxy.mediatypes import references as manifest_references
 from proxy.reference import Digest
 from proxy.storage.filesystem import FilesystemStore
 
@@ -32,31 +33,15 @@ class GCReport:
         return sum(size for _, size in self.blobs)
 
 
-def _children(store: FilesystemStore, digest: Digest) -> tuple[list[Digest], list[Digest]]:
-    """(child manifests, blobs) referenced by a stored manifest."""
+def references(store: FilesystemStore, digest: Digest) -> tuple[list[Digest], list[Digest]]:
+    """(child manifests, blobs) referenced by a stored manifest (nothing for a plain blob)."""
     item = store.get_manifest(digest)
     if item is None:
         return [], []
     try:
-        doc = json.loads(item.data)
+        return manifest_references(json.loads(item.data))
     except ValueError:
         return [], []
-    if not isinstance(doc, dict):
-        return [], []
-
-    def digests(entries: Iterable[object]) -> list[Digest]:
-        out = []
-        for e in entries:
-            if isinstance(e, dict) and isinstance(e.get("digest"), str):
-                try:
-                    out.append(Digest.parse(e["digest"]))
-                except Exception:  # a foreign or malformed descriptor marks nothing
-                    continue
-        return out
-
-    manifests = digests(doc.get("manifests") or [])
-    blobs = digests([doc.get("config"), *(doc.get("layers") or []), *(doc.get("blobs") or [])])
-    return manifests, blobs
 
 
 def mark_reachable(store: FilesystemStore, roots: Iterable[Digest], into: set[Digest]) -> set[Digest]:
@@ -68,7 +53,7 @@ def mark_reachable(store: FilesystemStore, roots: Iterable[Digest], into: set[Di
         if d in into:
             continue
         into.add(d)
-        manifests, blobs = _children(store, d)
+        manifests, blobs = references(store, d)
         stack.extend(manifests)
         into.update(blobs)
     return into

@@ -18,7 +18,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.errors import BlobUploadUnknown, DigestInvalid, SizeInvalid
+from proxy.errors import BlobUploadUnknown, DigestInvalid
 from proxy.reference import Digest
 from proxy.storage.filesystem import FilesystemStore
 
@@ -140,7 +140,3 @@ class UploadStore:
                     removed += 1
         return removed
 
-
-def check_size(expected: int | None, actual: int) -> None:
-    if expected is not None and expected != actual:
-        raise SizeInvalid(f"got {actual} bytes, Content-Length said {expected}")
