@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,7 +20,8 @@ from proxy.pullthrough import PullThrough
 from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Router
 from proxy.sharedcache import make_cache
-from proxy.storage import FilesystemStore
+from proxy.storage import UploadStore
+from proxy.storage.backend import open_store
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy")
@@ -90,8 +92,8 @@ async def _purge_uploads(hosted: Hosted, max_age: float) -> None:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = FilesystemStore(config.storage_root)
-    store.open(clean=app[CLEAN_TMP])
+    stack = contextlib.AsyncExitStack()
+    store, staging = await stack.enter_async_context(open_store(config, clean=app[CLEAN_TMP]))
     session = aiohttp.ClientSession(
         auto_decompress=False,  # blobs are verified and stored exactly as sent
         read_bufsize=4 << 20,
@@ -109,6 +111,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     }
     pullthrough = PullThrough(
         store,
+        staging,
         tags,
         tag_ttl=config.tag_ttl,
         max_manifest_size=config.max_manifest_size,
@@ -117,7 +120,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     app[ROUTER] = Router(upstreams, config.default_upstream, config.hosted)
     app[PULLTHROUGH] = pullthrough
-    hosted = Hosted(store, max_manifest_size=config.max_manifest_size,
+    hosted = Hosted(store, UploadStore(staging), max_manifest_size=config.max_manifest_size,
                     delete_enabled=config.delete_enabled)
     app[HOSTED] = hosted
     evictor = Evictor(pullthrough, app[ROUTER].is_hosted, max_size=config.max_size,
@@ -139,3 +142,4 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         for cache in (tokens, tags, breakers):
             if cache is not None:
                 await cache.close()
+        await stack.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -13,8 +14,8 @@ from proxy import __version__, edgecli
 from proxy.config import Config, ConfigError, load, parse_duration
 from proxy.errors import RegistryError
 from proxy.reference import parse_reference, validate_name
-from proxy.storage import FilesystemStore
-from proxy.storage.gc import collect
+from proxy.storage.backend import open_store
+from proxy.storage.gc import GCReport, collect
 from proxy.tools import commands as tool_commands
 
 
@@ -103,25 +104,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cache(config: Config, args: argparse.Namespace) -> int:
     """``regproxy cache ls`` and ``regproxy cache purge IMAGE``."""
+    return asyncio.run(_cache(config, args))
+
+
+async def _cache(config: Config, args: argparse.Namespace) -> int:
     from proxy.routing import compile_patterns
     from proxy.storage.eviction import purge
     from proxy.storage.gc import image_size
 
-    store = FilesystemStore(config.storage_root)
     hosted = compile_patterns(config.hosted)
     if args.cache_command == "ls":
-        print(f"{'REPOSITORY':40} {'TAG':20} {'DIGEST':19} {'SIZE':>12}  LAST USED")
-        for repo in store.list_repositories():
-            if hosted is not None and hosted.fullmatch(repo):
-                continue
-            for tag in store.list_tags(repo) or []:
-                digest = store.get_tag(repo, tag)
-                if digest is None or not store.has_manifest(digest):
+        async with open_store(config, clean=False) as (store, _):
+            used = {s.digest: s.last_used async for s in store.blob_stats()}
+            print(f"{'REPOSITORY':40} {'TAG':20} {'DIGEST':19} {'SIZE':>12}  LAST USED")
+            for repo in await store.list_repositories():
+                if hosted is not None and hosted.fullmatch(repo):
                     continue
-                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(
-                    store.blob_path(digest).stat().st_mtime))
-                print(f"{repo:40} {tag:20} {str(digest)[:19]:19} "
-                      f"{image_size(store, digest):>12}  {used}")
+                for tag in await store.list_tags(repo) or []:
+                    digest = await store.get_tag(repo, tag)
+                    if digest is None or not await store.has_manifest(digest):
+                        continue
+                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(used.get(digest, 0)))
+                    print(f"{repo:40} {tag:20} {str(digest)[:19]:19} "
+                          f"{await image_size(store, digest):>12}  {when}")
         return 0
     name, sep, ref = args.image.rpartition("@")
     if not sep:
@@ -136,7 +141,8 @@ def run_cache(config: Config, args: argparse.Namespace) -> int:
     if hosted is not None and hosted.fullmatch(name):
         print(f"regproxy: {name} is a hosted repository; delete through the API", file=sys.stderr)
         return 2
-    removed = purge(store, name, reference)
+    async with open_store(config, clean=False) as (store, _):
+        removed = await purge(store, name, reference)
     for digest, size in removed:
         print(f"deleted {digest} ({size} bytes)")
     print(f"purged {args.image}: {len(removed)} objects, {sum(s for _, s in removed)} bytes "
@@ -151,12 +157,16 @@ def run_gc(config: Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2
-    store = FilesystemStore(config.storage_root)
-    if not (config.storage_root / "blobs").is_dir():
+    if config.s3 is None and not (config.storage_root / "blobs").is_dir():
         print(f"regproxy: no store at {config.storage_root}", file=sys.stderr)
         return 1
-    report = collect(store, dry_run=args.dry_run, delete_untagged=args.delete_untagged,
-                     grace=grace)
+
+    async def gc() -> GCReport:
+        async with open_store(config, clean=False) as (store, _):
+            return await collect(store, dry_run=args.dry_run,
+                                 delete_untagged=args.delete_untagged, grace=grace)
+
+    report = asyncio.run(gc())
     verb = "would delete" if args.dry_run else "deleted"
     for repo, digest in report.untagged:
         print(f"{verb} untagged manifest {repo}@{digest}")

@@ -55,6 +55,42 @@ class UpstreamConfig:
         return f"UpstreamConfig(name={self.name!r}, url={self.url!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """Where the blobs live. ``access_key``/``secret_key`` left ``None`` fall back to
+    botocore's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, IAM
+    roles). ``endpoint_url`` ``None`` means AWS itself; custom endpoints (MinIO, SeaweedFS)
+    get path-style addressing unless ``addressing_style`` says otherwise."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    prefix: str = ""
+    access_key: str | None = None
+    secret_key: str | None = None
+    addressing_style: str | None = None  # "path" | "virtual" | "auto"
+    part_size: int = 8 << 20
+    #: answer blob GETs with a 307 to a presigned URL instead of streaming the bytes
+    redirect: bool = False
+
+    def key(self, rest: str) -> str:
+        prefix = self.prefix.strip("/")
+        return f"{prefix}/{rest}" if prefix else rest
+
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """How replicas find each other for single flight across replicas (needs Redis)."""
+
+    advertise_url: str  #: how the other replicas reach this one (its internal address)
+    secret: str  #: shared by all replicas; authenticates their internal requests
+    lease: float = 15.0  #: seconds a dead filler keeps its lease before another takes over
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ClusterConfig(advertise_url={self.advertise_url!r})"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration of one proxy instance."""
@@ -64,6 +100,8 @@ class Config:
     access_log: bool = True
     workers: int = 1
     storage_root: Path = Path("./data")
+    s3: S3Config | None = None  #: [storage] backend = "s3"; storage_root then holds temp files
+    cluster: ClusterConfig | None = None  #: [cluster]: several replicas
     tag_ttl: float = 300.0
     manifest_memory: int = 64 << 20
     max_size: int = 0
@@ -262,17 +300,69 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
     )
 
 
+def _s3(storage: dict[str, Any]) -> S3Config | None:
+    backend = storage.get("backend", "filesystem")
+    if backend not in ("filesystem", "s3"):
+        raise ConfigError("storage.backend", f"expected \"filesystem\" or \"s3\", got {backend!r}")
+    if backend == "filesystem":
+        if "s3" in storage:
+            raise ConfigError("storage.s3", "only used with storage.backend = \"s3\"")
+        return None
+    t = _take(storage.get("s3", {}), "storage.s3", {
+        "bucket", "endpoint", "region", "prefix", "access_key", "secret_key",
+        "addressing_style", "part_size", "redirect"})
+    if "bucket" not in t:
+        raise ConfigError("storage.s3.bucket", "required with storage.backend = \"s3\"")
+    endpoint = t.get("endpoint")
+    if endpoint is not None:
+        endpoint = parse_url("storage.s3.endpoint", endpoint)
+    style = t.get("addressing_style")
+    if style is not None and style not in ("path", "virtual", "auto"):
+        raise ConfigError("storage.s3.addressing_style", f"expected path, virtual or auto, got {style!r}")
+    part_size = parse_size("storage.s3.part_size", t.get("part_size", 8 << 20))
+    if part_size < 5 << 20:
+        raise ConfigError("storage.s3.part_size", "S3 needs parts of at least 5 MiB")
+    keys = {k: _str(f"storage.s3.{k}", t[k]) for k in ("access_key", "secret_key") if k in t}
+    if len(keys) == 1:
+        raise ConfigError("storage.s3.secret_key" if "access_key" in keys else "storage.s3.access_key",
+                          "set both keys, or neither (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    return S3Config(
+        bucket=_str("storage.s3.bucket", t["bucket"]), endpoint_url=endpoint,
+        region=_str("storage.s3.region", t.get("region", "us-east-1")),
+        prefix=_str("storage.s3.prefix", t["prefix"]) if "prefix" in t else "",
+        addressing_style=style,
+        part_size=part_size, redirect=_bool("storage.s3.redirect", t.get("redirect", False)),
+        **keys)
+
+
+def _cluster(raw: Any) -> ClusterConfig | None:
+    if raw is None:
+        return None
+    t = _take(raw, "cluster", {"advertise_url", "secret", "lease"})
+    for key in ("advertise_url", "secret"):
+        if key not in t:
+            raise ConfigError(f"cluster.{key}", "required in [cluster]")
+    secret = _str("cluster.secret", t["secret"])
+    if len(secret) < 16:
+        raise ConfigError("cluster.secret", "use at least 16 random characters")
+    lease = parse_duration("cluster.lease", t.get("lease", 15))
+    if lease < 1:
+        raise ConfigError("cluster.lease", "must be at least 1s")
+    return ClusterConfig(advertise_url=parse_url("cluster.advertise_url", t["advertise_url"]).rstrip("/"),
+                         secret=secret, lease=lease)
+
+
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base_dir``."""
     top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams", "hosted",
-                                 "tls", "auth"})
+                                 "tls", "auth", "cluster"})
     hosted = _take(top.get("hosted", {}), "hosted",
                    {"repositories", "delete_enabled", "upload_max_age"})
     patterns = hosted.get("repositories", [])
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers"})
-    storage = _take(top.get("storage", {}), "storage", {"root"})
+    storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3"})
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size",
                                                   "max_size", "max_age", "backend", "url"})
     backend = cache.get("backend", "memory")
@@ -314,12 +404,18 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         raise ConfigError("proxy.default_platform", f"expected OS/ARCH such as linux/amd64, got {platform!r}")
     os_name, arch = platform.split("/")
 
+    s3 = _s3(storage)
+    cluster = _cluster(top.get("cluster"))
+    if cluster is not None and backend != "redis":
+        raise ConfigError("cluster", "replicas coordinate through Redis: set cache.backend = \"redis\"")
     cfg = Config(
         listen_host=host,
         listen_port=port,
         access_log=_bool("server.access_log", server.get("access_log", True)),
         workers=parse_workers("server.workers", server.get("workers", 1)),
         storage_root=root,
+        s3=s3,
+        cluster=cluster,
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 300)),
         manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),
         max_size=parse_size("cache.max_size", cache.get("max_size", 0)),

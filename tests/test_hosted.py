@@ -268,14 +268,14 @@ async def test_gc_sweeps_unreferenced_content_and_respects_grace(registry, clien
         assert r.status == 202
     orphan = await push_blob(client, base, "team/app", b"orphan blob")
     store = FilesystemStore(data)
-    young = collect(store, dry_run=True, grace=3600)
+    young = await collect(store, dry_run=True, grace=3600)
     assert young.blobs == []  # everything is younger than the grace period
-    dry = collect(store, dry_run=True, grace=0)
+    dry = await collect(store, dry_run=True, grace=0)
     assert digest_of(b"orphan blob") in {str(d) for d, _ in dry.blobs}
     assert (data / "blobs" / "sha256" / orphan[7:9] / orphan[7:]).exists()  # dry run
-    assert collect(store, grace=0).blobs == dry.blobs  # untagged manifest kept: its blobs too
-    assert (store.get_manifest(store.get_tag("team/app", "keep")) is not None)
-    removed = {str(d) for d, _ in collect(store, grace=0, delete_untagged=True).blobs}
+    assert (await collect(store, grace=0)).blobs == dry.blobs  # untagged manifest kept: its blobs too
+    assert await store.get_manifest(await store.get_tag("team/app", "keep")) is not None
+    removed = {str(d) for d, _ in (await collect(store, grace=0, delete_untagged=True)).blobs}
     assert gone in removed and digest_of(b"dropped-layer") in removed
     assert keep not in removed and digest_of(b"kept-layer") not in removed
     async with client.get(f"{base}/v2/team/app/manifests/keep") as r:

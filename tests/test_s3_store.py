@@ -27,7 +27,8 @@ import pytest
 
 from proxy.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable, SizeInvalid
 from proxy.reference import Digest
-from proxy.storage.s3 import MiB, S3BlobStore, S3Config
+from proxy.config import S3Config
+from proxy.storage.s3 import MiB, S3Store
 
 ACCESS_KEY = "regproxy-test"
 SECRET_KEY = "regproxy-test-secret"
@@ -117,10 +118,10 @@ def bucket_config(seaweedfs: SeaweedFS) -> S3Config:
 
 
 @pytest.fixture
-async def store(bucket_config: S3Config) -> AsyncIterator[S3BlobStore]:
+async def store(bucket_config: S3Config) -> AsyncIterator[S3Store]:
     """A store under a fresh prefix of the (created on first use) bucket."""
     config = replace(bucket_config, prefix=f"t-{secrets.token_hex(6)}/")
-    async with S3BlobStore(config) as st:
+    async with S3Store(config) as st:
         deadline = time.monotonic() + 20
         while True:  # the filer may still be starting even though the gateway answers
             try:
@@ -135,23 +136,23 @@ async def store(bucket_config: S3Config) -> AsyncIterator[S3BlobStore]:
         yield st
 
 
-async def _keys(store: S3BlobStore) -> list[str]:
+async def _keys(store: S3Store) -> list[str]:
     """Every object under the store's prefix."""
     resp = await store.client.list_objects_v2(Bucket=BUCKET, Prefix=store.config.key(""))
     return [o["Key"] for o in resp.get("Contents", [])]
 
 
-async def _uploads(store: S3BlobStore) -> list[str]:
+async def _uploads(store: S3Store) -> list[str]:
     """Incomplete multipart uploads under the store's prefix."""
     resp = await store.client.list_multipart_uploads(Bucket=BUCKET, Prefix=store.config.key(""))
     return [u["Key"] for u in resp.get("Uploads", [])]
 
 
-async def _read_all(store: S3BlobStore, digest: Digest) -> bytes:
+async def _read_all(store: S3Store, digest: Digest) -> bytes:
     return b"".join([chunk async for chunk in store.iter_blob(digest)])
 
 
-async def test_large_blob_streams_and_is_visible_only_after_commit(store: S3BlobStore) -> None:
+async def test_large_blob_streams_and_is_visible_only_after_commit(store: S3Store) -> None:
     data = os.urandom(40 * MiB)
     digest = Digest.of(data)
     writer = await store.open_writer(digest)
@@ -171,7 +172,7 @@ async def test_large_blob_streams_and_is_visible_only_after_commit(store: S3Blob
     assert hashlib.sha256(await _read_all(store, digest)).hexdigest() == digest.hex
 
 
-async def test_wrong_digest_is_rejected_and_nothing_is_visible(store: S3BlobStore) -> None:
+async def test_wrong_digest_is_rejected_and_nothing_is_visible(store: S3Store) -> None:
     data = os.urandom(12 * MiB)
     claimed = Digest.of(b"something else")
     writer = await store.open_writer(claimed)
@@ -185,7 +186,7 @@ async def test_wrong_digest_is_rejected_and_nothing_is_visible(store: S3BlobStor
     assert await _uploads(store) == []
 
 
-async def test_wrong_size_is_rejected(store: S3BlobStore) -> None:
+async def test_wrong_size_is_rejected(store: S3Store) -> None:
     data = os.urandom(MiB)
     writer = await store.open_writer()
     await writer.write(data)
@@ -194,7 +195,7 @@ async def test_wrong_size_is_rejected(store: S3BlobStore) -> None:
     assert await _keys(store) == []
 
 
-async def test_abort_leaves_nothing(store: S3BlobStore) -> None:
+async def test_abort_leaves_nothing(store: S3Store) -> None:
     data = os.urandom(18 * MiB)
     writer = await store.open_writer()
     for i in range(0, len(data), MiB):
@@ -207,7 +208,7 @@ async def test_abort_leaves_nothing(store: S3BlobStore) -> None:
     assert await store.blob_size(Digest.of(data)) is None
 
 
-async def test_small_blob_is_one_verified_put(store: S3BlobStore) -> None:
+async def test_small_blob_is_one_verified_put(store: S3Store) -> None:
     data = b"config blob" * 100
     digest = Digest.of(data)
     writer = await store.open_writer()
@@ -218,7 +219,7 @@ async def test_small_blob_is_one_verified_put(store: S3BlobStore) -> None:
     assert await _read_all(store, digest) == data
 
 
-async def test_ranged_reads_return_exact_bytes(store: S3BlobStore) -> None:
+async def test_ranged_reads_return_exact_bytes(store: S3Store) -> None:
     data = os.urandom(12 * MiB + 123)
     digest = Digest.of(data)
     writer = await store.open_writer()
@@ -239,7 +240,7 @@ async def test_ranged_reads_return_exact_bytes(store: S3BlobStore) -> None:
         await store.get_range(Digest.of(b"absent"), 0, 10)
 
 
-async def test_presigned_url_works_without_credentials(store: S3BlobStore) -> None:
+async def test_presigned_url_works_without_credentials(store: S3Store) -> None:
     data = os.urandom(3 * MiB)
     digest = Digest.of(data)
     await store.put_small(digest, data)
@@ -256,7 +257,7 @@ async def test_presigned_url_works_without_credentials(store: S3BlobStore) -> No
             assert resp.status == 403
 
 
-async def test_put_small_verifies_and_delete_removes(store: S3BlobStore) -> None:
+async def test_put_small_verifies_and_delete_removes(store: S3Store) -> None:
     manifest = b'{"schemaVersion": 2}'
     digest = Digest.of(manifest)
     with pytest.raises(DigestInvalid):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -26,28 +27,47 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         "Content-Type": "application/octet-stream",
         "Accept-Ranges": "bytes",
     }
-    if result.path is not None:
+    store = reader_of(request, route).store
+    if result.stored:
         assert result.size is not None
-        parse_range(request.headers.get("Range"), result.size)  # 416 as an OCI error
-        return web.FileResponse(result.path, headers=headers, chunk_size=1 << 20)
+        rng = parse_range(request.headers.get("Range"), result.size)  # 416 as an OCI error
+        path = store.local_path(digest)
+        if path is not None:
+            return web.FileResponse(path, headers=headers, chunk_size=1 << 20)
+        if head:
+            return head_response(headers, result.size)
+        url = await store.redirect_url(digest)
+        if url is not None:
+            return web.Response(status=307, headers={**headers, "Location": url})
+        return await _stream(request, headers, result.size, rng,
+                             lambda s, e: store.open_blob(digest, s, e))
     if result.reader is None:  # HEAD answered from upstream
         return head_response(headers, result.size)
-
     reader = result.reader
     try:
-        start, end, status = 0, result.size, 200
-        if result.size is not None:
-            rng = parse_range(request.headers.get("Range"), result.size)
-            if rng is not None:
-                start, end = rng
-                status = 206
-                headers["Content-Range"] = f"bytes {start}-{end - 1}/{result.size}"
-        resp = web.StreamResponse(status=status, headers=headers)
-        if end is not None:
-            resp.content_length = end - start
-        await resp.prepare(request)
+        rng = None if result.size is None else parse_range(request.headers.get("Range"),
+                                                           result.size)
+        return await _stream(request, headers, result.size, rng, reader.stream)
+    finally:
+        reader.close()
+
+
+async def _stream(request: web.Request, headers: dict[str, str], size: int | None,
+                  rng: tuple[int, int] | None,
+                  source: Callable[[int, int | None], AsyncIterator[bytes]]) -> web.StreamResponse:
+    """Send ``source(start, end)`` as the body (206 for a range)."""
+    start, end, status = 0, size, 200
+    if rng is not None and size is not None:
+        start, end = rng
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    resp = web.StreamResponse(status=status, headers=headers)
+    if end is not None:
+        resp.content_length = end - start
+    await resp.prepare(request)
+    if request.method != "HEAD":
         try:
-            async for chunk in reader.stream(start, end):
+            async for chunk in source(start, end):
                 await resp.write(chunk)
         except Exception as exc:
             # The headers are gone: the only honest signal left is to cut the connection,
@@ -61,8 +81,6 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             if request.transport is not None:
                 request.transport.close()
             return resp
-    finally:
-        reader.close()
     await resp.write_eof()
     return resp
 
@@ -70,5 +88,5 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 async def delete_blob(request: web.Request) -> web.Response:
     """Unlink a blob from a hosted repository (garbage collection reclaims it)."""
     route = route_of(request)
-    hosted_only(request, route).delete_blob(route, Digest.parse(request.match_info["digest"]))
+    await hosted_only(request, route).delete_blob(route, Digest.parse(request.match_info["digest"]))
     return web.Response(status=202)

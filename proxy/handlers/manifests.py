@@ -64,5 +64,5 @@ async def delete_manifest(request: web.Request) -> web.Response:
     """Delete a manifest by digest, or only a tag (OCI 1.1)."""
     route = route_of(request)
     service = hosted_only(request, route)
-    service.delete_manifest(route, _existing_reference(request.match_info["reference"]))
+    await service.delete_manifest(route, _existing_reference(request.match_info["reference"]))
     return web.Response(status=202)

@@ -25,7 +25,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready to serve: the configuration is loaded and the store is writable."""
-    store = request.app[PULLTHROUGH].store
+    store = request.app[PULLTHROUGH].staging
     probe = store.tmp_dir / f"ready-{secrets.token_hex(6)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

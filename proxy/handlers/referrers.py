@@ -18,7 +18,7 @@ async def list_referrers(request: web.Request) -> web.Response:
     artifact_type = request.query.get("artifactType")
     headers = {"Content-Type": OCI_INDEX}
     if route.hosted:
-        body = request.app[HOSTED].referrers(route, subject, artifact_type)
+        body = await request.app[HOSTED].referrers(route, subject, artifact_type)
     else:  # cached repositories keep no referrers of their own
         body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
     if artifact_type is not None:

@@ -52,7 +52,7 @@ async def list_tags(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
     n, last = _page_params(request)
-    names = request.app[PULLTHROUGH].store.list_repositories()
+    names = await request.app[PULLTHROUGH].store.list_repositories()
     visible = request.get(CATALOG_FILTER)  # set by proxy.auth: what this client may pull
     if visible is not None:
         names = [name for name in names if visible(name)]

@@ -30,7 +30,7 @@ async def start_upload(request: web.Request) -> web.Response:
                 source = request.app[ROUTER].route(validate_name(source_name))
             except RegistryError:
                 source = None
-        if service.mount(route, digest, source):
+        if await service.mount(route, digest, source):
             return web.Response(status=201, headers={
                 "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
     digest = _digest_param(request)

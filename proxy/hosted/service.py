@@ -29,7 +29,7 @@ from proxy.mediatypes import INDEXES, OCI_INDEX, references, sniff_media_type
 from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
 from proxy.routing import Route
-from proxy.storage import FilesystemStore, Upload, UploadStore
+from proxy.storage import Store, Upload, UploadStore
 
 #: Reads a request body chunk by chunk (``b""`` at the end).
 ChunkSource = Callable[[], Awaitable[bytes]]
@@ -38,10 +38,10 @@ ChunkSource = Callable[[], Awaitable[bytes]]
 class Hosted:
     """The private-registry service for repositories matched by ``[hosted]`` patterns."""
 
-    def __init__(self, store: FilesystemStore, *, max_manifest_size: int,
+    def __init__(self, store: Store, uploads: UploadStore, *, max_manifest_size: int,
                  delete_enabled: bool) -> None:
         self.store = store
-        self.uploads = UploadStore(store)
+        self.uploads = uploads
         self.max_manifest_size = max_manifest_size
         self.delete_enabled = delete_enabled
         self._locks: dict[str, asyncio.Lock] = {}
@@ -51,26 +51,26 @@ class Hosted:
     async def manifest(self, route: Route, reference: str | Digest, accepted: set[str], *,
                        head: bool) -> ManifestResult:
         """A stored manifest of the repository, by tag or digest, as pushed."""
-        digest = reference if isinstance(reference, Digest) else self.store.get_tag(
+        digest = reference if isinstance(reference, Digest) else await self.store.get_tag(
             route.name, reference)
-        if digest is None or not self.store.has_manifest_link(route.name, digest):
+        if digest is None or not await self.store.has_manifest_link(route.name, digest):
             raise ManifestUnknown(f"manifest {route.name}:{reference} unknown")
-        item = self.store.get_manifest(digest)
+        item = await self.store.get_manifest(digest)
         if item is None:
             raise ManifestUnknown(f"manifest {digest} unknown")
         return ManifestResult(digest, item.media_type, len(item.data), item.data, HIT)
 
     async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
         """A blob linked to the repository (pushed, mounted, or a manifest of it)."""
-        size = self.store.blob_size(digest)
-        linked = self.store.has_blob_link(route.name, digest) or self.store.has_manifest_link(
+        size = await self.store.blob_size(digest)
+        linked = await self.store.has_blob_link(route.name, digest) or await self.store.has_manifest_link(
             route.name, digest)
         if size is None or not linked:
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
-        return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+        return BlobResult(digest, size, HIT, stored=True)
 
     async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
-        tags = self.store.list_tags(route.name)
+        tags = await self.store.list_tags(route.name)
         if tags is None:
             raise NameUnknown(f"repository {route.name} unknown")
         return paginate(tags, n, last)
@@ -86,14 +86,14 @@ class Hosted:
     def cancel_upload(self, route: Route, uid: str) -> None:
         self.uploads.delete(self.uploads.get(route.name, uid))
 
-    def mount(self, route: Route, digest: Digest, source: Route | None) -> bool:
+    async def mount(self, route: Route, digest: Digest, source: Route | None) -> bool:
         """Link an existing blob from ``source`` into the repository; False to fall back."""
-        if source is None or self.store.blob_size(digest) is None:
+        if source is None or await self.store.blob_size(digest) is None:
             return False
-        if source.hosted and not self.store.has_blob_link(source.name, digest):
+        if source.hosted and not await self.store.has_blob_link(source.name, digest):
             return False
-        self.store.link_blob(route.name, digest)
-        self.store.touch_blob(digest)
+        await self.store.link_blob(route.name, digest)
+        await self.store.touch_blob(digest)
         return True
 
     async def append(self, route: Route, uid: str, read: ChunkSource,
@@ -115,9 +115,11 @@ class Hosted:
         async with self._lock(uid):
             upload = self.uploads.get(route.name, uid)
             await self._write(upload, read)
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.uploads.complete, upload, digest)
-            self.store.link_blob(route.name, digest)
+            size = await asyncio.get_running_loop().run_in_executor(
+                None, self.uploads.verify, upload, digest)
+            await self.store.import_file(self.uploads.data_path(upload), digest, size)
+            self.uploads.delete(upload)
+            await self.store.link_blob(route.name, digest)
 
     async def monolithic(self, route: Route, digest: Digest, read: ChunkSource) -> None:
         """A whole blob in one POST (``?digest=``)."""
@@ -174,24 +176,24 @@ class Hosted:
         if not isinstance(doc, dict):
             raise ManifestInvalid("manifest must be a JSON object")
         media_type = _media_type(doc, content_type, data)
-        subject = self._validate_references(route, doc, media_type)
-        self.store.put_manifest(digest, data, media_type)
-        self.store.link_manifest(route.name, digest)
+        subject = await self._validate_references(route, doc, media_type)
+        await self.store.put_manifest(digest, data, media_type)
+        await self.store.link_manifest(route.name, digest)
         for ref in references(doc)[1]:
-            self.store.touch_blob(ref)
+            await self.store.touch_blob(ref)
         if subject is not None:
-            self.store.add_referrer(route.name, subject, digest)
+            await self.store.add_referrer(route.name, subject, digest)
         if isinstance(reference, str):
-            self.store.set_tag(route.name, reference, digest)
+            await self.store.set_tag(route.name, reference, digest)
         return digest, subject
 
-    def _validate_references(self, route: Route, doc: dict[str, Any], media_type: str
+    async def _validate_references(self, route: Route, doc: dict[str, Any], media_type: str
                              ) -> Digest | None:
         if doc.get("schemaVersion") != 2:
             raise ManifestInvalid("only schemaVersion 2 manifests are accepted")
         if media_type in INDEXES or "manifests" in doc:
             for desc in _descriptors(doc.get("manifests"), "manifests"):
-                if not self.store.has_manifest_link(route.name, desc):
+                if not await self.store.has_manifest_link(route.name, desc):
                     raise ManifestBlobUnknown(f"child manifest {desc} is not in {route.name}")
         else:
             config = doc.get("config")
@@ -201,7 +203,8 @@ class Hosted:
                     continue  # foreign layer: not stored here by design
                 refs.extend(_descriptors([layer], "layers"))
             for ref in refs:
-                if self.store.blob_size(ref) is None or not self.store.has_blob_link(route.name, ref):
+                if (await self.store.blob_size(ref) is None
+                        or not await self.store.has_blob_link(route.name, ref)):
                     raise ManifestBlobUnknown(f"blob {ref} is not in {route.name}",
                                               detail={"digest": str(ref)})
         subject = doc.get("subject")
@@ -210,16 +213,16 @@ class Hosted:
         (digest,) = _descriptors([subject], "subject")
         return digest
 
-    def delete_manifest(self, route: Route, reference: str | Digest) -> None:
+    async def delete_manifest(self, route: Route, reference: str | Digest) -> None:
         """By digest: remove the manifest and its tags; by tag: remove only the tag."""
         if not self.delete_enabled:
             raise Unsupported("deletion is disabled (hosted.delete_enabled = false)")
         if isinstance(reference, str):
-            if not self.store.delete_tag(route.name, reference):
+            if not await self.store.delete_tag(route.name, reference):
                 raise ManifestUnknown(f"tag {reference} unknown in {route.name}")
             return
-        item = self.store.get_manifest(reference)
-        if not self.store.unlink_manifest(route.name, reference):
+        item = await self.store.get_manifest(reference)
+        if not await self.store.unlink_manifest(route.name, reference):
             raise ManifestUnknown(f"manifest {reference} unknown in {route.name}")
         if item is not None:
             try:
@@ -228,21 +231,21 @@ class Hosted:
             except (ValueError, AttributeError, RegistryError):
                 sd = None
             if sd is not None:
-                self.store.remove_referrer(route.name, sd, reference)
+                await self.store.remove_referrer(route.name, sd, reference)
 
-    def delete_blob(self, route: Route, digest: Digest) -> None:
+    async def delete_blob(self, route: Route, digest: Digest) -> None:
         """Unlink a blob from the repository; GC reclaims the bytes."""
         if not self.delete_enabled:
             raise Unsupported("deletion is disabled (hosted.delete_enabled = false)")
-        if not self.store.unlink_blob(route.name, digest):
+        if not await self.store.unlink_blob(route.name, digest):
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
 
-    def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> bytes:
+    async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> bytes:
         """An OCI image index of the manifests whose ``subject`` is ``subject``."""
         entries = []
-        for digest in self.store.list_referrers(route.name, subject):
-            item = self.store.get_manifest(digest)
-            if item is None or not self.store.has_manifest_link(route.name, digest):
+        for digest in await self.store.list_referrers(route.name, subject):
+            item = await self.store.get_manifest(digest)
+            if item is None or not await self.store.has_manifest_link(route.name, digest):
                 continue
             try:
                 doc = json.loads(item.data)

@@ -90,9 +90,10 @@ class Evictor:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return None
-            if not self.enabled:  # still measure, for the metrics and the status page
-                return evict(self.store, max_size=0, max_age=0, is_hosted=self.is_hosted)
-            return evict(self.store, max_size=self.max_size, max_age=self.max_age,
-                         is_hosted=self.is_hosted)
+            # still measured when disabled, for the metrics and the status page; the walk
+            # runs on its own loop in this thread, away from the serving loop
+            return asyncio.run(evict(self.store, max_size=self.max_size if self.enabled else 0,
+                                     max_age=self.max_age if self.enabled else 0,
+                                     is_hosted=self.is_hosted))
         finally:
             os.close(fd)

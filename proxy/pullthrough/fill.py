@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from proxy import metrics
 from proxy.errors import (
@@ -31,7 +32,7 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.reference import Digest
-from proxy.storage import BlobWriter, FilesystemStore
+from proxy.storage import BlobWriter, FilesystemStore, Store
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy.fill")
@@ -46,12 +47,23 @@ PIPELINE_MIN_BLOB = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
+class FillSink(Protocol):
+    """Where a fill's bytes go besides the local temp file, on backends whose objects do
+    not live on the local disk (S3: a multipart upload). ``commit`` verifies again and
+    makes the object visible; ``abort`` leaves nothing behind."""
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    async def commit(self, expected: Digest, expected_size: int | None = None) -> None: ...
+    async def abort(self) -> None: ...
+
+
 class BlobFill:
     """A running upstream download of one blob into the store."""
 
-    def __init__(self, digest: Digest, writer: BlobWriter) -> None:
+    def __init__(self, digest: Digest, writer: BlobWriter, sink: FillSink | None = None) -> None:
         self.digest = digest
         self._writer = writer  # its file exists from now on
+        self._sink = sink
         self.size: int | None = None
         self.written = 0
         self.verified = False
@@ -134,6 +146,8 @@ class BlobFill:
                     else:
                         writer.write(chunk)
                         self._advance(len(chunk))
+                    if self._sink is not None:
+                        await self._sink.write(chunk)
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:
@@ -144,6 +158,12 @@ class BlobFill:
             writer.announce_verified()
             metrics.UPSTREAM_BYTES.labels(upstream.name).inc(self.written)
             self._notify()
+            if self._sink is not None:  # the object lives elsewhere: the temp file goes
+                await self._sink.commit(self.digest, self.size)
+                on_settled(self)
+                writer.abort()
+                self.done = True
+                return
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, writer.sync)
             on_settled(self)  # leave the registry and rename in one step of the loop
@@ -160,6 +180,9 @@ class BlobFill:
                     await asyncio.shield(self._pending)
             on_settled(self)
             writer.abort()
+            if self._sink is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._sink.abort())
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
@@ -218,28 +241,31 @@ class TailReader:
     the file is gone without a final blob or its filler no longer holds the lock.
     """
 
-    def __init__(self, store: FilesystemStore, digest: Digest, fd: int, size: int | None) -> None:
+    def __init__(self, staging: FilesystemStore, store: Store, digest: Digest, fd: int,
+                 size: int | None) -> None:
+        self._staging = staging
         self._store = store
         self._digest = digest
         self._fd: int | None = fd
+        self._seen_ok = False
         self.size = size
 
     @classmethod
-    async def open(cls, store: FilesystemStore, digest: Digest, max_wait: float = 30.0
-                   ) -> TailReader | None:
+    async def open(cls, staging: FilesystemStore, store: Store, digest: Digest,
+                   max_wait: float = 30.0) -> TailReader | None:
         """Join another process's fill; ``None`` when there is none (or it just ended)."""
-        fd = store.open_fill(digest)
+        fd = staging.open_fill(digest)
         if fd is None:
             return None
         delay, waited = 0.001, 0.0
-        while (size := store.fill_size(digest)) is False:
-            if not store.filler_alive(fd) or waited > max_wait:
+        while (size := staging.fill_size(digest)) is False:
+            if not staging.filler_alive(fd) or waited > max_wait:
                 os.close(fd)
                 return None
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 0.02)
-        return cls(store, digest, fd, size if isinstance(size, int) else None)
+        return cls(staging, store, digest, fd, size if isinstance(size, int) else None)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -247,7 +273,10 @@ class TailReader:
             self._fd = None
 
     def _verified(self) -> bool:
-        return self._store.fill_verified(self._digest)
+        # sticky: on backends whose objects are not local files the hint goes with the
+        # temp file once the object is published elsewhere
+        self._seen_ok = self._seen_ok or self._staging.fill_verified(self._digest)
+        return self._seen_ok
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         pos, delay = start, 0.001
@@ -270,8 +299,9 @@ class TailReader:
                     continue
             if verified and self.size is None and pos >= written:
                 return
-            if not verified and not self._store.filler_alive(self._fd):
-                if self._verified():
+            if not verified and not self._staging.filler_alive(self._fd):
+                if self._verified() or await self._store.blob_size(self._digest) is not None:
+                    self._seen_ok = True
                     continue  # published between the two checks
                 raise Unavailable("the worker filling this blob failed; retry")
             await asyncio.sleep(delay)

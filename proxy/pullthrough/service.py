@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from proxy.errors import (
     BadGateway,
@@ -39,7 +38,7 @@ from proxy.reference import Digest
 from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
-from proxy.storage import BlobWriter, FilesystemStore, StoredManifest
+from proxy.storage import BlobWriter, FilesystemStore, Store, StoredManifest
 from proxy.upstream import UpstreamClient, UpstreamResponse, read_capped
 
 log = logging.getLogger("regproxy.pullthrough")
@@ -60,12 +59,13 @@ class ManifestResult:
 
 @dataclass(slots=True)
 class BlobResult:
-    """A blob to answer with: a stored file, or a running fill to tail (GET only)."""
+    """A blob to answer with: stored, or a running fill to tail (GET only), or neither
+    (a HEAD answered from upstream)."""
 
     digest: Digest
     size: int | None
     outcome: str
-    path: Path | None = None
+    stored: bool = False
     reader: FillReader | TailReader | None = None
 
 
@@ -91,7 +91,8 @@ class PullThrough:
 
     def __init__(
         self,
-        store: FilesystemStore,
+        store: Store,
+        staging: FilesystemStore,
         tag_cache: SharedCache,
         *,
         tag_ttl: float,
@@ -100,6 +101,7 @@ class PullThrough:
         default_platform: tuple[str, str],
     ) -> None:
         self.store = store
+        self.staging = staging
         self._tags = tag_cache
         self.tag_ttl = tag_ttl
         self.max_manifest_size = max_manifest_size
@@ -116,7 +118,7 @@ class PullThrough:
         #: Called after each successful fill (the evictor checks the budget).
         self.after_fill: Callable[[], None] | None = None
 
-    def touch(self, digest: Digest) -> None:
+    async def touch(self, digest: Digest) -> None:
         """Record an access (the object's mtime is its last use, for LRU eviction)."""
         now = time.monotonic()
         last = self._touched.get(digest)
@@ -125,7 +127,7 @@ class PullThrough:
         if len(self._touched) > 200_000:
             self._touched.clear()
         self._touched[digest] = now
-        self.store.touch_blob(digest)
+        await self.store.touch_blob(digest)
 
     def forget(self, digests: list[Digest]) -> None:
         """Drop evicted objects from the in-memory caches of this process."""
@@ -135,12 +137,12 @@ class PullThrough:
 
     # -- manifests ---------------------------------------------------------------------
 
-    def local_manifest(self, digest: Digest) -> StoredManifest | None:
+    async def local_manifest(self, digest: Digest) -> StoredManifest | None:
         """A stored manifest by digest, from memory when hot."""
         key = str(digest)
         item = self._memory.get(key)
         if item is None:
-            item = self.store.get_manifest(digest)
+            item = await self.store.get_manifest(digest)
             if item is not None:
                 self._memory.put(item)
         return item
@@ -155,11 +157,11 @@ class PullThrough:
             result = await self._manifest_by_tag(route, reference, head=head)
             result = await self._negotiate(route, result, accepted, head=head)
         if result.data is not None:
-            self.touch(result.digest)
+            await self.touch(result.digest)
         return result
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
-        local = self.local_manifest(digest)
+        local = await self.local_manifest(digest)
         if local is not None:
             return _result(local, HIT)
         if head:
@@ -173,7 +175,7 @@ class PullThrough:
         key = f"{route.name}:{tag}"
         digest = await self._fresh_tag(route, tag, key)
         if digest is not None:
-            local = self.local_manifest(digest)
+            local = await self.local_manifest(digest)
             if local is not None:
                 return _result(local, HIT)
         flight_key = ("head" if head else "get", key)
@@ -200,7 +202,7 @@ class PullThrough:
             digest: Digest | None = Digest.parse(cached)
             expires = now + min(self.tag_ttl, 1.0)
         else:
-            digest, age = self.store.tag_with_age(route.name, tag)
+            digest, age = await self.store.tag_with_age(route.name, tag)
             if digest is None or age >= self.tag_ttl:
                 return None
             expires = now + self.tag_ttl - age
@@ -211,15 +213,15 @@ class PullThrough:
 
     async def _refresh_tag(self, route: Route, tag: str, key: str, *, want_body: bool
                            ) -> ManifestResult:
-        previous = self.store.get_tag(route.name, tag)
+        previous = await self.store.get_tag(route.name, tag)
         try:
             if previous is None and want_body:
                 result = await self._fetch_manifest(route, tag, None)
                 outcome = MISS
             else:
                 head = await self._head_manifest(route, tag, expect=None)
-                self.store.set_tag(route.name, tag, head.digest)
-                local = self.local_manifest(head.digest)
+                await self.store.set_tag(route.name, tag, head.digest)
+                local = await self.local_manifest(head.digest)
                 if local is not None:
                     result, outcome = _result(local, HIT), (
                         REVALIDATED if previous is not None else HIT)
@@ -229,13 +231,13 @@ class PullThrough:
                     result = await self._fetch_manifest(route, str(head.digest), head.digest)
                     outcome = MISS
         except (Unavailable, TooManyRequests, BadGateway, ManifestUnknown, NameUnknown) as exc:
-            stale = self.local_manifest(previous) if previous is not None else None
+            stale = await self.local_manifest(previous) if previous is not None else None
             if stale is None:
                 raise
             log.warning("serving stale %s:%s (%s) because upstream %s failed: %s", route.name,
                         tag, previous, route.upstream.name, exc.message)
             return _result(stale, STALE)
-        self.store.set_tag(route.name, tag, result.digest, confirmed=True)
+        await self.store.set_tag(route.name, tag, result.digest, confirmed=True)
         if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
             self._tag_l1[key] = (result.digest, time.monotonic() + self.tag_ttl)
             await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
@@ -289,14 +291,10 @@ class PullThrough:
                       digest, ref, expect)
             raise BadGateway(f"upstream manifest digest {digest} does not match {expect}")
         item = StoredManifest(digest, media_type, data)
-        await asyncio.get_running_loop().run_in_executor(
-            None, self._store_manifest, route.name, item)
+        await self.store.put_manifest(item.digest, item.data, item.media_type)
+        await self.store.link_manifest(route.name, item.digest)
         self._memory.put(item)
         return _result(item, MISS)
-
-    def _store_manifest(self, name: str, item: StoredManifest) -> None:
-        self.store.put_manifest(item.digest, item.data, item.media_type)
-        self.store.link_manifest(name, item.digest)
 
     async def _negotiate(self, route: Route, result: ManifestResult, accepted: set[str], *,
                          head: bool) -> ManifestResult:
@@ -317,10 +315,10 @@ class PullThrough:
 
     async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
         """Find a blob: stored, being filled, or (GET) start a fill; HEAD asks upstream."""
-        size = self.store.blob_size(digest)
+        size = await self.store.blob_size(digest)
         if size is not None:
-            self.touch(digest)
-            return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+            await self.touch(digest)
+            return BlobResult(digest, size, HIT, stored=True)
         key = str(digest)
         fill = self._fills.get(key)
         if head:
@@ -331,19 +329,19 @@ class PullThrough:
         if fill is not None:
             return await self._join(digest, fill, COALESCED)
         for _ in range(3):
-            writer = self.store.claim_fill(digest)
+            writer = self.staging.claim_fill(digest)
             if writer is not None:
-                size = self.store.blob_size(digest)
+                size = await self.store.blob_size(digest)
                 if size is not None:  # a sibling published it just before our claim
                     writer.abort()
-                    return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+                    return BlobResult(digest, size, HIT, stored=True)
                 return await self._join(digest, self._start_fill(route, digest, writer), MISS)
-            tail = await TailReader.open(self.store, digest)  # a sibling worker is filling
+            tail = await TailReader.open(self.staging, self.store, digest)  # a sibling worker
             if tail is not None:
                 return BlobResult(digest, tail.size, COALESCED, reader=tail)
-            size = self.store.blob_size(digest)
+            size = await self.store.blob_size(digest)
             if size is not None:  # it finished meanwhile
-                return BlobResult(digest, size, HIT, path=self.store.blob_path(digest))
+                return BlobResult(digest, size, HIT, stored=True)
         raise Unavailable(f"could not start or join a fill of {digest}")
 
     async def _join(self, digest: Digest, fill: BlobFill, outcome: str) -> BlobResult:
@@ -356,7 +354,7 @@ class PullThrough:
         return BlobResult(digest, size, outcome, reader=reader)
 
     def _start_fill(self, route: Route, digest: Digest, writer: BlobWriter) -> BlobFill:
-        fill = BlobFill(digest, writer)
+        fill = BlobFill(digest, writer, self.store.fill_sink(digest))
         key = str(digest)
         self._fills[key] = fill
 
@@ -412,7 +410,7 @@ class PullThrough:
             return tags, more
         except (Unavailable, TooManyRequests, BadGateway, NameUnknown, ValueError,
                 AttributeError) as exc:
-            local = self.store.list_tags(route.name)
+            local = await self.store.list_tags(route.name)
             if local is None:
                 raise NameUnknown(f"repository {route.name} is not cached") from exc
             return paginate(local, n, last)

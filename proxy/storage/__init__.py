@@ -1,6 +1,8 @@
 """The content store: blobs and manifests by digest, tags and repository links."""
 
-from proxy.storage.filesystem import BlobWriter, FilesystemStore, StoredManifest
+from proxy.storage.base import BlobStat, Store, StoredManifest
+from proxy.storage.filesystem import BlobWriter, FilesystemStore
 from proxy.storage.uploads import Upload, UploadStore
 
-__all__ = ["BlobWriter", "FilesystemStore", "StoredManifest", "Upload", "UploadStore"]
+__all__ = ["BlobStat", "BlobWriter", "FilesystemStore", "Store", "StoredManifest", "Upload",
+           "UploadStore"]

@@ -7,19 +7,18 @@ latest of its own and of every cached manifest that references it, so a layer sh
 two images goes only when neither image was used recently. Hosted content (pushed to a
 hosted repository) is never evicted, even when the same bytes are also cached.
 
-Evicting a blob being read is harmless on POSIX (the reader keeps its file open); blobs
-being filled live in ``tmp/`` and are not candidates.
+Evicting a blob being read is harmless on POSIX (the reader keeps its file open) and on
+S3 (a GET in flight completes); blobs being filled are not stored yet, so not candidates.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.reference import Digest
-from proxy.storage.filesystem import FilesystemStore
+from proxy.storage.base import Store
 from proxy.storage.gc import mark_reachable, references
 
 
@@ -39,8 +38,8 @@ class EvictionReport:
         return self.cached_bytes - self.evicted_bytes
 
 
-def evict(
-    store: FilesystemStore,
+async def evict(
+    store: Store,
     *,
     max_size: int,
     max_age: float,
@@ -53,26 +52,25 @@ def evict(
     now = time.time() if now is None else now
     protected: set[Digest] = set()
     cached_manifests: dict[Digest, list[str]] = {}
-    for repo in store.list_repositories():
-        links = store.list_manifest_links(repo)
+    for repo in await store.list_repositories():
+        links = await store.list_manifest_links(repo)
         if is_hosted(repo):
-            mark_reachable(store, [*links, *store.list_blob_links(repo)], protected)
+            await mark_reachable(store, [*links, *await store.list_blob_links(repo)], protected)
         else:
             for d in links:
                 cached_manifests.setdefault(d, []).append(repo)
 
     sizes: dict[Digest, int] = {}
     recency: dict[Digest, float] = {}
-    for digest in store.iter_blob_digests():
-        try:
-            st = os.stat(store.blob_path(digest))
-        except FileNotFoundError:
-            continue
-        sizes[digest] = st.st_size
-        recency[digest] = st.st_mtime
+    async for stat in store.blob_stats():
+        sizes[stat.digest] = stat.size
+        recency[stat.digest] = stat.last_used
+    refs: dict[Digest, tuple[list[Digest], list[Digest]]] = {}  # each manifest parsed once
 
-    def propagate(digest: Digest, when: float, seen: set[Digest]) -> None:
-        manifests, blobs = references(store, digest)
+    async def propagate(digest: Digest, when: float, seen: set[Digest]) -> None:
+        if digest not in refs:
+            refs[digest] = await references(store, digest)
+        manifests, blobs = refs[digest]
         for b in blobs:
             if b in recency and recency[b] < when:
                 recency[b] = when
@@ -81,11 +79,11 @@ def evict(
                 seen.add(m)
                 if m in recency and recency[m] < when:
                     recency[m] = when
-                propagate(m, max(when, recency.get(m, when)), seen)
+                await propagate(m, max(when, recency.get(m, when)), seen)
 
     for manifest in sorted(cached_manifests, key=lambda d: recency.get(d, 0.0)):
         if manifest in recency:
-            propagate(manifest, recency[manifest], {manifest})
+            await propagate(manifest, recency[manifest], {manifest})
 
     candidates = [d for d in sizes if d not in protected]
     report = EvictionReport(cached_bytes=sum(sizes[d] for d in candidates))
@@ -103,45 +101,39 @@ def evict(
     for digest, _ in report.evicted:
         if digest in cached_manifests:
             for repo in cached_manifests[digest]:
-                store.unlink_manifest(repo, digest)
-        store.forget_manifest(digest)
-        try:
-            os.unlink(store.blob_path(digest))
-        except FileNotFoundError:
-            continue
+                await store.unlink_manifest(repo, digest)
+        await store.delete_blob(digest)
     return report
 
 
-def purge(store: FilesystemStore, name: str, reference: str | Digest) -> list[tuple[Digest, int]]:
+async def purge(store: Store, name: str, reference: str | Digest) -> list[tuple[Digest, int]]:
     """Remove a cached image (a tag, or a manifest by digest) and the content only it used.
 
     Returns what was deleted. Content still referenced by another manifest in any
     repository stays.
     """
     if isinstance(reference, Digest):
-        roots = [reference] if store.has_manifest_link(name, reference) else []
-        store.unlink_manifest(name, reference)
+        roots = [reference] if await store.has_manifest_link(name, reference) else []
+        await store.unlink_manifest(name, reference)
     else:
-        digest = store.get_tag(name, reference)
-        store.delete_tag(name, reference)
-        still_tagged = digest is not None and any(
-            store.get_tag(name, t) == digest for t in store.list_tags(name) or [])
+        digest = await store.get_tag(name, reference)
+        await store.delete_tag(name, reference)
+        still_tagged = digest is not None and digest in [
+            await store.get_tag(name, t) for t in await store.list_tags(name) or []]
         roots = [digest] if digest is not None and not still_tagged else []
         if roots:
-            store.unlink_manifest(name, roots[0])
+            await store.unlink_manifest(name, roots[0])
     if not roots:
         return []
-    candidates = mark_reachable(store, roots, set())
+    candidates = await mark_reachable(store, roots, set())
     still_used: set[Digest] = set()
-    for repo in store.list_repositories():
-        mark_reachable(store, [*store.list_manifest_links(repo), *store.list_blob_links(repo)],
-                       still_used)
+    for repo in await store.list_repositories():
+        await mark_reachable(
+            store, [*await store.list_manifest_links(repo), *await store.list_blob_links(repo)],
+            still_used)
     removed = []
     for d in candidates - still_used:
-        size = store.blob_size(d)
-        if size is None:
-            continue
-        store.forget_manifest(d)
-        os.unlink(store.blob_path(d))
-        removed.append((d, size))
+        size = await store.blob_size(d)
+        if size is not None and await store.delete_blob(d):
+            removed.append((d, size))
     return removed

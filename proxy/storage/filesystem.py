@@ -18,34 +18,30 @@ name components cannot start with ``_`` (see :mod:`proxy.reference`), so ``_tags
 ``_manifests`` never collide with a nested repository.
 """
 
+# The async methods do their local file operations inline on purpose: a stat, a small read
+# or a rename costs microseconds, less than a thread hop (fsyncs and big reads go to threads).
+# ruff: noqa: ASYNC230, ASYNC240
+
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from proxy.errors import DigestInvalid, SizeInvalid
 from proxy.reference import Digest
+from proxy.storage.base import BlobStat, StoredManifest
 
 _TAGS = "_tags"
 _MANIFESTS = "_manifests"
 _LAYERS = "_layers"
 _REFERRERS = "_referrers"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredManifest:
-    """A manifest as stored: its exact bytes and the media type it was served with."""
-
-    digest: Digest
-    media_type: str
-    data: bytes
 
 
 class BlobWriter:
@@ -186,19 +182,88 @@ class FilesystemStore:
     def blob_path(self, digest: Digest) -> Path:
         return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
 
-    def blob_size(self, digest: Digest) -> int | None:
-        """Size of a stored blob, or ``None`` when absent."""
+    def stored_size(self, digest: Digest) -> int | None:
+        """Size of a stored blob, or ``None`` when absent (synchronous: a local ``stat``)."""
         try:
             return os.stat(self.blob_path(digest)).st_size
         except FileNotFoundError:
             return None
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        return self.stored_size(digest)
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """Where a stored blob can be sent from with ``sendfile``."""
+        return self.blob_path(digest)
+
+    async def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
+                        ) -> AsyncIterator[bytes]:
+        with open(self.blob_path(digest), "rb") as fh:
+            fh.seek(start)
+            left = None if end is None else end - start
+            while left is None or left > 0:
+                chunk = fh.read(1 << 20 if left is None else min(left, 1 << 20))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        return None
+
+    def fill_sink(self, digest: Digest) -> None:
+        """Nothing: a fill's temp file is renamed into place."""
+        return None
+
+    async def import_file(self, path: Path, digest: Digest, size: int) -> None:
+        """Publish a verified local file (a finished upload) as object ``digest``."""
+        await asyncio.get_running_loop().run_in_executor(None, self._import_file, path,
+                                                         digest, size)
+
+    def _import_file(self, path: Path, digest: Digest, size: int) -> None:
+        final = self.blob_path(digest)
+        if self.stored_size(digest) == size:
+            os.utime(final)  # already stored: keep the existing file, refresh for GC
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)
+        self.fsync_dir(final.parent)
+
+    async def delete_blob(self, digest: Digest, *, older_than: float | None = None) -> bool:
+        """Remove a stored object (and a manifest's media type); with ``older_than``, only
+        if it was not used since (re-checked right before, so a revived object stays)."""
+        path = self.blob_path(digest)
+        try:
+            if older_than is not None and os.stat(path).st_mtime >= older_than:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self._media_type_path(digest).unlink()
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    async def blob_stats(self) -> AsyncIterator[BlobStat]:
+        """Every stored object with its size and last use (GC and eviction)."""
+        for digest in self.iter_blob_digests():
+            try:
+                st = os.stat(self.blob_path(digest))
+            except FileNotFoundError:
+                continue
+            yield BlobStat(digest, st.st_size, st.st_mtime)
 
     def new_writer(self, algorithm: str = "sha256") -> BlobWriter:
         return BlobWriter(self, algorithm)
 
     def put_bytes(self, digest: Digest, data: bytes) -> None:
         """Store a small object (a manifest) after checking its digest."""
-        if self.blob_size(digest) == len(data):
+        if self.stored_size(digest) == len(data):
             return
         writer = self.new_writer(digest.algorithm)
         try:
@@ -264,7 +329,7 @@ class FilesystemStore:
 
     def fill_verified(self, digest: Digest) -> bool:
         """Whether the blob is stored, or its running fill announced a verified digest."""
-        return self.blob_size(digest) is not None or self.fill_path(digest).with_suffix(
+        return self.stored_size(digest) is not None or self.fill_path(digest).with_suffix(
             ".ok").exists()
 
     def fill_size(self, digest: Digest) -> int | bool | None:
@@ -291,12 +356,17 @@ class FilesystemStore:
     def _media_type_path(self, digest: Digest) -> Path:
         return self.root / "manifests" / digest.algorithm / digest.hex[:2] / digest.hex
 
-    def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
-        """Store manifest bytes (verified) and then its media type, which makes it visible."""
+    async def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
+        """Store manifest bytes (verified) and then its media type, which makes it visible
+        (off the event loop: both are fsynced)."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, self._put_manifest, digest, data, media_type)
+
+    def _put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
         self.put_bytes(digest, data)
         self._write_small(self._media_type_path(digest), media_type.encode())
 
-    def get_manifest(self, digest: Digest) -> StoredManifest | None:
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
         try:
             media_type = self._media_type_path(digest).read_text()
             data = self.blob_path(digest).read_bytes()
@@ -304,12 +374,7 @@ class FilesystemStore:
             return None
         return StoredManifest(digest, media_type, data)
 
-    def forget_manifest(self, digest: Digest) -> None:
-        """Drop a manifest's media type (GC, before its bytes go)."""
-        with contextlib.suppress(FileNotFoundError):
-            self._media_type_path(digest).unlink()
-
-    def has_manifest(self, digest: Digest) -> bool:
+    async def has_manifest(self, digest: Digest) -> bool:
         return self._media_type_path(digest).exists()
 
     # -- repositories ------------------------------------------------------------------
@@ -317,39 +382,39 @@ class FilesystemStore:
     def _repo(self, name: str) -> Path:
         return self._repos / name
 
-    def link_manifest(self, name: str, digest: Digest) -> None:
+    async def link_manifest(self, name: str, digest: Digest) -> None:
         """Record that repository ``name`` holds ``digest`` (idempotent)."""
         marker = self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
 
-    def has_manifest_link(self, name: str, digest: Digest) -> bool:
+    async def has_manifest_link(self, name: str, digest: Digest) -> bool:
         return (self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex).exists()
 
-    def unlink_manifest(self, name: str, digest: Digest) -> bool:
+    async def unlink_manifest(self, name: str, digest: Digest) -> bool:
         """Remove ``digest`` (and every tag pointing at it) from ``name``; True if it was there."""
         marker = self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex
         try:
             marker.unlink()
         except FileNotFoundError:
             return False
-        for tag in self.list_tags(name) or []:
-            if self.get_tag(name, tag) == digest:
-                self.delete_tag(name, tag)
+        for tag in await self.list_tags(name) or []:
+            if await self.get_tag(name, tag) == digest:
+                await self.delete_tag(name, tag)
         return True
 
-    def link_blob(self, name: str, digest: Digest) -> None:
+    async def link_blob(self, name: str, digest: Digest) -> None:
         """Record that repository ``name`` holds blob ``digest`` (hosted repositories)."""
         marker = self._repo(name) / _LAYERS / digest.algorithm / digest.hex
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
 
-    def has_blob_link(self, name: str, digest: Digest) -> bool:
+    async def has_blob_link(self, name: str, digest: Digest) -> bool:
         return (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).exists()
 
-    def list_blob_links(self, name: str) -> list[Digest]:
+    async def list_blob_links(self, name: str) -> list[Digest]:
         base = self._repo(name) / _LAYERS
         out: list[Digest] = []
         with contextlib.suppress(FileNotFoundError):
@@ -357,30 +422,30 @@ class FilesystemStore:
                 out.extend(Digest(alg, h) for h in os.listdir(base / alg))
         return out
 
-    def unlink_blob(self, name: str, digest: Digest) -> bool:
+    async def unlink_blob(self, name: str, digest: Digest) -> bool:
         try:
             (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).unlink()
             return True
         except FileNotFoundError:
             return False
 
-    def touch_blob(self, digest: Digest) -> None:
+    async def touch_blob(self, digest: Digest) -> None:
         """Mark a blob as just used, so a concurrent GC's grace period protects it."""
         with contextlib.suppress(FileNotFoundError):
             os.utime(self.blob_path(digest))
 
-    def add_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+    async def add_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
         marker = (self._repo(name) / _REFERRERS / subject.algorithm / subject.hex
                   / f"{digest.algorithm}-{digest.hex}")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
-    def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+    async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self._repo(name) / _REFERRERS / subject.algorithm / subject.hex
              / f"{digest.algorithm}-{digest.hex}").unlink()
 
-    def list_referrers(self, name: str, subject: Digest) -> list[Digest]:
+    async def list_referrers(self, name: str, subject: Digest) -> list[Digest]:
         base = self._repo(name) / _REFERRERS / subject.algorithm / subject.hex
         try:
             entries = sorted(os.listdir(base))
@@ -388,7 +453,7 @@ class FilesystemStore:
             return []
         return [Digest(*e.split("-", 1)) for e in entries if "-" in e]
 
-    def list_manifest_links(self, name: str) -> list[Digest]:
+    async def list_manifest_links(self, name: str) -> list[Digest]:
         base = self._repo(name) / _MANIFESTS
         out: list[Digest] = []
         with contextlib.suppress(FileNotFoundError):
@@ -396,14 +461,14 @@ class FilesystemStore:
                 out.extend(Digest(alg, h) for h in os.listdir(base / alg))
         return out
 
-    def delete_tag(self, name: str, tag: str) -> bool:
+    async def delete_tag(self, name: str, tag: str) -> bool:
         try:
             (self._repo(name) / _TAGS / tag).unlink()
             return True
         except FileNotFoundError:
             return False
 
-    def set_tag(self, name: str, tag: str, digest: Digest, *, confirmed: bool = False) -> None:
+    async def set_tag(self, name: str, tag: str, digest: Digest, *, confirmed: bool = False) -> None:
         """Point ``tag`` at ``digest``. ``confirmed``: the upstream just confirmed it, so the
         link's mtime (the time of the last confirmation) is refreshed even if unchanged."""
         path = self._repo(name) / _TAGS / tag
@@ -416,16 +481,16 @@ class FilesystemStore:
             pass
         self._write_small(path, str(digest).encode())
 
-    def tag_with_age(self, name: str, tag: str) -> tuple[Digest | None, float]:
+    async def tag_with_age(self, name: str, tag: str) -> tuple[Digest | None, float]:
         """A tag's digest and the seconds since it was last written or confirmed."""
         path = self._repo(name) / _TAGS / tag
         try:
             age = time.time() - os.stat(path).st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None, 0.0
-        return self.get_tag(name, tag), age
+        return await self.get_tag(name, tag), age
 
-    def get_tag(self, name: str, tag: str) -> Digest | None:
+    async def get_tag(self, name: str, tag: str) -> Digest | None:
         try:
             return Digest.parse(self._repo(name).joinpath(_TAGS, tag).read_text().strip())
         except (FileNotFoundError, NotADirectoryError):
@@ -433,7 +498,7 @@ class FilesystemStore:
         except Exception:  # a damaged link is treated as absent, never as a 500
             return None
 
-    def list_tags(self, name: str) -> list[str] | None:
+    async def list_tags(self, name: str) -> list[str] | None:
         """Sorted tags of ``name``, or ``None`` when the repository does not exist."""
         repo = self._repo(name)
         if not any((repo / d).is_dir() for d in (_TAGS, _MANIFESTS, _LAYERS)):
@@ -443,7 +508,7 @@ class FilesystemStore:
         except FileNotFoundError:
             return []
 
-    def list_repositories(self) -> list[str]:
+    async def list_repositories(self) -> list[str]:
         """Sorted names of every repository holding a tag or a manifest."""
         names: list[str] = []
         for dirpath, dirnames, _files in os.walk(self._repos):

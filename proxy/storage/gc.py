@@ -10,14 +10,13 @@ manifest) gives it a fresh mtime, so the grace period protects it without a read
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from proxy.mediatypes import references as manifest_references
 from proxy.reference import Digest
-from proxy.storage.filesystem import FilesystemStore
+from proxy.storage.base import Store
 
 
 @dataclass
@@ -33,9 +32,9 @@ class GCReport:
         return sum(size for _, size in self.blobs)
 
 
-def references(store: FilesystemStore, digest: Digest) -> tuple[list[Digest], list[Digest]]:
+async def references(store: Store, digest: Digest) -> tuple[list[Digest], list[Digest]]:
     """(child manifests, blobs) referenced by a stored manifest (nothing for a plain blob)."""
-    item = store.get_manifest(digest)
+    item = await store.get_manifest(digest)
     if item is None:
         return [], []
     try:
@@ -44,7 +43,8 @@ def references(store: FilesystemStore, digest: Digest) -> tuple[list[Digest], li
         return [], []
 
 
-def mark_reachable(store: FilesystemStore, roots: Iterable[Digest], into: set[Digest]) -> set[Digest]:
+async def mark_reachable(store: Store, roots: Iterable[Digest], into: set[Digest]
+                         ) -> set[Digest]:
     """Add to ``into`` the roots and everything they reference (child manifests, config,
     layers), transitively; returns ``into``. The one graph walk GC, eviction and purge share."""
     stack = list(roots)
@@ -53,72 +53,60 @@ def mark_reachable(store: FilesystemStore, roots: Iterable[Digest], into: set[Di
         if d in into:
             continue
         into.add(d)
-        manifests, blobs = references(store, d)
+        manifests, blobs = await references(store, d)
         stack.extend(manifests)
         into.update(blobs)
     return into
 
 
-def image_size(store: FilesystemStore, digest: Digest) -> int:
+async def image_size(store: Store, digest: Digest) -> int:
     """Bytes of a manifest and everything it references that is stored."""
-    return sum(store.blob_size(d) or 0 for d in mark_reachable(store, [digest], set()))
+    return sum([await store.blob_size(d) or 0
+                for d in await mark_reachable(store, [digest], set())])
 
 
-def collect(store: FilesystemStore, *, dry_run: bool = False, delete_untagged: bool = False,
+async def collect(store: Store, *, dry_run: bool = False, delete_untagged: bool = False,
             grace: float = 3600.0) -> GCReport:
     """Run one GC pass over ``store``."""
     started = time.time()
     report = GCReport()
     live: set[Digest] = set()
 
-    def mark(digest: Digest) -> None:
-        mark_reachable(store, [digest], live)
+    async def mark(digest: Digest) -> None:
+        await mark_reachable(store, [digest], live)
 
-    for repo in store.list_repositories():
-        roots = [d for t in store.list_tags(repo) or [] if (d := store.get_tag(repo, t))]
-        links = store.list_manifest_links(repo)
+    for repo in await store.list_repositories():
+        roots = [d for t in await store.list_tags(repo) or []
+                 if (d := await store.get_tag(repo, t))]
+        links = await store.list_manifest_links(repo)
         if not delete_untagged:
             roots += links
         for root in roots:
-            mark(root)
+            await mark(root)
         # referrers of kept manifests are kept too (signatures, SBOMs), to a fixpoint
         changed = True
         while changed:
             changed = False
             for d in [x for x in links if x in live]:
-                for ref in store.list_referrers(repo, d):
+                for ref in await store.list_referrers(repo, d):
                     if ref not in live:
-                        mark(ref)
+                        await mark(ref)
                         changed = True
         for d in links:
             if d not in live:
                 report.untagged.append((repo, d))
 
     cutoff = started - grace
-    for digest in store.iter_blob_digests():
-        if digest in live:
+    async for stat in store.blob_stats():
+        if stat.digest in live or stat.last_used >= cutoff:
             report.kept += 1
             continue
-        path = store.blob_path(digest)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if st.st_mtime >= cutoff:
-            report.kept += 1
-            continue
-        report.blobs.append((digest, st.st_size))
+        report.blobs.append((stat.digest, stat.size))
     if dry_run:
         return report
     for repo, digest in report.untagged:
-        store.unlink_manifest(repo, digest)
+        await store.unlink_manifest(repo, digest)
     for digest, _ in report.blobs:
-        path = store.blob_path(digest)
-        try:  # re-check right before deleting: a concurrent writer may have revived it
-            if os.stat(path).st_mtime >= cutoff:
-                continue
-            store.forget_manifest(digest)
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
+        # re-checked right before deleting: a concurrent writer may have revived it
+        await store.delete_blob(digest, older_than=cutoff)
     return report

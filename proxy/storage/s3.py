@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +38,7 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from proxy.config import S3Config
 from proxy.errors import (
     BlobUnknown,
     BlobUploadInvalid,
@@ -45,6 +47,7 @@ from proxy.errors import (
     SizeInvalid,
 )
 from proxy.reference import Digest
+from proxy.storage.base import BlobStat, StoredManifest
 
 MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
@@ -52,27 +55,6 @@ MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_COPY_SIZE = 5 * 1024 * MiB  # CopyObject's limit
 READ_CHUNK = 256 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-
-
-@dataclass(frozen=True, slots=True)
-class S3Config:
-    """Where the blobs live. ``access_key``/``secret_key`` left ``None`` fall back to
-    botocore's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, IAM
-    roles). ``endpoint_url`` ``None`` means AWS itself; custom endpoints (MinIO, SeaweedFS)
-    get path-style addressing unless ``addressing_style`` says otherwise."""
-
-    bucket: str
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    prefix: str = ""
-    access_key: str | None = None
-    secret_key: str | None = None
-    addressing_style: str | None = None  # "path" | "virtual" | "auto"
-    part_size: int = DEFAULT_PART_SIZE
-
-    def key(self, rest: str) -> str:
-        prefix = self.prefix.strip("/")
-        return f"{prefix}/{rest}" if prefix else rest
 
 
 def _error_code(exc: ClientError) -> str:
@@ -130,14 +112,17 @@ class S3BlobWriter:
     parts: :attr:`max_held` records the peak, for tests and metrics.
     """
 
-    def __init__(self, store: S3BlobStore, algorithm: str = "sha256") -> None:
+    def __init__(self, store: S3Store, algorithm: str = "sha256", *, trusted: bool = False
+                 ) -> None:
         self._store = store
         self._client = store.client
         self._bucket = store.config.bucket
         self._part_size = store.config.part_size
         self.temp_key = store.config.key(f"_uploads/{secrets.token_hex(16)}")
         self._algorithm = algorithm
-        self._hash = hashlib.new(algorithm)
+        # trusted: the caller hashes and verifies the same bytes itself (a fill's local
+        # temp file does), so commit checks only the size
+        self._hash = None if trusted else hashlib.new(algorithm)
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
@@ -154,7 +139,8 @@ class S3BlobWriter:
         view = memoryview(data).cast("B")
         if self.size + len(view) > MAX_COPY_SIZE:
             raise BlobUploadInvalid("blobs over 5 GiB are not supported by the S3 backend")
-        self._hash.update(view)
+        if self._hash is not None:
+            self._hash.update(view)
         self.size += len(view)
         while view:
             room = self._part_size - len(self._buf)
@@ -165,6 +151,7 @@ class S3BlobWriter:
                 await self._send_part()
 
     def digest(self) -> Digest:
+        assert self._hash is not None, "a trusted writer does not hash"
         return Digest(self._algorithm, self._hash.hexdigest())
 
     async def _send_part(self) -> None:
@@ -205,7 +192,8 @@ class S3BlobWriter:
         try:
             if expected_size is not None and self.size != expected_size:
                 raise SizeInvalid(f"got {self.size} bytes, expected {expected_size}")
-            if expected.algorithm != self._algorithm or self.digest() != expected:
+            if self._hash is not None and (
+                    expected.algorithm != self._algorithm or self.digest() != expected):
                 raise DigestInvalid(f"content digest {self.digest()} does not match {expected}")
             final = self._store.blob_key(expected)
             if self._upload_id is None:  # fits in one part: a verified PUT is atomic
@@ -254,10 +242,10 @@ class S3BlobWriter:
                 await self._client.delete_object(Bucket=self._bucket, Key=self.temp_key)
 
 
-class S3BlobStore:
+class S3Store:
     """Content-addressed blobs in one bucket; one aiobotocore client per store.
 
-    Use as ``async with S3BlobStore(config) as store:`` so the client's connection pool
+    Use as ``async with S3Store(config) as store:`` so the client's connection pool
     is opened once and closed on shutdown.
     """
 
@@ -267,14 +255,15 @@ class S3BlobStore:
         self.config = config
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            raise RuntimeError("S3BlobStore used outside 'async with'")
+            raise RuntimeError("S3Store used outside 'async with'")
         return self._client
 
-    async def __aenter__(self) -> S3BlobStore:
+    async def __aenter__(self) -> S3Store:
         cfg = self.config
         style = cfg.addressing_style or ("path" if cfg.endpoint_url else "auto")
         # Our own sha256 check covers integrity; botocore's default CRC checksums
@@ -296,6 +285,8 @@ class S3BlobStore:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
         stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
@@ -368,3 +359,264 @@ class S3BlobStore:
     async def delete(self, digest: Digest) -> None:
         """Remove a blob (GC); deleting an absent one is not an error."""
         await self.client.delete_object(Bucket=self.config.bucket, Key=self.blob_key(digest))
+
+    # -- small objects -----------------------------------------------------------------
+
+    async def _get(self, key: str) -> tuple[bytes, float] | None:
+        """An object's bytes and last-modified time (epoch seconds), ``None`` if absent."""
+        try:
+            resp = await self.client.get_object(Bucket=self.config.bucket, Key=self.config.key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+                return None
+            raise
+        async with resp["Body"] as body:
+            data = await body.read()
+        return bytes(data), resp["LastModified"].timestamp()
+
+    async def _put(self, key: str, data: bytes = b"") -> None:
+        await self.client.put_object(Bucket=self.config.bucket, Key=self.config.key(key),
+                                     Body=data, ContentLength=len(data))
+
+    async def _exists(self, key: str) -> bool:
+        return await self._head(key) is not None
+
+    async def _head(self, key: str) -> float | None:
+        """Last-modified time of an object, ``None`` if absent."""
+        try:
+            head = await self.client.head_object(Bucket=self.config.bucket,
+                                                 Key=self.config.key(key))
+        except ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+                return None
+            raise
+        return float(head["LastModified"].timestamp())
+
+    async def _delete(self, key: str) -> bool:
+        """Delete an object; True if it existed (S3 does not tell, so ask first)."""
+        if not await self._exists(key):
+            return False
+        await self.client.delete_object(Bucket=self.config.bucket, Key=self.config.key(key))
+        return True
+
+    async def _list(self, prefix: str, *, delimiter: bool = False
+                    ) -> AsyncIterator[tuple[str, int, float]]:
+        """``(key relative to prefix, size, mtime)`` of objects, or of "directories" (size -1)
+        with ``delimiter``."""
+        full = self.config.key(prefix)
+        kwargs: dict[str, Any] = {"Bucket": self.config.bucket, "Prefix": full}
+        if delimiter:
+            kwargs["Delimiter"] = "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(**kwargs):
+            for common in page.get("CommonPrefixes", []):
+                yield common["Prefix"][len(full):].rstrip("/"), -1, 0.0
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(full):], int(obj["Size"]), obj["LastModified"].timestamp()
+
+    # -- the Store protocol: objects -----------------------------------------------------
+
+    def local_path(self, digest: Digest) -> Path | None:
+        return None
+
+    async def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
+                        ) -> AsyncIterator[bytes]:
+        if end is not None and end <= start:
+            return
+        async with await self.get_range(digest, start, None if end is None else end - 1) as body:
+            async for chunk in body:
+                yield chunk
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        return await self.presigned_url(digest) if self.config.redirect else None
+
+    def fill_sink(self, digest: Digest) -> S3BlobWriter:
+        return S3BlobWriter(self, digest.algorithm, trusted=True)
+
+    async def import_file(self, path: Path, digest: Digest, size: int) -> None:
+        if await self.blob_size(digest) == size:
+            await self.touch_blob(digest)
+            return
+        writer = S3BlobWriter(self, digest.algorithm)
+        loop = asyncio.get_running_loop()
+        with open(path, "rb") as fh:  # noqa: ASYNC230 (reads go to a thread below)
+            try:
+                while chunk := await loop.run_in_executor(None, fh.read, self.config.part_size):
+                    await writer.write(chunk)
+                await writer.commit(digest, size)
+            except BaseException:
+                await writer.abort()
+                raise
+
+    def _access_key(self, digest: Digest) -> str:
+        return f"access/{digest.algorithm}/{digest.hex}"
+
+    async def touch_blob(self, digest: Digest) -> None:
+        """Record a use as a tiny marker object (its LastModified), in the background: S3
+        cannot change an object's mtime, and a hit must not wait for a PUT."""
+        task = asyncio.create_task(self._put(self._access_key(digest)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _last_used(self, digest: Digest) -> float | None:
+        stored = await self._head(self.blob_key(digest)[len(self.config.key("")):])
+        if stored is None:
+            return None
+        return max(stored, await self._head(self._access_key(digest)) or 0.0)
+
+    async def delete_blob(self, digest: Digest, *, older_than: float | None = None) -> bool:
+        if older_than is not None:
+            used = await self._last_used(digest)
+            if used is None or used >= older_than:
+                return False
+        elif await self.blob_size(digest) is None:
+            return False
+        await self._delete(self._media_type_key(digest))
+        await self.delete(digest)
+        await self._delete(self._access_key(digest))
+        return True
+
+    async def blob_stats(self) -> AsyncIterator[BlobStat]:
+        used: dict[str, float] = {}
+        async for rel, _, mtime in self._list("access/"):
+            used[rel] = mtime
+        async for rel, size, mtime in self._list("blobs/"):
+            alg, _, rest = rel.partition("/")
+            hexpart = rest.rpartition("/")[2]
+            try:
+                digest = Digest(alg, hexpart)
+            except Exception:
+                continue
+            yield BlobStat(digest, size, max(mtime, used.get(f"{alg}/{hexpart}", 0.0)))
+
+    # -- manifests -----------------------------------------------------------------------
+
+    def _media_type_key(self, digest: Digest) -> str:
+        return f"manifests/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+    async def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
+        """The bytes first (verified), then the media type, which makes it visible."""
+        await self.put_small(digest, data)
+        await self._put(self._media_type_key(digest), media_type.encode())
+
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None:
+        media = await self._get(self._media_type_key(digest))
+        if media is None:
+            return None
+        try:
+            body = await self.get_range(digest)
+        except BlobUnknown:
+            return None
+        async with body:
+            data = b"".join([chunk async for chunk in body])
+        return StoredManifest(digest, media[0].decode(), data)
+
+    async def has_manifest(self, digest: Digest) -> bool:
+        return await self._exists(self._media_type_key(digest))
+
+    # -- repositories --------------------------------------------------------------------
+
+    @staticmethod
+    def _link(name: str, kind: str, digest: Digest) -> str:
+        return f"repositories/{name}/{kind}/{digest.algorithm}/{digest.hex}"
+
+    async def link_manifest(self, name: str, digest: Digest) -> None:
+        await self._put(self._link(name, "_manifests", digest))
+
+    async def has_manifest_link(self, name: str, digest: Digest) -> bool:
+        return await self._exists(self._link(name, "_manifests", digest))
+
+    async def unlink_manifest(self, name: str, digest: Digest) -> bool:
+        if not await self._delete(self._link(name, "_manifests", digest)):
+            return False
+        for tag in await self.list_tags(name) or []:
+            if await self.get_tag(name, tag) == digest:
+                await self.delete_tag(name, tag)
+        return True
+
+    async def _list_links(self, name: str, kind: str) -> list[Digest]:
+        out = []
+        async for rel, _, _ in self._list(f"repositories/{name}/{kind}/"):
+            alg, _, hexpart = rel.partition("/")
+            with contextlib.suppress(Exception):
+                out.append(Digest(alg, hexpart))
+        return out
+
+    async def list_manifest_links(self, name: str) -> list[Digest]:
+        return await self._list_links(name, "_manifests")
+
+    async def link_blob(self, name: str, digest: Digest) -> None:
+        await self._put(self._link(name, "_layers", digest))
+
+    async def has_blob_link(self, name: str, digest: Digest) -> bool:
+        return await self._exists(self._link(name, "_layers", digest))
+
+    async def unlink_blob(self, name: str, digest: Digest) -> bool:
+        return await self._delete(self._link(name, "_layers", digest))
+
+    async def list_blob_links(self, name: str) -> list[Digest]:
+        return await self._list_links(name, "_layers")
+
+    @staticmethod
+    def _referrer(name: str, subject: Digest, digest: Digest) -> str:
+        return (f"repositories/{name}/_referrers/{subject.algorithm}/{subject.hex}/"
+                f"{digest.algorithm}-{digest.hex}")
+
+    async def add_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+        await self._put(self._referrer(name, subject, digest))
+
+    async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+        await self._delete(self._referrer(name, subject, digest))
+
+    async def list_referrers(self, name: str, subject: Digest) -> list[Digest]:
+        out = []
+        async for rel, _, _ in self._list(
+                f"repositories/{name}/_referrers/{subject.algorithm}/{subject.hex}/"):
+            alg, _, hexpart = rel.partition("-")
+            with contextlib.suppress(Exception):
+                out.append(Digest(alg, hexpart))
+        return sorted(out, key=str)
+
+    async def set_tag(self, name: str, tag: str, digest: Digest, *, confirmed: bool = False
+                      ) -> None:
+        """Rewriting the object refreshes its LastModified: the time of the last upstream
+        confirmation, which replicas share as the tag's freshness."""
+        key = f"repositories/{name}/_tags/{tag}"
+        if not confirmed:
+            current = await self._get(key)
+            if current is not None and current[0].decode() == str(digest):
+                return
+        await self._put(key, str(digest).encode())
+
+    async def tag_with_age(self, name: str, tag: str) -> tuple[Digest | None, float]:
+        got = await self._get(f"repositories/{name}/_tags/{tag}")
+        if got is None:
+            return None, 0.0
+        try:
+            return Digest.parse(got[0].decode().strip()), max(0.0, time.time() - got[1])
+        except Exception:  # a damaged link is treated as absent, never as a 500
+            return None, 0.0
+
+    async def get_tag(self, name: str, tag: str) -> Digest | None:
+        return (await self.tag_with_age(name, tag))[0]
+
+    async def delete_tag(self, name: str, tag: str) -> bool:
+        return await self._delete(f"repositories/{name}/_tags/{tag}")
+
+    async def list_tags(self, name: str) -> list[str] | None:
+        tags = [rel async for rel, _, _ in self._list(f"repositories/{name}/_tags/")]
+        if tags:
+            return sorted(tags)
+        async for rel, _, _ in self._list(f"repositories/{name}/", delimiter=True):
+            if rel in ("_manifests", "_layers"):
+                return []
+        return None
+
+    async def list_repositories(self) -> list[str]:
+        names = set()
+        async for rel, _, _ in self._list("repositories/"):
+            for marker in ("/_tags/", "/_manifests/", "/_layers/"):
+                if marker in rel:
+                    names.add(rel.split(marker, 1)[0])
+                    break
+        return sorted(names)

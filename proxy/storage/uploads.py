@@ -3,7 +3,8 @@
 Each upload is a directory ``uploads/<uuid>/`` holding ``data`` (the bytes so far) and
 ``repo`` (the repository it belongs to). The state lives on disk so an upload survives a
 restart; the running hash is kept in memory and rebuilt from ``data`` when missing.
-Completing an upload verifies the digest, fsyncs and renames ``data`` into ``blobs/``.
+Completing an upload verifies the digest; the store then publishes ``data`` (a rename into
+``blobs/`` on the filesystem backend, a multipart upload on S3).
 """
 
 from __future__ import annotations
@@ -91,8 +92,12 @@ class UploadStore:
         os.truncate(upload.path / "data", size)
         self._hashers.pop(upload.uuid, None)
 
-    def complete(self, upload: Upload, expected: Digest) -> int:
-        """Verify and publish the upload as blob ``expected``; returns its size."""
+    def data_path(self, upload: Upload) -> Path:
+        return upload.path / "data"
+
+    def verify(self, upload: Upload, expected: Digest) -> int:
+        """Check the upload's bytes against ``expected``; returns its size. The caller then
+        publishes :meth:`data_path` with :meth:`Store.import_file` and deletes the upload."""
         data = upload.path / "data"
         size = os.stat(data).st_size
         if expected.algorithm == "sha256":
@@ -105,19 +110,6 @@ class UploadStore:
             actual = Digest(expected.algorithm, h.hexdigest())
         if actual != expected:
             raise DigestInvalid(f"uploaded content has digest {actual}, not {expected}")
-        final = self.store.blob_path(expected)
-        if self.store.blob_size(expected) == size:
-            os.utime(final)  # already stored: keep the existing file, refresh for GC
-        else:
-            fd = os.open(data, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(data, final)
-            self.store.fsync_dir(final.parent)
-        self.delete(upload)
         return size
 
     def delete(self, upload: Upload) -> None:

@@ -1,0 +1,98 @@
+"""What every storage backend offers the services: the :class:`Store` protocol.
+
+Two backends implement it: :class:`~proxy.storage.filesystem.FilesystemStore` (the
+default, one host or a shared POSIX filesystem) and :class:`~proxy.storage.s3.S3Store`
+(S3-compatible object storage, for several replicas). Services only ``await`` these
+methods, so they run unchanged on either. Writing blobs is backend-specific (a fill tees
+into a local temp file on both; the S3 backend also streams it into a multipart upload),
+see :mod:`proxy.pullthrough.fill`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.reference import Digest
+
+if TYPE_CHECKING:
+    from proxy.pullthrough.fill import FillSink
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest as stored: its exact bytes and the media type it was served with."""
+
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStat:
+    """A stored object's size and last use (seconds since the epoch)."""
+
+    digest: Digest
+    size: int
+    last_used: float
+
+
+class Store(Protocol):
+    """Content-addressed objects, manifests, tags and repository links."""
+
+    # -- objects (blobs and manifest bytes) --------------------------------------------
+    async def blob_size(self, digest: Digest) -> int | None:
+        """Size of a stored object, ``None`` when absent."""
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """A local file to ``sendfile`` the object from, when the backend has one."""
+
+    async def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
+                        ) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of a stored object (backends without a local path)."""
+
+    async def redirect_url(self, digest: Digest) -> str | None:
+        """A URL clients may fetch the object from directly (presigned), if configured."""
+
+    def fill_sink(self, digest: Digest) -> FillSink | None:
+        """Where an upstream fill streams besides its local temp file (``None``: the temp
+        file itself becomes the object)."""
+
+    async def import_file(self, path: Path, digest: Digest, size: int) -> None:
+        """Publish a local file whose digest was verified (a finished upload)."""
+
+    async def touch_blob(self, digest: Digest) -> None:
+        """Record a use (LRU eviction; GC's grace period protects revived objects)."""
+
+    async def delete_blob(self, digest: Digest, *, older_than: float | None = None) -> bool:
+        """Remove an object unless used since ``older_than``; True if it went."""
+
+    def blob_stats(self) -> AsyncIterator[BlobStat]:
+        """Every stored object (GC, eviction)."""
+
+    # -- manifests ---------------------------------------------------------------------
+    async def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None: ...
+    async def get_manifest(self, digest: Digest) -> StoredManifest | None: ...
+    async def has_manifest(self, digest: Digest) -> bool: ...
+
+    # -- repositories ------------------------------------------------------------------
+    async def link_manifest(self, name: str, digest: Digest) -> None: ...
+    async def has_manifest_link(self, name: str, digest: Digest) -> bool: ...
+    async def unlink_manifest(self, name: str, digest: Digest) -> bool: ...
+    async def list_manifest_links(self, name: str) -> list[Digest]: ...
+    async def link_blob(self, name: str, digest: Digest) -> None: ...
+    async def has_blob_link(self, name: str, digest: Digest) -> bool: ...
+    async def unlink_blob(self, name: str, digest: Digest) -> bool: ...
+    async def list_blob_links(self, name: str) -> list[Digest]: ...
+    async def add_referrer(self, name: str, subject: Digest, digest: Digest) -> None: ...
+    async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None: ...
+    async def list_referrers(self, name: str, subject: Digest) -> list[Digest]: ...
+    async def set_tag(self, name: str, tag: str, digest: Digest, *, confirmed: bool = False
+                      ) -> None: ...
+    async def get_tag(self, name: str, tag: str) -> Digest | None: ...
+    async def tag_with_age(self, name: str, tag: str) -> tuple[Digest | None, float]: ...
+    async def delete_tag(self, name: str, tag: str) -> bool: ...
+    async def list_tags(self, name: str) -> list[str] | None: ...
+    async def list_repositories(self) -> list[str]: ...
