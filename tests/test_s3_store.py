@@ -25,9 +25,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.config import S3Config
 from proxy.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable, SizeInvalid
 from proxy.reference import Digest
-from proxy.config import S3Config
 from proxy.storage.s3 import MiB, S3Store
 
 ACCESS_KEY = "regproxy-test"
