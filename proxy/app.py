@@ -17,6 +17,7 @@ from proxy.handlers import add_catch_all, oci_errors, setup_routes
 from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
+from proxy.pullthrough.cluster import Cluster
 from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Router
 from proxy.sharedcache import make_cache
@@ -105,6 +106,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # a breaker opened by another replica matters only when replicas share a backend
     breakers = (make_cache(config.cache_backend, config.cache_url, "breaker")
                 if config.cache_backend != "memory" else None)
+    cluster = None
+    if config.cluster is not None:
+        assert config.cache_url is not None  # config: [cluster] requires the redis backend
+        cluster = Cluster(config.cluster, config.cache_url, session)
+        stack.push_async_callback(cluster.close)
     upstreams = {
         name: UpstreamClient(cfg, session, tokens, breakers)
         for name, cfg in config.upstreams.items()
@@ -117,6 +123,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         max_manifest_size=config.max_manifest_size,
         manifest_memory=config.manifest_memory,
         default_platform=config.default_platform,
+        cluster=cluster,
     )
     app[ROUTER] = Router(upstreams, config.default_upstream, config.hosted)
     app[PULLTHROUGH] = pullthrough

@@ -161,12 +161,29 @@ def run_gc(config: Config, args: argparse.Namespace) -> int:
         print(f"regproxy: no store at {config.storage_root}", file=sys.stderr)
         return 1
 
-    async def gc() -> GCReport:
+    async def gc() -> GCReport | None:
         async with open_store(config, clean=False) as (store, _):
-            return await collect(store, dry_run=args.dry_run,
-                                 delete_untagged=args.delete_untagged, grace=grace)
+            if config.cluster is None:
+                return await collect(store, dry_run=args.dry_run,
+                                     delete_untagged=args.delete_untagged, grace=grace)
+            from proxy.pullthrough.cluster import Cluster
+
+            assert config.cache_url is not None
+            cluster = Cluster(config.cluster, config.cache_url)
+            try:  # one GC or eviction pass at a time across the replicas
+                async with cluster.exclusive("maintenance") as held:
+                    if not held:
+                        return None
+                    return await collect(store, dry_run=args.dry_run,
+                                         delete_untagged=args.delete_untagged, grace=grace)
+            finally:
+                await cluster.close()
 
     report = asyncio.run(gc())
+    if report is None:
+        print("regproxy: another replica is running GC or eviction; try again later",
+              file=sys.stderr)
+        return 1
     verb = "would delete" if args.dry_run else "deleted"
     for repo, digest in report.untagged:
         print(f"{verb} untagged manifest {repo}@{digest}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.handlers import base, blobs, manifests, ops, referrers, status, tags, uploads
+from proxy.handlers import base, blobs, cluster, manifests, ops, referrers, status, tags, uploads
 from proxy.handlers.common import Handler, endpoint_unknown, method_unsupported, oci, oci_errors
 
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
@@ -39,6 +39,7 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/", status.status_page),
         ("GET", "/status", status.status_page),
         ("GET", "/status.json", status.status_json),
+        ("GET", "/_regproxy/fills/{digest}", cluster.serve_fill),
     ]
     # The same API under an upstream prefix, ``/<upstream>/v2/...``: a Docker Engine 25+
     # ``registry-mirrors`` entry may carry a path (``http://cache:5000/docker.io``).

@@ -39,7 +39,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         url = await store.redirect_url(digest)
         if url is not None:
             return web.Response(status=307, headers={**headers, "Location": url})
-        return await _stream(request, headers, result.size, rng,
+        return await stream_body(request, headers, result.size, rng,
                              lambda s, e: store.open_blob(digest, s, e))
     if result.reader is None:  # HEAD answered from upstream
         return head_response(headers, result.size)
@@ -47,15 +47,16 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     try:
         rng = None if result.size is None else parse_range(request.headers.get("Range"),
                                                            result.size)
-        return await _stream(request, headers, result.size, rng, reader.stream)
+        return await stream_body(request, headers, result.size, rng, reader.stream)
     finally:
         reader.close()
 
 
-async def _stream(request: web.Request, headers: dict[str, str], size: int | None,
+async def stream_body(request: web.Request, headers: dict[str, str], size: int | None,
                   rng: tuple[int, int] | None,
                   source: Callable[[int, int | None], AsyncIterator[bytes]]) -> web.StreamResponse:
-    """Send ``source(start, end)`` as the body (206 for a range)."""
+    """Send ``source(start, end)`` as the body (206 for a range). An error once the headers
+    are out cuts the connection: the client sees a short body and retries."""
     start, end, status = 0, size, 200
     if rng is not None and size is not None:
         start, end = rng

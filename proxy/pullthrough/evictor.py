@@ -13,7 +13,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from proxy import metrics
 from proxy.pullthrough.service import PullThrough
@@ -64,9 +64,16 @@ class Evictor:
             await asyncio.sleep(1.0)  # coalesce bursts of fills into one pass
 
     async def run_once(self) -> EvictionReport | None:
-        """One pass, unless another process is running one right now."""
-        loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(None, self._locked_pass)
+        """One pass, unless another process (or replica) is running one right now."""
+        cluster = self.pullthrough.cluster
+        if cluster is not None:
+            async with cluster.exclusive("maintenance") as held:
+                report = await self._pass() if held else None
+        elif self.store is self.pullthrough.staging:  # local files: walk them in a thread
+            report = await asyncio.get_running_loop().run_in_executor(None, self._thread_pass)
+        else:  # an object store, on this loop's connections
+            with self._host_lock() as held:
+                report = await self._pass() if held else None
         if report is None:
             return None
         self.last_report = report
@@ -83,17 +90,25 @@ class Evictor:
                      len(report.evicted), report.evicted_bytes, report.remaining_bytes)
         return report
 
-    def _locked_pass(self) -> EvictionReport | None:
-        fd = os.open(self.store.root / "evict.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    async def _pass(self) -> EvictionReport:
+        # still measured when disabled, for the metrics and the status page
+        return await evict(self.store, max_size=self.max_size if self.enabled else 0,
+                           max_age=self.max_age if self.enabled else 0, is_hosted=self.is_hosted)
+
+    def _thread_pass(self) -> EvictionReport | None:
+        with self._host_lock() as held:
+            return asyncio.run(self._pass()) if held else None
+
+    @contextlib.contextmanager
+    def _host_lock(self) -> Iterator[bool]:
+        """The host's ``flock`` next to the local store: whether this process got it."""
+        fd = os.open(self.pullthrough.staging.root / "evict.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return None
-            # still measured when disabled, for the metrics and the status page; the walk
-            # runs on its own loop in this thread, away from the serving loop
-            return asyncio.run(evict(self.store, max_size=self.max_size if self.enabled else 0,
-                                     max_age=self.max_age if self.enabled else 0,
-                                     is_hosted=self.is_hosted))
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)

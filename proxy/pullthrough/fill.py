@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -60,10 +60,12 @@ class FillSink(Protocol):
 class BlobFill:
     """A running upstream download of one blob into the store."""
 
-    def __init__(self, digest: Digest, writer: BlobWriter, sink: FillSink | None = None) -> None:
+    def __init__(self, digest: Digest, writer: BlobWriter, sink: FillSink | None = None, *,
+                 guard: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.digest = digest
         self._writer = writer  # its file exists from now on
         self._sink = sink
+        self._guard = guard  #: the fencing check (cluster lease) before publishing
         self.size: int | None = None
         self.written = 0
         self.verified = False
@@ -158,6 +160,8 @@ class BlobFill:
             writer.announce_verified()
             metrics.UPSTREAM_BYTES.labels(upstream.name).inc(self.written)
             self._notify()
+            if self._guard is not None and not await self._guard():
+                raise Unavailable("lost the fill lease to another replica; not publishing")
             if self._sink is not None:  # the object lives elsewhere: the temp file goes
                 await self._sink.commit(self.digest, self.size)
                 on_settled(self)
@@ -213,8 +217,8 @@ class FillReader:
             limit = end if end is not None else fill.size
             if limit is not None and pos >= limit:
                 return
-            if fill.error is not None:
-                raise fill.error
+            if fill.error is not None and not fill.verified:
+                raise fill.error  # (verified bytes stay good even if publishing failed)
             avail = fill.written - pos
             if limit is not None:
                 avail = min(avail, limit - pos)

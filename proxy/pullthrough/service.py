@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from proxy.errors import (
@@ -32,6 +32,7 @@ from proxy.mediatypes import (
     platform_child,
     sniff_media_type,
 )
+from proxy.pullthrough.cluster import Cluster, FillLease, Holder, RemoteReader
 from proxy.pullthrough.fill import BlobFill, FillReader, TailReader
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
@@ -66,7 +67,7 @@ class BlobResult:
     size: int | None
     outcome: str
     stored: bool = False
-    reader: FillReader | TailReader | None = None
+    reader: FillReader | TailReader | RemoteReader | None = None
 
 
 def _upstream_error(resp: UpstreamResponse, upstream: UpstreamClient, what: str,
@@ -99,9 +100,11 @@ class PullThrough:
         max_manifest_size: int,
         manifest_memory: int,
         default_platform: tuple[str, str],
+        cluster: Cluster | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
+        self.cluster = cluster
         self._tags = tag_cache
         self.tag_ttl = tag_ttl
         self.max_manifest_size = max_manifest_size
@@ -327,7 +330,7 @@ class PullThrough:
             size, shared = await self._head_flight.do(key, lambda: self._head_blob(route, digest))
             return BlobResult(digest, size, COALESCED if shared else MISS)
         if fill is not None:
-            return await self._join(digest, fill, COALESCED)
+            return await self._join(fill, COALESCED)
         for _ in range(3):
             writer = self.staging.claim_fill(digest)
             if writer is not None:
@@ -335,7 +338,15 @@ class PullThrough:
                 if size is not None:  # a sibling published it just before our claim
                     writer.abort()
                     return BlobResult(digest, size, HIT, stored=True)
-                return await self._join(digest, self._start_fill(route, digest, writer), MISS)
+                lease = await self.cluster.claim(digest) if self.cluster is not None else None
+                if isinstance(lease, Holder):  # another replica is filling it
+                    writer.abort()
+                    remote = await self._remote(route, digest, lease)
+                    if remote is not None:
+                        return remote
+                    continue
+                fill = self._start_fill(route, digest, writer, lease)
+                return await self._join(fill, MISS)
             tail = await TailReader.open(self.staging, self.store, digest)  # a sibling worker
             if tail is not None:
                 return BlobResult(digest, tail.size, COALESCED, reader=tail)
@@ -344,17 +355,45 @@ class PullThrough:
                 return BlobResult(digest, size, HIT, stored=True)
         raise Unavailable(f"could not start or join a fill of {digest}")
 
-    async def _join(self, digest: Digest, fill: BlobFill, outcome: str) -> BlobResult:
+    async def local_fill(self, digest: Digest) -> BlobResult | None:
+        """A fill of ``digest`` running in this process or a sibling worker, to serve
+        another replica from (the cluster's internal endpoint)."""
+        fill = self._fills.get(str(digest))
+        if fill is not None:
+            return await self._join(fill, COALESCED)
+        tail = await TailReader.open(self.staging, self.store, digest)
+        return None if tail is None else BlobResult(digest, tail.size, COALESCED, reader=tail)
+
+    async def _remote(self, route: Route, digest: Digest, holder: Holder) -> BlobResult | None:
+        assert self.cluster is not None
+        resp = await self.cluster.open_remote(holder, digest)
+        if resp is None:
+            return None
+        size = resp.content_length
+
+        async def reopen(start: int, end: int | None) -> AsyncIterator[bytes]:
+            result = await self.blob(route, digest, head=False)
+            if result.stored:
+                return self.store.open_blob(digest, start, end)
+            assert result.reader is not None
+            return _closing(result.reader, start, end)
+
+        reader = RemoteReader(resp, size, reopen, patience=self.cluster.lease + 15)
+        return BlobResult(digest, size, COALESCED, reader=reader)
+
+    async def _join(self, fill: BlobFill, outcome: str) -> BlobResult:
         reader = fill.reader()
         try:
             size = await fill.wait_headers()
         except BaseException:
             reader.close()
             raise
-        return BlobResult(digest, size, outcome, reader=reader)
+        return BlobResult(fill.digest, size, outcome, reader=reader)
 
-    def _start_fill(self, route: Route, digest: Digest, writer: BlobWriter) -> BlobFill:
-        fill = BlobFill(digest, writer, self.store.fill_sink(digest))
+    def _start_fill(self, route: Route, digest: Digest, writer: BlobWriter,
+                    lease: FillLease | None) -> BlobFill:
+        fill = BlobFill(digest, writer, self.store.fill_sink(digest),
+                        guard=lease.renew if lease is not None else None)
         key = str(digest)
         self._fills[key] = fill
 
@@ -364,10 +403,25 @@ class PullThrough:
                 if f.error is None and self.after_fill is not None:
                     self.after_fill()
 
-        task = asyncio.create_task(fill.run(route.upstream, route.remote, settled))
+        task = asyncio.create_task(self._run_fill(fill, route, settled, lease))
         self._fill_tasks.add(task)
         task.add_done_callback(self._fill_tasks.discard)
         return fill
+
+    @staticmethod
+    async def _run_fill(fill: BlobFill, route: Route, settled: Callable[[BlobFill], None],
+                        lease: FillLease | None) -> None:
+        if lease is None:
+            await fill.run(route.upstream, route.remote, settled)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keeper = asyncio.create_task(lease.keep(done))
+        try:
+            await fill.run(route.upstream, route.remote, settled)
+        finally:
+            done.set_result(None)
+            await keeper
+            await asyncio.shield(lease.release())
 
     async def _head_blob(self, route: Route, digest: Digest) -> int:
         upstream = route.upstream
@@ -414,6 +468,15 @@ class PullThrough:
             if local is None:
                 raise NameUnknown(f"repository {route.name} is not cached") from exc
             return paginate(local, n, last)
+
+
+async def _closing(reader: FillReader | TailReader | RemoteReader, start: int, end: int | None
+                   ) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in reader.stream(start, end):
+            yield chunk
+    finally:
+        reader.close()
 
 
 def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:

@@ -1,0 +1,224 @@
+"""Single flight across replicas: a lease per digest in Redis, and joiners that stream
+from the filling replica.
+
+Design (README, "Several replicas"): a replica about to fill a cold blob takes the lease
+``regproxy:fill:<digest>`` with ``SET NX PX``; its value is ``<fencing token>|<internal
+URL>``, the token a fresh ``INCR`` per attempt. The filler renews the lease every third of
+its length and, right before it makes the object visible, checks with a compare-and-extend
+that the lease is still its own (the fencing check): a filler that was paused past its lease
+does not publish. Content is verified and content-addressed, so even a publish racing that
+check writes the same, correct bytes.
+
+A replica that finds the lease taken streams the blob from the holder's internal endpoint
+(``GET /_regproxy/fills/<digest>``, authenticated by the cluster secret) while the holder
+is still downloading it, so its clients get bytes as they arrive rather than after the
+fill. When the holder dies (SIGKILL, network), the stream breaks; the joiner then re-reads
+the situation: the object may be stored by now, the lease may have expired (it takes the
+fill over and serves its client from the byte it had reached), or another replica may hold
+it. Redis unreachable means no cross-replica coordination: each replica fills on its own
+(duplicate transfers, never wrong bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.config import ClusterConfig
+from proxy.errors import Unavailable
+from proxy.reference import Digest
+
+log = logging.getLogger("regproxy.cluster")
+
+FILL_PATH = "/_regproxy/fills/"
+SECRET_HEADER = "X-Regproxy-Cluster"
+
+# Compare-and-extend / compare-and-delete: only the holder of the current value may act.
+_RENEW = """if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"""
+_RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1]) else return 0 end"""
+
+
+@dataclass(slots=True)
+class FillLease:
+    """This replica's right to fill one digest, until it stops renewing it."""
+
+    cluster: Cluster
+    key: str
+    value: str
+    token: int
+
+    async def renew(self) -> bool:
+        """Extend the lease; False if it expired and someone else holds it now."""
+        return await self.cluster.eval(_RENEW, self.key, self.value,
+                                       str(int(self.cluster.lease * 1000))) == 1
+
+    async def release(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.cluster.eval(_RELEASE, self.key, self.value)
+
+    async def keep(self, until: asyncio.Future[None]) -> None:
+        """Renew every third of the lease until ``until`` is done."""
+        while not until.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cluster.lease / 3):
+                    await asyncio.shield(until)
+            if until.done():
+                return
+            try:
+                if not await self.renew():
+                    log.warning("lost the fill lease %s (token %d)", self.key, self.token)
+                    return
+            except Exception as exc:  # Redis hiccup: try again at the next tick
+                log.warning("could not renew %s: %s", self.key, type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Another replica holds the fill of a digest; it serves it at ``url``."""
+
+    url: str
+    token: int
+
+
+class Cluster:
+    """This replica's membership: its Redis connection, internal URL and secret."""
+
+    def __init__(self, config: ClusterConfig, redis_url: str,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        from redis.asyncio import Redis
+
+        self.url = config.advertise_url
+        self.lease = config.lease
+        self._secret = config.secret
+        self._redis = Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.session = session
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def eval(self, script: str, key: str, *args: str) -> int:
+        return int(await self._redis.eval(script, 1, key, *args))  # type: ignore[misc]
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an internal request carries the cluster secret (constant-time)."""
+        return header is not None and hmac.compare_digest(header.encode(), self._secret.encode())
+
+    async def claim(self, digest: Digest) -> FillLease | Holder | None:
+        """Take the fill lease of ``digest``, or name its holder; ``None`` when Redis is
+        unreachable (the caller fills on its own)."""
+        key = f"regproxy:fill:{digest}"
+        try:
+            for _ in range(3):
+                token = int(await self._redis.incr(f"regproxy:fence:{digest}"))
+                value = f"{token}|{self.url}"
+                if await self._redis.set(key, value, nx=True, px=int(self.lease * 1000)):
+                    return FillLease(self, key, value, token)
+                held = await self._redis.get(key)
+                if held is not None:
+                    held_token, _, url = held.decode().partition("|")
+                    return Holder(url, int(held_token))
+        except Exception as exc:
+            log.warning("Redis unavailable for the fill lease of %s (%s); filling alone",
+                        digest, type(exc).__name__)
+        return None
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """Run a maintenance job (GC, eviction) on one replica at a time: yields whether
+        this replica got the lease ``regproxy:lock:<name>``, renewed while the job runs."""
+        key = f"regproxy:lock:{name}"
+        token = int(await self._redis.incr(f"regproxy:fence:{name}"))
+        lease = FillLease(self, key, f"{token}|{self.url}", token)
+        if not await self._redis.set(key, lease.value, nx=True, px=int(self.lease * 1000)):
+            yield False
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keeper = asyncio.create_task(lease.keep(done))
+        try:
+            yield True
+        finally:
+            done.set_result(None)
+            await keeper
+            await lease.release()
+
+    async def open_remote(self, holder: Holder, digest: Digest, start: int = 0,
+                          end: int | None = None) -> aiohttp.ClientResponse | None:
+        """Start streaming ``digest`` from the replica filling it; ``None`` if it has no
+        such fill (any more) or cannot be reached."""
+        assert self.session is not None, "joining remote fills needs an HTTP session"
+        headers = {SECRET_HEADER: self._secret}
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            resp = await self.session.get(
+                f"{holder.url}{FILL_PATH}{digest}", headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, connect=2.0, sock_read=self.lease),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("fill holder %s unreachable: %s", holder.url, type(exc).__name__)
+            return None
+        if resp.status not in (200, 206):
+            resp.release()
+            return None
+        return resp
+
+
+#: Re-reads the situation for a digest: returns a reader positioned for ``(start, end)``.
+Reopen = Callable[[int, int | None], Awaitable[AsyncIterator[bytes]]]
+
+
+class RemoteReader:
+    """Streams a blob from the replica filling it, and carries on elsewhere when that
+    replica goes away (see the module docstring)."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, size: int | None, reopen: Reopen,
+                 patience: float) -> None:
+        self._resp: aiohttp.ClientResponse | None = resp
+        self.size = size
+        self._reopen = reopen
+        self._patience = patience
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.release()
+            self._resp = None
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        pos = start
+        limit = end if end is not None else self.size
+        resp = self._resp
+        assert resp is not None, "reader closed"
+        try:
+            async for chunk in resp.content.iter_any():
+                pos += len(chunk)
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.warning("fill holder stream broke at byte %d: %s", pos, type(exc).__name__)
+        finally:
+            self.close()
+        if limit is not None and pos >= limit:
+            return
+        if limit is None and resp.content.at_eof() and not resp.content.exception():
+            return  # an unknown-length body that ended cleanly
+        # The holder went away mid-blob: carry on from ``pos`` wherever the blob is now.
+        deadline = time.monotonic() + self._patience
+        while True:
+            try:
+                rest = await self._reopen(pos, end)
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
+        async for chunk in rest:
+            yield chunk
+
