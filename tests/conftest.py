@@ -1,4 +1,5 @@
-"""Shared fixtures: real docker-registry upstreams, HTTP sessions, layer scratch dirs."""
+"""Shared fixtures: real docker-registry upstreams, an S3 server (SeaweedFS), Redis, HTTP
+sessions, layer scratch dirs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.support.redisproc import RedisProcess  # noqa: E402
 from tests.support.registry import RegistryProcess  # noqa: E402
+from tests.support.seaweed import SeaweedFS, start_seaweedfs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +56,36 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
     timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS S3 server for the session, its bucket (``seaweed.BUCKET``) created.
+
+    Tests share the bucket and keep apart by key prefix: ``seaweedfs.s3_config()`` gives
+    settings under a fresh random prefix.
+    """
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One redis-server for the session; tests use ``redis_url``, which empties it first."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """URL of the session's redis-server, emptied (FLUSHALL) for this test."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()  # a test may have stopped it
+    redis_server.flushall()
+    return redis_server.url

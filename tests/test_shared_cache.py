@@ -1,13 +1,12 @@
 """Shared metadata through Redis (aiocache): replicas share upstream tokens and tag
-freshness; when Redis is down the proxy carries on without it."""
+freshness; when Redis is down the proxy carries on without it.
+
+``redis_url`` (conftest.py) is the session's redis-server, emptied before each test."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -17,26 +16,6 @@ from proxy.config import ConfigError, from_dict
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
 from tests.support.registry import free_port
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A throw-away redis-server on loopback."""
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                              text=True).stdout.strip() == "PONG":
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_replicas_share_tokens_and_tag_revalidations(aiohttp_server, tmp_path, redis_url):

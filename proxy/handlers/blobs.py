@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from proxy.errors import RegistryError
 from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
@@ -74,7 +74,9 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
             # The headers are gone: the only honest signal left is to cut the connection,
             # so the client sees a short body and retries instead of trusting it (or
             # waiting for bytes that will never come).
-            if isinstance(exc, RegistryError):
+            if isinstance(exc, ConnectionResetError | ClientConnectionResetError):
+                log.info("client %s left during %s", request.remote, request.path)
+            elif isinstance(exc, RegistryError):
                 log.warning("aborting %s for %s: %s", request.path, request.remote, exc.message)
             else:
                 log.exception("aborting %s for %s", request.path, request.remote)

@@ -180,12 +180,14 @@ class RemoteReader:
     """Streams a blob from the replica filling it, and carries on elsewhere when that
     replica goes away (see the module docstring)."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, size: int | None, reopen: Reopen,
-                 patience: float) -> None:
-        self._resp: aiohttp.ClientResponse | None = resp
-        self.size = size
+    def __init__(self, cluster: Cluster, holder: Holder, digest: Digest,
+                 resp: aiohttp.ClientResponse, reopen: Reopen) -> None:
+        self._cluster = cluster
+        self._holder = holder
+        self._digest = digest
+        self._resp: aiohttp.ClientResponse | None = resp  #: the whole blob, from byte 0
+        self.size = resp.content_length
         self._reopen = reopen
-        self._patience = patience
 
     def close(self) -> None:
         if self._resp is not None:
@@ -197,20 +199,29 @@ class RemoteReader:
         limit = end if end is not None else self.size
         resp = self._resp
         assert resp is not None, "reader closed"
+        if start > 0 or (end is not None and end != self.size):  # a range: ask for just that
+            self.close()
+            resp = await self._cluster.open_remote(self._holder, self._digest, start, end)
+            if resp is None:
+                resp = self._resp = None
         try:
-            async for chunk in resp.content.iter_any():
-                pos += len(chunk)
-                yield chunk
+            if resp is not None:
+                async for chunk in resp.content.iter_any():
+                    pos += len(chunk)
+                    yield chunk
         except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.warning("fill holder stream broke at byte %d: %s", pos, type(exc).__name__)
         finally:
+            if resp is not None:
+                resp.release()
             self.close()
         if limit is not None and pos >= limit:
             return
-        if limit is None and resp.content.at_eof() and not resp.content.exception():
+        if (limit is None and resp is not None and resp.content.at_eof()
+                and not resp.content.exception()):
             return  # an unknown-length body that ended cleanly
         # The holder went away mid-blob: carry on from ``pos`` wherever the blob is now.
-        deadline = time.monotonic() + self._patience
+        deadline = time.monotonic() + self._cluster.lease + 15
         while True:
             try:
                 rest = await self._reopen(pos, end)

@@ -113,6 +113,8 @@ class PullThrough:
         self._flight: SingleFlight[ManifestResult] = SingleFlight()
         self._head_flight: SingleFlight[int] = SingleFlight()
         self._fills: dict[str, BlobFill] = {}
+        self._claiming: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, tuple[Holder, float]] = {}  #: fills other replicas run
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._touched: dict[Digest, float] = {}
         self._tag_l1: dict[str, tuple[Digest, float]] = {}
@@ -331,7 +333,41 @@ class PullThrough:
             return BlobResult(digest, size, COALESCED if shared else MISS)
         if fill is not None:
             return await self._join(fill, COALESCED)
-        for _ in range(3):
+        # a dead replica's lease blocks the blob until it expires: wait that long, not more
+        patience = 1.0 if self.cluster is None else self.cluster.lease + 5.0
+        deadline = time.monotonic() + patience
+        while True:
+            async with self._claiming.setdefault(key, asyncio.Lock()):  # one claim at a time
+                try:
+                    found = await self._claim_or_join(route, digest)
+                finally:
+                    if len(self._claiming) > 10_000:
+                        self._claiming = {k: v for k, v in self._claiming.items() if v.locked()}
+            if isinstance(found, BlobResult):
+                return found
+            remote = await self._remote(route, digest, found)  # outside the lock: in parallel
+            if remote is not None:
+                return remote
+            self._holders.pop(key, None)  # it finished, or died: look again
+            size = await self.store.blob_size(digest)
+            if size is not None:
+                return BlobResult(digest, size, HIT, stored=True)
+            if time.monotonic() > deadline:
+                raise Unavailable(f"could not start or join a fill of {digest}")
+            await asyncio.sleep(0.1)
+
+    async def _claim_or_join(self, route: Route, digest: Digest) -> BlobResult | Holder:
+        """Start the fill, or join whoever runs it: this process, a sibling worker on this
+        host, or (returned) another replica. Retried a few times: a fill can end between
+        two looks."""
+        key, delay = str(digest), 0.01
+        for _ in range(8):
+            fill = self._fills.get(key)
+            if fill is not None:
+                return await self._join(fill, COALESCED)
+            known = self._holders.get(key)
+            if known is not None and known[1] > time.monotonic():
+                return known[0]  # learnt by an earlier client: no Redis round trip
             writer = self.staging.claim_fill(digest)
             if writer is not None:
                 size = await self.store.blob_size(digest)
@@ -341,10 +377,10 @@ class PullThrough:
                 lease = await self.cluster.claim(digest) if self.cluster is not None else None
                 if isinstance(lease, Holder):  # another replica is filling it
                     writer.abort()
-                    remote = await self._remote(route, digest, lease)
-                    if remote is not None:
-                        return remote
-                    continue
+                    if len(self._holders) > 10_000:
+                        self._holders.clear()
+                    self._holders[key] = (lease, time.monotonic() + 1.0)
+                    return lease
                 fill = self._start_fill(route, digest, writer, lease)
                 return await self._join(fill, MISS)
             tail = await TailReader.open(self.staging, self.store, digest)  # a sibling worker
@@ -353,6 +389,8 @@ class PullThrough:
             size = await self.store.blob_size(digest)
             if size is not None:  # it finished meanwhile
                 return BlobResult(digest, size, HIT, stored=True)
+            await asyncio.sleep(delay)
+            delay *= 2
         raise Unavailable(f"could not start or join a fill of {digest}")
 
     async def local_fill(self, digest: Digest) -> BlobResult | None:
@@ -369,7 +407,6 @@ class PullThrough:
         resp = await self.cluster.open_remote(holder, digest)
         if resp is None:
             return None
-        size = resp.content_length
 
         async def reopen(start: int, end: int | None) -> AsyncIterator[bytes]:
             result = await self.blob(route, digest, head=False)
@@ -378,8 +415,8 @@ class PullThrough:
             assert result.reader is not None
             return _closing(result.reader, start, end)
 
-        reader = RemoteReader(resp, size, reopen, patience=self.cluster.lease + 15)
-        return BlobResult(digest, size, COALESCED, reader=reader)
+        reader = RemoteReader(self.cluster, holder, digest, resp, reopen)
+        return BlobResult(digest, reader.size, COALESCED, reader=reader)
 
     async def _join(self, fill: BlobFill, outcome: str) -> BlobResult:
         reader = fill.reader()
@@ -433,7 +470,10 @@ class PullThrough:
             return resp.content_length
 
     async def close(self) -> None:
-        """Cancel running fills (their temp files are removed)."""
+        """Cancel running fills (their temp files are removed); fills whose content is
+        already verified get a few seconds to publish it (an S3 commit) first."""
+        if self._fill_tasks and any(f.verified for f in self._fills.values()):
+            await asyncio.wait(list(self._fill_tasks), timeout=5)
         for task in list(self._fill_tasks):
             task.cancel()
         if self._fill_tasks:

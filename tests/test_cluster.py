@@ -1,0 +1,260 @@
+"""Three replicas on one S3 bucket (SeaweedFS) and one Redis: single flight across replicas,
+a replica killed mid-fill, and real clients against every replica.
+
+Every replica is a real ``regproxy serve`` process with its own local scratch directory,
+configured through a config.toml as an operator would; they share nothing but the bucket,
+Redis and the cluster secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import signal
+import statistics
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+
+from proxy.config import S3Config
+from proxy.storage.s3 import S3Store
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import make_random_bytes, make_tar_layer, push_image
+from tests.support.proxyproc import ProxyProcess
+from tests.support.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from tests.support.skopeo import read_oci_layout_index, skopeo_copy
+from tests.test_integration_registry import upstream_gets
+
+MiB = 1 << 20
+SECRET = "cluster-secret-for-tests-0123456789"
+
+
+def _config(workdir: Path, url: str, upstream: str, s3: S3Config, redis_url: str,
+            lease: str) -> Path:
+    path = workdir / "config.toml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""
+[server]
+access_log = false
+
+[storage]
+root = "{workdir / 'data'}"
+backend = "s3"
+
+[storage.s3]
+bucket = "{s3.bucket}"
+endpoint = "{s3.endpoint_url}"
+prefix = "{s3.prefix}"
+access_key = "{ACCESS_KEY}"
+secret_key = "{SECRET_KEY}"
+
+[cache]
+backend = "redis"
+url = "{redis_url}"
+tag_ttl = "60s"
+
+[cluster]
+advertise_url = "{url}"
+secret = "{SECRET}"
+lease = "{lease}"
+
+[proxy]
+default_upstream = "upstream.test"
+
+[upstreams."upstream.test"]
+url = "{upstream}"
+""")
+    return path
+
+
+class Replicas:
+    """N replicas of the proxy sharing one bucket prefix and one Redis."""
+
+    def __init__(self, root: Path, upstream: str, s3: S3Config, redis_url: str, n: int = 3,
+                 lease: str = "15s") -> None:
+        self.s3 = s3
+        self.procs: list[ProxyProcess] = []
+        for i in range(n):
+            proc = ProxyProcess(root / f"replica{i}")
+            cfg = _config(root / f"replica{i}", proc.url, upstream, s3, redis_url, lease)
+            proc.args += ["--config", str(cfg)]
+            self.procs.append(proc)
+
+    def start(self) -> Replicas:
+        for proc in self.procs:
+            proc.start(timeout=30)
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+    def by_url(self, url: str) -> ProxyProcess:
+        return next(p for p in self.procs if p.url == url)
+
+
+@pytest.fixture
+def s3_prefix(seaweedfs: SeaweedFS) -> S3Config:
+    return S3Config(bucket=BUCKET, endpoint_url=seaweedfs.endpoint, access_key=ACCESS_KEY,
+                    secret_key=SECRET_KEY, prefix=f"cluster-{secrets.token_hex(4)}/")
+
+
+@pytest.fixture
+async def bucket(s3_prefix: S3Config) -> AsyncIterator[S3Store]:
+    async with S3Store(s3_prefix) as store:
+        yield store
+
+
+async def _keys(store: S3Store, under: str) -> list[str]:
+    return [key async for key, _, _ in store._list(under)]
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, upstream_registry, s3_prefix: S3Config, redis_url: str
+             ) -> Iterator[Replicas]:
+    group = Replicas(tmp_path, upstream_registry.url, s3_prefix, redis_url).start()
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+async def _get_blob(session: aiohttp.ClientSession, base: str, repo: str, digest: str
+                    ) -> tuple[str, int, float]:
+    """sha256 of the body, its size, and the time to its first byte."""
+    started = time.monotonic()
+    h = hashlib.sha256()
+    size, ttfb = 0, 0.0
+    async with session.get(f"{base}/v2/{repo}/blobs/{digest}") as resp:
+        assert resp.status == 200, await resp.text()
+        async for chunk in resp.content.iter_any():
+            if not size:
+                ttfb = time.monotonic() - started
+            h.update(chunk)
+            size += len(chunk)
+    return f"sha256:{h.hexdigest()}", size, ttfb
+
+
+async def test_30_cold_clients_on_3_replicas_make_one_upstream_transfer_per_blob(
+        replicas: Replicas, upstream_registry, http_session, bucket: S3Store, tmp_path: Path):
+    reg = upstream_registry
+    repo = f"cluster/burst{secrets.token_hex(3)}"
+    layers = [make_random_bytes(48 * MiB, seed=71), make_random_bytes(6 * MiB, seed=72),
+              make_tar_layer(seed=73)]
+    image = await push_image(http_session, reg.url, repo, "v1", layers)
+    digests = [layer.digest for layer in image.layers]
+
+    async with aiohttp.ClientSession() as session:
+        jobs = [_get_blob(session, replicas.procs[i % 3].url, repo, d)
+                for d in digests for i in range(30)]
+        results = await asyncio.gather(*jobs)
+
+    for i, d in enumerate(digests):
+        got = results[i * 30:(i + 1) * 30]
+        assert {r[0] for r in got} == {d}, "every client gets the exact blob"
+        assert upstream_gets(reg, f"/blobs/{d}") == 1, f"one upstream transfer of {d}"
+    big = results[:30]
+    print(f"\n48 MiB blob, 30 clients on 3 replicas: TTFB median "
+          f"{statistics.median(r[2] for r in big) * 1000:.0f} ms, max "
+          f"{max(r[2] for r in big) * 1000:.0f} ms")
+    stored = await _keys(bucket, "blobs/")
+    for d in digests:
+        hexpart = d.split(":")[1]
+        assert f"sha256/{hexpart[:2]}/{hexpart}" in stored
+        assert await bucket.blob_size(replace_digest(d)) == next(
+            r[1] for r in results if r[0] == d)
+    assert await _keys(bucket, "_uploads/") == []
+    for proc in replicas.procs:  # objects live in the bucket only; scratch space is empty
+        data = proc.workdir / "data"
+        assert not any((data / "blobs").rglob("*")) if (data / "blobs").exists() else True
+        assert [p.name for p in (data / "tmp").iterdir()] == []
+
+
+def replace_digest(text: str):
+    from proxy.reference import Digest
+
+    return Digest.parse(text)
+
+
+async def test_replica_killed_mid_fill_others_take_over(
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+    fake = FakeUpstream(chunk_delay=0.004)  # 24 MiB in 64 KiB chunks: ~1.5 s per transfer
+    data = make_random_bytes(24 * MiB, seed=81)
+    digest = fake.add_blob(data)
+    server = await aiohttp_server(fake.app())
+    group = Replicas(tmp_path, f"http://127.0.0.1:{server.port}", s3_prefix, redis_url,
+                     lease="2s")
+    await asyncio.get_running_loop().run_in_executor(None, group.start)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def client(i: int) -> tuple[str, int]:
+                """A client behind a load balancer: retries on another replica when the
+                connection breaks, as docker/containerd retry a failed layer."""
+                for attempt in range(4):
+                    base = group.procs[(i + attempt) % 3].url
+                    try:
+                        got, _, _ = await _get_blob(session, base, "team/slow", digest)
+                        return got, attempt
+                    except (aiohttp.ClientError, AssertionError) as exc:
+                        print(f"client {i} attempt {attempt} on {base}: {exc!r}")
+                        await asyncio.sleep(0.2)
+                raise AssertionError(f"client {i} never got the blob")
+
+            tasks = [asyncio.create_task(client(i)) for i in range(9)]
+            holder = None
+            deadline = time.monotonic() + 20
+            while holder is None and time.monotonic() < deadline:
+                value = r.get(f"regproxy:fill:{digest}")
+                if value is not None:
+                    holder = value.decode().partition("|")[2]
+                await asyncio.sleep(0.02)
+            assert holder is not None, "some replica took the fill lease"
+            while fake.count("GET", f"/blobs/{digest}") == 0:  # noqa: ASYNC110 (a fake's counter)
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.4)  # well into the transfer
+            assert await bucket.blob_size(replace_digest(digest)) is None  # not published yet
+            victim = group.by_url(holder)
+            assert victim.proc is not None
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait()
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            deadline = time.monotonic() + 15  # clients finish at verification; the S3
+            while await bucket.blob_size(replace_digest(digest)) is None:  # commit follows
+                assert time.monotonic() < deadline, "the taken-over fill was published"
+                await asyncio.sleep(0.1)
+    finally:
+        r.close()
+        await asyncio.get_running_loop().run_in_executor(None, group.stop)
+
+    assert all(got == digest for got, _ in results), "every client ends with the exact blob"
+    assert any(attempt > 0 for _, attempt in results), "clients of the dead replica retried"
+    assert fake.count("GET", f"/blobs/{digest}") == 2, "the fill was taken over once"
+    assert await bucket.blob_size(replace_digest(digest)) == len(data)
+    body = b"".join([c async for c in bucket.open_blob(replace_digest(digest))])
+    assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+
+
+async def test_skopeo_pulls_through_every_replica(
+        replicas: Replicas, upstream_registry, http_session, tmp_path: Path):
+    reg = upstream_registry
+    repo = f"cluster/skopeo{secrets.token_hex(3)}"
+    image = await push_image(http_session, reg.url, repo, "v1",
+                             [make_tar_layer(seed=91), make_random_bytes(3 * MiB, seed=92)],
+                             schema="oci")
+    for i, proc in enumerate(replicas.procs):
+        out = tmp_path / f"pull{i}"
+        await skopeo_copy(f"docker://{proc.host}/{repo}:v1", f"oci:{out}:v1", "--preserve-digests")
+        index = read_oci_layout_index(out)
+        assert index["manifests"][0]["digest"] == image.digest
+        for layer in image.layers:
+            hexpart = layer.digest.split(":")[1]
+            assert (out / "blobs" / "sha256" / hexpart).exists()
+    assert upstream_gets(reg, f"/{repo}/manifests/v1") == 1, "the tag is fetched once for all"
+    for layer in image.layers:
+        assert upstream_gets(reg, f"/blobs/{layer.digest}") == 1
