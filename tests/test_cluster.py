@@ -23,79 +23,14 @@ import redis
 
 from proxy.config import S3Config
 from proxy.storage.s3 import S3Store
+from tests.support.cluster import Replicas
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import make_random_bytes, make_tar_layer, push_image
-from tests.support.proxyproc import ProxyProcess
 from tests.support.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 from tests.test_integration_registry import upstream_gets
 
 MiB = 1 << 20
-SECRET = "cluster-secret-for-tests-0123456789"
-
-
-def _config(workdir: Path, url: str, upstream: str, s3: S3Config, redis_url: str,
-            lease: str) -> Path:
-    path = workdir / "config.toml"
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"""
-[server]
-access_log = false
-
-[storage]
-root = "{workdir / 'data'}"
-backend = "s3"
-
-[storage.s3]
-bucket = "{s3.bucket}"
-endpoint = "{s3.endpoint_url}"
-prefix = "{s3.prefix}"
-access_key = "{ACCESS_KEY}"
-secret_key = "{SECRET_KEY}"
-
-[cache]
-backend = "redis"
-url = "{redis_url}"
-tag_ttl = "60s"
-
-[cluster]
-advertise_url = "{url}"
-secret = "{SECRET}"
-lease = "{lease}"
-
-[proxy]
-default_upstream = "upstream.test"
-
-[upstreams."upstream.test"]
-url = "{upstream}"
-""")
-    return path
-
-
-class Replicas:
-    """N replicas of the proxy sharing one bucket prefix and one Redis."""
-
-    def __init__(self, root: Path, upstream: str, s3: S3Config, redis_url: str, n: int = 3,
-                 lease: str = "15s") -> None:
-        self.s3 = s3
-        self.procs: list[ProxyProcess] = []
-        for i in range(n):
-            proc = ProxyProcess(root / f"replica{i}")
-            cfg = _config(root / f"replica{i}", proc.url, upstream, s3, redis_url, lease)
-            proc.args += ["--config", str(cfg)]
-            self.procs.append(proc)
-
-    def start(self) -> Replicas:
-        for proc in self.procs:
-            proc.start(timeout=30)
-        return self
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.stop()
-
-    def by_url(self, url: str) -> ProxyProcess:
-        return next(p for p in self.procs if p.url == url)
 
 
 @pytest.fixture
