@@ -128,7 +128,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[ROUTER] = Router(upstreams, config.default_upstream, config.hosted)
     app[PULLTHROUGH] = pullthrough
     hosted = Hosted(store, UploadStore(staging), max_manifest_size=config.max_manifest_size,
-                    delete_enabled=config.delete_enabled)
+                    delete_enabled=config.delete_enabled, upload_max_age=config.upload_max_age)
     app[HOSTED] = hosted
     evictor = Evictor(pullthrough, app[ROUTER].is_hosted, max_size=config.max_size,
                       max_age=config.max_age)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 import signal
 import statistics
@@ -193,3 +194,62 @@ async def test_skopeo_pulls_through_every_replica(
     assert upstream_gets(reg, f"/{repo}/manifests/v1") == 1, "the tag is fetched once for all"
     for layer in image.layers:
         assert upstream_gets(reg, f"/blobs/{layer.digest}") == 1
+
+
+async def test_a_push_spread_over_replicas_lands_once(
+        tmp_path: Path, upstream_registry, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+    """A load balancer without session affinity: each request of one push goes to another
+    replica. The upload lives on the replica that started it; the others forward to it."""
+    group = Replicas(tmp_path, upstream_registry.url, s3_prefix, redis_url,
+                     extra='[hosted]\nrepositories = ["team/*"]\n')
+    await asyncio.get_running_loop().run_in_executor(None, group.start)
+    r0, r1, r2 = (p.url for p in group.procs)
+    layer = make_random_bytes(3 * MiB + 17, seed=97)
+    layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]}}' % (
+        layer_digest.encode())
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{r0}/v2/team/app/blobs/uploads/") as resp:
+                assert resp.status == 202
+                location = resp.headers["Location"]
+            half = len(layer) // 2
+            async with s.patch(f"{r1}{location}", data=layer[:half], headers={
+                    "Content-Range": f"0-{half - 1}", "Content-Type": "application/octet-stream"}) as resp:
+                assert resp.status == 202, await resp.text()
+                assert resp.headers["Range"] == f"0-{half - 1}"
+            async with s.get(f"{r2}{location}") as resp:  # status, asked of a third replica
+                assert resp.status == 204 and resp.headers["Range"] == f"0-{half - 1}"
+            async with s.patch(f"{r2}{location}", data=layer[half:], headers={
+                    "Content-Range": f"{half}-{len(layer) - 1}"}) as resp:
+                assert resp.status == 202, await resp.text()
+            async with s.put(f"{r1}{location}?digest={layer_digest}") as resp:
+                assert resp.status == 201, await resp.text()
+            async with s.post(f"{r2}/v2/team/app/blobs/uploads/?digest={config_digest}",
+                              data=config) as resp:
+                assert resp.status == 201
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": config_digest, "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": layer_digest, "size": len(layer)}]}).encode()
+            async with s.put(f"{r0}/v2/team/app/manifests/v1", data=manifest, headers={
+                    "Content-Type": "application/vnd.oci.image.manifest.v1+json"}) as resp:
+                assert resp.status == 201, await resp.text()
+            for base in (r0, r1, r2):  # every replica serves the pushed image
+                async with s.get(f"{base}/v2/team/app/blobs/{layer_digest}") as resp:
+                    assert resp.status == 200 and await resp.read() == layer
+                async with s.get(f"{base}/v2/team/app/tags/list") as resp:
+                    assert (await resp.json())["tags"] == ["v1"]
+        assert await bucket.blob_size(replace_digest(layer_digest)) == len(layer)
+        for proc in group.procs:  # the upload was published and removed where it lived
+            assert list((proc.workdir / "data" / "uploads").iterdir()) == []
+        out = tmp_path / "pulled"
+        await skopeo_copy(f"docker://{group.procs[1].host}/team/app:v1", f"oci:{out}:v1",
+                          "--preserve-digests")
+        assert read_oci_layout_index(out)["manifests"][0]["digest"] == (
+            "sha256:" + hashlib.sha256(manifest).hexdigest())
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, group.stop)

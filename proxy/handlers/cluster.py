@@ -1,4 +1,5 @@
-"""``/_regproxy/fills/<digest>``: another replica streams a blob this one is filling.
+"""What crosses between replicas: ``/_regproxy/fills/<digest>`` (another replica streams a
+blob this one is filling) and forwarded upload requests.
 
 Internal to a cluster of replicas (README, "Several replicas"): requests must carry the
 cluster secret, and anything else, including "no such fill", is a plain 404 so the
@@ -8,9 +9,10 @@ same rule as for every client: the last byte only once the digest checked out.
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 
-from proxy.errors import BlobUnknown
+from proxy.errors import BlobUnknown, Unavailable
 from proxy.handlers.blobs import stream_body
 from proxy.handlers.common import CACHE_OUTCOME, PULLTHROUGH
 from proxy.handlers.ranges import parse_range
@@ -36,3 +38,34 @@ async def serve_fill(request: web.Request) -> web.StreamResponse:
         return await stream_body(request, headers, result.size, rng, reader.stream)
     finally:
         reader.close()
+
+
+#: Marks a request one replica forwarded to another, which must then answer it itself.
+FORWARDED = "X-Regproxy-Forwarded"
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+               "host", "content-length", "date", "server"}
+
+
+async def forward_upload(request: web.Request, uid: str) -> web.StreamResponse | None:
+    """An upload started on another replica lives on that replica's disk: relay the request
+    there (body streamed) and its answer back, so pushes need no sticky load balancing.
+    ``None`` when the upload is not another replica's."""
+    cluster = request.app[PULLTHROUGH].cluster
+    if cluster is None or request.headers.get(FORWARDED):
+        return None
+    owner = await cluster.upload_owner(uid)
+    if owner is None or cluster.session is None:
+        return None
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers[FORWARDED] = "1"
+    body = request.content if request.can_read_body else None
+    try:
+        async with cluster.session.request(
+                request.method, f"{owner}{request.path_qs}", headers=headers, data=body,
+                allow_redirects=False) as resp:
+            payload = await resp.read()
+            out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Unavailable(f"the replica holding upload {uid} is unreachable "
+                          f"({type(exc).__name__}); restart the upload") from None
+    return web.Response(status=resp.status, headers=out, body=payload)

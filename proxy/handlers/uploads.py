@@ -3,10 +3,13 @@ cross-repository mounts (hosted repositories only)."""
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 
 from proxy.errors import BlobUploadInvalid, RegistryError
-from proxy.handlers.common import ROUTER, hosted_only, route_of
+from proxy.handlers.cluster import forward_upload
+from proxy.handlers.common import PULLTHROUGH, ROUTER, Handler, hosted_only, route_of
 from proxy.hosted.service import upload_headers
 from proxy.reference import Digest, validate_name
 
@@ -39,10 +42,30 @@ async def start_upload(request: web.Request) -> web.Response:
         return web.Response(status=201, headers={
             "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
     upload = service.start_upload(route)
+    cluster = request.app[PULLTHROUGH].cluster
+    if cluster is not None:  # so the other replicas can forward this upload's requests here
+        await cluster.register_upload(upload.uuid, service.upload_max_age)
     return web.Response(status=202, headers=upload_headers(route.name, upload))
 
 
-async def patch_upload(request: web.Request) -> web.Response:
+def _elsewhere(handler: Handler) -> Handler:
+    """Requests for an upload this replica does not hold go to the replica that does."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        route = route_of(request)
+        uid = request.match_info["uuid"]
+        if not hosted_only(request, route).has_upload(uid):
+            forwarded = await forward_upload(request, uid)
+            if forwarded is not None:
+                return forwarded
+        return await handler(request)
+
+    return wrapper
+
+
+@_elsewhere
+async def patch_upload(request: web.Request) -> web.StreamResponse:
     """PATCH: append a chunk (streamed); 416 when it does not start where the upload ends."""
     route = route_of(request)
     service = hosted_only(request, route)
@@ -51,7 +74,8 @@ async def patch_upload(request: web.Request) -> web.Response:
     return web.Response(status=202, headers=upload_headers(route.name, upload))
 
 
-async def finish_upload(request: web.Request) -> web.Response:
+@_elsewhere
+async def finish_upload(request: web.Request) -> web.StreamResponse:
     """PUT ``?digest=``: the last chunk (optional), then verify and publish."""
     route = route_of(request)
     service = hosted_only(request, route)
@@ -63,14 +87,16 @@ async def finish_upload(request: web.Request) -> web.Response:
         "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
 
 
-async def upload_status(request: web.Request) -> web.Response:
+@_elsewhere
+async def upload_status(request: web.Request) -> web.StreamResponse:
     """GET: where the upload stands (204 with ``Range``), so a client can resume."""
     route = route_of(request)
     upload = hosted_only(request, route).upload(route, request.match_info["uuid"])
     return web.Response(status=204, headers=upload_headers(route.name, upload))
 
 
-async def cancel_upload(request: web.Request) -> web.Response:
+@_elsewhere
+async def cancel_upload(request: web.Request) -> web.StreamResponse:
     route = route_of(request)
     hosted_only(request, route).cancel_upload(route, request.match_info["uuid"])
     return web.Response(status=204)

@@ -39,9 +39,10 @@ class Hosted:
     """The private-registry service for repositories matched by ``[hosted]`` patterns."""
 
     def __init__(self, store: Store, uploads: UploadStore, *, max_manifest_size: int,
-                 delete_enabled: bool) -> None:
+                 delete_enabled: bool, upload_max_age: float = 86400.0) -> None:
         self.store = store
         self.uploads = uploads
+        self.upload_max_age = upload_max_age
         self.max_manifest_size = max_manifest_size
         self.delete_enabled = delete_enabled
         self._locks: dict[str, asyncio.Lock] = {}
@@ -79,6 +80,9 @@ class Hosted:
 
     def start_upload(self, route: Route) -> Upload:
         return self.uploads.create(route.name)
+
+    def has_upload(self, uid: str) -> bool:
+        return self.uploads.exists(uid)
 
     def upload(self, route: Route, uid: str) -> Upload:
         return self.uploads.get(route.name, uid)

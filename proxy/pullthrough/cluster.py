@@ -150,6 +150,22 @@ class Cluster:
             await keeper
             await lease.release()
 
+    async def register_upload(self, uid: str, ttl: float) -> None:
+        """Record that this replica holds upload ``uid`` (its bytes are on local disk)."""
+        try:
+            await self._redis.set(f"regproxy:upload:{uid}", self.url, ex=max(int(ttl), 1))
+        except Exception as exc:
+            log.warning("could not register upload %s in Redis: %s", uid, type(exc).__name__)
+
+    async def upload_owner(self, uid: str) -> str | None:
+        """The replica holding upload ``uid``, if another one does."""
+        try:
+            owner = await self._redis.get(f"regproxy:upload:{uid}")
+        except Exception:
+            return None
+        url = owner.decode() if owner is not None else None
+        return url if url != self.url else None
+
     async def open_remote(self, holder: Holder, digest: Digest, start: int = 0,
                           end: int | None = None) -> aiohttp.ClientResponse | None:
         """Start streaming ``digest`` from the replica filling it; ``None`` if it has no

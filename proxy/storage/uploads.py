@@ -56,6 +56,10 @@ class UploadStore:
         self._hashers[uid] = hashlib.sha256()
         return Upload(uid, repo, path, 0, now)
 
+    def exists(self, uid: str) -> bool:
+        """Whether upload ``uid`` is on this disk (of any repository)."""
+        return _UUID_RE.fullmatch(uid) is not None and (self.root / uid / "repo").exists()
+
     def get(self, repo: str, uid: str) -> Upload:
         """The upload ``uid`` of ``repo``; BLOB_UPLOAD_UNKNOWN otherwise (also for bad ids)."""
         if not _UUID_RE.fullmatch(uid):
