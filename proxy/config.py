@@ -67,7 +67,7 @@ class S3Config:
     region: str = "us-east-1"
     prefix: str = ""
     access_key: str | None = None
-    secret_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
     addressing_style: str | None = None  # "path" | "virtual" | "auto"
     part_size: int = 8 << 20
     #: answer blob GETs with a 307 to a presigned URL instead of streaming the bytes

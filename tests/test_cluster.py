@@ -16,6 +16,7 @@ import signal
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -253,3 +254,40 @@ async def test_a_push_spread_over_replicas_lands_once(
             "sha256:" + hashlib.sha256(manifest).hexdigest())
     finally:
         await asyncio.get_running_loop().run_in_executor(None, group.stop)
+
+
+async def test_maintenance_runs_on_one_replica_at_a_time(redis_url: str):
+    from proxy.config import ClusterConfig
+    from proxy.pullthrough.cluster import Cluster
+
+    a = Cluster(ClusterConfig("http://10.0.0.1:5000", "s" * 32, lease=1.0), redis_url)
+    b = Cluster(ClusterConfig("http://10.0.0.2:5000", "s" * 32, lease=1.0), redis_url)
+    try:
+        async with a.exclusive("maintenance") as got_a:
+            assert got_a
+            await asyncio.sleep(1.5)  # longer than the lease: renewal keeps it
+            async with b.exclusive("maintenance") as got_b:
+                assert not got_b
+        async with b.exclusive("maintenance") as got_b:
+            assert got_b, "released when the first job ended"
+        assert a.authorized("s" * 32) and not a.authorized("s" * 31) and not a.authorized(None)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_readyz_reports_an_unreachable_object_store(aiohttp_server, tmp_path: Path,
+                                                         s3_prefix: S3Config):
+    from proxy.app import create_app
+    from tests.support.proxyfix import make_config
+    from tests.support.registry import free_port
+
+    good = await aiohttp_server(create_app(make_config(tmp_path / "a", {}, s3=s3_prefix)))
+    dead = replace(s3_prefix, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    bad = await aiohttp_server(create_app(make_config(tmp_path / "b", {}, s3=dead)))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{good.port}/readyz") as resp:
+            assert resp.status == 200
+        async with s.get(f"http://127.0.0.1:{bad.port}/readyz") as resp:
+            assert resp.status == 503
+            assert "bucket" in (await resp.json())["storage"]

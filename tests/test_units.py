@@ -186,11 +186,36 @@ def test_config_defaults_and_errors(tmp_path: Path):
         ({"upstreams": {"x.io": {"url": "ftp://x"}}}, "upstreams.x.io.url"),
         ({"upstreams": {"x.io": {"url": "http://x", "username": "u"}}}, "upstreams.x.io.password"),
         ({"proxy": {"default_upstream": "y.io"}}, "proxy.default_upstream"),
+        ({"storage": {"backend": "tape"}}, "storage.backend"),
+        ({"storage": {"backend": "s3"}}, "storage.s3.bucket"),
+        ({"storage": {"s3": {"bucket": "b"}}}, "storage.s3"),
+        ({"storage": {"backend": "s3", "s3": {"bucket": "b", "part_size": "1MiB"}}},
+         "storage.s3.part_size"),
+        ({"storage": {"backend": "s3", "s3": {"bucket": "b", "access_key": "k"}}},
+         "storage.s3.secret_key"),
+        ({"storage": {"backend": "s3", "s3": {"bucket": "b", "endpoint": "minio:9000"}}},
+         "storage.s3.endpoint"),
+        ({"cluster": {"advertise_url": "http://10.0.0.1:5000", "secret": "x" * 20}}, "cluster"),
+        ({"cache": {"backend": "redis", "url": "redis://r:6379/0"},
+          "cluster": {"advertise_url": "http://10.0.0.1:5000"}}, "cluster.secret"),
+        ({"cache": {"backend": "redis", "url": "redis://r:6379/0"},
+          "cluster": {"advertise_url": "http://10.0.0.1:5000", "secret": "short"}}, "cluster.secret"),
     ]
     for data, key in cases:
         with pytest.raises(ConfigError) as info:
             from_dict(data)
         assert info.value.key == key
+    cfg = from_dict({"storage": {"backend": "s3", "s3": {
+                        "bucket": "cache", "endpoint": "http://minio:9000/", "prefix": "rp/",
+                        "access_key": "AK", "secret_key": "SK", "redirect": True}},
+                     "cache": {"backend": "redis", "url": "redis://r:6379/0"},
+                     "cluster": {"advertise_url": "http://10.0.0.1:5000/", "secret": "s" * 32,
+                                 "lease": "5s"}})
+    assert cfg.s3 is not None and cfg.cluster is not None
+    assert (cfg.s3.bucket, cfg.s3.endpoint_url, cfg.s3.prefix, cfg.s3.redirect) == (
+        "cache", "http://minio:9000", "rp/", True)
+    assert (cfg.cluster.advertise_url, cfg.cluster.lease) == ("http://10.0.0.1:5000", 5.0)
+    assert "s" * 32 not in repr(cfg) and "SK" not in repr(cfg.s3)  # secrets stay out of logs
     bad = tmp_path / "bad.toml"
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

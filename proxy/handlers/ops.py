@@ -24,8 +24,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready to serve: the configuration is loaded and the store is writable."""
-    store = request.app[PULLTHROUGH].staging
+    """Ready to serve: the configuration is loaded, the local store is writable and the
+    object store (S3 backend) answers."""
+    pullthrough = request.app[PULLTHROUGH]
+    store = pullthrough.staging
     probe = store.tmp_dir / f"ready-{secrets.token_hex(6)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -36,5 +38,9 @@ async def readyz(request: web.Request) -> web.Response:
         os.unlink(probe)
     except OSError as exc:
         return web.json_response({"status": "unavailable", "storage": str(exc.strerror)},
+                                 status=503, headers=_SECURITY_HEADERS)
+    problem = await pullthrough.store.check()
+    if problem is not None:
+        return web.json_response({"status": "unavailable", "storage": problem},
                                  status=503, headers=_SECURITY_HEADERS)
     return web.json_response({"status": "ready"}, headers=_SECURITY_HEADERS)

@@ -42,6 +42,9 @@ class BlobStat:
 class Store(Protocol):
     """Content-addressed objects, manifests, tags and repository links."""
 
+    async def check(self) -> str | None:
+        """``None`` when the backend answers, else what is wrong (for ``/readyz``)."""
+
     # -- objects (blobs and manifest bytes) --------------------------------------------
     async def blob_size(self, digest: Digest) -> int | None:
         """Size of a stored object, ``None`` when absent."""

@@ -192,6 +192,9 @@ class FilesystemStore:
     async def blob_size(self, digest: Digest) -> int | None:
         return self.stored_size(digest)
 
+    async def check(self) -> str | None:
+        return None  # /readyz probes the local store by writing to it
+
     def local_path(self, digest: Digest) -> Path | None:
         """Where a stored blob can be sent from with ``sendfile``."""
         return self.blob_path(digest)

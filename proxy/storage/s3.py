@@ -419,6 +419,14 @@ class S3Store:
     def local_path(self, digest: Digest) -> Path | None:
         return None
 
+    async def check(self) -> str | None:
+        try:
+            async with asyncio.timeout(3):
+                await self.client.head_bucket(Bucket=self.config.bucket)
+        except Exception as exc:
+            return f"bucket {self.config.bucket}: {type(exc).__name__}"
+        return None
+
     async def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
                         ) -> AsyncIterator[bytes]:
         if end is not None and end <= start:
