@@ -190,4 +190,6 @@ def run_gc(config: Config, args: argparse.Namespace) -> int:
     for digest, size in report.blobs:
         print(f"{verb} blob {digest} ({size} bytes)")
     print(f"{verb} {len(report.blobs)} blobs, {report.bytes_freed} bytes; kept {report.kept}")
+    if report.incomplete:
+        print(f"aborted {report.incomplete} abandoned uploads to the object store")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -96,6 +97,19 @@ async def test_abort_leaves_nothing(store: S3Store) -> None:
     assert await _uploads(store) == []
     assert await _keys(store) == []
     assert await store.blob_size(Digest.of(data)) is None
+
+
+async def test_gc_aborts_uploads_a_killed_writer_left(store: S3Store) -> None:
+    """A writer that never commits nor aborts (its process was killed) leaves a multipart
+    upload; purging abandoned writes removes it, and leaves a younger one alone."""
+    old = await store.open_writer()
+    await old.write(os.urandom(9 * MiB))  # one part sent: the multipart upload exists
+    assert await _uploads(store) == [old.temp_key]
+    assert await store.purge_incomplete(older_than=time.time() - 3600) == 0  # too young
+    assert await _uploads(store) == [old.temp_key]
+    assert await store.purge_incomplete(older_than=time.time() + 5) == 1
+    assert await _uploads(store) == []
+    assert await _keys(store) == []
 
 
 async def test_small_blob_is_one_verified_put(store: S3Store) -> None:

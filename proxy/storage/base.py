@@ -42,6 +42,9 @@ class BlobStat:
 class Store(Protocol):
     """Content-addressed objects, manifests, tags and repository links."""
 
+    async def purge_incomplete(self, older_than: float) -> int:
+        """Remove writes abandoned before ``older_than`` (a killed process's temp data)."""
+
     async def check(self) -> str | None:
         """``None`` when the backend answers, else what is wrong (for ``/readyz``)."""
 

@@ -192,6 +192,10 @@ class FilesystemStore:
     async def blob_size(self, digest: Digest) -> int | None:
         return self.stored_size(digest)
 
+    async def purge_incomplete(self, older_than: float) -> int:
+        """Nothing to do: ``tmp/`` is cleaned at start-up (:meth:`clean_tmp`)."""
+        return 0
+
     async def check(self) -> str | None:
         return None  # /readyz probes the local store by writing to it
 

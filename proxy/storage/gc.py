@@ -26,6 +26,7 @@ class GCReport:
     blobs: list[tuple[Digest, int]] = field(default_factory=list)
     untagged: list[tuple[str, Digest]] = field(default_factory=list)
     kept: int = 0
+    incomplete: int = 0  #: abandoned temp writes removed (multipart uploads on S3)
 
     @property
     def bytes_freed(self) -> int:
@@ -109,4 +110,6 @@ async def collect(store: Store, *, dry_run: bool = False, delete_untagged: bool 
     for digest, _ in report.blobs:
         # re-checked right before deleting: a concurrent writer may have revived it
         await store.delete_blob(digest, older_than=cutoff)
+    # a running fill's upload is younger than this: no fill takes a day
+    report.incomplete = await store.purge_incomplete(started - max(grace, 86400.0))
     return report

@@ -360,6 +360,26 @@ class S3Store:
         """Remove a blob (GC); deleting an absent one is not an error."""
         await self.client.delete_object(Bucket=self.config.bucket, Key=self.blob_key(digest))
 
+    async def purge_incomplete(self, older_than: float) -> int:
+        """Abort multipart uploads under ``_uploads/`` started before ``older_than`` (epoch
+        seconds) and delete such temp objects: what a killed replica left. Returns how many."""
+        prefix = self.config.key("_uploads/")
+        removed = 0
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=self.config.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < older_than:
+                    with contextlib.suppress(ClientError):
+                        await self.client.abort_multipart_upload(
+                            Bucket=self.config.bucket, Key=upload["Key"],
+                            UploadId=upload["UploadId"])
+                        removed += 1
+        async for rel, _, mtime in self._list("_uploads/"):
+            if mtime < older_than:
+                await self._delete(f"_uploads/{rel}")
+                removed += 1
+        return removed
+
     # -- small objects -----------------------------------------------------------------
 
     async def _get(self, key: str) -> tuple[bytes, float] | None:
