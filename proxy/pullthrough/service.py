@@ -430,7 +430,7 @@ class PullThrough:
     def _start_fill(self, route: Route, digest: Digest, writer: BlobWriter,
                     lease: FillLease | None) -> BlobFill:
         fill = BlobFill(digest, writer, self.store.fill_sink(digest),
-                        guard=lease.renew if lease is not None else None)
+                        guard=lease.still_held if lease is not None else None)
         key = str(digest)
         self._fills[key] = fill
 
