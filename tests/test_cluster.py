@@ -291,3 +291,39 @@ async def test_readyz_reports_an_unreachable_object_store(aiohttp_server, tmp_pa
         async with s.get(f"http://127.0.0.1:{bad.port}/readyz") as resp:
             assert resp.status == 503
             assert "bucket" in (await resp.json())["storage"]
+
+
+async def test_a_filler_that_lost_its_lease_does_not_publish(
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+    """Fencing: the lease changed hands mid-fill (this filler was paused past it, say), so
+    the filler must not publish, though its own clients still get the verified bytes."""
+    from proxy.app import create_app
+    from proxy.config import ClusterConfig
+    from tests.support.proxyfix import make_config
+
+    fake = FakeUpstream(chunk_delay=0.005)
+    data = make_random_bytes(8 * MiB, seed=99)
+    digest = fake.add_blob(data)
+    up = await aiohttp_server(fake.app())
+    cfg = make_config(tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3_prefix,
+                      cache_backend="redis", cache_url=redis_url,
+                      cluster=ClusterConfig("http://127.0.0.1:1", "s" * 32, lease=30.0))
+    server = await aiohttp_server(create_app(cfg))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.create_task(_get_blob(s, f"http://127.0.0.1:{server.port}",
+                                                 "team/fenced", digest))
+            key = f"regproxy:fill:{digest}"
+            deadline = time.monotonic() + 10
+            while r.get(key) is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            r.set(key, "999999|http://127.0.0.1:2", px=30_000)  # someone else's now
+            got, size, _ = await task
+        assert (got, size) == (digest, len(data)), "the client still gets the verified blob"
+        await asyncio.sleep(0.5)
+        assert await bucket.blob_size(replace_digest(digest)) is None, "not published"
+        assert await _keys(bucket, "_uploads/") == []
+    finally:
+        r.close()
