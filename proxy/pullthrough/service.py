@@ -381,6 +381,12 @@ class PullThrough:
                         self._holders.clear()
                     self._holders[key] = (lease, time.monotonic() + 1.0)
                     return lease
+                if lease is not None:  # a filler publishes before it lets go of the lease,
+                    size = await self.store.blob_size(digest)  # so look once more
+                    if size is not None:
+                        writer.abort()
+                        await lease.release()
+                        return BlobResult(digest, size, HIT, stored=True)
                 fill = self._start_fill(route, digest, writer, lease)
                 return await self._join(fill, MISS)
             tail = await TailReader.open(self.staging, self.store, digest)  # a sibling worker
