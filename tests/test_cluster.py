@@ -327,3 +327,21 @@ async def test_a_filler_that_lost_its_lease_does_not_publish(
         assert await _keys(bucket, "_uploads/") == []
     finally:
         r.close()
+
+
+async def test_a_tag_asked_of_every_replica_at_once_is_fetched_once(
+        replicas: Replicas, upstream_registry, http_session):
+    reg = upstream_registry
+    repo = f"cluster/tag{secrets.token_hex(3)}"
+    image = await push_image(http_session, reg.url, repo, "v1", [make_tar_layer(seed=93)],
+                             schema="oci")
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+    async def get(base: str) -> str:
+        async with http_session.get(f"{base}/v2/{repo}/manifests/v1", headers=accept) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["Docker-Content-Digest"]
+
+    digests = await asyncio.gather(*(get(p.url) for p in replicas.procs for _ in range(10)))
+    assert set(digests) == {image.digest}
+    assert upstream_gets(reg, f"/{repo}/manifests/") == 1, "one manifest request for the fleet"

@@ -161,6 +161,16 @@ class Cluster:
             await keeper
             await lease.release()
 
+    async def first(self, name: str, seconds: float) -> bool:
+        """Whether this replica should do job ``name`` now: True if it took the short lock
+        ``regproxy:lock:<name>`` (it expires by itself) or Redis is down; False if another
+        replica took it less than ``seconds`` ago."""
+        try:
+            return bool(await self._redis.set(f"regproxy:lock:{name}", self.url, nx=True,
+                                              px=int(seconds * 1000)))
+        except Exception:
+            return True
+
     async def register_upload(self, uid: str, ttl: float) -> None:
         """Record that this replica holds upload ``uid`` (its bytes are on local disk)."""
         try:

@@ -218,6 +218,10 @@ class PullThrough:
 
     async def _refresh_tag(self, route: Route, tag: str, key: str, *, want_body: bool
                            ) -> ManifestResult:
+        if self.cluster is not None and self.tag_ttl > 0:
+            shared = await self._tag_from_peer(key)
+            if shared is not None:
+                return shared
         previous = await self.store.get_tag(route.name, tag)
         try:
             if previous is None and want_body:
@@ -247,6 +251,26 @@ class PullThrough:
             self._tag_l1[key] = (result.digest, time.monotonic() + self.tag_ttl)
             await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
         return _result_from(result, outcome)
+
+    async def _tag_from_peer(self, key: str, wait: float = 5.0) -> ManifestResult | None:
+        """When another replica is already asking the upstream about this tag, wait for its
+        answer in the shared cache rather than asking too (registries such as Docker Hub
+        count manifest requests against pull limits). ``None``: ask the upstream here."""
+        assert self.cluster is not None
+        if await self.cluster.first(f"tag:{key}", wait):
+            return None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            cached = await self._tags.get(key)
+            if cached is None:
+                continue
+            local = await self.local_manifest(Digest.parse(cached))
+            if local is None:
+                return None
+            self._tag_l1[key] = (local.digest, time.monotonic() + min(self.tag_ttl, 1.0))
+            return _result(local, COALESCED)
+        return None
 
     async def _head_manifest(self, route: Route, ref: str, expect: Digest | None) -> ManifestResult:
         upstream = route.upstream
