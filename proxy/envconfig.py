@@ -5,10 +5,13 @@ Precedence: built-in defaults < ``config.toml`` < environment < command-line fla
 * The distribution registry's variables, so existing deployments keep working:
   ``REGISTRY_AUTH=htpasswd``, ``REGISTRY_AUTH_HTPASSWD_REALM``, ``REGISTRY_AUTH_HTPASSWD_PATH``,
   ``REGISTRY_HTTP_ADDR``, ``REGISTRY_HTTP_TLS_CERTIFICATE``, ``REGISTRY_HTTP_TLS_KEY``,
-  ``REGISTRY_HTTP_TLS_CLIENTCAS_0``, ``REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY``. Other
+  ``REGISTRY_HTTP_TLS_CLIENTCAS_0``, ``REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY`` and the s3
+  driver's ``REGISTRY_STORAGE_S3_{BUCKET,REGION,REGIONENDPOINT,ACCESSKEY,SECRETKEY,
+  ROOTDIRECTORY}`` (they select ``storage.backend = "s3"``). Other
   ``REGISTRY_*`` variables are ignored (``REGISTRY_AUTH_FILE`` belongs to podman/skopeo).
 * ``REGPROXY_<SECTION>_<KEY>`` for any key of the sections ``server``, ``storage``, ``cache``,
-  ``proxy``, ``hosted``, ``tls`` and ``auth`` (``REGPROXY_CACHE_TAG_TTL=10m``,
+  ``proxy``, ``hosted``, ``tls``, ``auth`` and ``cluster``, and ``REGPROXY_STORAGE_S3_<KEY>``
+  for ``[storage.s3]`` (``REGPROXY_CACHE_TAG_TTL=10m``, ``REGPROXY_CLUSTER_SECRET=...``,
   ``REGPROXY_AUTH_ANONYMOUS_PULL='["library/*"]'``). The value is read as a TOML value when it
   is one (``true``, ``300``, ``["a"]``) and as a string otherwise. Tables (``upstreams``,
   ``auth.groups``, ``auth.rules``) are not settable this way.
@@ -26,7 +29,7 @@ from typing import Any
 
 from proxy.config import ConfigError
 
-DISTRIBUTION_VARS: dict[str, tuple[str, str]] = {
+DISTRIBUTION_VARS: dict[str, tuple[str, ...]] = {
     "REGISTRY_AUTH_HTPASSWD_REALM": ("auth", "realm"),
     "REGISTRY_AUTH_HTPASSWD_PATH": ("auth", "htpasswd"),
     "REGISTRY_HTTP_ADDR": ("server", "listen"),
@@ -34,8 +37,17 @@ DISTRIBUTION_VARS: dict[str, tuple[str, str]] = {
     "REGISTRY_HTTP_TLS_KEY": ("tls", "key"),
     "REGISTRY_HTTP_TLS_CLIENTCAS_0": ("tls", "client_ca"),
     "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": ("storage", "root"),
+    # distribution's s3 driver; any of them selects storage.backend = "s3"
+    "REGISTRY_STORAGE_S3_BUCKET": ("storage", "s3", "bucket"),
+    "REGISTRY_STORAGE_S3_REGION": ("storage", "s3", "region"),
+    "REGISTRY_STORAGE_S3_REGIONENDPOINT": ("storage", "s3", "endpoint"),
+    "REGISTRY_STORAGE_S3_ACCESSKEY": ("storage", "s3", "access_key"),
+    "REGISTRY_STORAGE_S3_SECRETKEY": ("storage", "s3", "secret_key"),
+    "REGISTRY_STORAGE_S3_ROOTDIRECTORY": ("storage", "s3", "prefix"),
 }
-SECTIONS = ("server", "storage", "cache", "proxy", "hosted", "tls", "auth")
+SECTIONS = ("server", "storage", "cache", "proxy", "hosted", "tls", "auth", "cluster")
+#: Sub-tables settable as ``REGPROXY_<SECTION>_<TABLE>_<KEY>``.
+SUBTABLES = {("storage", "s3")}
 PATH_KEYS = {("storage", "root"), ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"),
              ("auth", "htpasswd"), ("auth", "token_key")}
 PREFIX = "REGPROXY_"
@@ -56,15 +68,19 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """A copy of ``data`` (parsed TOML) with the environment's overrides applied."""
     out = copy.deepcopy(data)
 
-    def put(section: str, key: str, value: Any, var: str) -> None:
-        table = out.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(var, f"[{section}] in the config file is not a table")
-        table[key] = value
+    def put(path: tuple[str, ...], value: Any, var: str) -> None:
+        table = out
+        for i, name in enumerate(path[:-1]):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(var, f"[{'.'.join(path[:i + 1])}] in the config file is not a table")
+        table[path[-1]] = value
 
-    for var, (section, key) in DISTRIBUTION_VARS.items():
+    for var, path in DISTRIBUTION_VARS.items():
         if var in env:
-            put(section, key, _value(section, key, env[var]), var)
+            put(path, _value(path[0], path[-1], env[var]), var)
+            if path[:2] == ("storage", "s3"):
+                put(("storage", "backend"), "s3", var)
     for var in sorted(env):
         if not var.startswith(PREFIX):
             continue
@@ -72,7 +88,11 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         if section not in SECTIONS or not key:
             raise ConfigError(var, f"not a setting: expected {PREFIX}<SECTION>_<KEY> with a section "
                                    f"of {', '.join(SECTIONS)}")
-        put(section, key, _value(section, key, env[var]), var)
+        path: tuple[str, ...] = (section, key)
+        sub, _, rest = key.partition("_")
+        if (section, sub) in SUBTABLES and rest:
+            path = (section, sub, rest)
+        put(path, _value(section, key, env[var]), var)
     auth = env.get("REGISTRY_AUTH")
     if auth is not None:
         if auth.strip().lower() != "htpasswd":

@@ -376,6 +376,17 @@ def test_environment_overrides(tmp_path, monkeypatch):
         load(None, env={"REGPROXY_CACHE_TAG_TTL": "soon"})
     assert err.value.key == "cache.tag_ttl"
     assert apply_env({"a": 1}, {}) == {"a": 1}
+    # replicas in containers: S3 and the cluster from the environment alone
+    cfg = load(None, env={
+        "REGISTRY_STORAGE_S3_BUCKET": "cache", "REGISTRY_STORAGE_S3_REGIONENDPOINT": "http://minio:9000",
+        "REGISTRY_STORAGE_S3_ACCESSKEY": "AK", "REGISTRY_STORAGE_S3_SECRETKEY": "SK",
+        "REGPROXY_STORAGE_S3_REDIRECT": "true", "REGPROXY_CACHE_BACKEND": "redis",
+        "REGPROXY_CACHE_URL": "redis://r:6379/0", "REGPROXY_CLUSTER_ADVERTISE_URL": "http://10.1.2.3:5000",
+        "REGPROXY_CLUSTER_SECRET": "z" * 24})
+    assert cfg.s3 is not None and (cfg.s3.bucket, cfg.s3.endpoint_url, cfg.s3.access_key,
+                                   cfg.s3.secret_key, cfg.s3.redirect) == (
+        "cache", "http://minio:9000", "AK", "SK", True)
+    assert cfg.cluster is not None and cfg.cluster.advertise_url == "http://10.1.2.3:5000"
 
 
 # -- tools -----------------------------------------------------------------------------------
