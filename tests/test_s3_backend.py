@@ -446,3 +446,49 @@ async def test_storage_s3_settings_open_a_store_on_the_bucket(seaweedfs: Seaweed
     assert await bucket.keys() == [bucket.blob_key(str(d))]
     assert await bucket.multipart_uploads() == []
     assert local_files(tmp_path / "scratch") == []
+
+
+async def test_eviction_on_the_bucket_drops_the_least_recently_used_image(
+        aiohttp_server, seaweedfs: SeaweedFS, tmp_path):
+    """LRU on S3: an object's last use is the newest of its LastModified and of its
+    ``access/`` marker (hits write one), so a re-used old image outlives a newer one."""
+    from proxy.storage.eviction import evict
+
+    fake = FakeUpstream()
+    layers = {name: [os.urandom(2 * MiB), os.urandom(1 * MiB)] for name in ("a", "b")}
+    for name, data in layers.items():
+        fake.add_image(f"team/{name}", "v1", data)
+    up = await aiohttp_server(fake.app())
+    s3 = seaweedfs.s3_config()
+    proxy = await aiohttp_server(create_app(make_config(
+        tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3)))
+    base = f"http://127.0.0.1:{proxy.port}"
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    async with aiohttp.ClientSession() as s:
+        async def pull(name: str) -> None:
+            async with s.get(f"{base}/v2/team/{name}/manifests/v1", headers=accept) as r:
+                assert r.status == 200
+                doc = await r.json()
+            for desc in [doc["config"], *doc["layers"]]:
+                async with s.get(f"{base}/v2/team/{name}/blobs/{desc['digest']}") as r:
+                    assert r.status == 200 and len(await r.read()) == desc["size"]
+
+        await pull("a")
+        await asyncio.sleep(1.5)  # S3 times have a 1 s resolution
+        await pull("b")
+        await asyncio.sleep(1.5)
+        await pull("a")  # hits: 'a' is the most recently used now (access markers)
+        await asyncio.sleep(0.5)  # the markers are written in the background
+    async with S3Store(s3) as store:
+        dry = await evict(store, max_size=4 * MiB, max_age=0, is_hosted=lambda _: False,
+                          dry_run=True)
+        b_digests = {str(Digest.of(d)) for d in layers["b"]}
+        evicted = {str(d) for d, _ in dry.evicted}
+        assert b_digests <= evicted, "b's layers go first"
+        assert not {str(Digest.of(d)) for d in layers["a"]} & evicted, "a was used last"
+        report = await evict(store, max_size=4 * MiB, max_age=0, is_hosted=lambda _: False)
+        assert {str(d) for d, _ in report.evicted} == evicted
+        for d in layers["b"]:
+            assert await store.blob_size(Digest.of(d)) is None
+        for d in layers["a"]:
+            assert await store.blob_size(Digest.of(d)) == len(d)
