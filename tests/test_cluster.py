@@ -345,3 +345,42 @@ async def test_a_tag_asked_of_every_replica_at_once_is_fetched_once(
     digests = await asyncio.gather(*(get(p.url) for p in replicas.procs for _ in range(10)))
     assert set(digests) == {image.digest}
     assert upstream_gets(reg, f"/{repo}/manifests/") == 1, "one manifest request for the fleet"
+
+
+async def test_a_range_from_a_replica_that_is_not_filling(
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str):
+    """Replica B serves ``Range`` requests of a blob replica A is still filling: a ranged
+    stream from A's internal endpoint, exact bytes, no second upstream transfer."""
+    from proxy.app import create_app
+    from proxy.config import ClusterConfig
+    from tests.support.proxyfix import make_config
+    from tests.support.registry import free_port
+
+    fake = FakeUpstream(chunk_delay=0.004)
+    data = make_random_bytes(12 * MiB, seed=101)
+    digest = fake.add_blob(data)
+    up = await aiohttp_server(fake.app())
+    ports = [free_port(), free_port()]
+    servers = []
+    for i, port in enumerate(ports):
+        cfg = make_config(tmp_path / f"r{i}", {"fake.io": f"http://127.0.0.1:{up.port}"},
+                          s3=s3_prefix, cache_backend="redis", cache_url=redis_url,
+                          cluster=ClusterConfig(f"http://127.0.0.1:{port}", "s" * 32, lease=5.0))
+        servers.append(await aiohttp_server(create_app(cfg), port=port))
+    a, b = (f"http://127.0.0.1:{p}/v2/team/r/blobs/{digest}" for p in ports)
+    async with aiohttp.ClientSession() as s:
+        async def whole() -> bytes:
+            async with s.get(a) as resp:
+                return await resp.read()
+
+        first = asyncio.create_task(whole())
+        while fake.count("GET", f"/blobs/{digest}") == 0:  # noqa: ASYNC110 (a fake's counter)
+            await asyncio.sleep(0.01)
+        async with s.get(b, headers={"Range": "bytes=1000-2000999"}) as resp:
+            assert resp.status == 206
+            assert resp.headers["Content-Range"] == f"bytes 1000-2000999/{len(data)}"
+            assert await resp.read() == data[1000:2001000]
+        async with s.get(b, headers={"Range": f"bytes={len(data) - 10}-"}) as resp:
+            assert resp.status == 206 and await resp.read() == data[-10:]  # the held last byte too
+        assert await first == data
+    assert fake.count("GET", f"/blobs/{digest}") == 1
