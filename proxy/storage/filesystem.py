@@ -63,6 +63,10 @@ class BlobWriter:
             path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.path = path
+        # hints for processes tailing a fill, as plain strings: this runs once per blob on
+        # the event loop, where pathlib's cost shows up in profiles of small-blob pulls
+        base = str(path)[:-len(path.suffix)] if path.suffix == ".fill" else None
+        self._hints = None if base is None else (base + ".size", base + ".ok")
         self._fd: int | None = fd
         self._hash = hashlib.new(algorithm)
         self._algorithm = algorithm
@@ -100,13 +104,16 @@ class BlobWriter:
         already fsynced the data and fsyncs the directory itself (off the event loop)."""
         if not synced:
             self.sync()
-        final = self._store.blob_path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, final)
+        final = self._store.blob_file(digest)
+        try:
+            os.replace(self.path, final)
+        except FileNotFoundError:  # the first object of its shard directory
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(self.path, final)
         self._close()
         if not synced:
-            self._store.fsync_dir(final.parent)
-        return final
+            self._store.fsync_dir(Path(final).parent)
+        return Path(final)
 
     def commit(self, expected: Digest, expected_size: int | None = None) -> Path:
         """Verify, sync and publish in one go (for small objects)."""
@@ -118,28 +125,30 @@ class BlobWriter:
         if self._fd is not None:  # unlink while still holding a fill's lock
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path.with_suffix(".size"))
         self._close()
 
     def announce_size(self, size: int | None) -> None:
         """Tell other processes tailing this fill how big the blob is (``-1``: unknown)."""
-        if self.path.suffix == ".fill":  # a hint for live processes: no fsync needed
-            tmp = self.path.with_suffix(f".{secrets.token_hex(4)}.sz")
-            tmp.write_text(str(-1 if size is None else size))
-            os.replace(tmp, self.path.with_suffix(".size"))
+        if self._hints is not None:  # a hint for live processes: no fsync needed
+            tmp = f"{self._hints[0]}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, str(-1 if size is None else size).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._hints[0])  # atomic: a reader never sees half a number
 
     def announce_verified(self) -> None:
         """Tell processes tailing this fill that its digest checked out (``.ok``), so they
         can finish their clients before the fsync and rename, as in-process readers do."""
-        if self.path.suffix == ".fill":
-            self.path.with_suffix(".ok").touch()
+        if self._hints is not None:
+            os.close(os.open(self._hints[1], os.O_WRONLY | os.O_CREAT, 0o644))
 
     def _close(self) -> None:
         if self._fd is not None:
-            for hint in (".size", ".ok"):
+            for hint in self._hints or ():
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path.with_suffix(hint))
+                    os.unlink(hint)
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
@@ -152,6 +161,7 @@ class FilesystemStore:
         self.root = root
         self.tmp_dir = root / "tmp"
         self._repos = root / "repositories"
+        self._blobs = str(root / "blobs")
 
     def open(self, *, clean: bool = True) -> None:
         """Create the layout and (``clean``) remove temp files a crash or kill left behind."""
@@ -180,12 +190,16 @@ class FilesystemStore:
     # -- blobs -------------------------------------------------------------------------
 
     def blob_path(self, digest: Digest) -> Path:
-        return self.root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+        return Path(self.blob_file(digest))
+
+    def blob_file(self, digest: Digest) -> str:
+        """:meth:`blob_path` as a string, for the per-request paths (cheaper than pathlib)."""
+        return f"{self._blobs}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
     def stored_size(self, digest: Digest) -> int | None:
         """Size of a stored blob, or ``None`` when absent (synchronous: a local ``stat``)."""
         try:
-            return os.stat(self.blob_path(digest)).st_size
+            return os.stat(self.blob_file(digest)).st_size
         except FileNotFoundError:
             return None
 
