@@ -384,3 +384,34 @@ async def test_a_range_from_a_replica_that_is_not_filling(
             assert resp.status == 206 and await resp.read() == data[-10:]  # the held last byte too
         assert await first == data
     assert fake.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_a_holder_this_replica_cannot_reach_does_not_starve_its_clients(
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+    """A lease held by a replica whose advertise_url is wrong (or across a network split):
+    after the lease period plus a margin the client is served from a fill of its own."""
+    from proxy.app import create_app
+    from proxy.config import ClusterConfig
+    from tests.support.proxyfix import make_config
+    from tests.support.registry import free_port
+
+    fake = FakeUpstream()
+    data = make_random_bytes(3 * MiB, seed=103)
+    digest = fake.add_blob(data)
+    up = await aiohttp_server(fake.app())
+    cfg = make_config(tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3_prefix,
+                      cache_backend="redis", cache_url=redis_url,
+                      cluster=ClusterConfig("http://127.0.0.1:1", "s" * 32, lease=1.0))
+    server = await aiohttp_server(create_app(cfg))
+    r = redis.Redis.from_url(redis_url)
+    r.set(f"regproxy:fill:{digest}", f"7|http://127.0.0.1:{free_port()}", px=60_000)
+    try:
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            got, size, _ = await _get_blob(s, f"http://127.0.0.1:{server.port}", "team/split",
+                                           digest)
+        assert (got, size) == (digest, len(data))
+        assert time.monotonic() - started >= 5.0, "it waited for the holder first"
+        assert fake.count("GET", f"/blobs/{digest}") == 1
+    finally:
+        r.close()

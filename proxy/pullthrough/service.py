@@ -377,7 +377,15 @@ class PullThrough:
             if size is not None:
                 return BlobResult(digest, size, HIT, stored=True)
             if time.monotonic() > deadline:
-                raise Unavailable(f"could not start or join a fill of {digest}")
+                # a live holder (it keeps renewing its lease) that this replica cannot
+                # reach: a wrong cluster.advertise_url, or a network split. Serving the
+                # client beats single flight: fill here too, without the lease.
+                writer = self.staging.claim_fill(digest)
+                if writer is None:
+                    raise Unavailable(f"could not start or join a fill of {digest}")
+                log.warning("fill holder %s of %s unreachable for %.0f s; filling here too",
+                            found.url, digest, patience)
+                return await self._join(self._start_fill(route, digest, writer, None), MISS)
             await asyncio.sleep(0.1)
 
     async def _claim_or_join(self, route: Route, digest: Digest) -> BlobResult | Holder:
