@@ -130,6 +130,23 @@ async def test_cancel_and_purge_uploads(registry, client):
         assert r.status == 404
 
 
+def test_purge_spares_an_upload_being_created(tmp_path):
+    """Regression: ``create`` makes the directory, then ``data``, then ``started``; a purge
+    running in between took the missing ``started`` for "abandoned in 1970" and removed
+    the upload under the client (a 500 on the very next write)."""
+    from proxy.storage import UploadStore
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    uploads = UploadStore(store)
+    young = tmp_path / "uploads" / ("a" * 32)
+    young.mkdir()  # the state right after create()'s mkdir
+    old = uploads.create("team/app")
+    (old.path / "started").write_text(str(time.time() - 3 * 86400))
+    assert uploads.purge(max_age=86400) == 1
+    assert young.exists() and not old.path.exists()
+
+
 async def test_cross_repository_mount(registry, client):
     base, _, _, _ = registry
     d = await push_blob(client, base, "team/a", b"shared layer")

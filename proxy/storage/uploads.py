@@ -129,7 +129,12 @@ class UploadStore:
                 try:
                     started = float((Path(entry.path) / "started").read_text() or 0)
                 except (FileNotFoundError, ValueError, NotADirectoryError):
-                    started = 0.0
+                    # being created right now (``started`` comes last), or damaged: the
+                    # directory's own time decides, never "abandoned since 1970"
+                    try:
+                        started = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
                 if started < cutoff:
                     self._hashers.pop(entry.name, None)
                     shutil.rmtree(entry.path, ignore_errors=True)
