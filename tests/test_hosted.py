@@ -141,10 +141,12 @@ def test_purge_spares_an_upload_being_created(tmp_path):
     uploads = UploadStore(store)
     young = tmp_path / "uploads" / ("a" * 32)
     young.mkdir()  # the state right after create()'s mkdir
+    writing = uploads.create("team/app")
+    (writing.path / "started").write_text("")  # while create() writes it
     old = uploads.create("team/app")
     (old.path / "started").write_text(str(time.time() - 3 * 86400))
     assert uploads.purge(max_age=86400) == 1
-    assert young.exists() and not old.path.exists()
+    assert young.exists() and writing.path.exists() and not old.path.exists()
 
 
 async def test_cross_repository_mount(registry, client):

@@ -127,10 +127,11 @@ class UploadStore:
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.root):
                 try:
-                    started = float((Path(entry.path) / "started").read_text() or 0)
+                    started = float((Path(entry.path) / "started").read_text())
                 except (FileNotFoundError, ValueError, NotADirectoryError):
-                    # being created right now (``started`` comes last), or damaged: the
-                    # directory's own time decides, never "abandoned since 1970"
+                    # being created right now (``started`` comes last, and is empty for an
+                    # instant while written), or damaged: the directory's own time
+                    # decides, never "abandoned since 1970"
                     try:
                         started = entry.stat().st_mtime
                     except FileNotFoundError:
