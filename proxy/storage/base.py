@@ -55,8 +55,8 @@ class Store(Protocol):
     def local_path(self, digest: Digest) -> Path | None:
         """A local file to ``sendfile`` the object from, when the backend has one."""
 
-    async def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
-                        ) -> AsyncIterator[bytes]:
+    def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
+                  ) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` of a stored object (backends without a local path)."""
 
     async def redirect_url(self, digest: Digest) -> str | None:
