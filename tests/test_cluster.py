@@ -329,7 +329,7 @@ async def test_a_filler_that_lost_its_lease_does_not_publish(
         r.close()
 
 
-async def test_a_tag_asked_of_every_replica_at_once_is_fetched_once(
+async def test_a_manifest_asked_of_every_replica_at_once_is_fetched_once(
         replicas: Replicas, upstream_registry, http_session):
     reg = upstream_registry
     repo = f"cluster/tag{secrets.token_hex(3)}"
@@ -345,6 +345,20 @@ async def test_a_tag_asked_of_every_replica_at_once_is_fetched_once(
     digests = await asyncio.gather(*(get(p.url) for p in replicas.procs for _ in range(10)))
     assert set(digests) == {image.digest}
     assert upstream_gets(reg, f"/{repo}/manifests/") == 1, "one manifest request for the fleet"
+
+    # the same for a manifest asked by digest (what clients do for an index's children)
+    other = await push_image(http_session, reg.url, repo, None, [make_tar_layer(seed=94)],
+                             schema="oci")
+
+    async def by_digest(base: str) -> bytes:
+        async with http_session.get(f"{base}/v2/{repo}/manifests/{other.digest}",
+                                    headers=accept) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+    bodies = await asyncio.gather(*(by_digest(p.url) for p in replicas.procs for _ in range(10)))
+    assert set(bodies) == {other.manifest}
+    assert upstream_gets(reg, f"/{repo}/manifests/{other.digest}") == 1
 
 
 async def test_a_range_from_a_replica_that_is_not_filling(

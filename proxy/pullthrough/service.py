@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.errors import (
@@ -172,9 +172,36 @@ class PullThrough:
         if head:
             return await self._head_manifest(route, str(digest), expect=digest)
         result, shared = await self._flight.do(
-            ("manifest", str(digest)), lambda: self._fetch_manifest(route, str(digest), digest)
-        )
-        return _result_from(result, COALESCED if shared else MISS)
+            ("manifest", str(digest)), lambda: self._fetch_by_digest(route, digest))
+        return _result_from(result, COALESCED if shared else result.outcome)
+
+    async def _fetch_by_digest(self, route: Route, digest: Digest) -> ManifestResult:
+        async def stored() -> ManifestResult | None:
+            item = await self.store.get_manifest(digest)
+            if item is None:
+                return None
+            self._memory.put(item)
+            await self.store.link_manifest(route.name, digest)
+            return _result(item, COALESCED)
+
+        peer = await self._from_peer(f"manifest:{digest}", stored)
+        return peer if peer is not None else await self._fetch_manifest(route, str(digest), digest)
+
+    async def _from_peer(self, job: str, probe: Callable[[], Awaitable[ManifestResult | None]],
+                         wait: float = 5.0) -> ManifestResult | None:
+        """When another replica is already asking the upstream for the same manifest, wait
+        (up to ``wait``) for its answer through ``probe`` rather than asking too: registries
+        such as Docker Hub count manifest requests against pull limits. ``None``: ask the
+        upstream here (no cluster, this replica goes first, or the peer took too long)."""
+        if self.cluster is None or await self.cluster.first(job, wait):
+            return None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            found = await probe()
+            if found is not None:
+                return found
+        return None
 
     async def _manifest_by_tag(self, route: Route, tag: str, *, head: bool) -> ManifestResult:
         key = f"{route.name}:{tag}"
@@ -252,25 +279,18 @@ class PullThrough:
             await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
         return _result_from(result, outcome)
 
-    async def _tag_from_peer(self, key: str, wait: float = 5.0) -> ManifestResult | None:
-        """When another replica is already asking the upstream about this tag, wait for its
-        answer in the shared cache rather than asking too (registries such as Docker Hub
-        count manifest requests against pull limits). ``None``: ask the upstream here."""
-        assert self.cluster is not None
-        if await self.cluster.first(f"tag:{key}", wait):
-            return None
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    async def _tag_from_peer(self, key: str) -> ManifestResult | None:
+        """A tag another replica is revalidating right now: its answer, from the shared
+        tag cache (see :meth:`_from_peer`)."""
+        async def shared() -> ManifestResult | None:
             cached = await self._tags.get(key)
-            if cached is None:
-                continue
-            local = await self.local_manifest(Digest.parse(cached))
+            local = None if cached is None else await self.local_manifest(Digest.parse(cached))
             if local is None:
                 return None
             self._tag_l1[key] = (local.digest, time.monotonic() + min(self.tag_ttl, 1.0))
             return _result(local, COALESCED)
-        return None
+
+        return await self._from_peer(f"tag:{key}", shared)
 
     async def _head_manifest(self, route: Route, ref: str, expect: Digest | None) -> ManifestResult:
         upstream = route.upstream
