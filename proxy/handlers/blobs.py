@@ -25,16 +25,15 @@ class CorkedFileResponse(web.FileResponse):
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         sock = request.transport.get_extra_info("socket") if request.transport else None
-        corked = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        if corked:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return await super().prepare(request)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         try:
             return await super().prepare(request)
         finally:
-            if corked:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:

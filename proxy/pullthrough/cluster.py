@@ -47,6 +47,10 @@ _RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1]) else return 0 end"""
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @dataclass(slots=True)
 class FillLease:
     """This replica's right to fill one digest, until it stops renewing it."""
@@ -135,7 +139,7 @@ class Cluster:
                     return FillLease(self, key, value, token)
                 held = await self._redis.get(key)
                 if held is not None:
-                    held_token, _, url = held.decode().partition("|")
+                    held_token, _, url = _text(held).partition("|")
                     return Holder(url, int(held_token))
         except Exception as exc:
             log.warning("Redis unavailable for the fill lease of %s (%s); filling alone",
@@ -184,7 +188,7 @@ class Cluster:
             owner = await self._redis.get(f"regproxy:upload:{uid}")
         except Exception:
             return None
-        url = owner.decode() if owner is not None else None
+        url = _text(owner) if owner is not None else None
         return url if url != self.url else None
 
     async def open_remote(self, holder: Holder, digest: Digest, start: int = 0,
