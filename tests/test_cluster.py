@@ -108,7 +108,7 @@ async def test_30_cold_clients_on_3_replicas_make_one_upstream_transfer_per_blob
     assert await _keys(bucket, "_uploads/") == []
     for proc in replicas.procs:  # objects live in the bucket only; scratch space is empty
         data = proc.workdir / "data"
-        assert not any((data / "blobs").rglob("*")) if (data / "blobs").exists() else True
+        assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []
         assert [p.name for p in (data / "tmp").iterdir()] == []
 
 

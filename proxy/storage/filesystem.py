@@ -167,6 +167,10 @@ class FilesystemStore:
         """Create the layout and (``clean``) remove temp files a crash or kill left behind."""
         for sub in ("blobs", "manifests", "repositories", "tmp", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        shards = self.root / "blobs" / "sha256"
+        if not (shards / "ff").is_dir():  # all 256 up front: no mkdir on a cold fill's path
+            for i in range(256):
+                (shards / f"{i:02x}").mkdir(parents=True, exist_ok=True)
         if clean:
             self.clean_tmp()
 
