@@ -1,5 +1,6 @@
 """End to end: a real Docker daemon (registry-mirrors) and containerd (hosts.toml, ?ns=)
-pull through the proxy. Their HTTP(S) proxy is a closed loopback port, so a fallback to
+pull through the proxy, on the filesystem and on the S3 backend (dockerd following presigned
+redirects to the object store). Their HTTP(S) proxy is a closed loopback port, so a fallback to
 the real Docker Hub fails at once: a successful pull proves the proxy served it."""
 
 from __future__ import annotations
@@ -25,20 +26,30 @@ def upstream_blob_gets(reg: RegistryProcess, digest: str) -> int:
                if f"GET /v2/library/alpine/blobs/{digest}" in line)
 
 
-async def start_mirror(aiohttp_server, reg: RegistryProcess, data: Path) -> str:
-    """The proxy with a local docker-registry playing Docker Hub (``docker.io``)."""
-    cfg = make_config(data, {"docker.io": reg.url})
+async def start_mirror(aiohttp_server, reg: RegistryProcess, data: Path,
+                       request: pytest.FixtureRequest | None = None, backend: str = "filesystem"
+                       ) -> str:
+    """The proxy with a local docker-registry playing Docker Hub (``docker.io``); on the S3
+    backend (SeaweedFS), optionally answering blob GETs with presigned 307 redirects."""
+    extra = {}
+    if backend != "filesystem":
+        assert request is not None
+        seaweedfs = request.getfixturevalue("seaweedfs")
+        extra["s3"] = seaweedfs.s3_config(redirect=backend == "s3-redirect")
+    cfg = make_config(data, {"docker.io": reg.url}, **extra)
     server = await aiohttp_server(create_app(cfg))
     return f"http://127.0.0.1:{server.port}"
 
 
+@pytest.mark.parametrize("backend", ["filesystem", "s3-redirect"])
 async def test_docker_daemon_pulls_alpine_through_the_proxy(
-    aiohttp_server, fresh_registry, http_session: aiohttp.ClientSession, tmp_path
+    aiohttp_server, fresh_registry, http_session: aiohttp.ClientSession, tmp_path, request,
+    backend,
 ):
     reg = fresh_registry
     alpine = await push_image(http_session, reg.url, "library/alpine", "latest", [LAYER],
                               schema="docker", platform=("linux", go_arch()))
-    mirror = await start_mirror(aiohttp_server, reg, tmp_path / "data")
+    mirror = await start_mirror(aiohttp_server, reg, tmp_path / "data", request, backend)
     with DockerDaemon(tmp_path / "d1", mirror) as dockerd:
         res = await dockerd.apull("alpine")
         assert res.returncode == 0, f"{res.stderr}\n{dockerd.log_tail()}"
@@ -57,8 +68,10 @@ async def test_docker_daemon_pulls_alpine_through_the_proxy(
     assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
 
 
+@pytest.mark.parametrize("backend", ["filesystem", "s3"])
 async def test_containerd_pulls_with_ns_through_the_proxy(
-    aiohttp_server, fresh_registry, http_session: aiohttp.ClientSession, tmp_path
+    aiohttp_server, fresh_registry, http_session: aiohttp.ClientSession, tmp_path, request,
+    backend,
 ):
     reg = fresh_registry
     alpine = await push_image(http_session, reg.url, "library/alpine", "latest", [LAYER],
@@ -69,7 +82,7 @@ async def test_containerd_pulls_with_ns_through_the_proxy(
                                  platform=("linux", arch))
                 for i, arch in enumerate([other, go_arch()])]
     multi = await push_index(http_session, reg.url, "library/multi", "latest", children)
-    mirror = await start_mirror(aiohttp_server, reg, tmp_path / "data")
+    mirror = await start_mirror(aiohttp_server, reg, tmp_path / "data", request, backend)
     hosts = tmp_path / "hosts"
     write_hosts_toml(hosts, mirror)
     with Containerd(tmp_path / "c1") as ctrd:
