@@ -429,3 +429,35 @@ async def test_a_holder_this_replica_cannot_reach_does_not_starve_its_clients(
         assert fake.count("GET", f"/blobs/{digest}") == 1
     finally:
         r.close()
+
+
+async def test_gc_command_on_the_bucket_waits_its_turn(tmp_path: Path, s3_prefix: S3Config,
+                                                       redis_url: str, bucket: S3Store):
+    """``regproxy gc`` on an S3 replica: it removes an unreferenced object from the bucket,
+    and refuses (exit 1) while another replica holds the maintenance lease."""
+    import subprocess
+    import sys
+
+    from tests.support.cluster import _config
+
+    cfg = _config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", s3_prefix, redis_url,
+                  "15s", "")
+    orphan = make_random_bytes(4096, seed=105)
+    (tmp_path / "orphan").write_bytes(orphan)
+    d = replace_digest("sha256:" + hashlib.sha256(orphan).hexdigest())
+    await bucket.import_file(tmp_path / "orphan", d, len(orphan))
+    cmd = [sys.executable, "-m", "proxy", "gc", "--config", str(cfg), "--grace", "0"]
+    root = Path(__file__).resolve().parents[1]
+    r = redis.Redis.from_url(redis_url)
+    try:
+        r.set("regproxy:lock:maintenance", "1|http://elsewhere", px=30_000)
+        busy = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
+        assert busy.returncode == 1 and "another replica" in busy.stderr
+        assert await bucket.blob_size(d) == len(orphan)
+        r.delete("regproxy:lock:maintenance")
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"deleted blob {d}" in done.stdout
+        assert await bucket.blob_size(d) is None
+    finally:
+        r.close()
