@@ -33,6 +33,7 @@ from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 from tests.test_integration_registry import upstream_gets
 
 MiB = 1 << 20
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -435,7 +436,6 @@ async def test_gc_command_on_the_bucket_waits_its_turn(tmp_path: Path, s3_prefix
                                                        redis_url: str, bucket: S3Store):
     """``regproxy gc`` on an S3 replica: it removes an unreferenced object from the bucket,
     and refuses (exit 1) while another replica holds the maintenance lease."""
-    import subprocess
     import sys
 
     from tests.support.cluster import _config
@@ -446,18 +446,24 @@ async def test_gc_command_on_the_bucket_waits_its_turn(tmp_path: Path, s3_prefix
     (tmp_path / "orphan").write_bytes(orphan)
     d = replace_digest("sha256:" + hashlib.sha256(orphan).hexdigest())
     await bucket.import_file(tmp_path / "orphan", d, len(orphan))
-    cmd = [sys.executable, "-m", "proxy", "gc", "--config", str(cfg), "--grace", "0"]
-    root = Path(__file__).resolve().parents[1]
+
+    async def gc() -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "gc", "--config", str(cfg), "--grace", "0",
+            cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
     r = redis.Redis.from_url(redis_url)
     try:
         r.set("regproxy:lock:maintenance", "1|http://elsewhere", px=30_000)
-        busy = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
-        assert busy.returncode == 1 and "another replica" in busy.stderr
+        code, _, err = await gc()
+        assert code == 1 and "another replica" in err
         assert await bucket.blob_size(d) == len(orphan)
         r.delete("regproxy:lock:maintenance")
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert f"deleted blob {d}" in done.stdout
+        code, out, err = await gc()
+        assert code == 0, err
+        assert f"deleted blob {d}" in out
         assert await bucket.blob_size(d) is None
     finally:
         r.close()
