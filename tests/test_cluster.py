@@ -23,11 +23,16 @@ import aiohttp
 import pytest
 import redis
 
-from proxy.config import S3Config
+from proxy.app import create_app
+from proxy.config import ClusterConfig, S3Config
+from proxy.pullthrough.cluster import Cluster
+from proxy.reference import Digest
 from proxy.storage.s3 import S3Store
-from tests.support.cluster import Replicas
+from tests.support.cluster import Replicas, _config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import make_random_bytes, make_tar_layer, push_image
+from tests.support.proxyfix import make_config
+from tests.support.registry import free_port
 from tests.support.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 from tests.test_integration_registry import upstream_gets
@@ -60,6 +65,17 @@ def replicas(tmp_path: Path, upstream_registry, s3_prefix: S3Config, redis_url: 
         yield group
     finally:
         group.stop()
+
+
+async def _replica(aiohttp_server, data: Path, upstream_port: int, s3: S3Config, redis_url: str,
+                   *, advertise: str = "http://127.0.0.1:1", lease: float = 30.0,
+                   port: int | None = None) -> str:
+    """An in-process replica on the shared bucket and Redis; returns its base URL."""
+    cfg = make_config(data, {"fake.io": f"http://127.0.0.1:{upstream_port}"}, s3=s3,
+                      cache_backend="redis", cache_url=redis_url,
+                      cluster=ClusterConfig(advertise, "s" * 32, lease=lease))
+    server = await aiohttp_server(create_app(cfg), **({"port": port} if port else {}))
+    return f"http://127.0.0.1:{server.port}"
 
 
 async def _get_blob(session: aiohttp.ClientSession, base: str, repo: str, digest: str
@@ -104,19 +120,13 @@ async def test_30_cold_clients_on_3_replicas_make_one_upstream_transfer_per_blob
     for d in digests:
         hexpart = d.split(":")[1]
         assert f"sha256/{hexpart[:2]}/{hexpart}" in stored
-        assert await bucket.blob_size(replace_digest(d)) == next(
+        assert await bucket.blob_size(Digest.parse(d)) == next(
             r[1] for r in results if r[0] == d)
     assert await _keys(bucket, "_uploads/") == []
     for proc in replicas.procs:  # objects live in the bucket only; scratch space is empty
         data = proc.workdir / "data"
         assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []
         assert [p.name for p in (data / "tmp").iterdir()] == []
-
-
-def replace_digest(text: str):
-    from proxy.reference import Digest
-
-    return Digest.parse(text)
 
 
 async def test_replica_killed_mid_fill_others_take_over(
@@ -156,14 +166,14 @@ async def test_replica_killed_mid_fill_others_take_over(
             while fake.count("GET", f"/blobs/{digest}") == 0:  # noqa: ASYNC110 (a fake's counter)
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.4)  # well into the transfer
-            assert await bucket.blob_size(replace_digest(digest)) is None  # not published yet
+            assert await bucket.blob_size(Digest.parse(digest)) is None  # not published yet
             victim = group.by_url(holder)
             assert victim.proc is not None
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait()
             results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
             deadline = time.monotonic() + 15  # clients finish at verification; the S3
-            while await bucket.blob_size(replace_digest(digest)) is None:  # commit follows
+            while await bucket.blob_size(Digest.parse(digest)) is None:  # commit follows
                 assert time.monotonic() < deadline, "the taken-over fill was published"
                 await asyncio.sleep(0.1)
     finally:
@@ -173,8 +183,8 @@ async def test_replica_killed_mid_fill_others_take_over(
     assert all(got == digest for got, _ in results), "every client ends with the exact blob"
     assert any(attempt > 0 for _, attempt in results), "clients of the dead replica retried"
     assert fake.count("GET", f"/blobs/{digest}") == 2, "the fill was taken over once"
-    assert await bucket.blob_size(replace_digest(digest)) == len(data)
-    body = b"".join([c async for c in bucket.open_blob(replace_digest(digest))])
+    assert await bucket.blob_size(Digest.parse(digest)) == len(data)
+    body = b"".join([c async for c in bucket.open_blob(Digest.parse(digest))])
     assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
 
 
@@ -245,7 +255,7 @@ async def test_a_push_spread_over_replicas_lands_once(
                     assert resp.status == 200 and await resp.read() == layer
                 async with s.get(f"{base}/v2/team/app/tags/list") as resp:
                     assert (await resp.json())["tags"] == ["v1"]
-        assert await bucket.blob_size(replace_digest(layer_digest)) == len(layer)
+        assert await bucket.blob_size(Digest.parse(layer_digest)) == len(layer)
         for proc in group.procs:  # the upload was published and removed where it lived
             assert list((proc.workdir / "data" / "uploads").iterdir()) == []
         out = tmp_path / "pulled"
@@ -258,8 +268,6 @@ async def test_a_push_spread_over_replicas_lands_once(
 
 
 async def test_maintenance_runs_on_one_replica_at_a_time(redis_url: str):
-    from proxy.config import ClusterConfig
-    from proxy.pullthrough.cluster import Cluster
 
     a = Cluster(ClusterConfig("http://10.0.0.1:5000", "s" * 32, lease=1.0), redis_url)
     b = Cluster(ClusterConfig("http://10.0.0.2:5000", "s" * 32, lease=1.0), redis_url)
@@ -279,9 +287,6 @@ async def test_maintenance_runs_on_one_replica_at_a_time(redis_url: str):
 
 async def test_readyz_reports_an_unreachable_object_store(aiohttp_server, tmp_path: Path,
                                                          s3_prefix: S3Config):
-    from proxy.app import create_app
-    from tests.support.proxyfix import make_config
-    from tests.support.registry import free_port
 
     good = await aiohttp_server(create_app(make_config(tmp_path / "a", {}, s3=s3_prefix)))
     dead = replace(s3_prefix, endpoint_url=f"http://127.0.0.1:{free_port()}")
@@ -298,23 +303,16 @@ async def test_a_filler_that_lost_its_lease_does_not_publish(
         aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
     """Fencing: the lease changed hands mid-fill (this filler was paused past it, say), so
     the filler must not publish, though its own clients still get the verified bytes."""
-    from proxy.app import create_app
-    from proxy.config import ClusterConfig
-    from tests.support.proxyfix import make_config
 
     fake = FakeUpstream(chunk_delay=0.005)
     data = make_random_bytes(8 * MiB, seed=99)
     digest = fake.add_blob(data)
     up = await aiohttp_server(fake.app())
-    cfg = make_config(tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3_prefix,
-                      cache_backend="redis", cache_url=redis_url,
-                      cluster=ClusterConfig("http://127.0.0.1:1", "s" * 32, lease=30.0))
-    server = await aiohttp_server(create_app(cfg))
+    base = await _replica(aiohttp_server, tmp_path / "d", up.port, s3_prefix, redis_url)
     r = redis.Redis.from_url(redis_url)
     try:
         async with aiohttp.ClientSession() as s:
-            task = asyncio.create_task(_get_blob(s, f"http://127.0.0.1:{server.port}",
-                                                 "team/fenced", digest))
+            task = asyncio.create_task(_get_blob(s, base, "team/fenced", digest))
             key = f"regproxy:fill:{digest}"
             deadline = time.monotonic() + 10
             while r.get(key) is None:
@@ -324,7 +322,7 @@ async def test_a_filler_that_lost_its_lease_does_not_publish(
             got, size, _ = await task
         assert (got, size) == (digest, len(data)), "the client still gets the verified blob"
         await asyncio.sleep(0.5)
-        assert await bucket.blob_size(replace_digest(digest)) is None, "not published"
+        assert await bucket.blob_size(Digest.parse(digest)) is None, "not published"
         assert await _keys(bucket, "_uploads/") == []
     finally:
         r.close()
@@ -366,22 +364,15 @@ async def test_a_range_from_a_replica_that_is_not_filling(
         aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str):
     """Replica B serves ``Range`` requests of a blob replica A is still filling: a ranged
     stream from A's internal endpoint, exact bytes, no second upstream transfer."""
-    from proxy.app import create_app
-    from proxy.config import ClusterConfig
-    from tests.support.proxyfix import make_config
-    from tests.support.registry import free_port
 
     fake = FakeUpstream(chunk_delay=0.004)
     data = make_random_bytes(12 * MiB, seed=101)
     digest = fake.add_blob(data)
     up = await aiohttp_server(fake.app())
     ports = [free_port(), free_port()]
-    servers = []
     for i, port in enumerate(ports):
-        cfg = make_config(tmp_path / f"r{i}", {"fake.io": f"http://127.0.0.1:{up.port}"},
-                          s3=s3_prefix, cache_backend="redis", cache_url=redis_url,
-                          cluster=ClusterConfig(f"http://127.0.0.1:{port}", "s" * 32, lease=5.0))
-        servers.append(await aiohttp_server(create_app(cfg), port=port))
+        await _replica(aiohttp_server, tmp_path / f"r{i}", up.port, s3_prefix, redis_url,
+                       advertise=f"http://127.0.0.1:{port}", lease=5.0, port=port)
     a, b = (f"http://127.0.0.1:{p}/v2/team/r/blobs/{digest}" for p in ports)
     async with aiohttp.ClientSession() as s:
         async def whole() -> bytes:
@@ -405,25 +396,19 @@ async def test_a_holder_this_replica_cannot_reach_does_not_starve_its_clients(
         aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
     """A lease held by a replica whose advertise_url is wrong (or across a network split):
     after the lease period plus a margin the client is served from a fill of its own."""
-    from proxy.app import create_app
-    from proxy.config import ClusterConfig
-    from tests.support.proxyfix import make_config
-    from tests.support.registry import free_port
 
     fake = FakeUpstream()
     data = make_random_bytes(3 * MiB, seed=103)
     digest = fake.add_blob(data)
     up = await aiohttp_server(fake.app())
-    cfg = make_config(tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3_prefix,
-                      cache_backend="redis", cache_url=redis_url,
-                      cluster=ClusterConfig("http://127.0.0.1:1", "s" * 32, lease=1.0))
-    server = await aiohttp_server(create_app(cfg))
+    base = await _replica(aiohttp_server, tmp_path / "d", up.port, s3_prefix, redis_url,
+                          lease=1.0)
     r = redis.Redis.from_url(redis_url)
     r.set(f"regproxy:fill:{digest}", f"7|http://127.0.0.1:{free_port()}", px=60_000)
     try:
         started = time.monotonic()
         async with aiohttp.ClientSession() as s:
-            got, size, _ = await _get_blob(s, f"http://127.0.0.1:{server.port}", "team/split",
+            got, size, _ = await _get_blob(s, base, "team/split",
                                            digest)
         assert (got, size) == (digest, len(data))
         assert time.monotonic() - started >= 5.0, "it waited for the holder first"
@@ -438,13 +423,12 @@ async def test_gc_command_on_the_bucket_waits_its_turn(tmp_path: Path, s3_prefix
     and refuses (exit 1) while another replica holds the maintenance lease."""
     import sys
 
-    from tests.support.cluster import _config
 
     cfg = _config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", s3_prefix, redis_url,
                   "15s", "")
     orphan = make_random_bytes(4096, seed=105)
     (tmp_path / "orphan").write_bytes(orphan)
-    d = replace_digest("sha256:" + hashlib.sha256(orphan).hexdigest())
+    d = Digest.parse("sha256:" + hashlib.sha256(orphan).hexdigest())
     await bucket.import_file(tmp_path / "orphan", d, len(orphan))
 
     async def gc() -> tuple[int, str, str]:
