@@ -408,8 +408,7 @@ async def test_a_holder_this_replica_cannot_reach_does_not_starve_its_clients(
     try:
         started = time.monotonic()
         async with aiohttp.ClientSession() as s:
-            got, size, _ = await _get_blob(s, base, "team/split",
-                                           digest)
+            got, size, _ = await _get_blob(s, base, "team/split", digest)
         assert (got, size) == (digest, len(data))
         assert time.monotonic() - started >= 5.0, "it waited for the holder first"
         assert fake.count("GET", f"/blobs/{digest}") == 1
