@@ -28,12 +28,11 @@ from proxy.errors import (
     DigestInvalid,
     RegistryError,
     SizeInvalid,
-    TooManyRequests,
     Unavailable,
 )
 from proxy.reference import Digest
 from proxy.storage import BlobWriter, FilesystemStore, Store
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, upstream_error
 
 log = logging.getLogger("regproxy.fill")
 
@@ -111,17 +110,8 @@ class BlobFill:
         writer = self._writer
         try:
             async with upstream.request("GET", remote, f"blobs/{self.digest}") as resp:
-                if resp.status == 404:
-                    raise BlobUnknown(f"blob {self.digest} unknown to upstream {upstream.name}")
-                if resp.status in (401, 403):
-                    raise BlobUnknown(f"upstream {upstream.name} denied access to {remote}")
-                if resp.status == 429:
-                    raise TooManyRequests(
-                        f"upstream {upstream.name} rate-limited the request",
-                        headers={"Retry-After": resp.headers.get("Retry-After", "60")},
-                    )
                 if resp.status != 200:
-                    raise Unavailable(f"upstream {upstream.name} answered {resp.status}")
+                    raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
                 self.size = resp.content_length
                 writer.announce_size(self.size)
                 self._headers.set()

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.errors import (
     BadGateway,
@@ -40,7 +40,7 @@ from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.storage import BlobWriter, FilesystemStore, Store, StoredManifest
-from proxy.upstream import UpstreamClient, UpstreamResponse, read_capped
+from proxy.upstream import read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")
 
@@ -68,23 +68,6 @@ class BlobResult:
     outcome: str
     stored: bool = False
     reader: FillReader | TailReader | RemoteReader | None = None
-
-
-def _upstream_error(resp: UpstreamResponse, upstream: UpstreamClient, what: str,
-                    not_found: type[RegistryError]) -> RegistryError:
-    """Translate a non-success upstream status into the error our client should see.
-
-    404/401/403 become 404s (clients then fall back to their next host), 429 keeps its
-    status and Retry-After, and everything else is a 503.
-    """
-    if resp.status == 404:
-        return not_found(f"{what} not found on upstream {upstream.name}")
-    if resp.status in (401, 403):
-        return not_found(f"upstream {upstream.name} denied access to {what} ({resp.status})")
-    if resp.status == 429:
-        return TooManyRequests(f"upstream {upstream.name} rate-limited the request",
-                               headers={"Retry-After": resp.headers.get("Retry-After", "60")})
-    return Unavailable(f"upstream {upstream.name} answered {resp.status} for {what}")
 
 
 class PullThrough:
@@ -173,14 +156,13 @@ class PullThrough:
             return await self._head_manifest(route, str(digest), expect=digest)
         result, shared = await self._flight.do(
             ("manifest", str(digest)), lambda: self._fetch_by_digest(route, digest))
-        return _result_from(result, COALESCED if shared else result.outcome)
+        return replace(result, outcome=COALESCED if shared else result.outcome)
 
     async def _fetch_by_digest(self, route: Route, digest: Digest) -> ManifestResult:
         async def stored() -> ManifestResult | None:
-            item = await self.store.get_manifest(digest)
+            item = await self.local_manifest(digest)
             if item is None:
                 return None
-            self._memory.put(item)
             await self.store.link_manifest(route.name, digest)
             return _result(item, COALESCED)
 
@@ -214,7 +196,7 @@ class PullThrough:
         result, shared = await self._flight.do(
             flight_key, lambda: self._refresh_tag(route, tag, key, want_body=not head)
         )
-        return _result_from(result, COALESCED if shared else result.outcome)
+        return replace(result, outcome=COALESCED if shared else result.outcome)
 
     async def _fresh_tag(self, route: Route, tag: str, key: str) -> Digest | None:
         """The digest of a tag confirmed upstream less than ``tag_ttl`` ago, if any.
@@ -238,10 +220,14 @@ class PullThrough:
             if digest is None or age >= self.tag_ttl:
                 return None
             expires = now + self.tag_ttl - age
+        self._remember_tag(key, digest, expires)
+        return digest
+
+    def _remember_tag(self, key: str, digest: Digest, expires: float) -> None:
+        """This process's memory of a tag's digest, until ``expires`` (monotonic)."""
         if len(self._tag_l1) > 100_000:
             self._tag_l1.clear()
         self._tag_l1[key] = (digest, expires)
-        return digest
 
     async def _refresh_tag(self, route: Route, tag: str, key: str, *, want_body: bool
                            ) -> ManifestResult:
@@ -256,14 +242,14 @@ class PullThrough:
                 outcome = MISS
             else:
                 head = await self._head_manifest(route, tag, expect=None)
-                await self.store.set_tag(route.name, tag, head.digest)
                 local = await self.local_manifest(head.digest)
-                if local is not None:
+                if local is not None:  # the link is confirmed below, in one write
                     result, outcome = _result(local, HIT), (
                         REVALIDATED if previous is not None else HIT)
-                elif not want_body and head.media_type not in INDEXES:
-                    return head  # HEAD never downloads a body, except an index's
                 else:
+                    await self.store.set_tag(route.name, tag, head.digest)
+                    if not want_body and head.media_type not in INDEXES:
+                        return head  # HEAD never downloads a body, except an index's
                     result = await self._fetch_manifest(route, str(head.digest), head.digest)
                     outcome = MISS
         except (Unavailable, TooManyRequests, BadGateway, ManifestUnknown, NameUnknown) as exc:
@@ -275,9 +261,9 @@ class PullThrough:
             return _result(stale, STALE)
         await self.store.set_tag(route.name, tag, result.digest, confirmed=True)
         if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
-            self._tag_l1[key] = (result.digest, time.monotonic() + self.tag_ttl)
+            self._remember_tag(key, result.digest, time.monotonic() + self.tag_ttl)
             await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
-        return _result_from(result, outcome)
+        return replace(result, outcome=outcome)
 
     async def _tag_from_peer(self, key: str) -> ManifestResult | None:
         """A tag another replica is revalidating right now: its answer, from the shared
@@ -287,7 +273,7 @@ class PullThrough:
             local = None if cached is None else await self.local_manifest(Digest.parse(cached))
             if local is None:
                 return None
-            self._tag_l1[key] = (local.digest, time.monotonic() + min(self.tag_ttl, 1.0))
+            self._remember_tag(key, local.digest, time.monotonic() + min(self.tag_ttl, 1.0))
             return _result(local, COALESCED)
 
         return await self._from_peer(f"tag:{key}", shared)
@@ -297,7 +283,7 @@ class PullThrough:
         async with upstream.request("HEAD", route.remote, f"manifests/{ref}",
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
-                raise _upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
+                raise upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
                                       ManifestUnknown)
             header = resp.headers.get("Docker-Content-Digest")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
@@ -320,7 +306,7 @@ class PullThrough:
         async with upstream.request("GET", route.remote, f"manifests/{ref}",
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
-                raise _upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
+                raise upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
                                       ManifestUnknown)
             if (resp.content_length or 0) > self.max_manifest_size:
                 raise BadGateway(f"upstream manifest exceeds {self.max_manifest_size} bytes")
@@ -522,7 +508,7 @@ class PullThrough:
         upstream = route.upstream
         async with upstream.request("HEAD", route.remote, f"blobs/{digest}") as resp:
             if resp.status != 200:
-                raise _upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)
+                raise upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)
             if resp.content_length is None:
                 raise BadGateway(f"upstream {upstream.name} sent no Content-Length for {digest}")
             return resp.content_length
@@ -553,7 +539,7 @@ class PullThrough:
         try:
             async with route.upstream.request("GET", route.remote, path) as resp:
                 if resp.status != 200:
-                    raise _upstream_error(resp, route.upstream, f"tags of {route.remote}",
+                    raise upstream_error(resp, route.upstream, f"tags of {route.remote}",
                                           NameUnknown)
                 raw = await read_capped(resp, self.max_manifest_size)
                 more = 'rel="next"' in resp.headers.get("Link", "")
@@ -589,6 +575,3 @@ def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[st
 def _result(item: StoredManifest, outcome: str) -> ManifestResult:
     return ManifestResult(item.digest, item.media_type, len(item.data), item.data, outcome)
 
-
-def _result_from(result: ManifestResult, outcome: str) -> ManifestResult:
-    return ManifestResult(result.digest, result.media_type, result.size, result.data, outcome)

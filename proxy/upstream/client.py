@@ -20,7 +20,7 @@ from yarl import URL
 
 from proxy import metrics
 from proxy.config import UpstreamConfig
-from proxy.errors import BadGateway, Unavailable
+from proxy.errors import BadGateway, RegistryError, TooManyRequests, Unavailable
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
@@ -31,6 +31,23 @@ log = logging.getLogger("regproxy.upstream")
 UpstreamResponse = aiohttp.ClientResponse
 _REDIRECTS = {301, 302, 303, 307, 308}
 _MAX_REDIRECTS = 5
+
+
+def upstream_error(resp: UpstreamResponse, upstream: UpstreamClient, what: str,
+                    not_found: type[RegistryError]) -> RegistryError:
+    """Translate a non-success upstream status into the error our client should see.
+
+    404/401/403 become 404s (clients then fall back to their next host), 429 keeps its
+    status and Retry-After, and everything else is a 503.
+    """
+    if resp.status == 404:
+        return not_found(f"{what} not found on upstream {upstream.name}")
+    if resp.status in (401, 403):
+        return not_found(f"upstream {upstream.name} denied access to {what} ({resp.status})")
+    if resp.status == 429:
+        return TooManyRequests(f"upstream {upstream.name} rate-limited the request",
+                               headers={"Retry-After": resp.headers.get("Retry-After", "60")})
+    return Unavailable(f"upstream {upstream.name} answered {resp.status} for {what}")
 
 
 async def read_capped(resp: UpstreamResponse, cap: int) -> bytes:
