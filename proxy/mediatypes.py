@@ -44,6 +44,10 @@ def accepts(accepted: set[str], media_type: str) -> bool:
     return media_type.lower() in accepted
 
 
+#: Content types that say nothing about a manifest: look at its body instead.
+GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
+
+
 def sniff_media_type(data: bytes) -> str | None:
     """The ``mediaType`` a manifest declares about itself, if any."""
     try:

@@ -40,7 +40,7 @@ async def _uploads(store: S3Store) -> list[str]:
 
 
 async def _read_all(store: S3Store, digest: Digest) -> bytes:
-    return b"".join([chunk async for chunk in store.iter_blob(digest)])
+    return b"".join([chunk async for chunk in store.open_blob(digest)])
 
 
 async def test_large_blob_streams_and_is_visible_only_after_commit(store: S3Store) -> None:

@@ -25,7 +25,7 @@ from proxy.errors import (
     RegistryError,
     Unsupported,
 )
-from proxy.mediatypes import INDEXES, OCI_INDEX, references, sniff_media_type
+from proxy.mediatypes import GENERIC_TYPES, INDEXES, OCI_INDEX, references, sniff_media_type
 from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
 from proxy.routing import Route
@@ -272,7 +272,7 @@ class Hosted:
 def _media_type(doc: dict[str, Any], content_type: str, data: bytes) -> str:
     declared = doc.get("mediaType")
     header = content_type.split(";")[0].strip()
-    if header in ("", "application/json", "application/octet-stream", "text/plain"):
+    if header in GENERIC_TYPES:
         header = ""
     if isinstance(declared, str) and header and declared != header:
         raise ManifestInvalid(f"mediaType {declared!r} does not match Content-Type {header!r}")

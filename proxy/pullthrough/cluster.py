@@ -80,6 +80,18 @@ class FillLease:
         with contextlib.suppress(Exception):
             await self.cluster.eval(_RELEASE, self.key, self.value)
 
+    @contextlib.asynccontextmanager
+    async def kept(self) -> AsyncIterator[None]:
+        """Hold the lease while the block runs (renewed), and let go of it after."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keeper = asyncio.create_task(self.keep(done))
+        try:
+            yield
+        finally:
+            done.set_result(None)
+            await keeper
+            await asyncio.shield(self.release())
+
     async def keep(self, until: asyncio.Future[None]) -> None:
         """Renew every third of the lease until ``until`` is done."""
         while not until.done():
@@ -156,14 +168,8 @@ class Cluster:
         if not await self._redis.set(key, lease.value, nx=True, px=int(self.lease * 1000)):
             yield False
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        keeper = asyncio.create_task(lease.keep(done))
-        try:
+        async with lease.kept():
             yield True
-        finally:
-            done.set_result(None)
-            await keeper
-            await lease.release()
 
     async def first(self, name: str, seconds: float) -> bool:
         """Whether this replica should do job ``name`` now: True if it took the short lock

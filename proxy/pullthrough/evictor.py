@@ -38,10 +38,6 @@ class Evictor:
         self.last_report: EvictionReport | None = None
         metrics.CACHE_BUDGET.set(max_size)
 
-    @property
-    def enabled(self) -> bool:
-        return self.max_size > 0 or self.max_age > 0
-
     def kick(self) -> None:
         """Ask for a pass soon (after a fill added bytes)."""
         if self.max_size > 0:
@@ -91,9 +87,9 @@ class Evictor:
         return report
 
     async def _pass(self) -> EvictionReport:
-        # still measured when disabled, for the metrics and the status page
-        return await evict(self.store, max_size=self.max_size if self.enabled else 0,
-                           max_age=self.max_age if self.enabled else 0, is_hosted=self.is_hosted)
+        # no limits set: still measured, for the metrics and the status page
+        return await evict(self.store, max_size=self.max_size, max_age=self.max_age,
+                           is_hosted=self.is_hosted)
 
     def _thread_pass(self) -> EvictionReport | None:
         with self._host_lock() as held:

@@ -25,6 +25,7 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.mediatypes import (
+    GENERIC_TYPES,
     IMAGE_MANIFESTS,
     INDEXES,
     UPSTREAM_ACCEPT,
@@ -284,7 +285,7 @@ class PullThrough:
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
-                                      ManifestUnknown)
+                                     ManifestUnknown)
             header = resp.headers.get("Docker-Content-Digest")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             size = resp.content_length
@@ -307,13 +308,13 @@ class PullThrough:
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
-                                      ManifestUnknown)
+                                     ManifestUnknown)
             if (resp.content_length or 0) > self.max_manifest_size:
                 raise BadGateway(f"upstream manifest exceeds {self.max_manifest_size} bytes")
             data = await read_capped(resp, self.max_manifest_size)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             header = resp.headers.get("Docker-Content-Digest")
-        if media_type in ("", "application/json", "text/plain", "application/octet-stream"):
+        if media_type in GENERIC_TYPES:
             media_type = sniff_media_type(data) or media_type or "application/json"
         if expect is None and header is not None:
             try:
@@ -495,14 +496,8 @@ class PullThrough:
         if lease is None:
             await fill.run(route.upstream, route.remote, settled)
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        keeper = asyncio.create_task(lease.keep(done))
-        try:
+        async with lease.kept():
             await fill.run(route.upstream, route.remote, settled)
-        finally:
-            done.set_result(None)
-            await keeper
-            await asyncio.shield(lease.release())
 
     async def _head_blob(self, route: Route, digest: Digest) -> int:
         upstream = route.upstream
@@ -540,7 +535,7 @@ class PullThrough:
             async with route.upstream.request("GET", route.remote, path) as resp:
                 if resp.status != 200:
                     raise upstream_error(resp, route.upstream, f"tags of {route.remote}",
-                                          NameUnknown)
+                                         NameUnknown)
                 raw = await read_capped(resp, self.max_manifest_size)
                 more = 'rel="next"' in resp.headers.get("Link", "")
             doc = json.loads(raw)

@@ -518,9 +518,7 @@ class FilesystemStore:
     async def get_tag(self, name: str, tag: str) -> Digest | None:
         try:
             return Digest.parse(self._repo(name).joinpath(_TAGS, tag).read_text().strip())
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except Exception:  # a damaged link is treated as absent, never as a 500
+        except Exception:  # absent, or a damaged link: treated as absent, never as a 500
             return None
 
     async def list_tags(self, name: str) -> list[str] | None:

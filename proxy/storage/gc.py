@@ -73,17 +73,13 @@ async def collect(store: Store, *, dry_run: bool = False, delete_untagged: bool 
     report = GCReport()
     live: set[Digest] = set()
 
-    async def mark(digest: Digest) -> None:
-        await mark_reachable(store, [digest], live)
-
     for repo in await store.list_repositories():
         roots = [d for t in await store.list_tags(repo) or []
                  if (d := await store.get_tag(repo, t))]
         links = await store.list_manifest_links(repo)
         if not delete_untagged:
             roots += links
-        for root in roots:
-            await mark(root)
+        await mark_reachable(store, roots, live)
         # referrers of kept manifests are kept too (signatures, SBOMs), to a fixpoint
         changed = True
         while changed:
@@ -91,7 +87,7 @@ async def collect(store: Store, *, dry_run: bool = False, delete_untagged: bool 
             for d in [x for x in links if x in live]:
                 for ref in await store.list_referrers(repo, d):
                     if ref not in live:
-                        await mark(ref)
+                        await mark_reachable(store, [ref], live)
                         changed = True
         for d in links:
             if d not in live:

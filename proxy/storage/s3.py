@@ -341,12 +341,6 @@ class S3Store:
         first = int(content_range.split()[1].split("-")[0]) if content_range else 0
         return S3Range(resp["Body"], first, first + length - 1, total)
 
-    async def iter_blob(self, digest: Digest) -> AsyncIterator[bytes]:
-        """The whole blob, streamed (convenience over :meth:`get_range`)."""
-        async with await self.get_range(digest) as body:
-            async for chunk in body:
-                yield chunk
-
     async def presigned_url(self, digest: Digest, expires: int = 300) -> str:
         """A URL anyone can GET for ``expires`` seconds, so clients fetch blob bytes straight
         from the object store instead of through the proxy."""
@@ -376,7 +370,7 @@ class S3Store:
                         removed += 1
         async for rel, _, mtime in self._list("_uploads/"):
             if mtime < older_than:
-                await self._delete(f"_uploads/{rel}")
+                await self._drop(f"_uploads/{rel}")
                 removed += 1
         return removed
 
@@ -416,8 +410,12 @@ class S3Store:
         """Delete an object; True if it existed (S3 does not tell, so ask first)."""
         if not await self._exists(key):
             return False
-        await self.client.delete_object(Bucket=self.config.bucket, Key=self.config.key(key))
+        await self._drop(key)
         return True
+
+    async def _drop(self, key: str) -> None:
+        """Delete an object whether or not it exists (one request)."""
+        await self.client.delete_object(Bucket=self.config.bucket, Key=self.config.key(key))
 
     async def _list(self, prefix: str, *, delimiter: bool = False
                     ) -> AsyncIterator[tuple[str, int, float]]:
@@ -499,9 +497,9 @@ class S3Store:
                 return False
         elif await self.blob_size(digest) is None:
             return False
-        await self._delete(self._media_type_key(digest))
+        await self._drop(self._media_type_key(digest))
         await self.delete(digest)
-        await self._delete(self._access_key(digest))
+        await self._drop(self._access_key(digest))
         return True
 
     async def blob_stats(self) -> AsyncIterator[BlobStat]:
@@ -594,7 +592,7 @@ class S3Store:
         await self._put(self._referrer(name, subject, digest))
 
     async def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
-        await self._delete(self._referrer(name, subject, digest))
+        await self._drop(self._referrer(name, subject, digest))
 
     async def list_referrers(self, name: str, subject: Digest) -> list[Digest]:
         out = []

@@ -78,10 +78,7 @@ class UploadStore:
     def _hasher(self, upload: Upload) -> hashlib._Hash:
         h = self._hashers.get(upload.uuid)
         if h is None:  # after a restart: rebuild the running hash from what is on disk
-            h = hashlib.sha256()
-            with open(upload.path / "data", "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
+            h = _hash_file(upload.path / "data", hashlib.sha256())
             self._hashers[upload.uuid] = h
         return h
 
@@ -107,10 +104,7 @@ class UploadStore:
         if expected.algorithm == "sha256":
             actual = Digest("sha256", self._hasher(upload).hexdigest())
         else:
-            h = expected.hasher()
-            with open(data, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
+            h = _hash_file(data, expected.hasher())
             actual = Digest(expected.algorithm, h.hexdigest())
         if actual != expected:
             raise DigestInvalid(f"uploaded content has digest {actual}, not {expected}")
@@ -142,3 +136,10 @@ class UploadStore:
                     removed += 1
         return removed
 
+
+def _hash_file(path: Path, h: hashlib._Hash) -> hashlib._Hash:
+    """``h`` updated with the bytes of ``path``, read in 1 MiB pieces."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h
