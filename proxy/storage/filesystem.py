@@ -407,22 +407,40 @@ class FilesystemStore:
     def _repo(self, name: str) -> Path:
         return self._repos / name
 
-    async def link_manifest(self, name: str, digest: Digest) -> None:
+    def _marker(self, name: str, kind: str, digest: Digest) -> Path:
+        return self._repo(name) / kind / digest.algorithm / digest.hex
+
+    def _link(self, name: str, kind: str, digest: Digest) -> None:
         """Record that repository ``name`` holds ``digest`` (idempotent)."""
-        marker = self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex
+        marker = self._marker(name, kind, digest)
         if not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
 
+    def _unlink(self, name: str, kind: str, digest: Digest) -> bool:
+        try:
+            self._marker(name, kind, digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _list_links(self, name: str, kind: str) -> list[Digest]:
+        base = self._repo(name) / kind
+        out: list[Digest] = []
+        with contextlib.suppress(FileNotFoundError):
+            for alg in os.listdir(base):
+                out.extend(Digest(alg, h) for h in os.listdir(base / alg))
+        return out
+
+    async def link_manifest(self, name: str, digest: Digest) -> None:
+        self._link(name, _MANIFESTS, digest)
+
     async def has_manifest_link(self, name: str, digest: Digest) -> bool:
-        return (self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex).exists()
+        return self._marker(name, _MANIFESTS, digest).exists()
 
     async def unlink_manifest(self, name: str, digest: Digest) -> bool:
         """Remove ``digest`` (and every tag pointing at it) from ``name``; True if it was there."""
-        marker = self._repo(name) / _MANIFESTS / digest.algorithm / digest.hex
-        try:
-            marker.unlink()
-        except FileNotFoundError:
+        if not self._unlink(name, _MANIFESTS, digest):
             return False
         for tag in await self.list_tags(name) or []:
             if await self.get_tag(name, tag) == digest:
@@ -430,29 +448,17 @@ class FilesystemStore:
         return True
 
     async def link_blob(self, name: str, digest: Digest) -> None:
-        """Record that repository ``name`` holds blob ``digest`` (hosted repositories)."""
-        marker = self._repo(name) / _LAYERS / digest.algorithm / digest.hex
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        """Hosted repositories: ``name`` holds blob ``digest``."""
+        self._link(name, _LAYERS, digest)
 
     async def has_blob_link(self, name: str, digest: Digest) -> bool:
-        return (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).exists()
+        return self._marker(name, _LAYERS, digest).exists()
 
     async def list_blob_links(self, name: str) -> list[Digest]:
-        base = self._repo(name) / _LAYERS
-        out: list[Digest] = []
-        with contextlib.suppress(FileNotFoundError):
-            for alg in os.listdir(base):
-                out.extend(Digest(alg, h) for h in os.listdir(base / alg))
-        return out
+        return self._list_links(name, _LAYERS)
 
     async def unlink_blob(self, name: str, digest: Digest) -> bool:
-        try:
-            (self._repo(name) / _LAYERS / digest.algorithm / digest.hex).unlink()
-            return True
-        except FileNotFoundError:
-            return False
+        return self._unlink(name, _LAYERS, digest)
 
     async def touch_blob(self, digest: Digest) -> None:
         """Mark a blob as just used, so a concurrent GC's grace period protects it."""
@@ -479,12 +485,7 @@ class FilesystemStore:
         return [Digest(*e.split("-", 1)) for e in entries if "-" in e]
 
     async def list_manifest_links(self, name: str) -> list[Digest]:
-        base = self._repo(name) / _MANIFESTS
-        out: list[Digest] = []
-        with contextlib.suppress(FileNotFoundError):
-            for alg in os.listdir(base):
-                out.extend(Digest(alg, h) for h in os.listdir(base / alg))
-        return out
+        return self._list_links(name, _MANIFESTS)
 
     async def delete_tag(self, name: str, tag: str) -> bool:
         try:

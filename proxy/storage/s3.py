@@ -65,6 +65,11 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+def _missing(exc: ClientError) -> bool:
+    """Whether S3 answered "no such object" (servers differ in how they say it)."""
+    return _error_code(exc) in _NOT_FOUND or _status(exc) == 404
+
+
 class S3Range:
     """A ranged GET in progress: an async iterator of chunks that owns the response body.
 
@@ -292,17 +297,16 @@ class S3Store:
             await stack.aclose()
 
     def blob_key(self, digest: Digest) -> str:
-        return self.config.key(f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}")
+        return self.config.key(self._blob_rel(digest))
+
+    @staticmethod
+    def _blob_rel(digest: Digest) -> str:
+        return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
     async def blob_size(self, digest: Digest) -> int | None:
         """Size of a stored blob (a HEAD), or ``None`` when absent."""
-        try:
-            head = await self.client.head_object(Bucket=self.config.bucket, Key=self.blob_key(digest))
-        except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
-                return None
-            raise
-        return int(head["ContentLength"])
+        head = await self._head(self._blob_rel(digest))
+        return None if head is None else int(head["ContentLength"])
 
     async def open_writer(self, digest: Digest | None = None) -> S3BlobWriter:
         """A writer for a new blob (``digest``, when known, only picks the hash algorithm)."""
@@ -330,7 +334,7 @@ class S3Store:
             resp = await self.client.get_object(Bucket=self.config.bucket, Key=self.blob_key(digest),
                                                 Range=rng)
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+            if _missing(exc):
                 raise BlobUnknown(f"blob {digest} unknown") from exc
             if _error_code(exc) == "InvalidRange" or _status(exc) == 416:
                 raise RangeNotSatisfiable(f"range {start}-{end} not satisfiable") from exc
@@ -381,7 +385,7 @@ class S3Store:
         try:
             resp = await self.client.get_object(Bucket=self.config.bucket, Key=self.config.key(key))
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+            if _missing(exc):
                 return None
             raise
         async with resp["Body"] as body:
@@ -395,16 +399,20 @@ class S3Store:
     async def _exists(self, key: str) -> bool:
         return await self._head(key) is not None
 
-    async def _head(self, key: str) -> float | None:
-        """Last-modified time of an object, ``None`` if absent."""
+    async def _head(self, key: str) -> dict[str, Any] | None:
+        """An object's metadata (HEAD), ``None`` if absent."""
         try:
-            head = await self.client.head_object(Bucket=self.config.bucket,
-                                                 Key=self.config.key(key))
+            head: dict[str, Any] = await self.client.head_object(Bucket=self.config.bucket,
+                                                                 Key=self.config.key(key))
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+            if _missing(exc):
                 return None
             raise
-        return float(head["LastModified"].timestamp())
+        return head
+
+    async def _mtime(self, key: str) -> float | None:
+        head = await self._head(key)
+        return None if head is None else float(head["LastModified"].timestamp())
 
     async def _delete(self, key: str) -> bool:
         """Delete an object; True if it existed (S3 does not tell, so ask first)."""
@@ -485,10 +493,10 @@ class S3Store:
         task.add_done_callback(self._background.discard)
 
     async def _last_used(self, digest: Digest) -> float | None:
-        stored = await self._head(self.blob_key(digest)[len(self.config.key("")):])
+        stored = await self._mtime(self._blob_rel(digest))
         if stored is None:
             return None
-        return max(stored, await self._head(self._access_key(digest)) or 0.0)
+        return max(stored, await self._mtime(self._access_key(digest)) or 0.0)
 
     async def delete_blob(self, digest: Digest, *, older_than: float | None = None) -> bool:
         if older_than is not None:
