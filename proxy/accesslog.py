@@ -6,7 +6,6 @@ Both run in aiohttp's access-log hook, which is cheaper than a middleware.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, FileResponse, StreamResponse
@@ -17,20 +16,6 @@ from proxy.stats import STATS
 
 #: Handlers whose requests are cache reads, and the kind they count as.
 _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
-
-
-_CHILDREN: dict[tuple[object, ...], Any] = {}
-
-
-def _child(metric: Any, *labels: object) -> Any:
-    """``metric.labels(*labels)``, memoised: the lookup costs more than the increment."""
-    key = (metric, *labels)
-    child = _CHILDREN.get(key)
-    if child is None:
-        if len(_CHILDREN) > 10_000:
-            _CHILDREN.clear()
-        child = _CHILDREN[key] = metric.labels(*(str(x) for x in labels))
-    return child
 
 
 def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
@@ -51,14 +36,14 @@ class AccessLogger(AbstractAccessLogger):
         sent = _bytes_sent(request, response)
         outcome = request.get(CACHE_OUTCOME, "-")
         status = response.status
-        _child(metrics.REQUESTS, handler, request.method, status).inc()
+        metrics.child(metrics.REQUESTS, handler, request.method, status).inc()
         kind = _CACHE_KINDS.get(handler)
         if kind is not None and outcome != "-":
-            _child(metrics.CACHE, kind, outcome).inc()
+            metrics.child(metrics.CACHE, kind, outcome).inc()
             STATS.record(request.get(REPO), outcome, sent if request.method == "GET" else 0)
             if kind == "blob" and request.method == "GET" and response.status in (200, 206):
                 source = "cache" if outcome == "hit" else "upstream"
-                _child(metrics.BYTES_SERVED, source).inc(sent)
+                metrics.child(metrics.BYTES_SERVED, source).inc(sent)
         if self.logger.isEnabledFor(logging.INFO):
             ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
             self.logger.info(

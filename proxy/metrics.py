@@ -7,6 +7,7 @@ is imported (see :mod:`proxy.cli`), and ``/metrics`` aggregates every worker's s
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -56,3 +57,17 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+_CHILDREN: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *labels: object) -> Any:
+    """``metric.labels(*labels)``, memoised: the lookup costs more than the increment."""
+    key = (metric, *labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        if len(_CHILDREN) > 10_000:
+            _CHILDREN.clear()
+        found = _CHILDREN[key] = metric.labels(*(str(x) for x in labels))
+    return found

@@ -23,7 +23,6 @@ from proxy.routing import compile_patterns
 
 ALL = frozenset(ACTIONS)
 NONE: frozenset[str] = frozenset()
-PULL = frozenset({"pull"})
 
 
 class AccessControl:
@@ -74,8 +73,3 @@ class AccessControl:
                 granted |= actions
         return frozenset(granted)
 
-    def may_pull_somewhere(self, user: str | None, remote: str | None) -> bool:
-        """Whether ``user`` could pull anything at all (``/v2/`` and ``_catalog`` use this)."""
-        if user is not None:
-            return True
-        return self.anonymous_allowed_from(remote)

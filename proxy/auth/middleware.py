@@ -29,13 +29,11 @@ from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.settings import AuthConfig
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
 from proxy.errors import Denied, RegistryError, Unauthorized
-from proxy.handlers.common import CATALOG_FILTER, ROUTER
+from proxy.handlers.common import CATALOG_FILTER, ROUTER, upstream_ns
 
 log = logging.getLogger("regproxy.auth")
 
 TOKEN_PATH = "/auth/token"
-#: The authenticated user of a request (``None`` for anonymous), for handlers that care.
-REQUEST_USER = web.RequestKey("regproxy.user", object)
 
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-:\[\]]{1,300}")
 
@@ -124,16 +122,15 @@ class Edge:
 
     def allowed(self, ident: Identity, requested: str, local: str, remote: str | None) -> frozenset[str]:
         """Actions on a repository (``requested`` as in the URL, ``local`` as routed)."""
-        anonymous = self.acl.actions(None, local, remote)
         if ident.claims is None:
             return self.acl.actions(ident.user, local, remote)
+        anonymous = self.acl.actions(None, local, remote)
         return anonymous | (ident.claims.access.get(requested, NONE)
                             & self.acl.actions(ident.user, local, remote))
 
     def local_name(self, request: web.Request, name: str) -> str:
         try:
-            ns = request.query.get("ns") or request.match_info.get("prefix")
-            return request.app[ROUTER].route(name, ns).name
+            return request.app[ROUTER].route(name, upstream_ns(request)).name
         except (RegistryError, KeyError):
             return name
 
@@ -192,7 +189,6 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
     edge = request.app[EDGE]
     remote = request.remote
     ident = await edge.authenticate(request)
-    request[REQUEST_USER] = ident.user
     name = request.match_info.get("name")
     if name is None:  # /v2/ and /v2/_catalog
         catalog = request.path.endswith("/v2/_catalog")

@@ -13,6 +13,7 @@ from aiohttp.abc import AbstractStreamWriter
 from proxy.errors import RegistryError
 from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
+from proxy.pullthrough.service import BlobResult
 from proxy.reference import Digest
 
 log = logging.getLogger("regproxy.http")
@@ -41,14 +42,15 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     route = route_of(request)
     digest = Digest.parse(request.match_info["digest"])
     head = request.method == "HEAD"
-    result = await reader_of(request, route).blob(route, digest, head=head)
+    service = reader_of(request, route)
+    result = await service.blob(route, digest, head=head)
     request[CACHE_OUTCOME] = result.outcome
     headers = {
         "Docker-Content-Digest": str(digest),
         "Content-Type": "application/octet-stream",
         "Accept-Ranges": "bytes",
     }
-    store = reader_of(request, route).store
+    store = service.store
     if result.stored:
         assert result.size is not None
         rng = parse_range(request.headers.get("Range"), result.size)  # 416 as an OCI error
@@ -61,16 +63,23 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if url is not None:
             return web.Response(status=307, headers={**headers, "Location": url})
         return await stream_body(request, headers, result.size, rng,
-                             lambda s, e: store.open_blob(digest, s, e))
+                                 lambda s, e: store.open_blob(digest, s, e))
     if result.reader is None:  # HEAD answered from upstream
         return head_response(headers, result.size)
-    reader = result.reader
+    return await stream_reader(request, headers, result)
+
+
+async def stream_reader(request: web.Request, headers: dict[str, str], result: BlobResult
+                        ) -> web.StreamResponse:
+    """Send a blob still being filled (``result.reader``), honouring ``Range``; the reader
+    is closed whatever happens."""
+    assert result.reader is not None
     try:
         rng = None if result.size is None else parse_range(request.headers.get("Range"),
                                                            result.size)
-        return await stream_body(request, headers, result.size, rng, reader.stream)
+        return await stream_body(request, headers, result.size, rng, result.reader.stream)
     finally:
-        reader.close()
+        result.reader.close()
 
 
 async def stream_body(request: web.Request, headers: dict[str, str], size: int | None,

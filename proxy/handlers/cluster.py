@@ -13,9 +13,8 @@ import aiohttp
 from aiohttp import web
 
 from proxy.errors import BlobUnknown, Unavailable
-from proxy.handlers.blobs import stream_body
+from proxy.handlers.blobs import stream_reader
 from proxy.handlers.common import CACHE_OUTCOME, PULLTHROUGH
-from proxy.handlers.ranges import parse_range
 from proxy.pullthrough.cluster import SECRET_HEADER
 from proxy.reference import Digest
 
@@ -30,14 +29,8 @@ async def serve_fill(request: web.Request) -> web.StreamResponse:
     if result is None or result.reader is None:
         raise BlobUnknown(f"no fill of {digest} here")
     request[CACHE_OUTCOME] = "peer"
-    reader = result.reader
-    try:
-        rng = None if result.size is None else parse_range(request.headers.get("Range"),
-                                                           result.size)
-        headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
-        return await stream_body(request, headers, result.size, rng, reader.stream)
-    finally:
-        reader.close()
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
+    return await stream_reader(request, headers, result)
 
 
 #: Marks a request one replica forwarded to another, which must then answer it itself.

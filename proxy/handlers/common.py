@@ -27,11 +27,15 @@ REPO = web.RequestKey("regproxy.repo", str)
 CATALOG_FILTER = web.RequestKey("regproxy.catalog_filter", Callable[[str], bool])
 EVICTOR = web.AppKey("evictor", Evictor)
 
+def upstream_ns(request: web.Request) -> str | None:
+    """The upstream a request names: containerd's ``?ns=`` or a mirror path prefix."""
+    return request.query.get("ns") or request.match_info.get("prefix")
+
+
 def route_of(request: web.Request) -> Route:
     """The route of the repository named in the path; containerd's ``?ns=`` or a mirror
     path prefix (``/<upstream>/v2/...``) chooses the upstream."""
-    ns = request.query.get("ns") or request.match_info.get("prefix")
-    route = request.app[ROUTER].route(request.match_info["name"], ns)
+    route = request.app[ROUTER].route(request.match_info["name"], upstream_ns(request))
     request[REPO] = route.name
     return route
 

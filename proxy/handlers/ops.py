@@ -10,7 +10,8 @@ from aiohttp import web
 from proxy import metrics
 from proxy.handlers.common import PULLTHROUGH
 
-_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+#: (``nosniff`` and the other common headers come from the app's response hook)
+_SECURITY_HEADERS = {"Cache-Control": "no-store"}
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from proxy import __version__
 from proxy.handlers.common import EVICTOR, ROUTER
 from proxy.stats import STATS
 
-_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+_HEADERS = {"Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
 
 

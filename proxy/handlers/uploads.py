@@ -14,6 +14,12 @@ from proxy.hosted.service import upload_headers
 from proxy.reference import Digest, validate_name
 
 
+def _created(name: str, digest: Digest) -> web.Response:
+    """201 for a blob that is now in repository ``name``."""
+    return web.Response(status=201, headers={
+        "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+
+
 def _digest_param(request: web.Request) -> Digest | None:
     value = request.query.get("digest")
     return Digest.parse(value) if value is not None else None
@@ -34,13 +40,11 @@ async def start_upload(request: web.Request) -> web.Response:
             except RegistryError:
                 source = None
         if await service.mount(route, digest, source):
-            return web.Response(status=201, headers={
-                "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+            return _created(route.name, digest)
     digest = _digest_param(request)
     if digest is not None:
         await service.monolithic(route, digest, request.content.readany)
-        return web.Response(status=201, headers={
-            "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+        return _created(route.name, digest)
     upload = service.start_upload(route)
     cluster = request.app[PULLTHROUGH].cluster
     if cluster is not None:  # so the other replicas can forward this upload's requests here
@@ -83,8 +87,7 @@ async def finish_upload(request: web.Request) -> web.StreamResponse:
     if digest is None:
         raise BlobUploadInvalid("the digest query parameter is required to complete an upload")
     await service.finish(route, request.match_info["uuid"], digest, request.content.readany)
-    return web.Response(status=201, headers={
-        "Location": f"/v2/{route.name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+    return _created(route.name, digest)
 
 
 @_elsewhere

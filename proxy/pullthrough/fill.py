@@ -148,7 +148,7 @@ class BlobFill:
                 raise BadGateway(f"upstream content failed verification: {exc.message}") from None
             self.verified = True
             writer.announce_verified()
-            metrics.UPSTREAM_BYTES.labels(upstream.name).inc(self.written)
+            metrics.child(metrics.UPSTREAM_BYTES, upstream.name).inc(self.written)
             self._notify()
             if self._guard is not None and not await self._guard():
                 raise Unavailable("lost the fill lease to another replica; not publishing")

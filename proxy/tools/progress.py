@@ -21,9 +21,6 @@ class Progress:
         """The overall bar (bytes); returns its handle."""
         return None
 
-    def grow(self, task: Any, amount: int) -> None:
-        """Add ``amount`` bytes to a bar's total."""
-
     def task(self, description: str, total: int | None) -> Any:
         """A bar for one blob, shown while it transfers."""
         return None
@@ -66,7 +63,6 @@ class RichProgress(Progress):
             transient=False,
         )
         self._done: dict[Any, int] = {}
-        self._totals: dict[Any, int] = {}
 
     def __enter__(self) -> RichProgress:
         self._progress.start()
@@ -79,14 +75,7 @@ class RichProgress(Progress):
     def overall(self, description: str, total: int | None = None) -> Any:
         task = self._progress.add_task(description, total=total)
         self._done[task] = 0
-        self._totals[task] = total or 0
         return task
-
-    def grow(self, task: Any, amount: int) -> None:
-        if task is None:
-            return
-        self._totals[task] = self._totals.get(task, 0) + amount
-        self._progress.update(task, total=self._totals[task])
 
     def task(self, description: str, total: int | None) -> Any:
         task = self._progress.add_task(description, total=total)

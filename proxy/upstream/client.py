@@ -107,11 +107,11 @@ class UpstreamClient:
         breaker is open. Any HTTP status is yielded; 5xx count as breaker failures.
         """
         if not self.breaker.allow():
-            metrics.UPSTREAM_ERRORS.labels(self.name, "breaker_open").inc()
+            metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open)")
         if (self._shared_breaker is not None and self.breaker.state is BreakerState.CLOSED
                 and await self._shared_breaker.get(self.name) is not None):
-            metrics.UPSTREAM_ERRORS.labels(self.name, "breaker_open").inc()
+            metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open on a replica)")
         url = self.base.with_path(f"{self.base.path.rstrip('/')}/v2/{repo}/{path}", encoded=False)
         scope = f"repository:{repo}:pull"
@@ -120,24 +120,24 @@ class UpstreamClient:
         started = time.monotonic()
         try:
             resp = await self._send_authorized(method, url, base_headers, scope)
-            metrics.UPSTREAM_LATENCY.labels(self.name).observe(time.monotonic() - started)
-            metrics.UPSTREAM_REQUESTS.labels(self.name, method, str(resp.status)).inc()
+            metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(time.monotonic() - started)
+            metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
             if resp.status >= 500:
                 await self._failed()
             else:
                 self.breaker.success()
-                metrics.BREAKER_OPEN.labels(self.name).set(0)
+                metrics.child(metrics.BREAKER_OPEN, self.name).set(0)
             remaining = resp.headers.get("ratelimit-remaining")
             if remaining is not None:
                 self.ratelimit_remaining = remaining
                 with contextlib.suppress(ValueError):
-                    metrics.RATELIMIT_REMAINING.labels(self.name).set(
+                    metrics.child(metrics.RATELIMIT_REMAINING, self.name).set(
                         int(remaining.split(";")[0]))
             yield resp
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if resp is None:
                 await self._failed()
-            metrics.UPSTREAM_ERRORS.labels(self.name, type(exc).__name__).inc()
+            metrics.child(metrics.UPSTREAM_ERRORS, self.name, type(exc).__name__).inc()
             log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
                         type(exc).__name__)
             raise Unavailable(f"upstream {self.name} failed: {type(exc).__name__}") from None
@@ -148,7 +148,7 @@ class UpstreamClient:
     async def _failed(self) -> None:
         self.breaker.failure()
         is_open = self.breaker.state is BreakerState.OPEN
-        metrics.BREAKER_OPEN.labels(self.name).set(1 if is_open else 0)
+        metrics.child(metrics.BREAKER_OPEN, self.name).set(1 if is_open else 0)
         if is_open and self._shared_breaker is not None:
             await self._shared_breaker.set(self.name, "open", ttl=self.breaker.cooldown)
 
