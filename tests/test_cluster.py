@@ -32,10 +32,9 @@ from tests.support.cluster import Replicas, _config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import make_random_bytes, make_tar_layer, push_image
 from tests.support.proxyfix import make_config
-from tests.support.registry import free_port
-from tests.support.seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from tests.support.registry import free_port, upstream_gets
+from tests.support.seaweed import SeaweedFS
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
-from tests.test_integration_registry import upstream_gets
 
 MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def s3_prefix(seaweedfs: SeaweedFS) -> S3Config:
-    return S3Config(bucket=BUCKET, endpoint_url=seaweedfs.endpoint, access_key=ACCESS_KEY,
-                    secret_key=SECRET_KEY, prefix=f"cluster-{secrets.token_hex(4)}/")
+    return seaweedfs.s3_config(prefix=f"cluster-{secrets.token_hex(4)}/")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from tests.support.daemons import (
     write_hosts_toml,
 )
 from tests.support.images import PushedImage, PushedIndex, make_tar_layer, push_image, push_index
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, upstream_get_lines
 
 pytestmark = pytest.mark.e2e
 
@@ -66,11 +66,6 @@ async def _push_multiarch(session: aiohttp.ClientSession, reg: RegistryProcess, 
     return await push_index(session, reg.url, repo, "latest", images, schema="oci")
 
 
-def _blob_gets(reg: RegistryProcess, repo: str, digest: str) -> list[str]:
-    needle = f"GET /v2/{repo}/blobs/{digest}"
-    return [line for line in reg.log_path.read_text(errors="replace").splitlines() if needle in line]
-
-
 async def test_dockerd_pulls_through_mirror(
     fresh_registry: RegistryProcess,
     http_session: aiohttp.ClientSession,
@@ -93,7 +88,8 @@ async def test_dockerd_pulls_through_mirror(
         assert f"alpine@{alpine.digest}" in info["RepoDigests"]
         assert info["Architecture"] == go_arch()
         assert info["RootFS"]["Layers"] == [ALPINE_LAYER.diff_id]
-        assert _blob_gets(reg, "library/alpine", alpine.layers[0].digest), "mirror never served the layer"
+        assert upstream_get_lines(reg, f"/library/alpine/blobs/{alpine.layers[0].digest}"), \
+            "mirror never served the layer"
 
         res = await dockerd.apull("multi:latest")
         assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{dockerd.log_tail()}"
@@ -128,7 +124,7 @@ async def test_containerd_pulls_through_mirror(
         print(f"containerd: start {ctrd.start_seconds:.2f}s, first pull {time.monotonic() - t0:.2f}s")
         assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{ctrd.log_tail()}"
         assert await ctrd.aimage_digest("docker.io/library/alpine:latest") == alpine.digest
-        gets = _blob_gets(reg, "library/alpine", alpine.layers[0].digest)
+        gets = upstream_get_lines(reg, f"/library/alpine/blobs/{alpine.layers[0].digest}")
         assert gets, "mirror never served the layer"
         assert all("ns=docker.io" in line for line in gets), gets
 
@@ -136,8 +132,8 @@ async def test_containerd_pulls_through_mirror(
         assert res.returncode == 0, f"{res.stdout}\n{res.stderr}\n{ctrd.log_tail()}"
         assert await ctrd.aimage_digest("docker.io/library/multi:latest") == multi.digest
         # Only the native platform's layer is fetched.
-        assert _blob_gets(reg, "library/multi", multi.images[1].layers[0].digest)
-        assert not _blob_gets(reg, "library/multi", multi.images[0].layers[0].digest)
+        assert upstream_get_lines(reg, f"/library/multi/blobs/{multi.images[1].layers[0].digest}")
+        assert not upstream_get_lines(reg, f"/library/multi/blobs/{multi.images[0].layers[0].digest}")
 
         res = await ctrd.apull("docker.io/library/absent:1", hosts)
         assert res.returncode != 0

@@ -14,16 +14,11 @@ from proxy.app import create_app
 from tests.support.daemons import Containerd, DockerDaemon, go_arch, write_hosts_toml
 from tests.support.images import make_tar_layer, push_image, push_index
 from tests.support.proxyfix import make_config
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, upstream_gets
 
 pytestmark = pytest.mark.e2e
 
 LAYER = make_tar_layer({"etc/os-release": b'NAME="regproxy e2e"\n'}, seed=77)
-
-
-def upstream_blob_gets(reg: RegistryProcess, digest: str) -> int:
-    return sum(1 for line in reg.log_path.read_text(errors="replace").splitlines()
-               if f"GET /v2/library/alpine/blobs/{digest}" in line)
 
 
 async def start_mirror(aiohttp_server, reg: RegistryProcess, data: Path,
@@ -56,7 +51,7 @@ async def test_docker_daemon_pulls_alpine_through_the_proxy(
         info = await dockerd.aimage_inspect("alpine")
         assert info["Id"] == alpine.config.digest
         assert f"alpine@{alpine.digest}" in info["RepoDigests"]
-        assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
+        assert upstream_gets(reg, f"/library/alpine/blobs/{alpine.layers[0].digest}") == 1
 
         # Second pull with the upstream down: served from the cache alone.
         await dockerd.adocker("rmi", "alpine")
@@ -65,7 +60,7 @@ async def test_docker_daemon_pulls_alpine_through_the_proxy(
         assert res.returncode == 0, f"{res.stderr}\n{dockerd.log_tail()}"
         assert (await dockerd.aimage_inspect("alpine"))["Id"] == alpine.config.digest
     reg.start()
-    assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
+    assert upstream_gets(reg, f"/library/alpine/blobs/{alpine.layers[0].digest}") == 1
 
 
 @pytest.mark.parametrize("backend", ["filesystem", "s3"])
@@ -92,7 +87,7 @@ async def test_containerd_pulls_with_ns_through_the_proxy(
         res = await ctrd.apull("docker.io/library/multi:latest", hosts)
         assert res.returncode == 0, f"{res.stderr}\n{ctrd.log_tail()}"
         assert await ctrd.aimage_digest("docker.io/library/multi:latest") == multi.digest
-    assert upstream_blob_gets(reg, alpine.layers[0].digest) == 1
+    assert upstream_gets(reg, f"/library/alpine/blobs/{alpine.layers[0].digest}") == 1
     # containerd's ?ns=docker.io did not create a separate cache key
     async with http_session.get(f"{mirror}/v2/_catalog") as r:
         assert await r.json() == {"repositories": ["library/alpine", "library/multi"]}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from tests.support.images import (
 )
 from tests.support.proxyfix import make_config
 from tests.support.proxyproc import ProxyProcess
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, upstream_gets
 from tests.support.skopeo import SkopeoError, read_oci_layout_index, skopeo_copy, skopeo_inspect
 
 MiB = 1 << 20
@@ -35,13 +34,6 @@ async def start_proxy(aiohttp_server, data: Path, registry: RegistryProcess, **o
     cfg = make_config(data, {"upstream.test": registry.url}, **overrides)
     server = await aiohttp_server(create_app(cfg))
     return f"127.0.0.1:{server.port}"
-
-
-def upstream_gets(registry: RegistryProcess, path_fragment: str) -> int:
-    """GET requests for a path the upstream registry logged (its access log)."""
-    pattern = re.compile(r'"GET (/v2/\S+) HTTP')
-    return sum(1 for line in registry.log_path.read_text(errors="replace").splitlines()
-               if (m := pattern.search(line)) and path_fragment in m.group(1))
 
 
 async def test_multiarch_oci_index_pulls_through_with_skopeo(

@@ -100,7 +100,7 @@ async def test_three_replicas_on_shared_storage_make_one_upstream_transfer(
     spread over them cause exactly one upstream transfer of the blob."""
     from tests.support.images import make_layer_file, push_image
     from tests.support.proxyproc import ProxyProcess
-    from tests.test_integration_registry import upstream_gets
+    from tests.support.registry import upstream_gets
 
     reg = upstream_registry
     layer = tmp_path / "layer"

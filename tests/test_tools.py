@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import io
 import json
-import re
 import tarfile
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from tests.support.images import (
     sha256_digest,
 )
 from tests.support.proxyfix import make_config
-from tests.support.registry import RegistryProcess
+from tests.support.registry import RegistryProcess, upstream_gets
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 
 
@@ -43,12 +42,6 @@ async def start_proxy(aiohttp_server, data: Path, reg: RegistryProcess) -> str:
     cfg = make_config(data, {"upstream.test": reg.url}, hosted=("team/**",))
     server = await aiohttp_server(create_app(cfg))
     return f"http://127.0.0.1:{server.port}"
-
-
-def upstream_gets(reg: RegistryProcess) -> int:
-    pattern = re.compile(r'"GET (/v2/\S+) HTTP')
-    return sum(1 for line in reg.log_path.read_text(errors="replace").splitlines()
-               if pattern.search(line))
 
 
 def cached(data: Path, digest: str) -> bool:

@@ -17,7 +17,7 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import make_layer_file, push_image
 from tests.support.proxyfix import make_config
 from tests.support.proxyproc import ProxyProcess
-from tests.test_integration_registry import upstream_gets
+from tests.support.registry import upstream_gets
 
 MiB = 1 << 20
 

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -293,12 +293,6 @@ class _Daemon:
         self.stop()
 
     # client helpers -----------------------------------------------------------
-    def _run(self, args: list[str], time_limit: float, check: bool) -> Result:
-        res = subprocess.run(
-            args, capture_output=True, text=True, env=self.env, timeout=time_limit, check=False
-        )
-        return _check(res, " ".join(args), self.log_tail()) if check else res
-
     async def _arun(self, args: list[str], time_limit: float, check: bool) -> Result:
         proc = await asyncio.create_subprocess_exec(
             *args,
@@ -388,36 +382,18 @@ class DockerDaemon(_Daemon):
             cmd += ["--registry-mirror", self.mirror_url]
         return cmd + self.extra_args
 
-    def docker(self, *args: str, time_limit: float = 120, check: bool = False) -> Result:
-        """Run the docker CLI against this daemon (blocking)."""
-        return self._run([DOCKER_CLI, "-H", self.host, *args], time_limit, check)
-
     async def adocker(self, *args: str, time_limit: float = 120, check: bool = False) -> Result:
         """Run the docker CLI against this daemon (asyncio)."""
         return await self._arun([DOCKER_CLI, "-H", self.host, *args], time_limit, check)
-
-    def pull(self, ref: str, time_limit: float = 120, check: bool = False) -> Result:
-        """``docker pull ref`` (blocking)."""
-        return self.docker("pull", ref, time_limit=time_limit, check=check)
 
     async def apull(self, ref: str, time_limit: float = 120, check: bool = False) -> Result:
         """``docker pull ref`` (asyncio)."""
         return await self.adocker("pull", ref, time_limit=time_limit, check=check)
 
-    def image_inspect(self, ref: str) -> dict[str, Any]:
-        """``docker image inspect ref`` as a dict (``Id``, ``RepoDigests``, ``RootFS``...)."""
-        res = self.docker("image", "inspect", ref, time_limit=30, check=True)
-        return dict(json.loads(res.stdout)[0])
-
     async def aimage_inspect(self, ref: str) -> dict[str, Any]:
         """``docker image inspect ref`` as a dict (asyncio)."""
         res = await self.adocker("image", "inspect", ref, time_limit=30, check=True)
         return dict(json.loads(res.stdout)[0])
-
-    def remove_image(self, ref: str) -> Result:
-        """``docker rmi -f ref`` (so that the next pull fetches again)."""
-        return self.docker("rmi", "-f", ref, time_limit=60)
-
 
 # --------------------------------------------------------------------------- containerd
 
@@ -483,10 +459,6 @@ class Containerd(_Daemon):
     def _ctr_args(self, args: Sequence[str]) -> list[str]:
         return [CTR, "--address", str(self.sock), "--namespace", self.namespace, *args]
 
-    def ctr(self, *args: str, time_limit: float = 120, check: bool = False) -> Result:
-        """Run ``ctr`` against this containerd in the test namespace (blocking)."""
-        return self._run(self._ctr_args(args), time_limit, check)
-
     async def actr(self, *args: str, time_limit: float = 120, check: bool = False) -> Result:
         """Run ``ctr`` against this containerd in the test namespace (asyncio)."""
         return await self._arun(self._ctr_args(args), time_limit, check)
@@ -495,17 +467,6 @@ class Containerd(_Daemon):
         if unpack:
             return ["images", "pull", "--snapshotter", self.snapshotter, "--hosts-dir", str(hosts_dir), ref]
         return ["content", "fetch", "--hosts-dir", str(hosts_dir), ref]
-
-    def pull(
-        self,
-        ref: str,
-        hosts_dir: Path | str,
-        unpack: bool = True,
-        time_limit: float = 120,
-        check: bool = False,
-    ) -> Result:
-        """``ctr images pull --hosts-dir`` (``ctr content fetch`` if not ``unpack``); ``ref`` in full."""
-        return self.ctr(*self._pull_args(ref, hosts_dir, unpack), time_limit=time_limit, check=check)
 
     async def apull(
         self,
@@ -527,26 +488,13 @@ class Containerd(_Daemon):
                 out[parts[0]] = parts[2]
         return out
 
-    def images(self) -> dict[str, str]:
-        """Image name -> target (manifest or index) digest, for the test namespace."""
-        return self._parse_images(self.ctr("images", "ls", time_limit=30, check=True).stdout)
-
     async def aimages(self) -> dict[str, str]:
         """Asyncio flavour of :meth:`images`."""
         return self._parse_images((await self.actr("images", "ls", time_limit=30, check=True)).stdout)
 
-    def image_digest(self, ref: str) -> str | None:
-        """Target digest of ``ref`` (as pulled, e.g. ``docker.io/library/alpine:latest``), or None."""
-        return self.images().get(ref)
-
     async def aimage_digest(self, ref: str) -> str | None:
         """Asyncio flavour of :meth:`image_digest`."""
         return (await self.aimages()).get(ref)
-
-    def remove_image(self, ref: str) -> Result:
-        """``ctr images rm --sync ref`` (content is garbage-collected, so the next pull fetches again)."""
-        return self.ctr("images", "rm", "--sync", ref, time_limit=60)
-
 
 def write_hosts_toml(
     hosts_dir: Path | str,
@@ -567,28 +515,12 @@ def write_hosts_toml(
     return path
 
 
-@contextlib.contextmanager
-def docker_daemon(tmpdir: Path | str | None, mirror_url: str) -> Iterator[DockerDaemon]:
-    """A started :class:`DockerDaemon`, stopped on exit."""
-    with DockerDaemon(tmpdir, mirror_url) as daemon:
-        yield daemon
-
-
-@contextlib.contextmanager
-def containerd_daemon(tmpdir: Path | str | None) -> Iterator[Containerd]:
-    """A started :class:`Containerd`, stopped on exit."""
-    with Containerd(tmpdir) as daemon:
-        yield daemon
-
-
 __all__ = [
     "CLOSED_PROXY",
     "Containerd",
     "DaemonError",
     "DockerDaemon",
-    "containerd_daemon",
     "daemon_env",
-    "docker_daemon",
     "e2e_problems",
     "go_arch",
     "missing_binaries",

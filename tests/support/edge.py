@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import ssl
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -53,13 +51,3 @@ class EdgeProxy(ProxyProcess):
             return True
         except OSError:
             return False
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if predicate():
-                return True
-        time.sleep(interval)
-    return False

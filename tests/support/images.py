@@ -90,11 +90,6 @@ class PushedImage:
     layers: list[Descriptor]
     platform: Platform
 
-    @property
-    def ref(self) -> str:
-        """``repo@digest``."""
-        return f"{self.repo}@{self.digest}"
-
     def descriptor(self, with_platform: bool = True) -> Descriptor:
         """Descriptor of this manifest (with platform, for an index)."""
         return Descriptor(
@@ -115,11 +110,6 @@ class PushedIndex:
     manifest: bytes
     media_type: str
     images: list[PushedImage] = field(default_factory=list)
-
-    @property
-    def ref(self) -> str:
-        """``repo@digest``."""
-        return f"{self.repo}@{self.digest}"
 
 
 # ---------------------------------------------------------------------------
@@ -351,12 +341,6 @@ async def get_manifest(
         ctype = resp.headers.get("Content-Type", "")
         digest = resp.headers.get("Docker-Content-Digest") or sha256_digest(body)
     return body, ctype, digest
-
-
-async def delete_manifest(session: aiohttp.ClientSession, base: str, repo: str, digest: str) -> None:
-    """DELETE a manifest by digest (the registry must have deletes enabled)."""
-    async with session.delete(f"{_base(base)}/v2/{repo}/manifests/{digest}") as resp:
-        await _check(resp, 202, f"DELETE manifest {repo}@{digest}")
 
 
 # ---------------------------------------------------------------------------

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -204,12 +204,15 @@ class RegistryProcess:
         self.stop()
 
 
-@contextlib.contextmanager
-def running_registry(workdir: Path | str, port: int | None = None) -> Iterator[RegistryProcess]:
-    """Context manager yielding a started :class:`RegistryProcess`."""
-    reg = RegistryProcess(workdir, port)
-    reg.start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
+_GET = re.compile(r'"GET (/v2/\S+) HTTP')
+
+
+def upstream_get_lines(registry: RegistryProcess, path_fragment: str = "") -> list[str]:
+    """The registry's access-log lines of GET requests whose path contains the fragment."""
+    return [line for line in registry.log_path.read_text(errors="replace").splitlines()
+            if (m := _GET.search(line)) and path_fragment in m.group(1)]
+
+
+def upstream_gets(registry: RegistryProcess, path_fragment: str = "") -> int:
+    """How many GET requests for such a path the upstream registry logged."""
+    return len(upstream_get_lines(registry, path_fragment))
