@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +20,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.config import DOCKER_HUB, DOCKER_HUB_ALIASES
+from proxy.errors import RegistryError
 from proxy.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -29,7 +29,8 @@ from proxy.mediatypes import (
     OCI_MANIFEST,
     sniff_media_type,
 )
-from proxy.reference import NAME_RE, SUPPORTED_ALGORITHMS, TAG_RE
+from proxy.reference import NAME_RE, SUPPORTED_ALGORITHMS, TAG_RE, Digest
+from proxy.upstream.auth import parse_challenges
 
 #: Read and write blobs in pieces of this size.
 CHUNK = 1 << 20
@@ -37,7 +38,6 @@ DEFAULT_PROXY = "http://127.0.0.1:5000"
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST))
 #: Manifests bigger than this are refused (the proxy's own default cap is 4 MiB).
 MAX_MANIFEST = 16 << 20
-_DIGEST_RE = re.compile(r"([a-z0-9]+):([a-f0-9]+)")
 
 T = TypeVar("T")
 
@@ -77,14 +77,15 @@ def _oci_message(body: str) -> str:
 def check_digest(value: Any) -> str:
     """A ``sha256:<hex>`` (or sha512) digest string, else :class:`ToolError`."""
     if isinstance(value, str):
-        m = _DIGEST_RE.fullmatch(value)
-        if m and SUPPORTED_ALGORITHMS.get(m.group(1)) == len(m.group(2)):
-            return value
+        try:
+            return str(Digest.parse(value))
+        except RegistryError:
+            pass
     raise ToolError(f"invalid digest {str(value)[:100]!r}")
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+    return str(Digest.of(data, algorithm))
 
 
 # ---------------------------------------------------------------------------
@@ -354,17 +355,6 @@ def describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="...",service="...",scope="..."`` -> (``bearer``, params)."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _CHALLENGE_PARAM.finditer(rest)}
-    return scheme.lower(), params
-
-
 def _basic(username: str, password: str | None) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode()
 
@@ -418,7 +408,8 @@ class RegistryClient:
     async def _authenticate(self, challenge: str, repo: str | None, push: bool,
                             sent: str | None) -> None:
         """Answer a 401 challenge; ``sent`` is the Authorization the refused request carried."""
-        scheme, params = parse_challenge(challenge)
+        first = next(iter(parse_challenges(challenge)), None)
+        scheme, params = (first.scheme, first.params) if first is not None else ("", {})
         if scheme == "basic":
             if self.username is None:
                 raise ToolError(_LOGIN_HINT)
