@@ -39,6 +39,7 @@ log = logging.getLogger("regproxy.cluster")
 
 FILL_PATH = "/_regproxy/fills/"
 SECRET_HEADER = "X-Regproxy-Cluster"
+PEER_READ_BUFSIZE = 256 << 10
 
 # Compare-and-extend / compare-and-delete: only the holder of the current value may act.
 _RENEW = """if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -209,6 +210,9 @@ class Cluster:
             resp = await self.session.get(
                 f"{holder.url}{FILL_PATH}{digest}", headers=headers,
                 timeout=aiohttp.ClientTimeout(total=None, connect=2.0, sock_read=self.lease),
+                # one such stream per joining client: a small read buffer keeps their sum
+                # low (the session's 4 MiB suits the single upstream stream of a fill)
+                read_bufsize=PEER_READ_BUFSIZE,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("fill holder %s unreachable: %s", holder.url, type(exc).__name__)
