@@ -40,6 +40,7 @@ from bench.systems import (  # noqa: E402
 from tests.support.registry import RegistryProcess  # noqa: E402
 
 SYSTEMS = ("regproxy", "distribution", "nginx")
+SCENARIOS = ("burst", "single", "pull", "warm", "manifests")
 ORIGIN = "origin"
 GiB = 1 << 30
 BURST_CLIENTS = 16
@@ -85,6 +86,8 @@ class Results:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", *["---:"] * (len(head) - 1)]) + "|"]
         for row in self.rows:
             vals = self.values.get(row.key, {})
+            if not vals:  # a scenario left out with --scenarios
+                continue
             cells = [row.label, *(_fmt(vals.get(c), row.spec) for c in [*systems, ORIGIN])]
             for other in ratio_cols:
                 a, b = vals.get("regproxy"), vals.get(other)
@@ -181,38 +184,43 @@ def image_bytes(image: Any) -> int:
 
 
 def origin_baseline(origin: RegistryProcess, hop: CountingHop, seeded: Seeded, sizes: Sizes, res: Results,
-                    work: Path) -> None:
+                    work: Path, scenarios: set[str]) -> None:
     print("== origin (direct)", flush=True)
     wait_quiet(res, "origin baseline")
     many = seeded.many
     times = []
-    for _ in range(3):
+    for _ in range(3 if "pull" in scenarios else 0):
         r = run_load({"kind": "pull", "base": origin.url, "repo": many.repo, "ref": many.tag,
                       "concurrency": PULL_CONCURRENCY})
         if r.get("error_count") or r.get("error"):
             res.note(f"origin: pull errors {r}")
         times.append(r["seconds"])
-    res.set("pull.time", ORIGIN, statistics.median(times))
+    if times:
+        res.set("pull.time", ORIGIN, statistics.median(times))
     times = []
-    for _ in range(3):  # the same through the relay the systems pull through
+    for _ in range(3 if "pull" in scenarios else 0):  # the same through the relay the systems use
         r = run_load({"kind": "pull", "base": hop.hop_url(ORIGIN), "repo": many.repo, "ref": many.tag,
                       "concurrency": PULL_CONCURRENCY})
         times.append(r["seconds"])
-    res.set("pull.time_hop", ORIGIN, statistics.median(times))
-    # The same bursts straight from the origin (which holds every blob): the floor for "all done".
-    cold = next(iter(seeded.cold.values())).layers[0]
-    r = run_load({"kind": "burst", "url": f"{origin.url}/v2/bench/cold/blobs/{cold.digest}",
-                  "clients": BURST_CLIENTS})
-    res.set("burst.ttfb", ORIGIN, r["ttfb_median"] * 1000)
-    res.set("burst.ttfb_join", ORIGIN, r["ttfb_joiners_median"] * 1000)
-    res.set("burst.total", ORIGIN, r["total"])
-    res.set("burst.err", ORIGIN, r["errors"])
+    if times:
+        res.set("pull.time_hop", ORIGIN, statistics.median(times))
+    if "burst" in scenarios:  # straight from the origin (which holds every blob): the floor
+        cold = next(iter(seeded.cold.values())).layers[0]
+        r = run_load({"kind": "burst", "url": f"{origin.url}/v2/bench/cold/blobs/{cold.digest}",
+                      "clients": BURST_CLIENTS})
+        res.set("burst.ttfb", ORIGIN, r["ttfb_median"] * 1000)
+        res.set("burst.ttfb_join", ORIGIN, r["ttfb_joiners_median"] * 1000)
+        res.set("burst.total", ORIGIN, r["total"])
+        res.set("burst.err", ORIGIN, r["errors"])
     big = seeded.big.layers[0]
     big_url = f"{origin.url}/v2/{seeded.big.repo}/blobs/{big.digest}"
-    r = run_load({"kind": "burst", "url": big_url, "clients": 1})
-    res.set("single.mibs", ORIGIN, big.size / MiB / r["clients"][0]["done"])
-    warm(big_url, ORIGIN, sizes, res)
-    manifests(origin.url, ORIGIN, None, seeded, sizes, res, work)
+    if "single" in scenarios:
+        r = run_load({"kind": "burst", "url": big_url, "clients": 1})
+        res.set("single.mibs", ORIGIN, big.size / MiB / r["clients"][0]["done"])
+    if "warm" in scenarios:
+        warm(big_url, ORIGIN, sizes, res)
+    if "manifests" in scenarios:
+        manifests(origin.url, ORIGIN, None, seeded, sizes, res, work)
 
 
 def manifests(base: str, column: str, hop: CountingHop | None, seeded: Seeded, sizes: Sizes,
@@ -258,10 +266,35 @@ def warm(url: str, column: str, sizes: Sizes, res: Results) -> None:
 
 
 def bench_system(name: str, sut: Managed, hop: CountingHop, seeded: Seeded, sizes: Sizes,
-                 res: Results, work: Path) -> None:
+                 res: Results, work: Path, scenarios: set[str]) -> None:
     base = sut.url
+    big = seeded.big.layers[0]
+    big_url = f"{base}/v2/{seeded.big.repo}/blobs/{big.digest}"
+    if "burst" in scenarios:
+        burst(name, base, hop, seeded, sizes, res, work)
+    if "single" in scenarios:
+        single(name, big_url, hop, seeded, sizes, res, work)
+    elif "warm" in scenarios:  # the warm runs need the big blob cached
+        run_load({"kind": "burst", "url": big_url, "clients": 1})
+    if "pull" in scenarios:
+        pull(name, base, hop, seeded, sizes, res, work)
+    if "warm" in scenarios:
+        os.sync()  # nginx and distribution do not fsync their fills: write them back now, not mid-run
+        wait_quiet(res, f"{name} warm blob")
+        with counted(hop, name) as up:
+            warm(big_url, name, sizes, res)
+        res.set("warm.up", name, up["count"].requests)
+    if "manifests" in scenarios:
+        wait_quiet(res, f"{name} manifests")
+        manifests(base, name, hop, seeded, sizes, res, work)
+        print(f"  manifests: GET tag {res.values['man.get.rps'][name]:.0f} req/s, "
+              f"HEAD digest {res.values['man.head.rps'][name]:.0f} req/s", flush=True)
+    res.set("mem", name, sut.peak_rss_kib() / 1024)
 
-    # 1. 16 clients at once on a cold blob
+
+def burst(name: str, base: str, hop: CountingHop, seeded: Seeded, sizes: Sizes, res: Results,
+          work: Path) -> None:
+    """16 clients at once on a cold blob."""
     cold = seeded.cold[name].layers[0]
     wait_quiet(res, f"{name} cold burst")
     scratch(work, sizes.scratch)
@@ -282,9 +315,11 @@ def bench_system(name: str, sut: Managed, hop: CountingHop, seeded: Seeded, size
     print(f"  burst: {c.requests} upstream requests, {c.bytes / cold.size:.2f}x bytes, "
           f"ttfb p50 {r['ttfb_median']}, total {r['total']:.2f}s", flush=True)
 
-    # 2. single cold stream: the big layer, which also warms it
+
+def single(name: str, big_url: str, hop: CountingHop, seeded: Seeded, sizes: Sizes, res: Results,
+           work: Path) -> None:
+    """One client on the cold big layer (which also warms it)."""
     big = seeded.big.layers[0]
-    big_url = f"{base}/v2/{seeded.big.repo}/blobs/{big.digest}"
     wait_quiet(res, f"{name} single cold stream")
     scratch(work, sizes.scratch)
     with counted(hop, name) as up:
@@ -296,7 +331,10 @@ def bench_system(name: str, sut: Managed, hop: CountingHop, seeded: Seeded, size
     res.set("single.upbytes", name, up["count"].bytes / big.size)
     print(f"  single cold stream: {big.size / MiB / client['done']:.0f} MiB/s", flush=True)
 
-    # 3. cold pull of the many-layer image
+
+def pull(name: str, base: str, hop: CountingHop, seeded: Seeded, sizes: Sizes, res: Results,
+         work: Path) -> None:
+    """Cold pull of the many-layer image."""
     many = seeded.many
     wait_quiet(res, f"{name} cold pull")
     scratch(work, sizes.scratch)
@@ -314,22 +352,6 @@ def bench_system(name: str, sut: Managed, hop: CountingHop, seeded: Seeded, size
         if ref_time:
             res.set(key, name, r["seconds"] / ref_time)
     print(f"  cold pull: {c.requests} upstream requests, {r['seconds']:.2f}s", flush=True)
-
-    # 4. warm big blob at 1, 8, 32 clients
-    os.sync()  # nginx and distribution do not fsync their fills: write them back now, not mid-run
-    wait_quiet(res, f"{name} warm blob")
-    with counted(hop, name) as up:
-        warm(big_url, name, sizes, res)
-    res.set("warm.up", name, up["count"].requests)
-
-    # 5. manifests by tag (GET) and by digest (HEAD), 64 connections
-    wait_quiet(res, f"{name} manifests")
-    manifests(base, name, hop, seeded, sizes, res, work)
-    print(f"  manifests: GET tag {res.values['man.get.rps'][name]:.0f} req/s, "
-          f"HEAD digest {res.values['man.head.rps'][name]:.0f} req/s", flush=True)
-
-    # 6. peak memory
-    res.set("mem", name, sut.peak_rss_kib() / 1024)
 
 
 def define_rows(res: Results, sizes: Sizes) -> None:
@@ -381,7 +403,8 @@ def make_system(name: str, work: Path, hop: CountingHop, regproxy_args: list[str
     return factories[name]()
 
 
-def run(systems: list[str], sizes: Sizes, work: Path, res: Results, regproxy_args: list[str]) -> None:
+def run(systems: list[str], sizes: Sizes, work: Path, res: Results, regproxy_args: list[str],
+        scenarios: set[str]) -> None:
     define_rows(res, sizes)
     with contextlib.ExitStack() as stack:
         origin = RegistryProcess(work / "origin")
@@ -393,13 +416,13 @@ def run(systems: list[str], sizes: Sizes, work: Path, res: Results, regproxy_arg
         hop = CountingHop(work / "hop", origin.port, [*systems, ORIGIN])
         hop.start()
         stack.callback(hop.stop)
-        origin_baseline(origin, hop, seeded, sizes, res, work)
+        origin_baseline(origin, hop, seeded, sizes, res, work, scenarios)
         for name in systems:
             print(f"== {name}", flush=True)
             sut = make_system(name, work, hop, regproxy_args)
             sut.start()
             try:
-                bench_system(name, sut, hop, seeded, sizes, res, work)
+                bench_system(name, sut, hop, seeded, sizes, res, work, scenarios)
             except (RuntimeError, OSError, KeyError, ValueError, TypeError):
                 res.note(f"{name}: scenario failed: {traceback.format_exc(limit=3)}")
             finally:
@@ -419,11 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     parser.add_argument("--regproxy-args", default="", metavar="ARGS",
                         help="extra arguments for 'python -m proxy serve', e.g. '--workers 2'")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated subset of %(default)s")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         parser.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
+    if not scenarios or scenarios - set(SCENARIOS):
+        parser.error(f"unknown scenario(s) {sorted(scenarios - set(SCENARIOS))}; choose from "
+                     f"{', '.join(SCENARIOS)}")
     sizes = Sizes.quick() if args.quick else Sizes.full()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -440,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     status = 0
     try:
-        run(systems, sizes, work, res, shlex.split(args.regproxy_args))
+        run(systems, sizes, work, res, shlex.split(args.regproxy_args), scenarios)
     except (KeyboardInterrupt, Deadline) as exc:
         res.note(f"run aborted: {exc!r}")
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
