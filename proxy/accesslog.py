@@ -36,14 +36,14 @@ class AccessLogger(AbstractAccessLogger):
         sent = _bytes_sent(request, response)
         outcome = request.get(CACHE_OUTCOME, "-")
         status = response.status
-        metrics.child(metrics.REQUESTS, handler, request.method, status).inc()
+        metrics.count(metrics.REQUESTS, handler, request.method, status)
         kind = _CACHE_KINDS.get(handler)
         if kind is not None and outcome != "-":
-            metrics.child(metrics.CACHE, kind, outcome).inc()
+            metrics.count(metrics.CACHE, kind, outcome)
             STATS.record(request.get(REPO), outcome, sent if request.method == "GET" else 0)
             if kind == "blob" and request.method == "GET" and response.status in (200, 206):
                 source = "cache" if outcome == "hit" else "upstream"
-                metrics.child(metrics.BYTES_SERVED, source).inc(sent)
+                metrics.count(metrics.BYTES_SERVED, source, amount=sent)
         if self.logger.isEnabledFor(logging.INFO):
             ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
             self.logger.info(

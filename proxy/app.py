@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy import tls
+from proxy import metrics, tls
 from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
@@ -135,7 +135,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     pullthrough.after_fill = evictor.kick
     app[EVICTOR] = evictor
     background = [asyncio.create_task(evictor.run_forever()),
-                  asyncio.create_task(_purge_uploads(hosted, config.upload_max_age))]
+                  asyncio.create_task(_purge_uploads(hosted, config.upload_max_age)),
+                  asyncio.create_task(metrics.flush_forever())]
     try:
         yield
     finally:

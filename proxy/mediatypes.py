@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from proxy.errors import RegistryError
 from proxy.reference import Digest
@@ -22,18 +23,28 @@ ALL_MANIFESTS = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 UPSTREAM_ACCEPT = ", ".join(ALL_MANIFESTS)
 
 
-def parse_accept(values: Iterable[str]) -> set[str]:
+#: Parsed ``Accept`` headers: a client sends the same ones on every request.
+_ACCEPT_MEMO: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def parse_accept(values: Iterable[str]) -> frozenset[str]:
     """Media types named in one or more ``Accept`` header lines (parameters dropped)."""
-    types: set[str] = set()
-    for value in values:
-        for item in value.split(","):
-            media = item.split(";", 1)[0].strip().lower()
-            if media:
-                types.add(media)
+    key = tuple(values)
+    found = _ACCEPT_MEMO.get(key)
+    if found is not None:
+        return found
+    types = frozenset(
+        media for value in key for item in value.split(",")
+        if (media := item.split(";", 1)[0].strip().lower())
+    )
+    if sum(map(len, key)) <= 4096:  # bounded: odd or huge headers do not pile up
+        if len(_ACCEPT_MEMO) >= 1000:
+            _ACCEPT_MEMO.clear()
+        _ACCEPT_MEMO[key] = types
     return types
 
 
-def accepts(accepted: set[str], media_type: str) -> bool:
+def accepts(accepted: AbstractSet[str], media_type: str) -> bool:
     """Whether a client that sent ``accepted`` takes ``media_type``.
 
     No ``Accept`` at all, or a wildcard, means anything goes (containerd always adds

@@ -6,6 +6,7 @@ is imported (see :mod:`proxy.cli`), and ``/metrics`` aggregates every worker's s
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -52,6 +53,7 @@ EVICTED_BYTES = Counter("regproxy_evicted_bytes_total", "Bytes freed by eviction
 
 def render() -> tuple[bytes, str]:
     """The exposition text of every metric (of every worker, when there are several)."""
+    flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -71,3 +73,35 @@ def child(metric: Any, *labels: object) -> Any:
             _CHILDREN.clear()
         found = _CHILDREN[key] = metric.labels(*(str(x) for x in labels))
     return found
+
+
+#: Per-request counts not yet added to their metrics (see :func:`count`).
+_TALLY: dict[tuple[object, ...], float] = {}
+#: Seconds between two flushes of the tally by :func:`flush_forever`.
+FLUSH_INTERVAL = 1.0
+
+
+def count(metric: Any, *labels: object, amount: float = 1) -> None:
+    """Add ``amount`` to a counter's child, batched: an increment of a multiprocess
+    counter takes a lock and writes its mmap file, a cost every request paid. The tally
+    goes in at the next :func:`flush` (each second, and before ``/metrics`` renders)."""
+    key = (metric, *labels)
+    _TALLY[key] = _TALLY.get(key, 0) + amount
+
+
+def flush() -> None:
+    """Add the tally to the metrics."""
+    items = list(_TALLY.items())
+    _TALLY.clear()
+    for (metric, *labels), amount in items:
+        child(metric, *labels).inc(amount)
+
+
+async def flush_forever() -> None:
+    """Flush the tally every :data:`FLUSH_INTERVAL` (a background task of each worker)."""
+    try:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            flush()
+    finally:
+        flush()

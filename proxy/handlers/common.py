@@ -29,7 +29,8 @@ EVICTOR = web.AppKey("evictor", Evictor)
 
 def upstream_ns(request: web.Request) -> str | None:
     """The upstream a request names: containerd's ``?ns=`` or a mirror path prefix."""
-    return request.query.get("ns") or request.match_info.get("prefix")
+    ns = request.query.get("ns") if request.query_string else None  # (no parse: hot path)
+    return ns or request.match_info.get("prefix")
 
 
 def route_of(request: web.Request) -> Route:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from proxy.errors import (
@@ -49,7 +50,7 @@ class Hosted:
 
     # -- reads -------------------------------------------------------------------------
 
-    async def manifest(self, route: Route, reference: str | Digest, accepted: set[str], *,
+    async def manifest(self, route: Route, reference: str | Digest, accepted: AbstractSet[str], *,
                        head: bool) -> ManifestResult:
         """A stored manifest of the repository, by tag or digest, as pushed."""
         digest = reference if isinstance(reference, Digest) else await self.store.get_tag(

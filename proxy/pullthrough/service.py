@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
 from proxy.errors import (
@@ -109,14 +110,20 @@ class PullThrough:
 
     async def touch(self, digest: Digest) -> None:
         """Record an access (the object's mtime is its last use, for LRU eviction)."""
+        if self._touch_due(digest):
+            await self.store.touch_blob(digest)
+
+    def _touch_due(self, digest: Digest) -> bool:
+        """Whether this process should record an access of ``digest`` now (at most one per
+        ``touch_interval``); remembers that it did."""
         now = time.monotonic()
         last = self._touched.get(digest)
         if last is not None and now - last < self.touch_interval:
-            return
+            return False
         if len(self._touched) > 200_000:
             self._touched.clear()
         self._touched[digest] = now
-        await self.store.touch_blob(digest)
+        return True
 
     def forget(self, digests: list[Digest]) -> None:
         """Drop evicted objects from the in-memory caches of this process."""
@@ -137,17 +144,35 @@ class PullThrough:
         return item
 
     async def manifest(
-        self, route: Route, reference: str | Digest, accepted: set[str], *, head: bool
+        self, route: Route, reference: str | Digest, accepted: AbstractSet[str], *, head: bool
     ) -> ManifestResult:
         """Resolve a manifest by tag or digest, filling the cache on a miss."""
-        if isinstance(reference, Digest):
-            result = await self._manifest_by_digest(route, reference, head=head)
-        else:
-            result = await self._manifest_by_tag(route, reference, head=head)
-            result = await self._negotiate(route, result, accepted, head=head)
-        if result.data is not None:
-            await self.touch(result.digest)
+        result = self._in_memory(route, reference, accepted)
+        if result is None:
+            if isinstance(reference, Digest):
+                result = await self._manifest_by_digest(route, reference, head=head)
+            else:
+                result = await self._manifest_by_tag(route, reference, head=head)
+                result = await self._negotiate(route, result, accepted, head=head)
+        if result.data is not None and self._touch_due(result.digest):
+            await self.store.touch_blob(result.digest)
         return result
+
+    def _in_memory(self, route: Route, reference: str | Digest, accepted: AbstractSet[str]
+                   ) -> ManifestResult | None:
+        """The answer when this process holds everything it needs (a fresh tag, the
+        manifest, a type the client takes): the hot path, with no awaits."""
+        if isinstance(reference, Digest):
+            digest = reference
+        else:
+            entry = self._tag_l1.get(f"{route.name}:{reference}")
+            if entry is None or entry[1] <= time.monotonic():
+                return None
+            digest = entry[0]
+        item = self._memory.get(str(digest))
+        if item is None or (digest is not reference and not accepts(accepted, item.media_type)):
+            return None
+        return _result(item, HIT)
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
         local = await self.local_manifest(digest)
@@ -332,7 +357,7 @@ class PullThrough:
         self._memory.put(item)
         return _result(item, MISS)
 
-    async def _negotiate(self, route: Route, result: ManifestResult, accepted: set[str], *,
+    async def _negotiate(self, route: Route, result: ManifestResult, accepted: AbstractSet[str], *,
                          head: bool) -> ManifestResult:
         """Serve what the client accepts; an index becomes its default-platform child for
         clients that only take image manifests (what Docker Hub does for old clients)."""
