@@ -294,7 +294,8 @@ class CountingHop(Nginx):
 
 class NginxCache(Nginx):
     """nginx ``proxy_cache`` in front of its hop: blobs and manifests by digest kept 7 days,
-    manifests by tag 10 s; ``proxy_cache_lock`` so one request fills a missing entry."""
+    manifests by tag 10 s, refreshed in the background (``use_stale updating``, as regproxy's
+    ``tag_stale_while_revalidate``); ``proxy_cache_lock`` so one request fills a missing entry."""
 
     name = "nginx"
 
@@ -332,6 +333,8 @@ class NginxCache(Nginx):
         location ~ ^/v2/.+/manifests/ {{
             proxy_cache_key $uri|$http_accept;
             proxy_cache_valid 200 10s;
+            proxy_cache_use_stale updating;
+            proxy_cache_background_update on;
 {cache}
         }}
         location / {{ proxy_pass http://hop; }}

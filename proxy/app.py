@@ -120,6 +120,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         staging,
         tags,
         tag_ttl=config.tag_ttl,
+        tag_grace=config.tag_stale_while_revalidate,
         max_manifest_size=config.max_manifest_size,
         manifest_memory=config.manifest_memory,
         default_platform=config.default_platform,

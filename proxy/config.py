@@ -103,6 +103,9 @@ class Config:
     s3: S3Config | None = None  #: [storage] backend = "s3"; storage_root then holds temp files
     cluster: ClusterConfig | None = None  #: [cluster]: several replicas
     tag_ttl: float = 300.0
+    #: A tag expired less than this ago is answered at once while it is revalidated in
+    #: the background (HTTP's stale-while-revalidate); 0: requests wait for the HEAD.
+    tag_stale_while_revalidate: float = 30.0
     manifest_memory: int = 64 << 20
     max_size: int = 0
     max_age: float = 0.0
@@ -363,7 +366,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers"})
     storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3"})
-    cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "manifest_memory", "max_manifest_size",
+    cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
+                                                  "manifest_memory", "max_manifest_size",
                                                   "max_size", "max_age", "backend", "url"})
     backend = cache.get("backend", "memory")
     if backend not in ("memory", "redis"):
@@ -417,6 +421,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         s3=s3,
         cluster=cluster,
         tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 300)),
+        tag_stale_while_revalidate=parse_duration(
+            "cache.tag_stale_while_revalidate", cache.get("tag_stale_while_revalidate", 30)),
         manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),
         max_size=parse_size("cache.max_size", cache.get("max_size", 0)),
         max_age=parse_duration("cache.max_age", cache.get("max_age", 0)),

@@ -10,6 +10,15 @@ from collections import Counter, deque
 HISTORY_MINUTES = 6 * 60
 
 
+#: Outcomes answered from the cache (a revalidated or refreshing tag included).
+CACHE_OUTCOMES = ("hit", "revalidated", "refreshing")
+
+
+def served_from_cache(outcomes: Counter[str]) -> int:
+    """How many of ``outcomes`` were answered from the cache."""
+    return sum(outcomes[o] for o in CACHE_OUTCOMES)
+
+
 class Stats:
     """Per-minute cache outcomes and bytes per repository of this process."""
 
@@ -36,7 +45,7 @@ class Stats:
         for m in range(now - minutes + 1, now + 1):
             c = by_minute.get(m)
             total = sum(c.values()) if c else 0
-            hits = (c["hit"] + c["revalidated"]) if c else 0
+            hits = served_from_cache(c) if c else 0
             series.append((m, hits / total if total else None))
         return series
 

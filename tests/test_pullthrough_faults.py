@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import aiohttp
@@ -275,7 +276,8 @@ async def test_client_without_index_support_gets_the_platform_child(fake, proxy,
 
 async def test_tags_are_revalidated_with_head_after_the_ttl(aiohttp_server, fake, upstream_url,
                                                             tmp_path, client):
-    cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0.2)
+    cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0.2,
+                      tag_stale_while_revalidate=0.0)  # every request after the TTL waits
     base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
     d1 = fake.add_image("app", "latest", [b"one"])
     url = f"{base}/v2/app/manifests/latest"
@@ -294,6 +296,40 @@ async def test_tags_are_revalidated_with_head_after_the_ttl(aiohttp_server, fake
     async with client.get(url) as r:
         assert r.headers["Docker-Content-Digest"] == d2
     assert fake.count("GET", f"/app/manifests/{d2}") == 1
+
+
+async def test_a_tag_just_past_its_ttl_is_answered_at_once_and_revalidated_behind(
+        aiohttp_server, fake, upstream_url, tmp_path, client):
+    """stale-while-revalidate: within the grace after the TTL the client does not wait for
+    the upstream; one background HEAD (and GET, as the tag moved) brings the new digest;
+    past the grace the request waits for the revalidation again."""
+    cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0.3,
+                      tag_stale_while_revalidate=0.6)
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    d1 = fake.add_image("app", "latest", [b"one"])
+    url = f"{base}/v2/app/manifests/latest"
+    async with client.get(url) as r:
+        assert r.headers["Docker-Content-Digest"] == d1
+    d2 = fake.add_image("app", "latest", [b"two"])  # the tag moves upstream
+    fake.manifest_delay = 0.5  # a slow upstream: a request that waited for it would take 0.5 s+
+    await asyncio.sleep(0.35)  # expired, within the grace
+    started = time.monotonic()
+    for _ in range(5):  # five clients at once: all answered from the cache, one HEAD
+        async with client.get(url) as r:
+            assert r.status == 200 and r.headers["Docker-Content-Digest"] == d1
+    assert time.monotonic() - started < 0.4
+    await asyncio.sleep(1.2)  # the background revalidation (HEAD + GET of d2) is done
+    assert fake.count("HEAD", "/app/manifests/latest") == 1
+    assert fake.count("GET", f"/app/manifests/{d2}") == 1
+    fake.manifest_delay = 0.0
+    async with client.get(url) as r:  # fresh again, from the cache
+        assert r.headers["Docker-Content-Digest"] == d2
+    assert fake.count("HEAD", "/app/manifests/latest") == 1
+    fake.add_image("app", "latest", [b"three"])
+    await asyncio.sleep(1.0)  # past TTL + grace: this request waits for the revalidation
+    async with client.get(url) as r:
+        assert r.headers["Docker-Content-Digest"] != d2
+    assert fake.count("HEAD", "/app/manifests/latest") == 2
 
 
 @pytest.mark.parametrize("status", [503, 429, 404, 500])

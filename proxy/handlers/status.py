@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.handlers.common import EVICTOR, ROUTER
-from proxy.stats import STATS
+from proxy.stats import STATS, served_from_cache
 
 _HEADERS = {"Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
@@ -44,7 +44,7 @@ def snapshot(app: web.Application) -> dict[str, Any]:
             "bytes": report.remaining_bytes if report else None,
             "budget": evictor.max_size, "max_age_seconds": evictor.max_age,
         },
-        "hit_ratio": (totals["hit"] + totals["revalidated"]) / served if served else None,
+        "hit_ratio": served_from_cache(totals) / served if served else None,
         "outcomes": dict(totals),
         "hit_ratio_series": STATS.hit_ratio_series(),
         "top_repositories": STATS.bytes_by_repo.most_common(10),

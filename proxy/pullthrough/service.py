@@ -47,6 +47,8 @@ from proxy.upstream import read_capped, upstream_error
 log = logging.getLogger("regproxy.pullthrough")
 
 HIT, MISS, COALESCED, STALE, REVALIDATED = "hit", "miss", "coalesced", "stale", "revalidated"
+#: A tag just past its TTL, answered at once while it is revalidated in the background.
+REFRESHING = "refreshing"
 
 
 @dataclass(slots=True)
@@ -82,6 +84,7 @@ class PullThrough:
         tag_cache: SharedCache,
         *,
         tag_ttl: float,
+        tag_grace: float = 0.0,
         max_manifest_size: int,
         manifest_memory: int,
         default_platform: tuple[str, str],
@@ -92,6 +95,7 @@ class PullThrough:
         self.cluster = cluster
         self._tags = tag_cache
         self.tag_ttl = tag_ttl
+        self.tag_grace = tag_grace
         self.max_manifest_size = max_manifest_size
         self.default_platform = default_platform
         self._memory = ManifestLRU(manifest_memory)
@@ -101,6 +105,11 @@ class PullThrough:
         self._claiming: dict[str, asyncio.Lock] = {}
         self._holders: dict[str, tuple[Holder, float]] = {}  #: fills other replicas run
         self._fill_tasks: set[asyncio.Task[None]] = set()
+        self._refreshing: dict[str, asyncio.Task[None]] = {}  #: background tag revalidations
+        #: Background revalidations at a time: tags warmed together expire together, and
+        #: hundreds of HEADs at once would stall this process's clients (within the grace
+        #: a revalidation may as well wait its turn).
+        self._refresh_slots = asyncio.Semaphore(8)
         self._touched: dict[Digest, float] = {}
         self._tag_l1: dict[str, tuple[Digest, float]] = {}
         #: Seconds between two recency updates of one object by this process.
@@ -213,10 +222,13 @@ class PullThrough:
 
     async def _manifest_by_tag(self, route: Route, tag: str, *, head: bool) -> ManifestResult:
         key = f"{route.name}:{tag}"
-        digest = await self._fresh_tag(route, tag, key)
+        digest, stale = await self._fresh_tag(route, tag, key)
         if digest is not None:
             local = await self.local_manifest(digest)
             if local is not None:
+                if stale:
+                    self._refresh_in_background(route, tag, key)
+                    return _result(local, REFRESHING)
                 return _result(local, HIT)
         flight_key = ("head" if head else "get", key)
         result, shared = await self._flight.do(
@@ -224,30 +236,55 @@ class PullThrough:
         )
         return replace(result, outcome=COALESCED if shared else result.outcome)
 
-    async def _fresh_tag(self, route: Route, tag: str, key: str) -> Digest | None:
-        """The digest of a tag confirmed upstream less than ``tag_ttl`` ago, if any.
+    async def _fresh_tag(self, route: Route, tag: str, key: str) -> tuple[Digest | None, bool]:
+        """The digest of a tag confirmed upstream less than ``tag_ttl`` ago, if any, and
+        whether it is stale: expired less than ``tag_grace`` ago, so it may be answered
+        while a background HEAD revalidates it.
 
         Three places, fastest first: this process's memory; the shared cache backend
         (aiocache); the tag link in the store, whose mtime is the last confirmation, so
         sibling workers and restarts share one revalidation per TTL.
         """
         if self.tag_ttl <= 0:
-            return None
+            return None, False
         now = time.monotonic()
         entry = self._tag_l1.get(key)
         if entry is not None and entry[1] > now:
-            return entry[0]
-        cached = await self._tags.get(key)
+            return entry[0], False
+        cached = await self._tags.get(key)  # (a sibling or replica may have revalidated it)
         if cached is not None:
             digest: Digest | None = Digest.parse(cached)
             expires = now + min(self.tag_ttl, 1.0)
         else:
             digest, age = await self.store.tag_with_age(route.name, tag)
             if digest is None or age >= self.tag_ttl:
-                return None
+                if entry is not None and entry[1] + self.tag_grace > now:
+                    return entry[0], True
+                stale = digest is not None and age < self.tag_ttl + self.tag_grace
+                return (digest if stale else None), stale
             expires = now + self.tag_ttl - age
         self._remember_tag(key, digest, expires)
-        return digest
+        return digest, False
+
+    def _refresh_in_background(self, route: Route, tag: str, key: str) -> None:
+        """Revalidate a stale tag once, off the request path (joined by any foreground
+        revalidation of the same tag); its failures are logged, the stale answer stands."""
+        if key in self._refreshing:
+            return
+
+        async def refresh() -> None:
+            try:
+                async with self._refresh_slots:
+                    await self._flight.do(
+                        ("get", key), lambda: self._refresh_tag(route, tag, key, want_body=True))
+            except RegistryError as exc:
+                log.info("background revalidation of %s failed: %s", key, exc.message)
+            except Exception:
+                log.exception("background revalidation of %s failed", key)
+            finally:
+                self._refreshing.pop(key, None)
+
+        self._refreshing[key] = asyncio.create_task(refresh())
 
     def _remember_tag(self, key: str, digest: Digest, expires: float) -> None:
         """This process's memory of a tag's digest, until ``expires`` (monotonic)."""
@@ -536,6 +573,8 @@ class PullThrough:
     async def close(self) -> None:
         """Cancel running fills (their temp files are removed); fills whose content is
         already verified get a few seconds to publish it (an S3 commit) first."""
+        for refresh in list(self._refreshing.values()):
+            refresh.cancel()
         if self._fill_tasks and any(f.verified for f in self._fills.values()):
             await asyncio.wait(list(self._fill_tasks), timeout=5)
         for task in list(self._fill_tasks):

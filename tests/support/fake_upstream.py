@@ -38,6 +38,7 @@ class FakeUpstream:
     die_after: int | None = None          # close the connection after N body bytes
     corrupt: bool = False                 # flip a byte of every blob body
     chunk_delay: float = 0.0              # seconds between 64 KiB chunks of a blob
+    manifest_delay: float = 0.0           # seconds before answering a manifest request
     status: int | None = None             # answer every /v2/<name>/... request with this
     require_token: str | None = None      # bearer token that must be presented
     require_basic: str | None = None      # "user:password" that must be presented (Basic)
@@ -123,6 +124,8 @@ class FakeUpstream:
         return web.json_response({})
 
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        if self.manifest_delay:
+            await asyncio.sleep(self.manifest_delay)
         item = self.manifests.get((request.match_info["name"], request.match_info["ref"]))
         if item is None:
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "x"}]},
