@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -99,6 +100,37 @@ async def test_twenty_concurrent_clients_cause_one_upstream_transfer(fake, proxy
     assert all(b == blob for b in bodies)
     assert fake.count("GET", f"/blobs/{d}") == 1
     assert await wait_stored(data, d)
+
+
+async def test_slow_clients_of_a_fill_get_every_byte_in_order(fake, proxy):
+    """Fills are sent with sendfile while the client's socket has room and through the
+    transport when it is full: clients reading slowly through small receive buffers (the
+    socket fills again and again) still get the exact blob, in order."""
+    base, _ = proxy
+    fake.chunk_delay = 0.0005
+    blob = os.urandom(6 * MiB + 123)
+    d = fake.add_blob(blob)
+    url = URL(base)
+
+    async def slow_pull(repo: str) -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        writer.write(f"GET /v2/{repo}/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and f"{len(blob)}".encode() in head
+        body = bytearray()
+        while len(body) < len(blob):
+            body += await reader.read(32 << 10)
+            await asyncio.sleep(0.002)  # slower than the fill: the socket stays full
+        writer.close()
+        return bytes(body)
+
+    bodies = await asyncio.gather(*(slow_pull(f"slow{i}") for i in range(4)))
+    assert all(b == blob for b in bodies)
+    assert fake.count("GET", f"/blobs/{d}") == 1
 
 
 async def test_joiner_receives_bytes_before_the_fill_ends(fake, proxy, client):
@@ -540,14 +572,14 @@ async def test_an_unexpected_error_mid_stream_cuts_the_connection(fake, proxy, c
     """A bug after the headers went out must not leave the client waiting for bytes."""
     from proxy.pullthrough.fill import FillReader
 
-    original = FillReader.stream
+    original = FillReader.spans  # (plain HTTP: the handler sends the fill file's spans)
 
     async def broken(self, start=0, end=None):
-        async for chunk in original(self, start, end):
-            yield chunk
+        async for span in original(self, start, end):
+            yield span
             raise RuntimeError("injected bug")
 
-    monkeypatch.setattr(FillReader, "stream", broken)
+    monkeypatch.setattr(FillReader, "spans", broken)
     base, _ = proxy
     fake.chunk_delay = 0.002
     d = fake.add_blob(os.urandom(2 * MiB))

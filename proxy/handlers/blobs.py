@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.errors import RegistryError
+from proxy.errors import BadGateway, RegistryError
 from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
+from proxy.pullthrough.fill import FileSpan, FillReader, TailReader
 from proxy.pullthrough.service import BlobResult
 from proxy.reference import Digest
 
@@ -72,21 +74,36 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 async def stream_reader(request: web.Request, headers: dict[str, str], result: BlobResult
                         ) -> web.StreamResponse:
     """Send a blob still being filled (``result.reader``), honouring ``Range``; the reader
-    is closed whatever happens."""
-    assert result.reader is not None
+    is closed whatever happens. Readers of a local file hand out file spans, sent with
+    ``sendfile`` on plain TCP, read and written otherwise (TLS, peers' streams)."""
+    reader = result.reader
+    assert reader is not None
     try:
         rng = None if result.size is None else parse_range(request.headers.get("Range"),
                                                            result.size)
-        return await stream_body(request, headers, result.size, rng, result.reader.stream)
+        source = (reader.spans if isinstance(reader, FillReader | TailReader)
+                  and _plain_socket(request) is not None else reader.stream)
+        return await stream_body(request, headers, result.size, rng, source)
     finally:
-        result.reader.close()
+        reader.close()
+
+
+def _plain_socket(request: web.Request) -> int | None:
+    """The client's socket descriptor, when bytes may go to it with ``sendfile`` (no TLS)."""
+    transport = request.transport
+    if transport is None or transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    return None if sock is None else sock.fileno()
 
 
 async def stream_body(request: web.Request, headers: dict[str, str], size: int | None,
-                  rng: tuple[int, int] | None,
-                  source: Callable[[int, int | None], AsyncIterator[bytes]]) -> web.StreamResponse:
-    """Send ``source(start, end)`` as the body (206 for a range). An error once the headers
-    are out cuts the connection: the client sees a short body and retries."""
+                      rng: tuple[int, int] | None,
+                      source: Callable[[int, int | None], AsyncIterator[bytes | FileSpan]],
+                      ) -> web.StreamResponse:
+    """Send ``source(start, end)`` as the body (206 for a range): bytes, or spans of a file
+    (see :func:`_send_span`). An error once the headers are out cuts the connection: the
+    client sees a short body and retries."""
     start, end, status = 0, size, 200
     if rng is not None and size is not None:
         start, end = rng
@@ -95,11 +112,17 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
     resp = web.StreamResponse(status=status, headers=headers)
     if end is not None:
         resp.content_length = end - start
-    await resp.prepare(request)
+    writer = await resp.prepare(request)
     if request.method != "HEAD":
         try:
-            async for chunk in source(start, end):
-                await resp.write(chunk)
+            async for item in source(start, end):
+                if isinstance(item, FileSpan):
+                    assert writer is not None
+                    await _send_span(request, resp, writer, item)
+                else:
+                    await resp.write(item)
+            if request.transport is not None:
+                request.transport.set_write_buffer_limits()  # (as _send_span found them)
         except Exception as exc:
             # The headers are gone: the only honest signal left is to cut the connection,
             # so the client sees a short body and retries instead of trusting it (or
@@ -116,6 +139,46 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
             return resp
     await resp.write_eof()
     return resp
+
+
+#: When the client's socket is full, this much goes through the transport (a copy) while
+#: it drains; then ``sendfile`` takes over again.
+_SPILL = 64 << 10
+
+
+async def _send_span(request: web.Request, resp: web.StreamResponse,
+                     writer: AbstractStreamWriter, span: FileSpan) -> None:
+    """Send a span of a fill file with ``sendfile`` straight from the page cache: no copy
+    through Python, so the clients tailing one fill cost little more than one. asyncio's
+    ``loop.sendfile`` costs too much per call for spans of a chunk or two, so this calls
+    ``os.sendfile`` while the transport has nothing queued; when the socket is full it
+    queues a little through the transport, whose write limit of 0 wakes us only once all
+    of it is out."""
+    transport = request.transport
+    out = _plain_socket(request)
+    if transport is None or out is None:
+        raise ConnectionResetError("client connection lost")
+    writer.send_headers()  # (aiohttp holds them back for the first body write)
+    transport.set_write_buffer_limits(high=0)
+    pos, end = span.offset, span.offset + span.count
+    while pos < end:
+        if transport.get_write_buffer_size() == 0:
+            try:
+                sent = os.sendfile(out, span.fd, pos, end - pos)
+            except BlockingIOError:
+                sent = -1
+            if sent == 0:
+                raise BadGateway("blob file shrank while being read")
+            if sent > 0:
+                pos += sent
+                writer.output_size += sent  # (what the access log reports)
+                continue
+        data = os.pread(span.fd, min(end - pos, _SPILL), pos)
+        if not data:
+            raise BadGateway("blob file shrank while being read")
+        await resp.write(data)
+        await writer.drain()
+        pos += len(data)
 
 
 async def delete_blob(request: web.Request) -> web.Response:

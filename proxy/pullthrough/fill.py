@@ -17,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from proxy import metrics
 from proxy.errors import (
@@ -38,12 +39,36 @@ log = logging.getLogger("regproxy.fill")
 
 #: Bytes handed to a reader per ``pread``; large chunks keep per-chunk overhead low.
 READ_CHUNK = 1 << 20
+#: Readers are woken when this much arrived, or this long after their last wake-up with
+#: anything new (and at the end): 16 clients of one fill woken per 256 KiB socket read
+#: cost more CPU than sending them the bytes, and a slow upstream must not delay them.
+NOTIFY_STEP = 1 << 20
+NOTIFY_DELAY = 0.005
 #: Chunks at least this big, of blobs at least PIPELINE_MIN_BLOB big, are hashed and
 #: written in a thread in parallel with receiving; small blobs stay inline, where the
 #: thread hops would cost more latency than they save CPU.
 PIPELINE_MIN_CHUNK = 256 << 10
 PIPELINE_MIN_BLOB = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
+
+
+class FileSpan(NamedTuple):
+    """Bytes ``[offset, offset + count)`` of an open file, ready to be sent as they are
+    (``sendfile``) or read."""
+
+    fd: int
+    offset: int
+    count: int
+
+    async def read(self) -> AsyncIterator[bytes]:
+        """The span's bytes, in chunks of at most :data:`READ_CHUNK`."""
+        pos, end = self.offset, self.offset + self.count
+        while pos < end:
+            data = os.pread(self.fd, min(end - pos, READ_CHUNK), pos)
+            if not data:
+                raise BadGateway("blob file shrank while being read")
+            pos += len(data)
+            yield data
 
 
 class FillSink(Protocol):
@@ -73,6 +98,8 @@ class BlobFill:
         self._headers = asyncio.Event()
         self._progress = asyncio.Event()
         self._pending: asyncio.Future[None] | None = None  #: a chunk being written by a thread
+        self._announced = 0  #: ``written`` when readers were last woken
+        self._announced_at = 0.0  #: and when (monotonic)
 
     # -- reader side -------------------------------------------------------------------
 
@@ -96,9 +123,12 @@ class BlobFill:
 
     def _advance(self, n: int) -> None:
         self.written += n
-        self._notify()
+        if (self.written - self._announced >= NOTIFY_STEP
+                or time.monotonic() - self._announced_at >= NOTIFY_DELAY):
+            self._notify()
 
     def _notify(self) -> None:
+        self._announced, self._announced_at = self.written, time.monotonic()
         event, self._progress = self._progress, asyncio.Event()
         event.set()
 
@@ -201,6 +231,13 @@ class FillReader:
 
         Raises the fill's error if the download fails before the range is complete.
         """
+        async for span in self.spans(start, end):
+            async for data in span.read():
+                yield data
+
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileSpan]:
+        """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
+        arrive (for ``sendfile``; :meth:`stream` reads them)."""
         fill, pos = self.fill, start
         while True:
             assert self._fd is not None, "reader closed"
@@ -216,11 +253,8 @@ class FillReader:
                     and pos + avail >= fill.size):
                 avail -= 1  # keep the last byte back until the digest is checked
             if avail > 0:
-                data = os.pread(self._fd, min(avail, READ_CHUNK), pos)
-                if not data:
-                    raise BadGateway("blob file shrank while being read")
-                pos += len(data)
-                yield data
+                yield FileSpan(self._fd, pos, avail)
+                pos += avail
                 continue
             if fill.done and fill.size is None:
                 return  # chunked upstream body: everything was written and verified
@@ -273,6 +307,13 @@ class TailReader:
         return self._seen_ok
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield bytes ``[start, end)`` of the blob as the other process writes them."""
+        async for span in self.spans(start, end):
+            async for data in span.read():
+                yield data
+
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileSpan]:
+        """Yield the parts of ``[start, end)`` that are on disk and may be sent."""
         pos, delay = start, 0.001
         while True:
             assert self._fd is not None, "reader closed"
@@ -285,12 +326,10 @@ class TailReader:
             if avail > 0 and self.size is not None and not verified and pos + avail >= self.size:
                 avail -= 1
             if avail > 0:
-                data = os.pread(self._fd, min(avail, READ_CHUNK), pos)
-                if data:
-                    pos += len(data)
-                    delay = 0.001
-                    yield data
-                    continue
+                yield FileSpan(self._fd, pos, avail)
+                pos += avail
+                delay = 0.001
+                continue
             if verified and self.size is None and pos >= written:
                 return
             if not verified and not self._staging.filler_alive(self._fd):
