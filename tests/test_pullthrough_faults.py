@@ -133,6 +133,24 @@ async def test_slow_clients_of_a_fill_get_every_byte_in_order(fake, proxy):
     assert fake.count("GET", f"/blobs/{d}") == 1
 
 
+@pytest.mark.parametrize("size", [300 * 1024, 12 * MiB + 5])
+async def test_a_blob_sent_chunked_without_a_length_is_verified_and_cached(fake, proxy, client,
+                                                                         size):
+    """No Content-Length upstream (chunked): the end of the body is the end of the blob,
+    for the inline path (small) and the threaded one (big, several batches)."""
+    base, data = proxy
+    fake.chunked_blobs = True
+    blob = os.urandom(size)
+    d = fake.add_blob(blob)
+    async with client.get(f"{base}/v2/chunky/blobs/{d}") as r:
+        assert r.status == 200
+        assert await r.read() == blob
+    assert await wait_stored(data, d)
+    async with client.get(f"{base}/v2/chunky/blobs/{d}") as r:  # from the cache now
+        assert await r.read() == blob
+    assert fake.count("GET", f"/blobs/{d}") == 1
+
+
 async def test_joiner_receives_bytes_before_the_fill_ends(fake, proxy, client):
     base, _ = proxy
     fake.chunk_delay = 0.01  # 64 KiB every 10 ms: 2 MiB take ~0.3 s

@@ -81,8 +81,10 @@ async def stream_reader(request: web.Request, headers: dict[str, str], result: B
     try:
         rng = None if result.size is None else parse_range(request.headers.get("Range"),
                                                            result.size)
-        source = (reader.spans if isinstance(reader, FillReader | TailReader)
-                  and _plain_socket(request) is not None else reader.stream)
+        zero_copy = (result.size is not None  # (a chunked body needs framing: stream it)
+                     and isinstance(reader, FillReader | TailReader)
+                     and _plain_socket(request) is not None)
+        source = reader.spans if zero_copy else reader.stream
         return await stream_body(request, headers, result.size, rng, source)
     finally:
         reader.close()

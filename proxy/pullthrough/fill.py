@@ -44,11 +44,12 @@ READ_CHUNK = 1 << 20
 #: cost more CPU than sending them the bytes, and a slow upstream must not delay them.
 NOTIFY_STEP = 1 << 20
 NOTIFY_DELAY = 0.005
-#: Chunks at least this big, of blobs at least PIPELINE_MIN_BLOB big, are hashed and
-#: written in a thread in parallel with receiving; small blobs stay inline, where the
-#: thread hops would cost more latency than they save CPU.
-PIPELINE_MIN_CHUNK = 256 << 10
+#: Blobs at least this big are hashed and written in a thread in parallel with
+#: receiving; small blobs stay inline, where the thread hops would cost more latency than
+#: they save CPU.
 PIPELINE_MIN_BLOB = 8 << 20
+#: Received bytes held while the thread is still busy with the previous batch.
+PIPELINE_MAX_BATCH = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
@@ -145,31 +146,41 @@ class BlobFill:
                 self.size = resp.content_length
                 writer.announce_size(self.size)
                 self._headers.set()
-                # Pipeline: a thread hashes and writes chunk N (hashlib and os.write let go
-                # of the GIL) while the loop receives chunk N+1; small chunks stay inline,
-                # where a thread hop would cost more than it saves.
+                # Pipeline: a thread hashes and writes batch N (hashlib and os.writev let
+                # go of the GIL) while the loop receives batch N+1, which grows while the
+                # thread is busy: one hop per batch, not per socket read, and no joining
+                # copy. Small blobs stay inline, where a thread hop costs more than it saves.
                 loop = asyncio.get_running_loop()
-                pending_len = 0
-                min_chunk = PIPELINE_MIN_CHUNK if (
-                    self.size is None or self.size >= PIPELINE_MIN_BLOB) else 1 << 62
-                while True:
-                    chunk = await resp.content.readany()
-                    if self._pending is not None:
+                threaded = self.size is None or self.size >= PIPELINE_MIN_BLOB
+                batch: list[bytes] = []
+                batched = pending_len = 0
+                eof = False
+                while not eof:
+                    chunk, end_of_http_chunk = await resp.content.readchunk()
+                    eof = not chunk and not end_of_http_chunk
+                    if chunk:
+                        if self.size is not None and self.written + pending_len + batched + len(
+                                chunk) > self.size:
+                            raise BadGateway("upstream sent more bytes than announced")
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        if self._sink is not None:
+                            await self._sink.write(chunk)
+                    if self._pending is not None and (
+                            eof or self._pending.done() or batched >= PIPELINE_MAX_BATCH):
                         await self._pending
                         self._pending = None
                         self._advance(pending_len)
-                    if not chunk:
-                        break
-                    if self.size is not None and self.written + len(chunk) > self.size:
-                        raise BadGateway("upstream sent more bytes than announced")
-                    if len(chunk) >= min_chunk:
-                        self._pending = loop.run_in_executor(_TEE_POOL, writer.write, chunk)
-                        pending_len = len(chunk)
+                        pending_len = 0
+                    if not batch or (self._pending is not None and not eof):
+                        continue  # the thread is busy: the batch grows meanwhile
+                    if threaded and not eof:
+                        self._pending = loop.run_in_executor(_TEE_POOL, writer.write_many, batch)
+                        pending_len = batched
                     else:
-                        writer.write(chunk)
-                        self._advance(len(chunk))
-                    if self._sink is not None:
-                        await self._sink.write(chunk)
+                        writer.write_many(batch)
+                        self._advance(batched)
+                    batch, batched = [], 0
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:

@@ -82,6 +82,21 @@ class BlobWriter:
         self._hash.update(data)
         self.size += len(data)
 
+    def write_many(self, chunks: list[bytes]) -> None:
+        """Append ``chunks`` in order with one ``writev`` (no joining copy)."""
+        assert self._fd is not None
+        views = [memoryview(c) for c in chunks]
+        while views:
+            n = os.writev(self._fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        for chunk in chunks:
+            self._hash.update(chunk)
+            self.size += len(chunk)
+
     def digest(self) -> Digest:
         """The digest of what was written so far."""
         return Digest(self._algorithm, self._hash.hexdigest())

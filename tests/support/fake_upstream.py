@@ -39,6 +39,7 @@ class FakeUpstream:
     corrupt: bool = False                 # flip a byte of every blob body
     chunk_delay: float = 0.0              # seconds between 64 KiB chunks of a blob
     manifest_delay: float = 0.0           # seconds before answering a manifest request
+    chunked_blobs: bool = False           # blob bodies without Content-Length (chunked)
     status: int | None = None             # answer every /v2/<name>/... request with this
     require_token: str | None = None      # bearer token that must be presented
     require_basic: str | None = None      # "user:password" that must be presented (Basic)
@@ -165,7 +166,10 @@ class FakeUpstream:
         if self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        resp.content_length = len(data)
+        if self.chunked_blobs and request.method == "GET":
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = len(data)
         await resp.prepare(request)
         if request.method == "HEAD":
             return resp
