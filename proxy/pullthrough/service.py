@@ -275,6 +275,9 @@ class PullThrough:
         async def refresh() -> None:
             try:
                 async with self._refresh_slots:
+                    fresh, stale = await self._fresh_tag(route, tag, key)
+                    if fresh is not None and not stale:
+                        return  # a sibling worker or replica revalidated it meanwhile
                     await self._flight.do(
                         ("get", key), lambda: self._refresh_tag(route, tag, key, want_body=True))
             except RegistryError as exc:
