@@ -232,3 +232,29 @@ def test_upstream_flag_overrides():
     assert (cfg.listen_host, cfg.listen_port, str(cfg.storage_root)) == ("::1", 6000, "/tmp/x")
     hub = load(None).with_overrides(upstream="https://registry-1.docker.io")
     assert hub.default_upstream == "docker.io"
+
+
+async def test_fill_readers_are_woken_soon_after_bytes_arrive_even_between_steps(tmp_path):
+    """Readers are woken per MiB, or NOTIFY_DELAY after the last wake-up: bytes that arrive
+    just after one and are followed by a pause must not wait for the next chunk."""
+    import asyncio
+    import time
+
+    from proxy.pullthrough.fill import NOTIFY_DELAY, BlobFill
+    from proxy.storage import FilesystemStore
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    digest = Digest.parse("sha256:" + "ab" * 32)
+    writer = store.claim_fill(digest)
+    assert writer is not None
+    fill = BlobFill(digest, writer)
+    try:
+        fill._advance(1000)  # the first bytes: readers are woken at once
+        waiter = asyncio.ensure_future(fill.wait_progress())
+        fill._advance(1000)  # right after: below the step and within the delay
+        started = time.monotonic()
+        await asyncio.wait_for(waiter, timeout=1.0)  # woken by the deferred wake-up
+        assert NOTIFY_DELAY * 0.5 <= time.monotonic() - started < 0.2
+    finally:
+        writer.abort()

@@ -101,6 +101,7 @@ class BlobFill:
         self._pending: asyncio.Future[None] | None = None  #: a chunk being written by a thread
         self._announced = 0  #: ``written`` when readers were last woken
         self._announced_at = 0.0  #: and when (monotonic)
+        self._deferred: asyncio.TimerHandle | None = None  #: a wake-up still to come
 
     # -- reader side -------------------------------------------------------------------
 
@@ -127,8 +128,13 @@ class BlobFill:
         if (self.written - self._announced >= NOTIFY_STEP
                 or time.monotonic() - self._announced_at >= NOTIFY_DELAY):
             self._notify()
+        elif self._deferred is None:  # if nothing more comes soon, wake them anyway
+            self._deferred = asyncio.get_running_loop().call_later(NOTIFY_DELAY, self._notify)
 
     def _notify(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         self._announced, self._announced_at = self.written, time.monotonic()
         event, self._progress = self._progress, asyncio.Event()
         event.set()
