@@ -205,13 +205,12 @@ class BlobFill:
                 writer.abort()
                 self.done = True
                 return
-            await asyncio.get_running_loop().run_in_executor(None, writer.sync)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, writer.sync)
             on_settled(self)  # leave the registry and rename in one step of the loop
-            # The data is on disk before the rename, so a crash can only lose the rename:
-            # the blob is then absent (fetched again), never wrong. Cached content needs no
-            # directory fsync (pushes, which were acknowledged, keep theirs).
-            writer.publish(self.digest, synced=True)
+            final = writer.publish(self.digest, synced=True)
             self.done = True
+            await loop.run_in_executor(None, FilesystemStore.fsync_dir, final.parent)
         except BaseException as exc:
             self.error = exc if isinstance(exc, RegistryError) else Unavailable(
                 f"blob fill failed: {type(exc).__name__}")

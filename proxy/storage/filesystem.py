@@ -116,8 +116,7 @@ class BlobWriter:
     def publish(self, digest: Digest, *, synced: bool = False) -> Path:
         """Rename the synced temp file to its content address (atomic on POSIX), then let
         go of the file (and of its lock, for a fill). With ``synced`` the caller has
-        already fsynced the data (off the event loop) and the directory is not synced: a
-        crash may then lose the rename, never the content's integrity (pull-through fills)."""
+        already fsynced the data and fsyncs the directory itself (off the event loop)."""
         if not synced:
             self.sync()
         final = self._store.blob_file(digest)
