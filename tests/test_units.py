@@ -258,3 +258,22 @@ async def test_fill_readers_are_woken_soon_after_bytes_arrive_even_between_steps
         assert NOTIFY_DELAY * 0.5 <= time.monotonic() - started < 0.2
     finally:
         writer.abort()
+
+
+def test_write_many_takes_more_buffers_than_one_writev_allows(tmp_path):
+    """A batch of many small socket reads (a slow network) is more than IOV_MAX buffers."""
+    import hashlib
+    import os
+
+    from proxy.storage import FilesystemStore
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    chunks = [os.urandom(1 + i % 1500) for i in range(3000)]
+    data = b"".join(chunks)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    writer = store.claim_fill(digest)
+    assert writer is not None
+    writer.write_many(chunks)
+    writer.verify(digest, len(data))
+    assert writer.publish(digest).read_bytes() == data

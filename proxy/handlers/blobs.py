@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -129,7 +130,7 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
             # The headers are gone: the only honest signal left is to cut the connection,
             # so the client sees a short body and retries instead of trusting it (or
             # waiting for bytes that will never come).
-            if isinstance(exc, ConnectionResetError | ClientConnectionResetError):
+            if isinstance(exc, ConnectionError | ClientConnectionResetError):
                 log.info("client %s left during %s", request.remote, request.path)
             elif isinstance(exc, RegistryError):
                 log.warning("aborting %s for %s: %s", request.path, request.remote, exc.message)
@@ -146,6 +147,8 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
 #: When the client's socket is full, this much goes through the transport (a copy) while
 #: it drains; then ``sendfile`` takes over again.
 _SPILL = 64 << 10
+#: Bytes per ``sendfile`` call before the loop gets a turn.
+_SENDFILE_MAX = 4 << 20
 
 
 async def _send_span(request: web.Request, resp: web.StreamResponse,
@@ -164,9 +167,13 @@ async def _send_span(request: web.Request, resp: web.StreamResponse,
     transport.set_write_buffer_limits(high=0)
     pos, end = span.offset, span.offset + span.count
     while pos < end:
+        # (no await between this check and sendfile: a closed transport's descriptor
+        # number may already belong to another socket or file)
+        if transport.is_closing() or request.transport is not transport:
+            raise ConnectionResetError("client connection closed")
         if transport.get_write_buffer_size() == 0:
             try:
-                sent = os.sendfile(out, span.fd, pos, end - pos)
+                sent = os.sendfile(out, span.fd, pos, min(end - pos, _SENDFILE_MAX))
             except BlockingIOError:
                 sent = -1
             if sent == 0:
@@ -174,6 +181,8 @@ async def _send_span(request: web.Request, resp: web.StreamResponse,
             if sent > 0:
                 pos += sent
                 writer.output_size += sent  # (what the access log reports)
+                if pos < end:
+                    await asyncio.sleep(0)  # a fast client must not hold the loop for long
                 continue
         data = os.pread(span.fd, min(end - pos, _SPILL), pos)
         if not data:

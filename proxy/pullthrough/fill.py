@@ -48,8 +48,10 @@ NOTIFY_DELAY = 0.005
 #: receiving; small blobs stay inline, where the thread hops would cost more latency than
 #: they save CPU.
 PIPELINE_MIN_BLOB = 8 << 20
-#: Received bytes held while the thread is still busy with the previous batch.
+#: Received bytes (and socket reads) held while the thread is still busy with the
+#: previous batch.
 PIPELINE_MAX_BATCH = 8 << 20
+PIPELINE_MAX_CHUNKS = 512
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
@@ -173,8 +175,10 @@ class BlobFill:
                         if self._sink is not None:
                             await self._sink.write(chunk)
                     if self._pending is not None and (
-                            eof or self._pending.done() or batched >= PIPELINE_MAX_BATCH):
-                        await self._pending
+                            eof or self._pending.done() or batched >= PIPELINE_MAX_BATCH
+                            or len(batch) >= PIPELINE_MAX_CHUNKS):
+                        # shielded: a cancelled fill must not close the file under the thread
+                        await asyncio.shield(self._pending)
                         self._pending = None
                         self._advance(pending_len)
                         pending_len = 0
@@ -273,7 +277,7 @@ class FillReader:
                 yield FileSpan(self._fd, pos, avail)
                 pos += avail
                 continue
-            if fill.done and fill.size is None:
+            if fill.size is None and fill.verified and (fill.done or fill.error is not None):
                 return  # chunked upstream body: everything was written and verified
             await fill.wait_progress()
 

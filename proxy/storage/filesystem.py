@@ -44,6 +44,10 @@ _LAYERS = "_layers"
 _REFERRERS = "_referrers"
 
 
+#: Buffers one ``writev`` takes (Linux refuses more than 1024).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
+
+
 class BlobWriter:
     """Writes one object to a temp file, hashing as it goes; :meth:`publish` makes it visible.
 
@@ -83,16 +87,18 @@ class BlobWriter:
         self.size += len(data)
 
     def write_many(self, chunks: list[bytes]) -> None:
-        """Append ``chunks`` in order with one ``writev`` (no joining copy)."""
+        """Append ``chunks`` in order with ``writev`` (no joining copy), at most
+        ``IOV_MAX`` buffers per call."""
         assert self._fd is not None
         views = [memoryview(c) for c in chunks]
-        while views:
-            n = os.writev(self._fd, views)
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        first = 0
+        while first < len(views):
+            n = os.writev(self._fd, views[first:first + _IOV_MAX])
+            while first < len(views) and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if n:
+                views[first] = views[first][n:]
         for chunk in chunks:
             self._hash.update(chunk)
             self.size += len(chunk)
