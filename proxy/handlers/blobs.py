@@ -82,10 +82,11 @@ async def stream_reader(request: web.Request, headers: dict[str, str], result: B
     try:
         rng = None if result.size is None else parse_range(request.headers.get("Range"),
                                                            result.size)
-        zero_copy = (result.size is not None  # (a chunked body needs framing: stream it)
-                     and isinstance(reader, FillReader | TailReader)
-                     and _plain_socket(request) is not None)
-        source = reader.spans if zero_copy else reader.stream
+        source: Callable[[int, int | None], AsyncIterator[bytes | FileSpan]] = reader.stream
+        if (result.size is not None  # (a chunked body needs framing: stream it)
+                and isinstance(reader, FillReader | TailReader)
+                and _plain_socket(request) is not None):
+            source = reader.spans
         return await stream_body(request, headers, result.size, rng, source)
     finally:
         reader.close()
@@ -116,16 +117,23 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
     if end is not None:
         resp.content_length = end - start
     writer = await resp.prepare(request)
+    assert writer is not None  # (a fresh response's first prepare)
     if request.method != "HEAD":
+        out: int | None = None  #: the client's socket, once the first span is to be sent
         try:
             async for item in source(start, end):
-                if isinstance(item, FileSpan):
-                    assert writer is not None
-                    await _send_span(request, resp, writer, item)
-                else:
+                if not isinstance(item, FileSpan):
                     await resp.write(item)
-            if request.transport is not None:
-                request.transport.set_write_buffer_limits()  # (as _send_span found them)
+                    continue
+                if out is None:
+                    out = _plain_socket(request)
+                    if out is None or request.transport is None:
+                        raise ConnectionResetError("client connection lost")
+                    writer.send_headers()  # (aiohttp holds them back for the first write)
+                    request.transport.set_write_buffer_limits(high=0)  # see _send_span
+                await _send_span(request, resp, writer, out, item)
+            if out is not None and request.transport is not None:
+                request.transport.set_write_buffer_limits()  # back to the defaults
         except Exception as exc:
             # The headers are gone: the only honest signal left is to cut the connection,
             # so the client sees a short body and retries instead of trusting it (or
@@ -152,20 +160,16 @@ _SENDFILE_MAX = 4 << 20
 
 
 async def _send_span(request: web.Request, resp: web.StreamResponse,
-                     writer: AbstractStreamWriter, span: FileSpan) -> None:
+                     writer: AbstractStreamWriter, out: int, span: FileSpan) -> None:
     """Send a span of a fill file with ``sendfile`` straight from the page cache: no copy
     through Python, so the clients tailing one fill cost little more than one. asyncio's
     ``loop.sendfile`` costs too much per call for spans of a chunk or two, so this calls
     ``os.sendfile`` while the transport has nothing queued; when the socket is full it
-    queues a little through the transport, whose write limit of 0 wakes us only once all
-    of it is out."""
+    queues a little through the transport, whose write limit of 0 (set by
+    :func:`stream_body` with the headers sent) wakes us only once all of it is out."""
     transport = request.transport
-    out = _plain_socket(request)
-    if transport is None or out is None:
-        raise ConnectionResetError("client connection lost")
-    writer.send_headers()  # (aiohttp holds them back for the first body write)
-    transport.set_write_buffer_limits(high=0)
-    pos, end = span.offset, span.offset + span.count
+    assert transport is not None
+    pos, end = span.offset, span.offset + span.length
     while pos < end:
         # (no await between this check and sendfile: a closed transport's descriptor
         # number may already belong to another socket or file)

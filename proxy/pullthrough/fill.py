@@ -48,26 +48,28 @@ NOTIFY_DELAY = 0.005
 #: receiving; small blobs stay inline, where the thread hops would cost more latency than
 #: they save CPU.
 PIPELINE_MIN_BLOB = 8 << 20
-#: Received bytes (and socket reads) held while the thread is still busy with the
-#: previous batch.
+#: Received bytes held while the thread is still busy with the previous batch.
 PIPELINE_MAX_BATCH = 8 << 20
-PIPELINE_MAX_CHUNKS = 512
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
 class FileSpan(NamedTuple):
-    """Bytes ``[offset, offset + count)`` of an open file, ready to be sent as they are
+    """Bytes ``[offset, offset + length)`` of an open file, ready to be sent as they are
     (``sendfile``) or read."""
 
     fd: int
     offset: int
-    count: int
+    length: int
 
-    async def read(self) -> AsyncIterator[bytes]:
-        """The span's bytes, in chunks of at most :data:`READ_CHUNK`."""
-        pos, end = self.offset, self.offset + self.count
+
+
+async def read_spans(spans: AsyncIterator[FileSpan]) -> AsyncIterator[bytes]:
+    """The bytes of ``spans``, read in chunks of at most :data:`READ_CHUNK` (for clients
+    that cannot take ``sendfile``: TLS, chunked bodies, peers)."""
+    async for span in spans:
+        pos, end = span.offset, span.offset + span.length
         while pos < end:
-            data = os.pread(self.fd, min(end - pos, READ_CHUNK), pos)
+            data = os.pread(span.fd, min(end - pos, READ_CHUNK), pos)
             if not data:
                 raise BadGateway("blob file shrank while being read")
             pos += len(data)
@@ -175,8 +177,7 @@ class BlobFill:
                         if self._sink is not None:
                             await self._sink.write(chunk)
                     if self._pending is not None and (
-                            eof or self._pending.done() or batched >= PIPELINE_MAX_BATCH
-                            or len(batch) >= PIPELINE_MAX_CHUNKS):
+                            eof or self._pending.done() or batched >= PIPELINE_MAX_BATCH):
                         # shielded: a cancelled fill must not close the file under the thread
                         await asyncio.shield(self._pending)
                         self._pending = None
@@ -247,14 +248,12 @@ class FillReader:
             os.close(self._fd)
             self._fd = None
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob as they arrive.
 
         Raises the fill's error if the download fails before the range is complete.
         """
-        async for span in self.spans(start, end):
-            async for data in span.read():
-                yield data
+        return read_spans(self.spans(start, end))
 
     async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileSpan]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
@@ -327,11 +326,9 @@ class TailReader:
         self._seen_ok = self._seen_ok or self._staging.fill_verified(self._digest)
         return self._seen_ok
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob as the other process writes them."""
-        async for span in self.spans(start, end):
-            async for data in span.read():
-                yield data
+        return read_spans(self.spans(start, end))
 
     async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileSpan]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent."""

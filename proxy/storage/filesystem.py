@@ -78,15 +78,9 @@ class BlobWriter:
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``; a short write (ENOSPC) raises instead of leaving a hole."""
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self._hash.update(data)
-        self.size += len(data)
+        self.write_many([data])
 
-    def write_many(self, chunks: list[bytes]) -> None:
+    def write_many(self, chunks: list[bytes] | list[bytes | memoryview]) -> None:
         """Append ``chunks`` in order with ``writev`` (no joining copy), at most
         ``IOV_MAX`` buffers per call."""
         assert self._fd is not None
