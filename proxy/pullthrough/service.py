@@ -174,7 +174,7 @@ class PullThrough:
         if isinstance(reference, Digest):
             digest = reference
         else:
-            entry = self._tag_l1.get(f"{route.name}:{reference}")
+            entry = self._tag_l1.get(_tag_key(route, reference))
             if entry is None or entry[1] <= time.monotonic():
                 return None
             digest = entry[0]
@@ -221,7 +221,7 @@ class PullThrough:
         return None
 
     async def _manifest_by_tag(self, route: Route, tag: str, *, head: bool) -> ManifestResult:
-        key = f"{route.name}:{tag}"
+        key = _tag_key(route, tag)
         digest, stale = await self._fresh_tag(route, tag, key)
         if digest is not None:
             local = await self.local_manifest(digest)
@@ -632,6 +632,11 @@ def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[st
     if n is None:
         return items, False
     return items[:n], len(items) > n
+
+
+def _tag_key(route: Route, tag: str) -> str:
+    """A tag's key in this process's memory and in the shared tag cache."""
+    return f"{route.name}:{tag}"
 
 
 def _result(item: StoredManifest, outcome: str) -> ManifestResult:
