@@ -171,6 +171,20 @@ async def test_joiner_receives_bytes_before_the_fill_ends(fake, proxy, client):
     second.release()
 
 
+async def test_bytes_received_before_an_upstream_stall_reach_the_client(fake, proxy, client):
+    """A big blob (written by the fill's thread) stalls upstream after 10 MiB: the client
+    gets all 10 MiB while the upstream is still silent, not after it resumes."""
+    base, _ = proxy
+    blob = os.urandom(12 * MiB)
+    d = fake.add_blob(blob)
+    fake.stall_after = 10 * MiB
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        head = await asyncio.wait_for(r.content.readexactly(10 * MiB), 10)
+        assert not fake.resume.is_set() and d not in fake.sent_all
+        fake.resume.set()
+        assert head + await r.read() == blob
+
+
 async def test_fill_continues_after_the_client_disconnects(fake, proxy, client):
     base, data = proxy
     fake.chunk_delay = 0.005

@@ -277,3 +277,41 @@ def test_write_many_takes_more_buffers_than_one_writev_allows(tmp_path):
     writer.write_many(chunks)
     writer.verify(digest, len(data))
     assert writer.publish(digest).read_bytes() == data
+
+
+def test_the_fill_pipeline_waits_for_a_batch_whose_callback_is_still_queued(tmp_path):
+    """The thread finished a batch and its done-callback is queued behind the fill task:
+    awaiting the done future returns without yielding, so the fill must yield itself (it
+    spun forever once). Run in a thread: a spinning loop would never reach a timeout."""
+    import asyncio
+    import hashlib
+    import os
+    import threading
+    import time
+
+    from proxy.pullthrough import fill as fill_mod
+    from proxy.storage import FilesystemStore
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    chunk = os.urandom(fill_mod.PIPELINE_MAX_BATCH)
+    digest = Digest("sha256", hashlib.sha256(chunk * 3).hexdigest())
+    writer = store.claim_fill(digest)
+    assert writer is not None
+    announced: list[int] = []
+
+    async def scenario() -> None:
+        tee = fill_mod._Tee(writer, announced.append, threaded=True)
+        for _ in range(3):
+            await tee.add(chunk)
+            time.sleep(0.2)  # noqa: ASYNC251 - the thread finishes and queues its result
+            await asyncio.sleep(0)  # now the result is handled after this task
+        await tee.finish()
+
+    runner = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    runner.start()
+    runner.join(20)
+    assert not runner.is_alive(), "the fill pipeline spun on a finished batch"
+    assert sum(announced) == 3 * len(chunk)
+    writer.verify(digest, 3 * len(chunk))
+    writer.abort()

@@ -102,7 +102,7 @@ class BlobFill:
         self.error: RegistryError | None = None
         self._headers = asyncio.Event()
         self._progress = asyncio.Event()
-        self._pending: asyncio.Future[None] | None = None  #: a chunk being written by a thread
+        self._tee: _Tee | None = None
         self._announced = 0  #: ``written`` when readers were last woken
         self._announced_at = 0.0  #: and when (monotonic)
         self._deferred: asyncio.TimerHandle | None = None  #: a wake-up still to come
@@ -156,42 +156,22 @@ class BlobFill:
                 self.size = resp.content_length
                 writer.announce_size(self.size)
                 self._headers.set()
-                # Pipeline: a thread hashes and writes batch N (hashlib and os.writev let
-                # go of the GIL) while the loop receives batch N+1, which grows while the
-                # thread is busy: one hop per batch, not per socket read, and no joining
-                # copy. Small blobs stay inline, where a thread hop costs more than it saves.
-                loop = asyncio.get_running_loop()
-                threaded = self.size is None or self.size >= PIPELINE_MIN_BLOB
-                batch: list[bytes] = []
-                batched = pending_len = 0
-                eof = False
-                while not eof:
+                tee = _Tee(writer, self._advance, threaded=self.size is None
+                           or self.size >= PIPELINE_MIN_BLOB)
+                self._tee = tee
+                while True:
                     chunk, end_of_http_chunk = await resp.content.readchunk()
-                    eof = not chunk and not end_of_http_chunk
-                    if chunk:
-                        if self.size is not None and self.written + pending_len + batched + len(
-                                chunk) > self.size:
-                            raise BadGateway("upstream sent more bytes than announced")
-                        batch.append(chunk)
-                        batched += len(chunk)
-                        if self._sink is not None:
-                            await self._sink.write(chunk)
-                    if self._pending is not None and (
-                            eof or self._pending.done() or batched >= PIPELINE_MAX_BATCH):
-                        # shielded: a cancelled fill must not close the file under the thread
-                        await asyncio.shield(self._pending)
-                        self._pending = None
-                        self._advance(pending_len)
-                        pending_len = 0
-                    if not batch or (self._pending is not None and not eof):
-                        continue  # the thread is busy: the batch grows meanwhile
-                    if threaded and not eof:
-                        self._pending = loop.run_in_executor(_TEE_POOL, writer.write_many, batch)
-                        pending_len = batched
-                    else:
-                        writer.write_many(batch)
-                        self._advance(batched)
-                    batch, batched = [], 0
+                    if not chunk:
+                        if not end_of_http_chunk:
+                            break
+                        continue
+                    if self.size is not None and self.written + tee.held + len(
+                            chunk) > self.size:
+                        raise BadGateway("upstream sent more bytes than announced")
+                    await tee.add(chunk)
+                    if self._sink is not None:
+                        await self._sink.write(chunk)
+                await tee.finish()
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:
@@ -221,9 +201,8 @@ class BlobFill:
                 f"blob fill failed: {type(exc).__name__}")
             if not isinstance(exc, RegistryError | asyncio.CancelledError):
                 log.exception("blob fill %s failed", self.digest)
-            if self._pending is not None:  # let the thread finish before the file goes
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(self._pending)
+            if self._tee is not None:  # let the thread finish before the file goes
+                await self._tee.stop()
             on_settled(self)
             writer.abort()
             if self._sink is not None:
@@ -234,6 +213,97 @@ class BlobFill:
         finally:
             self._headers.set()
             self._notify()
+
+
+class _Tee:
+    """Writes and hashes a fill's chunks in order, in a thread for big blobs.
+
+    Pipeline: the thread hashes and writes batch N (hashlib and ``os.writev`` let go of
+    the GIL) while the loop receives batch N+1, which grows while the thread is busy: one
+    hop per batch, not per socket read, and no joining copy. A finished batch is
+    announced, and the next one handed over, from the thread's done-callback, so bytes
+    on disk reach readers even while the upstream stalls. Small blobs are written inline,
+    where a thread hop costs more than it saves.
+    """
+
+    def __init__(self, writer: BlobWriter, advance: Callable[[int], None], *,
+                 threaded: bool) -> None:
+        self._writer = writer
+        self._advance = advance
+        self._threaded = threaded
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._pending: asyncio.Future[None] | None = None
+        self._pending_len = 0
+        self._error: BaseException | None = None
+        self._stopped = False
+
+    @property
+    def held(self) -> int:
+        """Bytes received but not yet announced."""
+        return self._pending_len + self._batched
+
+    async def add(self, chunk: bytes) -> None:
+        """Queue ``chunk``; waits only when :data:`PIPELINE_MAX_BATCH` is held already."""
+        self._raise()
+        if not self._threaded:
+            self._writer.write_many([chunk])
+            self._advance(len(chunk))
+            return
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._pending is None:
+            self._submit()
+        while self._batched >= PIPELINE_MAX_BATCH and self._pending is not None:
+            await self._wait()
+
+    async def finish(self) -> None:
+        """Write what is left; every byte is written and announced when this returns."""
+        while self._pending is not None:
+            await self._wait()
+        self._raise()
+        if self._batch:
+            batch, n = self._batch, self._batched
+            self._batch, self._batched = [], 0
+            self._writer.write_many(batch)
+            self._advance(n)
+
+    async def stop(self) -> None:
+        """Hand over nothing more and let the thread finish (the file is about to go)."""
+        self._stopped = True
+        while self._pending is not None:
+            with contextlib.suppress(BaseException):
+                await self._wait()
+
+    async def _wait(self) -> None:
+        """Wait for the batch in the thread and for its done-callback to have run."""
+        fut = self._pending
+        assert fut is not None
+        await asyncio.shield(fut)  # a cancelled fill must not close the file under the thread
+        if self._pending is fut:  # it was done already: awaiting it did not yield, and
+            await asyncio.sleep(0)  # its callback (queued then) runs before this resumes
+
+    def _submit(self) -> None:
+        batch, self._pending_len = self._batch, self._batched
+        self._batch, self._batched = [], 0
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(_TEE_POOL, self._writer.write_many, batch)
+        self._pending.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future[None]) -> None:
+        self._pending = None
+        error = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or error is not None:
+            self._error = self._error or error or asyncio.CancelledError()
+            return
+        n, self._pending_len = self._pending_len, 0
+        self._advance(n)
+        if self._batch and not self._stopped and self._error is None:
+            self._submit()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 class FillReader:

@@ -40,6 +40,8 @@ class FakeUpstream:
     chunk_delay: float = 0.0              # seconds between 64 KiB chunks of a blob
     manifest_delay: float = 0.0           # seconds before answering a manifest request
     chunked_blobs: bool = False           # blob bodies without Content-Length (chunked)
+    stall_after: int | None = None        # after N body bytes, wait until ``resume`` is set
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
     status: int | None = None             # answer every /v2/<name>/... request with this
     require_token: str | None = None      # bearer token that must be presented
     require_basic: str | None = None      # "user:password" that must be presented (Basic)
@@ -184,6 +186,8 @@ class FakeUpstream:
                 return resp
             await resp.write(chunk)
             sent += len(chunk)
+            if sent == self.stall_after:
+                await self.resume.wait()
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
         await resp.write_eof()
