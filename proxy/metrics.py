@@ -7,6 +7,7 @@ is imported (see :mod:`proxy.cli`), and ``/metrics`` aggregates every worker's s
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -19,6 +20,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+log = logging.getLogger("regproxy.metrics")
 
 REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                    ["route", "method", "status"])
@@ -91,10 +94,12 @@ def count(metric: Any, *labels: object, amount: float = 1) -> None:
 
 def flush() -> None:
     """Add the tally to the metrics."""
-    items = list(_TALLY.items())
-    _TALLY.clear()
-    for (metric, *labels), amount in items:
-        child(metric, *labels).inc(amount)
+    while _TALLY:
+        (metric, *labels), amount = _TALLY.popitem()
+        try:
+            child(metric, *labels).inc(amount)
+        except Exception:  # one bad label set must not drop the rest or end the loop
+            log.exception("dropping %s of %s%s", amount, metric, labels)
 
 
 async def flush_forever() -> None:

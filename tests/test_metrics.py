@@ -124,3 +124,17 @@ async def test_status_page_screenshot_in_headless_chromium(aiohttp_server, tmp_p
     assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000  # a real rendered page
+
+
+def test_a_failing_increment_drops_only_itself_at_flush(caplog):
+    """The tally is added per key: a bad label set is logged and the rest still counts."""
+    from proxy import metrics
+
+    before = sample("regproxy_bytes_served_total", source="cache")
+    metrics.count(metrics.BYTES_SERVED, "cache", "surplus-label", amount=5)
+    metrics.count(metrics.BYTES_SERVED, "cache", amount=7)
+    metrics.flush()
+    assert sample("regproxy_bytes_served_total", source="cache") == before + 7
+    assert "dropping 5" in caplog.text
+    metrics.flush()  # the tally is empty afterwards
+    assert sample("regproxy_bytes_served_total", source="cache") == before + 7
