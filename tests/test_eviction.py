@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
@@ -150,8 +149,12 @@ async def test_budget_is_enforced_after_fills_in_the_background(aiohttp_server, 
             break
         await asyncio.sleep(0.1)
     assert total <= 2 * MiB
-    assert json.dumps(server.app[EVICTOR].recent)  # recent evictions are recorded
-    assert len(server.app[EVICTOR].recent) >= 3
+    recent = server.app[EVICTOR].recent  # (time, digest, bytes) of each eviction
+    assert len(recent) >= 3
+    stored = {p.name for p in (data / "blobs").rglob("*") if p.is_file()}
+    for _when, digest, size in recent:
+        assert digest in digests and size == MiB
+        assert digest.split(":")[1] not in stored
 
 
 async def test_cache_ls_and_purge_commands(env):
