@@ -1,9 +1,11 @@
-"""Coalescing of concurrent identical work: the first caller runs it, the others await it."""
+"""Coalescing of concurrent identical work (the first caller runs it, the others await it)
+and per-key mutual exclusion."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -28,3 +30,30 @@ class SingleFlight(Generic[T]):
         self._inflight[key] = task
         task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         return await asyncio.shield(task), False
+
+
+class KeyedLocks:
+    """One :class:`asyncio.Lock` per key, kept only while someone holds or waits for it
+    (so the table cannot grow with the keys ever seen)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        """Hold ``key``'s lock for the ``async with`` body."""
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)

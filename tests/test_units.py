@@ -315,3 +315,32 @@ def test_the_fill_pipeline_waits_for_a_batch_whose_callback_is_still_queued(tmp_
     assert sum(announced) == 3 * len(chunk)
     writer.verify(digest, 3 * len(chunk))
     writer.abort()
+
+
+async def test_keyed_locks_exclude_per_key_and_forget_idle_keys():
+    import asyncio
+
+    from proxy.singleflight import KeyedLocks
+
+    locks = KeyedLocks()
+    inside: dict[str, int] = {"a": 0, "b": 0}
+    peak: dict[str, int] = {"a": 0, "b": 0}
+
+    async def work(key: str) -> None:
+        async with locks.hold(key):
+            inside[key] += 1
+            peak[key] = max(peak[key], inside[key])
+            await asyncio.sleep(0.01)
+            inside[key] -= 1
+
+    await asyncio.gather(*(work(k) for k in "abababab"))
+    assert peak == {"a": 1, "b": 1}
+    assert len(locks) == 0  # nobody holds or waits: nothing kept
+
+    async def failing() -> None:
+        async with locks.hold("c"):
+            raise ValueError
+
+    with pytest.raises(ValueError):
+        await failing()
+    assert len(locks) == 0

@@ -30,6 +30,7 @@ from proxy.mediatypes import GENERIC_TYPES, INDEXES, OCI_INDEX, references, snif
 from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
 from proxy.routing import Route
+from proxy.singleflight import KeyedLocks
 from proxy.storage import Store, Upload, UploadStore
 
 #: Reads a request body chunk by chunk (``b""`` at the end).
@@ -46,7 +47,7 @@ class Hosted:
         self.upload_max_age = upload_max_age
         self.max_manifest_size = max_manifest_size
         self.delete_enabled = delete_enabled
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()  #: one append/finish at a time per upload
 
     # -- reads -------------------------------------------------------------------------
 
@@ -104,7 +105,7 @@ class Hosted:
     async def append(self, route: Route, uid: str, read: ChunkSource,
                      content_range: str | None) -> Upload:
         """Append a chunk; its ``Content-Range`` must start where the upload ends (else 416)."""
-        async with self._lock(uid):
+        async with self._locks.hold(uid):
             upload = self.uploads.get(route.name, uid)
             if content_range is not None:
                 start = _range_start(content_range)
@@ -117,7 +118,7 @@ class Hosted:
 
     async def finish(self, route: Route, uid: str, digest: Digest, read: ChunkSource) -> None:
         """Append the last chunk (if any), verify the digest and publish the blob."""
-        async with self._lock(uid):
+        async with self._locks.hold(uid):
             upload = self.uploads.get(route.name, uid)
             await self._write(upload, read)
             size = await asyncio.get_running_loop().run_in_executor(
@@ -153,15 +154,6 @@ class Hosted:
         finally:
             if fd >= 0:
                 os.close(fd)
-
-    def _lock(self, uid: str) -> asyncio.Lock:
-        lock = self._locks.get(uid)
-        if lock is None:
-            lock = self._locks[uid] = asyncio.Lock()
-        if len(self._locks) > 10_000:  # forget idle locks
-            for key in [k for k, v in self._locks.items() if not v.locked() and k != uid]:
-                del self._locks[key]
-        return lock
 
     # -- manifests ---------------------------------------------------------------------
 

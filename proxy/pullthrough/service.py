@@ -40,7 +40,7 @@ from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
 from proxy.routing import Route
 from proxy.sharedcache import SharedCache
-from proxy.singleflight import SingleFlight
+from proxy.singleflight import KeyedLocks, SingleFlight
 from proxy.storage import BlobWriter, FilesystemStore, Store, StoredManifest
 from proxy.upstream import read_capped, upstream_error
 
@@ -102,7 +102,7 @@ class PullThrough:
         self._flight: SingleFlight[ManifestResult] = SingleFlight()
         self._head_flight: SingleFlight[int] = SingleFlight()
         self._fills: dict[str, BlobFill] = {}
-        self._claiming: dict[str, asyncio.Lock] = {}
+        self._claiming = KeyedLocks()  #: one claim at a time per blob
         self._holders: dict[str, tuple[Holder, float]] = {}  #: fills other replicas run
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._refreshing: dict[str, asyncio.Task[None]] = {}  #: background tag revalidations
@@ -433,12 +433,8 @@ class PullThrough:
         patience = 1.0 if self.cluster is None else self.cluster.lease + 5.0
         deadline = time.monotonic() + patience
         while True:
-            async with self._claiming.setdefault(key, asyncio.Lock()):  # one claim at a time
-                try:
-                    found = await self._claim_or_join(route, digest)
-                finally:
-                    if len(self._claiming) > 10_000:
-                        self._claiming = {k: v for k, v in self._claiming.items() if v.locked()}
+            async with self._claiming.hold(key):
+                found = await self._claim_or_join(route, digest)
             if isinstance(found, BlobResult):
                 return found
             remote = await self._remote(route, digest, found)  # outside the lock: in parallel
