@@ -88,11 +88,11 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         if section not in SECTIONS or not key:
             raise ConfigError(var, f"not a setting: expected {PREFIX}<SECTION>_<KEY> with a section "
                                    f"of {', '.join(SECTIONS)}")
-        path: tuple[str, ...] = (section, key)
+        target: tuple[str, ...] = (section, key)
         sub, _, rest = key.partition("_")
         if (section, sub) in SUBTABLES and rest:
-            path = (section, sub, rest)
-        put(path, _value(section, key, env[var]), var)
+            target = (section, sub, rest)
+        put(target, _value(section, key, env[var]), var)
     auth = env.get("REGISTRY_AUTH")
     if auth is not None:
         if auth.strip().lower() != "htpasswd":

@@ -37,6 +37,13 @@ class Route:
     def hosted(self) -> bool:
         return self.upstream is None
 
+    @property
+    def upstream_client(self) -> UpstreamClient:
+        """The upstream of a proxied route (asking a hosted route is a bug)."""
+        if self.upstream is None:
+            raise AssertionError(f"{self.name} is hosted: it has no upstream")
+        return self.upstream
+
 
 def compile_patterns(patterns: tuple[str, ...] | list[str]) -> re.Pattern[str] | None:
     """``team/*`` (one component), ``team/**`` (any depth), exact names; ``None`` if empty."""

@@ -84,10 +84,14 @@ def run(config: Config, **extra: Any) -> None:
                 os.kill(proc.pid, signal.SIGTERM)
 
     workers = [spawn() for _ in range(config.workers)]
+    def reload(_signum: int, _frame: object) -> None:
+        for proc in workers:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, lambda _s, _f: [os.kill(p.pid, signal.SIGHUP) for p in workers
-                                                 if p.pid is not None and p.is_alive()])
+    signal.signal(signal.SIGHUP, reload)
     log.info("started %d workers on %s:%d", config.workers, config.listen_host, config.listen_port)
     while True:
         for i, proc in enumerate(workers):

@@ -4,6 +4,7 @@ credentials, anonymous namespaces, a wrong CA, and certificate reload during a t
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import shutil
@@ -114,7 +115,7 @@ async def test_anonymous_pull_on_one_namespace_only(edge_env, upstream_registry,
     # alice's rule covers edge/** only; a signed-in user without a rule gets 403, not 401
     async with aiohttp.ClientSession() as s, s.get(
             f"{proxy.url}/v2/private/edgeanon/manifests/v1", ssl=client_context(certdir / "ca.crt"),
-            auth=aiohttp.BasicAuth("alice", "wonderland")) as r:
+            headers={"Authorization": "Basic " + base64.b64encode(b"alice:wonderland").decode()}) as r:
         assert r.status == 403
         assert (await r.json())["errors"][0]["code"] == "DENIED"
 

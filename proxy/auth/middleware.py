@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDict
 
 from proxy.auth.access import ALL, NONE, AccessControl
 from proxy.auth.htpasswd import PasswordChecker
@@ -222,7 +223,7 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
         src_local = edge.local_name(request, source)
         if "pull" not in edge.allowed(ident, source, src_local, remote):
             # no right to read the source: a plain upload instead of a mount, as if absent
-            query = request.query.copy()
+            query = MultiDict(request.query)
             query.popall("mount", None)
             query.popall("from", None)
             request = request.clone(rel_url=request.rel_url.with_query(query))

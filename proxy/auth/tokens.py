@@ -62,10 +62,10 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         return key
-    key = serialization.load_pem_private_key(data, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+    loaded = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp256r1":
         raise ValueError(f"{path}: the token signing key must be an EC P-256 private key")
-    return key
+    return loaded
 
 
 def key_id(public: ec.EllipticCurvePublicKey) -> str:

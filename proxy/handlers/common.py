@@ -24,7 +24,7 @@ HOSTED = web.AppKey("hosted", Hosted)
 CACHE_OUTCOME = web.RequestKey("regproxy.cache", str)
 REPO = web.RequestKey("regproxy.repo", str)
 #: Set by the auth layer: which local names ``_catalog`` may list for this client.
-CATALOG_FILTER = web.RequestKey("regproxy.catalog_filter", Callable[[str], bool])
+CATALOG_FILTER: web.RequestKey[Callable[[str], bool]] = web.RequestKey("regproxy.catalog_filter")
 EVICTOR = web.AppKey("evictor", Evictor)
 
 def upstream_ns(request: web.Request) -> str | None:

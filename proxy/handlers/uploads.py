@@ -41,10 +41,10 @@ async def start_upload(request: web.Request) -> web.Response:
                 source = None
         if await service.mount(route, digest, source):
             return _created(route.name, digest)
-    digest = _digest_param(request)
-    if digest is not None:
-        await service.monolithic(route, digest, request.content.readany)
-        return _created(route.name, digest)
+    whole = _digest_param(request)
+    if whole is not None:
+        await service.monolithic(route, whole, request.content.readany)
+        return _created(route.name, whole)
     upload = service.start_upload(route)
     cluster = request.app[PULLTHROUGH].cluster
     if cluster is not None:  # so the other replicas can forward this upload's requests here

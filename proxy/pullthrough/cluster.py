@@ -134,7 +134,7 @@ class Cluster:
         await self._redis.aclose()
 
     async def eval(self, script: str, key: str, *args: str) -> int:
-        return int(await self._redis.eval(script, 1, key, *args))  # type: ignore[misc]
+        return int(await self._redis.eval(script, 1, key, *args))
 
     def authorized(self, header: str | None) -> bool:
         """Whether an internal request carries the cluster secret (constant-time)."""

@@ -253,16 +253,16 @@ class PullThrough:
             return entry[0], False
         cached = await self._tags.get(key)  # (a sibling or replica may have revalidated it)
         if cached is not None:
-            digest: Digest | None = Digest.parse(cached)
+            digest = Digest.parse(cached)
             expires = now + min(self.tag_ttl, 1.0)
         else:
-            digest, age = await self.store.tag_with_age(route.name, tag)
-            if digest is None or age >= self.tag_ttl:
+            stored, age = await self.store.tag_with_age(route.name, tag)
+            if stored is None or age >= self.tag_ttl:
                 if entry is not None and entry[1] + self.tag_grace > now:
                     return entry[0], True
-                stale = digest is not None and age < self.tag_ttl + self.tag_grace
-                return (digest if stale else None), stale
-            expires = now + self.tag_ttl - age
+                stale = stored is not None and age < self.tag_ttl + self.tag_grace
+                return (stored if stale else None), stale
+            digest, expires = stored, now + self.tag_ttl - age
         self._remember_tag(key, digest, expires)
         return digest, False
 
@@ -323,7 +323,7 @@ class PullThrough:
             if stale is None:
                 raise
             log.warning("serving stale %s:%s (%s) because upstream %s failed: %s", route.name,
-                        tag, previous, route.upstream.name, exc.message)
+                        tag, previous, route.upstream_client.name, exc.message)
             return _result(stale, STALE)
         await self.store.set_tag(route.name, tag, result.digest, confirmed=True)
         if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
@@ -345,7 +345,7 @@ class PullThrough:
         return await self._from_peer(f"tag:{key}", shared)
 
     async def _head_manifest(self, route: Route, ref: str, expect: Digest | None) -> ManifestResult:
-        upstream = route.upstream
+        upstream = route.upstream_client
         async with upstream.request("HEAD", route.remote, f"manifests/{ref}",
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
@@ -368,7 +368,7 @@ class PullThrough:
     async def _fetch_manifest(self, route: Route, ref: str, expect: Digest | None
                               ) -> ManifestResult:
         """GET a manifest upstream, verify it, store it byte for byte."""
-        upstream = route.upstream
+        upstream = route.upstream_client
         async with upstream.request("GET", route.remote, f"manifests/{ref}",
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
@@ -555,13 +555,13 @@ class PullThrough:
     async def _run_fill(fill: BlobFill, route: Route, settled: Callable[[BlobFill], None],
                         lease: FillLease | None) -> None:
         if lease is None:
-            await fill.run(route.upstream, route.remote, settled)
+            await fill.run(route.upstream_client, route.remote, settled)
             return
         async with lease.kept():
-            await fill.run(route.upstream, route.remote, settled)
+            await fill.run(route.upstream_client, route.remote, settled)
 
     async def _head_blob(self, route: Route, digest: Digest) -> int:
-        upstream = route.upstream
+        upstream = route.upstream_client
         async with upstream.request("HEAD", route.remote, f"blobs/{digest}") as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)
@@ -595,9 +595,9 @@ class PullThrough:
             query.append(f"last={last}")
         path = "tags/list" + ("?" + "&".join(query) if query else "")
         try:
-            async with route.upstream.request("GET", route.remote, path) as resp:
+            async with route.upstream_client.request("GET", route.remote, path) as resp:
                 if resp.status != 200:
-                    raise upstream_error(resp, route.upstream, f"tags of {route.remote}",
+                    raise upstream_error(resp, route.upstream_client, f"tags of {route.remote}",
                                          NameUnknown)
                 raw = await read_capped(resp, self.max_manifest_size)
                 more = 'rel="next"' in resp.headers.get("Link", "")

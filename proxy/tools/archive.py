@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -788,13 +789,13 @@ async def _push_manifests(client: RegistryClient, image: _ImportImage, report: I
     assert image.build is not None
     manifests = image.build()
     for reference, body, media_type in manifests:
-        await with_retries(lambda r=reference, b=body, m=media_type:
-                           client.put_manifest(image.repo, r, b, m), retries=retries)
+        await with_retries(functools.partial(client.put_manifest, image.repo, reference, body,
+                                             media_type), retries=retries)
     _, body, media_type = manifests[-1]
     for tag in image.tags:
         if ":" in tag:  # a digest reference: pushed above
             report.images.append(f"{image.repo}@{tag}")
             continue
-        await with_retries(lambda t=tag: client.put_manifest(image.repo, t, body, media_type),
-                           retries=retries)
+        await with_retries(functools.partial(client.put_manifest, image.repo, tag, body,
+                                             media_type), retries=retries)
         report.images.append(f"{image.repo}:{tag}")

@@ -115,9 +115,9 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from proxy.tools.archive import export_images
 
-        report = await export_images(args.images, args.output, args.proxy, platform=args.platform,
-                                     progress=args.progress, retries=args.retries, **auth)
-        print(report.summary())
+        exported = await export_images(args.images, args.output, args.proxy, platform=args.platform,
+                                       progress=args.progress, retries=args.retries, **auth)
+        print(exported.summary())
         return 0
     if args.command == "import":
         from proxy.tools.archive import import_archive
