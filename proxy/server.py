@@ -84,6 +84,7 @@ def run(config: Config, **extra: Any) -> None:
                 os.kill(proc.pid, signal.SIGTERM)
 
     workers = [spawn() for _ in range(config.workers)]
+
     def reload(_signum: int, _frame: object) -> None:
         for proc in workers:
             if proc.pid is not None and proc.is_alive():

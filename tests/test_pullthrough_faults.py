@@ -178,11 +178,14 @@ async def test_bytes_received_before_an_upstream_stall_reach_the_client(fake, pr
     blob = os.urandom(12 * MiB)
     d = fake.add_blob(blob)
     fake.stall_after = 10 * MiB
-    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
-        head = await asyncio.wait_for(r.content.readexactly(10 * MiB), 10)
-        assert not fake.resume.is_set() and d not in fake.sent_all
+    try:
+        async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+            head = await asyncio.wait_for(r.content.readexactly(10 * MiB), 10)
+            assert d not in fake.sent_all  # the upstream is still silent
+            fake.resume.set()
+            assert head + await r.read() == blob
+    finally:
         fake.resume.set()
-        assert head + await r.read() == blob
 
 
 async def test_fill_continues_after_the_client_disconnects(fake, proxy, client):

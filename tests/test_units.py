@@ -279,10 +279,12 @@ def test_write_many_takes_more_buffers_than_one_writev_allows(tmp_path):
     assert writer.publish(digest).read_bytes() == data
 
 
-def test_the_fill_pipeline_waits_for_a_batch_whose_callback_is_still_queued(tmp_path):
-    """The thread finished a batch and its done-callback is queued behind the fill task:
-    awaiting the done future returns without yielding, so the fill must yield itself (it
-    spun forever once). Run in a thread: a spinning loop would never reach a timeout."""
+@pytest.mark.parametrize("fails", [False, True], ids=["written", "write-error"])
+def test_the_fill_pipeline_settles_a_batch_whose_callback_is_still_queued(tmp_path, fails):
+    """The thread finished a batch (or failed it: ENOSPC) and its done-callback is queued
+    behind the fill task: awaiting the done future returns without yielding, so the fill
+    must settle it itself (it spun forever once). Run in a thread: a spinning loop would
+    never reach a timeout."""
     import asyncio
     import hashlib
     import os
@@ -298,22 +300,45 @@ def test_the_fill_pipeline_waits_for_a_batch_whose_callback_is_still_queued(tmp_
     digest = Digest("sha256", hashlib.sha256(chunk * 3).hexdigest())
     writer = store.claim_fill(digest)
     assert writer is not None
+    finished = threading.Event()
+
+    class Writer:
+        def write_many(self, chunks: list[bytes]) -> None:
+            try:
+                if fails:
+                    raise OSError(28, "No space left on device")
+                writer.write_many(chunks)
+            finally:
+                finished.set()
+
     announced: list[int] = []
+    outcome: list[BaseException | None] = []
 
     async def scenario() -> None:
-        tee = fill_mod._Tee(writer, announced.append, threaded=True)
-        for _ in range(3):
-            await tee.add(chunk)
-            time.sleep(0.2)  # noqa: ASYNC251 - the thread finishes and queues its result
-            await asyncio.sleep(0)  # now the result is handled after this task
-        await tee.finish()
+        tee = fill_mod._Tee(Writer(), announced.append, threaded=True)  # type: ignore[arg-type]
+        try:
+            for _ in range(3):
+                finished.clear()
+                await tee.add(chunk)
+                finished.wait(10)  # the thread is done (without the loop knowing yet)
+                time.sleep(0.05)  # noqa: ASYNC251 - and has queued its result
+                await asyncio.sleep(0)  # which is handled after this task now
+            await tee.finish()
+            outcome.append(None)
+        except OSError as exc:
+            await tee.stop()
+            outcome.append(exc)
 
     runner = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
     runner.start()
     runner.join(20)
     assert not runner.is_alive(), "the fill pipeline spun on a finished batch"
-    assert sum(announced) == 3 * len(chunk)
-    writer.verify(digest, 3 * len(chunk))
+    if fails:
+        assert isinstance(outcome[0], OSError) and outcome[0].errno == 28
+        assert announced == []
+    else:
+        assert outcome == [None] and sum(announced) == 3 * len(chunk)
+        writer.verify(digest, 3 * len(chunk))
     writer.abort()
 
 
@@ -343,4 +368,27 @@ async def test_keyed_locks_exclude_per_key_and_forget_idle_keys():
 
     with pytest.raises(ValueError):
         await failing()
+    assert len(locks) == 0
+
+    async def holder(entered: asyncio.Event, release: asyncio.Event) -> None:
+        async with locks.hold("d"):
+            entered.set()
+            await release.wait()
+
+    entered, release = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(holder(entered, release))
+    await entered.wait()
+    waiter = asyncio.create_task(work("a"))  # another key is not blocked
+    blocked = asyncio.create_task(holder(asyncio.Event(), asyncio.Event()))
+    await waiter
+    await asyncio.sleep(0.01)
+    blocked.cancel()  # a waiter gives up: the holder keeps the entry
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    assert len(locks) == 1
+    release.set()
+    await first
+    assert len(locks) == 0
+    async with locks.hold("d"):  # and the key is free again
+        assert len(locks) == 1
     assert len(locks) == 0

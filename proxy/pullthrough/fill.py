@@ -276,25 +276,31 @@ class _Tee:
                 await self._wait()
 
     async def _wait(self) -> None:
-        """Wait for the batch in the thread and for its done-callback to have run."""
+        """Wait for the batch in the thread, and settle it here if its done-callback is
+        still queued (awaiting a done future does not yield to the loop, so waiting for
+        the callback could spin forever)."""
         fut = self._pending
         assert fut is not None
-        await asyncio.shield(fut)  # a cancelled fill must not close the file under the thread
-        if self._pending is fut:  # it was done already: awaiting it did not yield, and
-            await asyncio.sleep(0)  # its callback (queued then) runs before this resumes
+        try:
+            await asyncio.shield(fut)  # a cancelled fill must not close the file under the thread
+        finally:
+            if fut.done():
+                self._done(fut)
 
     def _submit(self) -> None:
-        batch, self._pending_len = self._batch, self._batched
-        self._batch, self._batched = [], 0
         loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(_TEE_POOL, self._writer.write_many, batch)
+        self._pending = loop.run_in_executor(_TEE_POOL, self._writer.write_many, self._batch)
         self._pending.add_done_callback(self._done)
+        self._pending_len = self._batched
+        self._batch, self._batched = [], 0
 
     def _done(self, fut: asyncio.Future[None]) -> None:
+        if self._pending is not fut:
+            return  # settled already (by _wait, or this is the queued callback after it)
         self._pending = None
-        error = None if fut.cancelled() else fut.exception()
-        if fut.cancelled() or error is not None:
-            self._error = self._error or error or asyncio.CancelledError()
+        error = RuntimeError("write cancelled") if fut.cancelled() else fut.exception()
+        if error is not None:
+            self._error = self._error or error
             return
         n, self._pending_len = self._pending_len, 0
         self._advance(n)
