@@ -572,8 +572,11 @@ class PullThrough:
     async def close(self) -> None:
         """Cancel running fills (their temp files are removed); fills whose content is
         already verified get a few seconds to publish it (an S3 commit) first."""
-        for refresh in list(self._refreshing.values()):
+        refreshes = list(self._refreshing.values())
+        for refresh in refreshes:
             refresh.cancel()
+        if refreshes:  # before the session they use is closed
+            await asyncio.wait(refreshes, timeout=5)
         if self._fill_tasks and any(f.verified for f in self._fills.values()):
             await asyncio.wait(list(self._fill_tasks), timeout=5)
         for task in list(self._fill_tasks):
