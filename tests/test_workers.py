@@ -134,3 +134,37 @@ def test_start_up_cleaning_spares_what_live_processes_are_writing(tmp_path):
     fill = store.fill_path(Digest.of(b"live"))
     assert left == sorted([fill.name, fill.with_suffix(".size").name, "y.part"])
     live.abort()
+
+
+async def test_a_stale_tag_is_revalidated_once_for_all_workers(aiohttp_server, tmp_path):
+    """Both workers answer a tag just past its TTL from the cache and start a background
+    revalidation; only one of them asks the upstream (a lock in the shared tmp dir), and
+    the other finds the answer in the store."""
+    fake = FakeUpstream()
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "data", {"fake.io": up}, tag_ttl=0.3,
+                      tag_stale_while_revalidate=5.0)
+    a = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    b = str((await aiohttp_server(create_app(cfg, clean_tmp=False))).make_url("")).rstrip("/")
+    d1 = fake.add_image("app", "latest", [b"one"])
+    async with aiohttp.ClientSession() as client:
+        async def digest_from(base: str) -> str:
+            async with client.get(f"{base}/v2/app/manifests/latest") as r:
+                assert r.status == 200
+                return r.headers["Docker-Content-Digest"]
+
+        assert [await digest_from(a), await digest_from(b)] == [d1, d1]
+        d2 = fake.add_image("app", "latest", [b"two"])  # the tag moves upstream
+        fake.manifest_delay = 0.3  # both workers' revalidations overlap
+        await asyncio.sleep(0.35)
+        assert await asyncio.gather(digest_from(a), digest_from(b)) == [d1, d1]  # stale, at once
+        for _ in range(50):
+            if fake.count("GET", f"/manifests/{d2}"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)  # a second revalidation would have sent its HEAD by now
+        assert fake.count("HEAD", "/app/manifests/latest") == 1
+        fake.manifest_delay = 0.0
+        assert [await digest_from(a), await digest_from(b)] == [d2, d2]
+        assert fake.count("HEAD", "/app/manifests/latest") == 1
+    assert not [p for p in (tmp_path / "data" / "tmp").iterdir() if p.suffix == ".lock"]

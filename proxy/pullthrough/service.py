@@ -275,11 +275,14 @@ class PullThrough:
         async def refresh() -> None:
             try:
                 async with self._refresh_slots:
-                    fresh, stale = await self._fresh_tag(route, tag, key)
-                    if fresh is not None and not stale:
-                        return  # a sibling worker or replica revalidated it meanwhile
-                    await self._flight.do(
-                        ("get", key), lambda: self._refresh_tag(route, tag, key, want_body=True))
+                    with self.staging.try_lock(f"tag:{key}") as mine:
+                        if not mine:
+                            return  # a sibling worker is on it; its answer lands in the store
+                        fresh, stale = await self._fresh_tag(route, tag, key)
+                        if fresh is not None and not stale:
+                            return  # a sibling worker or replica revalidated it meanwhile
+                        await self._flight.do(("get", key), lambda: self._refresh_tag(
+                            route, tag, key, want_body=True))
             except RegistryError as exc:
                 log.info("background revalidation of %s failed: %s", key, exc.message)
             except Exception:

@@ -391,6 +391,28 @@ class FilesystemStore:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
 
+    @contextlib.contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """A lock the processes on this store share (sibling workers), not waited for:
+        yields whether this process holds it. Its file goes when the holder is done (a
+        process that opened it just before can then take the old file's lock: callers
+        re-check their work under the lock)."""
+        path = self.tmp_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        finally:
+            os.close(fd)
+
     # -- manifests ---------------------------------------------------------------------
 
     def _media_type_path(self, digest: Digest) -> Path:
