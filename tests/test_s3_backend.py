@@ -132,7 +132,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], wait: float = 15.0) -
 
 
 #: Where the filesystem backend keeps objects, metadata, uploads and temp files; with S3
-#: they must all stay empty locally (lock files such as ``evict.lock`` sit in the root).
+#: they must all stay empty locally (lock files sit in ``locks/``).
 LOCAL_CONTENT = ("blobs", "manifests", "repositories", "uploads", "tmp")
 
 

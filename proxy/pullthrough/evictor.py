@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from proxy import metrics
 from proxy.pullthrough.service import PullThrough
@@ -68,7 +66,7 @@ class Evictor:
         elif self.store is self.pullthrough.staging:  # local files: walk them in a thread
             report = await asyncio.get_running_loop().run_in_executor(None, self._thread_pass)
         else:  # an object store, on this loop's connections
-            with self._host_lock() as held:
+            with self.pullthrough.staging.try_lock("evict") as held:
                 report = await self._pass() if held else None
         if report is None:
             return None
@@ -92,19 +90,5 @@ class Evictor:
                            is_hosted=self.is_hosted)
 
     def _thread_pass(self) -> EvictionReport | None:
-        with self._host_lock() as held:
+        with self.pullthrough.staging.try_lock("evict") as held:
             return asyncio.run(self._pass()) if held else None
-
-    @contextlib.contextmanager
-    def _host_lock(self) -> Iterator[bool]:
-        """The host's ``flock`` next to the local store: whether this process got it."""
-        fd = os.open(self.pullthrough.staging.root / "evict.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)

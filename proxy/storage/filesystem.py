@@ -180,7 +180,7 @@ class FilesystemStore:
 
     def open(self, *, clean: bool = True) -> None:
         """Create the layout and (``clean``) remove temp files a crash or kill left behind."""
-        for sub in ("blobs", "manifests", "repositories", "tmp", "uploads"):
+        for sub in ("blobs", "manifests", "repositories", "tmp", "uploads", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         shards = self.root / "blobs" / "sha256"
         if not (shards / "ff").is_dir():  # all 256 up front: no mkdir on a cold fill's path
@@ -393,11 +393,11 @@ class FilesystemStore:
 
     @contextlib.contextmanager
     def try_lock(self, name: str) -> Iterator[bool]:
-        """A lock the processes on this store share (sibling workers), not waited for:
-        yields whether this process holds it. Its file goes when the holder is done (a
-        process that opened it just before can then take the old file's lock: callers
-        re-check their work under the lock)."""
-        path = self.tmp_dir / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
+        """A lock the processes on this host share (sibling workers), not waited for:
+        yields whether this process holds it. Its file (``locks/``) goes when the holder
+        is done; a process that opened it just before can then take the old file's lock,
+        so callers re-check their work under the lock (or do work that may run twice)."""
+        path = self.root / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
