@@ -392,3 +392,33 @@ async def test_keyed_locks_exclude_per_key_and_forget_idle_keys():
     async with locks.hold("d"):  # and the key is free again
         assert len(locks) == 1
     assert len(locks) == 0
+
+
+def test_a_fill_file_is_readable_at_either_path_around_its_publication(tmp_path):
+    """Joiners open a fill's file by its temp path; publishing (a thread) may have renamed
+    it into the store a moment before: the same bytes are then read from there."""
+    import hashlib
+    import os
+
+    from proxy.storage import FilesystemStore
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    data = os.urandom(5000)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    writer = store.claim_fill(digest)
+    assert writer is not None
+    writer.write(data)
+    before = writer.open_reader(digest)
+    writer.verify(digest, len(data))
+    writer.publish(digest)
+    after = writer.open_reader(digest)
+    try:
+        assert os.pread(before, 10_000, 0) == os.pread(after, 10_000, 0) == data
+        assert not writer.path.exists()
+    finally:
+        os.close(before)
+        os.close(after)
+    store.blob_path(digest).unlink()
+    with pytest.raises(FileNotFoundError):
+        writer.open_reader(digest)

@@ -108,6 +108,14 @@ class BlobWriter:
         if expected.algorithm != self._algorithm or self.digest() != expected:
             raise DigestInvalid(f"content digest {self.digest()} does not match {expected}")
 
+    def open_reader(self, digest: Digest) -> int:
+        """A read-only descriptor of this file: at its temp path or, once published as
+        ``digest``, at its final one (the same bytes). ``FileNotFoundError`` if neither."""
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return os.open(self._store.blob_file(digest), os.O_RDONLY)
+
     def sync(self) -> None:
         """fsync the temp file (blocking: call it from a thread for big blobs)."""
         if self._fd is not None:
