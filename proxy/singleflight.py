@@ -31,6 +31,10 @@ class SingleFlight(Generic[T]):
         task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         return await asyncio.shield(task), False
 
+    def running(self) -> list[asyncio.Future[T]]:
+        """The work in flight now (cancelling a caller does not stop it: shutdown does)."""
+        return list(self._inflight.values())
+
 
 class KeyedLocks:
     """One :class:`asyncio.Lock` per key, kept only while someone holds or waits for it

@@ -412,13 +412,39 @@ def test_a_fill_file_is_readable_at_either_path_around_its_publication(tmp_path)
     before = writer.open_reader(digest)
     writer.verify(digest, len(data))
     writer.publish(digest)
+    writer.path.write_bytes(b"")  # a sibling worker's new fill of the same digest
     after = writer.open_reader(digest)
     try:
         assert os.pread(before, 10_000, 0) == os.pread(after, 10_000, 0) == data
-        assert not writer.path.exists()
     finally:
         os.close(before)
         os.close(after)
+    writer.path.unlink()
     store.blob_path(digest).unlink()
     with pytest.raises(FileNotFoundError):
         writer.open_reader(digest)
+
+
+def test_try_lock_is_exclusive_and_a_lock_on_a_removed_file_does_not_count(tmp_path):
+    import fcntl
+    import os
+
+    from proxy.storage import FilesystemStore
+    from proxy.storage.filesystem import _same_file
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    with store.try_lock("tag:a") as first:
+        assert first
+        (path,) = (tmp_path / "locks").iterdir()
+        with store.try_lock("tag:a") as second, store.try_lock("tag:b") as other:
+            assert not second and other
+        late = os.open(path, os.O_RDWR)  # opened just before the holder finishes
+    try:
+        assert not list((tmp_path / "locks").iterdir())
+        fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free, but on a removed file
+        assert not _same_file(late, path)
+        with store.try_lock("tag:a") as third:
+            assert third  # the next one takes a new file
+    finally:
+        os.close(late)

@@ -138,7 +138,7 @@ def test_start_up_cleaning_spares_what_live_processes_are_writing(tmp_path):
 
 async def test_a_stale_tag_is_revalidated_once_for_all_workers(aiohttp_server, tmp_path):
     """Both workers answer a tag just past its TTL from the cache and start a background
-    revalidation; only one of them asks the upstream (a lock in the shared tmp dir), and
+    revalidation; only one of them asks the upstream (a lock file in the store's locks/), and
     the other finds the answer in the store."""
     fake = FakeUpstream()
     up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")

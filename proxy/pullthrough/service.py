@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
+from typing import Any
 
 from proxy.errors import (
     BadGateway,
@@ -575,11 +576,13 @@ class PullThrough:
     async def close(self) -> None:
         """Cancel running fills (their temp files are removed); fills whose content is
         already verified get a few seconds to publish it (an S3 commit) first."""
-        refreshes = list(self._refreshing.values())
-        for refresh in refreshes:
-            refresh.cancel()
-        if refreshes:  # before the session they use is closed
-            await asyncio.wait(refreshes, timeout=5)
+        # revalidations and manifest/HEAD flights use the upstream session, closed next
+        upstream_work: list[asyncio.Future[Any]] = [
+            *self._refreshing.values(), *self._flight.running(), *self._head_flight.running()]
+        for work in upstream_work:
+            work.cancel()
+        if upstream_work:
+            await asyncio.wait(upstream_work, timeout=5)
         if self._fill_tasks and any(f.verified for f in self._fills.values()):
             await asyncio.wait(list(self._fill_tasks), timeout=5)
         for task in list(self._fill_tasks):

@@ -11,6 +11,7 @@ Layout under the root (documented in README.md, "On-disk layout")::
                                                  marker: manifest <hex> has <subject> as subject
     uploads/<uuid>/{data,repo,started}           resumable blob uploads (hosted)
     tmp/                                         files being written (removed at start-up)
+    locks/                                       lock files shared by the worker processes
 
 Nothing appears under ``blobs/`` or ``manifests/`` before its digest and size were checked
 and its bytes fsynced: writers fill a temp file and ``rename`` it into place. Repository
@@ -48,6 +49,24 @@ _REFERRERS = "_referrers"
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
+def _same_file(fd: int, path: str | Path) -> bool:
+    """Whether ``path`` (still) names the file open as ``fd``."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _flock_nowait(fd: int) -> bool:
+    """Take ``fd``'s exclusive ``flock`` if it is free."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class BlobWriter:
     """Writes one object to a temp file, hashing as it goes; :meth:`publish` makes it visible.
 
@@ -72,6 +91,8 @@ class BlobWriter:
         base = str(path)[:-len(path.suffix)] if path.suffix == ".fill" else None
         self._hints = None if base is None else (base + ".size", base + ".ok")
         self._fd: int | None = fd
+        st = os.fstat(fd)
+        self._inode = (st.st_dev, st.st_ino)  #: which file is ours, whatever its name
         self._hash = hashlib.new(algorithm)
         self._algorithm = algorithm
         self.size = 0
@@ -110,11 +131,15 @@ class BlobWriter:
 
     def open_reader(self, digest: Digest) -> int:
         """A read-only descriptor of this file: at its temp path or, once published as
-        ``digest``, at its final one (the same bytes). ``FileNotFoundError`` if neither."""
-        try:
-            return os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return os.open(self._store.blob_file(digest), os.O_RDONLY)
+        ``digest``, at its final one (the same bytes; the temp path may by then name a
+        sibling worker's new fill). ``FileNotFoundError`` if neither."""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._inode:
+                return fd
+            os.close(fd)
+        return os.open(self._store.blob_file(digest), os.O_RDONLY)
 
     def sync(self) -> None:
         """fsync the temp file (blocking: call it from a thread for big blobs)."""
@@ -402,15 +427,14 @@ class FilesystemStore:
     @contextlib.contextmanager
     def try_lock(self, name: str) -> Iterator[bool]:
         """A lock the processes on this host share (sibling workers), not waited for:
-        yields whether this process holds it. Its file (``locks/``) goes when the holder
-        is done; a process that opened it just before can then take the old file's lock,
-        so callers re-check their work under the lock (or do work that may run twice)."""
+        yields whether this process holds it. Its file (in ``locks/``) goes when the
+        holder is done, so a lock counts only while its file is still the one at the path
+        (a process that opened the file just before it went locks a file nobody sees)."""
         path = self.root / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            held = _same_file(fd, path) and _flock_nowait(fd) and _same_file(fd, path)
+            if not held:
                 yield False
                 return
             try:
