@@ -448,3 +448,21 @@ def test_try_lock_is_exclusive_and_a_lock_on_a_removed_file_does_not_count(tmp_p
             assert third  # the next one takes a new file
     finally:
         os.close(late)
+
+
+def test_start_up_cleaning_removes_free_lock_files_only(tmp_path):
+    import os
+
+    from proxy.storage import FilesystemStore
+
+    store = FilesystemStore(tmp_path)
+    store.open()
+    (tmp_path / "locks" / "left-by-a-killed-process").touch()
+    with store.try_lock("evict") as held:
+        assert held
+        store.clean_tmp()
+        assert [p.name for p in (tmp_path / "locks").iterdir()] != []  # the held one stays
+        assert not (tmp_path / "locks" / "left-by-a-killed-process").exists()
+        with store.try_lock("evict") as again:
+            assert not again  # and still excludes
+    assert os.listdir(tmp_path / "locks") == []

@@ -226,7 +226,7 @@ class FilesystemStore:
         """Remove what crashed writers left in ``tmp/``, and only that: another process on
         the same storage (a sibling worker, a replica) may be writing there right now. A
         fill or claim file is abandoned when nobody holds its lock; other temp files when
-        they are older than ``min_age`` seconds."""
+        they are older than ``min_age`` seconds. Lock files in ``locks/`` go when free."""
         entries = sorted(self.tmp_dir.iterdir(), key=lambda p: p.suffix != ".fill")
         now = time.time()
         for entry in entries:  # fills first, so their .size hints can go with them
@@ -238,6 +238,11 @@ class FilesystemStore:
                         entry.unlink()
                 elif now - entry.stat().st_mtime > min_age:
                     entry.unlink()
+        locks = self.root / "locks"
+        for lock in locks.iterdir() if locks.is_dir() else ():  # left by killed processes
+            with contextlib.suppress(OSError), self._held_lock(lock) as held:
+                if held:
+                    lock.unlink()  # (holding it, as try_lock's holders do)
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -431,9 +436,7 @@ class FilesystemStore:
         holder is done, so a lock counts only while its file is still the one at the path
         (a process that opened the file just before it went locks a file nobody sees)."""
         path = self.root / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            held = _same_file(fd, path) and _flock_nowait(fd) and _same_file(fd, path)
+        with self._held_lock(path) as held:
             if not held:
                 yield False
                 return
@@ -442,6 +445,13 @@ class FilesystemStore:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _held_lock(path: Path) -> Iterator[bool]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            yield _same_file(fd, path) and _flock_nowait(fd) and _same_file(fd, path)
         finally:
             os.close(fd)
 
