@@ -194,12 +194,12 @@ class BlobWriter:
 
     def _close(self) -> None:
         if self._fd is not None:
+            fd, self._fd = self._fd, None  # first: after a rename, self.path is not ours
             for hint in self._hints or ():
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # stale hints go at start-up
                     os.unlink(hint)
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+                os.close(fd)
 
 
 class FilesystemStore:
