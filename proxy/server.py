@@ -39,6 +39,10 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
 
 
 def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> None:
+    # SIGHUP reloads the TLS certificate (the reloader installs its handler when TLS is
+    # on); otherwise it must not kill the process, as its default action would (log
+    # rotation sends it)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = create_app(config, clean_tmp=clean)
     ssl_context = app.get(SSL_CONTEXT)
     scheme = "https" if ssl_context is not None else "http"

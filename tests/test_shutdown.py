@@ -92,3 +92,30 @@ async def test_sigkill_mid_fill_leaves_nothing_visible_and_restart_cleans_up(aio
             assert await r.read() == blob
     finally:
         proxy.stop()
+
+
+async def test_sighup_without_tls_keeps_every_process_and_transfer(aiohttp_server, tmp_path):
+    """Log rotation sends SIGHUP: without TLS there is nothing to reload, and neither the
+    single process nor the workers may die of it (its default action), nor a transfer."""
+    fake = FakeUpstream()
+    fake.chunk_delay = 0.01
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    blob = os.urandom(2 * MiB)
+    d = fake.add_blob(blob)
+    for workers in ("1", "2"):
+        proxy = ProxyProcess(tmp_path / f"p{workers}", "--upstream", up, "--data-dir",
+                             str(tmp_path / f"data{workers}"), "--workers", workers).start()
+        try:
+            assert proxy.proc is not None
+            async with aiohttp.ClientSession() as client:
+                async with client.get(f"{proxy.url}/v2/x/blobs/{d}") as r:
+                    head = await r.content.readexactly(128 * 1024)
+                    proxy.proc.send_signal(signal.SIGHUP)
+                    await asyncio.sleep(0.3)
+                    assert head + await r.read() == blob
+                async with client.get(f"{proxy.url}/v2/") as r:
+                    assert r.status == 200
+            assert proxy.proc.poll() is None
+            assert "exited" not in proxy.log_tail()  # no worker died and was restarted
+        finally:
+            proxy.stop()
