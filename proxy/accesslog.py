@@ -19,10 +19,14 @@ _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
 
 
 def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
-    """Body bytes sent; sendfile bypasses aiohttp's counter, so file responses use their length."""
-    if isinstance(response, FileResponse) and request.method != "HEAD":
-        return response.content_length or 0
-    return response.body_length
+    """Body bytes sent. aiohttp's count includes the header block, so a body of known
+    length counts as at most that; file responses bypass the count (sendfile)."""
+    if request.method == "HEAD":
+        return 0
+    length = response.content_length
+    if isinstance(response, FileResponse):
+        return length or 0
+    return response.body_length if length is None else min(length, response.body_length)
 
 
 class AccessLogger(AbstractAccessLogger):
