@@ -1,6 +1,6 @@
 """One upstream blob download, shared by every client that wants the blob while it runs.
 
-Within a process, readers of a fill are woken per chunk (:class:`FillReader`). Other
+Within a process, readers of a fill are woken as bytes land (:class:`FillReader`). Other
 worker processes on the same store find the fill's well-known temp file and tail it
 (:class:`TailReader`), so single flight holds across workers too.
 
