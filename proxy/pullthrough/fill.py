@@ -63,7 +63,6 @@ class FileSpan(NamedTuple):
     length: int
 
 
-
 async def read_spans(spans: AsyncIterator[FileSpan]) -> AsyncIterator[bytes]:
     """The bytes of ``spans``, read in chunks of at most :data:`READ_CHUNK` (for clients
     that cannot take ``sendfile``: TLS, chunked bodies, peers)."""

@@ -49,13 +49,17 @@ _REFERRERS = "_referrers"
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    """Which file a stat result is of, whatever its name."""
+    return st.st_dev, st.st_ino
+
+
 def _same_file(fd: int, path: str | Path) -> bool:
     """Whether ``path`` (still) names the file open as ``fd``."""
     try:
-        here, there = os.fstat(fd), os.stat(path)
+        return _file_id(os.fstat(fd)) == _file_id(os.stat(path))
     except FileNotFoundError:
         return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _flock_nowait(fd: int) -> bool:
@@ -91,8 +95,7 @@ class BlobWriter:
         base = str(path)[:-len(path.suffix)] if path.suffix == ".fill" else None
         self._hints = None if base is None else (base + ".size", base + ".ok")
         self._fd: int | None = fd
-        st = os.fstat(fd)
-        self._inode = (st.st_dev, st.st_ino)  #: which file is ours, whatever its name
+        self._file_id = _file_id(os.fstat(fd))  #: which file is ours, whatever its name
         self._hash = hashlib.new(algorithm)
         self._algorithm = algorithm
         self.size = 0
@@ -135,23 +138,17 @@ class BlobWriter:
         sibling worker's new fill). ``FileNotFoundError`` if neither."""
         with contextlib.suppress(FileNotFoundError):
             fd = os.open(self.path, os.O_RDONLY)
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == self._inode:
+            if _file_id(os.fstat(fd)) == self._file_id:
                 return fd
             os.close(fd)
         return os.open(self._store.blob_file(digest), os.O_RDONLY)
 
-    def sync(self) -> None:
-        """fsync the temp file (blocking: call it from a thread for big blobs)."""
-        if self._fd is not None:
-            os.fsync(self._fd)
-
-    def publish(self, digest: Digest, *, synced: bool = False) -> Path:
-        """Rename the synced temp file to its content address (atomic on POSIX), then let
-        go of the file (and of its lock, for a fill). With ``synced`` the caller has
-        already fsynced the data and fsyncs the directory itself (off the event loop)."""
-        if not synced:
-            self.sync()
+    def publish(self, digest: Digest) -> Path:
+        """fsync the temp file, rename it to its content address (atomic on POSIX), let go
+        of the file (and of its lock, for a fill) and fsync the directory. Blocking: big
+        and pull-through objects call it from a thread."""
+        assert self._fd is not None
+        os.fsync(self._fd)
         final = self._store.blob_file(digest)
         try:
             os.replace(self.path, final)
@@ -159,8 +156,7 @@ class BlobWriter:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(self.path, final)
         self._close()
-        if not synced:
-            self._store.fsync_dir(Path(final).parent)
+        self._store.fsync_dir(Path(final).parent)
         return Path(final)
 
     def commit(self, expected: Digest, expected_size: int | None = None) -> Path:
@@ -392,7 +388,7 @@ class FilesystemStore:
             except BlockingIOError:
                 return False  # a live filler holds it
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                if _same_file(fd, path):
                     os.unlink(path)
             return True
         finally:
