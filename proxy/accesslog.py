@@ -1,6 +1,9 @@
 """Per-request bookkeeping: one logfmt access-log line and the request metrics.
 
-Both run in aiohttp's access-log hook, which is cheaper than a middleware.
+Both run in aiohttp's access-log hook, which is cheaper than a middleware. A request only
+bumps one tally entry; the metrics and the status page's statistics get the tally at the
+metrics' next flush (each second, and before ``/metrics`` or the status page renders):
+five counter updates per request cost ~7 % of a cached manifest GET.
 """
 
 from __future__ import annotations
@@ -16,6 +19,29 @@ from proxy.stats import STATS
 
 #: Handlers whose requests are cache reads, and the kind they count as.
 _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
+
+
+#: Requests not yet counted, by (handler, method, status, cache outcome, repository):
+#: [requests, body bytes sent]. The repository is kept for cache reads only.
+_PENDING: dict[tuple[str, str, int, str, str | None], list[int]] = {}
+
+
+def fold() -> None:
+    """Move the pending request counts into the metrics and the status statistics."""
+    while _PENDING:
+        (handler, method, status, outcome, repo), (requests, sent) = _PENDING.popitem()
+        metrics.count(metrics.REQUESTS, handler, method, status, amount=requests)
+        kind = _CACHE_KINDS.get(handler)
+        if kind is None or outcome == "-":
+            continue
+        metrics.count(metrics.CACHE, kind, outcome, amount=requests)
+        STATS.record(repo, outcome, sent, requests)
+        if kind == "blob" and method == "GET" and status in (200, 206):
+            source = "cache" if outcome == "hit" else "upstream"
+            metrics.count(metrics.BYTES_SERVED, source, amount=sent)
+
+
+metrics.add_source(fold)
 
 
 def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
@@ -34,20 +60,21 @@ class AccessLogger(AbstractAccessLogger):
     when the ``regproxy.access`` logger is enabled for INFO; metrics are always recorded."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        match_info = getattr(request, "match_info", None)
-        route = getattr(getattr(match_info, "route", None), "handler", None)
-        handler = getattr(route, "__name__", "none")
-        sent = _bytes_sent(request, response)
+        try:
+            handler: str = request.match_info.route.handler.__name__  # type: ignore[attr-defined]
+        except (AttributeError, AssertionError):  # failed before routing (bad request line)
+            handler = "none"
         outcome = request.get(CACHE_OUTCOME, "-")
-        status = response.status
-        metrics.count(metrics.REQUESTS, handler, request.method, status)
-        kind = _CACHE_KINDS.get(handler)
-        if kind is not None and outcome != "-":
-            metrics.count(metrics.CACHE, kind, outcome)
-            STATS.record(request.get(REPO), outcome, sent if request.method == "GET" else 0)
-            if kind == "blob" and request.method == "GET" and response.status in (200, 206):
-                source = "cache" if outcome == "hit" else "upstream"
-                metrics.count(metrics.BYTES_SERVED, source, amount=sent)
+        cache_read = outcome != "-" and handler in _CACHE_KINDS
+        sent = _bytes_sent(request, response) if cache_read else 0
+        key = (handler, request.method, response.status, outcome,
+               request.get(REPO) if cache_read else None)
+        pending = _PENDING.get(key)
+        if pending is None:
+            _PENDING[key] = [1, sent]
+        else:
+            pending[0] += 1
+            pending[1] += sent
         if self.logger.isEnabledFor(logging.INFO):
             ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
             self.logger.info(
@@ -55,7 +82,7 @@ class AccessLogger(AbstractAccessLogger):
                 request.method,
                 request.path_qs[:300].replace('"', "%22"),
                 response.status,
-                sent,
+                sent if cache_read else _bytes_sent(request, response),
                 time * 1000,
                 outcome,
                 request.remote,

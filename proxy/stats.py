@@ -27,11 +27,13 @@ class Stats:
         self._minutes: deque[tuple[int, Counter[str]]] = deque(maxlen=HISTORY_MINUTES)
         self.bytes_by_repo: Counter[str] = Counter()
 
-    def record(self, repo: str | None, outcome: str, sent: int, now: float | None = None) -> None:
+    def record(self, repo: str | None, outcome: str, sent: int, requests: int = 1,
+               now: float | None = None) -> None:
+        """Count ``requests`` answers with ``outcome`` that sent ``sent`` bytes in all."""
         minute = int((time.time() if now is None else now) // 60)
         if not self._minutes or self._minutes[-1][0] != minute:
             self._minutes.append((minute, Counter()))
-        self._minutes[-1][1][outcome] += 1
+        self._minutes[-1][1][outcome] += requests
         if repo is not None and sent > 0:
             self.bytes_by_repo[repo] += sent
             if len(self.bytes_by_repo) > 10_000:  # keep the top ones only

@@ -139,3 +139,41 @@ def test_a_failing_increment_drops_only_itself_at_flush(caplog):
     assert "dropping 5" in caplog.text
     metrics.flush()  # the tally is empty afterwards
     assert sample("regproxy_bytes_served_total", source="cache") == before + 7
+
+
+def test_access_log_counts_reach_metrics_and_stats_at_the_flush():
+    """A request only bumps a pending entry; the flush turns it into the request, cache and
+    bytes counters and the status page's statistics, with every request counted."""
+    import logging
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+    from aiohttp.web_urldispatcher import DynamicResource, ResourceRoute, UrlMappingMatchInfo
+
+    from proxy import metrics
+    from proxy.accesslog import AccessLogger
+    from proxy.handlers.blobs import get_blob
+    from proxy.handlers.common import CACHE_OUTCOME, REPO
+
+    metrics.flush()  # counts left by earlier tests' requests
+    route = ResourceRoute("GET", get_blob, DynamicResource("/v2/{name:.+}/blobs/{digest}"))
+    request = make_mocked_request("GET", "/v2/tally/repo/blobs/sha256:x")
+    request._match_info = UrlMappingMatchInfo({"name": "tally/repo"}, route)
+    request[CACHE_OUTCOME], request[REPO] = "hit", "tally/repo"
+    response = web.Response(body=b"x" * 100)
+    response._body_length = 400  # what aiohttp counts once sent: header block included
+    logger = AccessLogger(logging.getLogger("regproxy.access"), "")
+    labels = {"route": "get_blob", "method": "GET", "status": "200"}
+    before = (sample("regproxy_requests_total", **labels),
+              sample("regproxy_cache_requests_total", kind="blob", outcome="hit"),
+              sample("regproxy_bytes_served_total", source="cache"),
+              STATS.bytes_by_repo["tally/repo"], STATS.totals()["hit"])
+    for _ in range(3):
+        logger.log(request, response, 0.001)
+    assert sample("regproxy_requests_total", **labels) == before[0]  # not yet: batched
+    metrics.flush()
+    assert sample("regproxy_requests_total", **labels) == before[0] + 3
+    assert sample("regproxy_cache_requests_total", kind="blob", outcome="hit") == before[1] + 3
+    assert sample("regproxy_bytes_served_total", source="cache") == before[2] + 300
+    assert STATS.bytes_by_repo["tally/repo"] == before[3] + 300
+    assert STATS.totals()["hit"] == before[4] + 3

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, metrics
 from proxy.handlers.common import EVICTOR, ROUTER
 from proxy.stats import STATS, served_from_cache
 
@@ -28,6 +28,7 @@ def _human(n: float) -> str:
 
 def snapshot(app: web.Application) -> dict[str, Any]:
     """Every figure the page shows."""
+    metrics.flush()  # the requests counted since the last flush
     router, evictor = app[ROUTER], app[EVICTOR]
     report = evictor.last_report
     totals = STATS.totals()
