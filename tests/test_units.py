@@ -466,3 +466,32 @@ def test_start_up_cleaning_removes_free_lock_files_only(tmp_path):
         with store.try_lock("evict") as again:
             assert not again  # and still excludes
     assert os.listdir(tmp_path / "locks") == []
+
+
+async def test_handler_failures_become_oci_bodies(aiohttp_client, caplog):
+    """A registry error keeps its code and status; anything unexpected is logged with its
+    traceback and answered as an OCI UNKNOWN body that shows no trace of it."""
+    from aiohttp import web
+
+    from proxy.errors import BlobUnknown
+    from proxy.handlers.common import oci
+
+    async def unknown(request: web.Request) -> web.StreamResponse:
+        raise BlobUnknown("blob sha256:abc unknown")
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        raise ValueError("secret internals")
+
+    app = web.Application()
+    app.router.add_get("/unknown", oci(unknown))
+    app.router.add_get("/broken", oci(broken))
+    client = await aiohttp_client(app)
+    r = await client.get("/unknown")
+    assert r.status == 404
+    assert (await r.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+    r = await client.get("/broken")
+    body = await r.text()
+    assert r.status == 500 and r.headers["Content-Type"] == "application/json"
+    assert '"code": "UNKNOWN"' in body or '"code":"UNKNOWN"' in body
+    assert "secret internals" not in body and "Traceback" not in body
+    assert "secret internals" in caplog.text  # the log has it

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -80,7 +79,10 @@ def oci(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        return await oci_errors(request, handler)
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return _answer_error(request, exc)
 
     return wrapped
 
@@ -97,21 +99,25 @@ async def method_unsupported(request: web.Request) -> web.StreamResponse:
 
 @web.middleware
 async def oci_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes an OCI error body; nothing escapes as a traceback."""
+    """Every failure becomes an OCI error body; nothing escapes as a traceback (the
+    middleware form, for layers such as auth that raise before a handler runs)."""
     try:
         return await handler(request)
-    except RegistryError as exc:
+    except Exception as exc:
+        return _answer_error(request, exc)
+
+
+def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The OCI error response for ``exc``; re-raises what aiohttp must see itself (other
+    HTTP exceptions, a client that went away). Call it from the ``except`` clause."""
+    if isinstance(exc, RegistryError):
         request[CACHE_OUTCOME] = request.get(CACHE_OUTCOME, "error")
         return error_response(exc)
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return error_response(EndpointUnknown(f"no API endpoint at {request.path[:200]}"))
-    except web.HTTPMethodNotAllowed:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         return error_response(Unsupported(f"{request.method} is not supported here"))
-    except web.HTTPException:
-        raise
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("unhandled error for %s %s", request.method, request.path[:200])
-        err = RegistryError("internal error; see the proxy's log")
-        return error_response(err)
+    if isinstance(exc, web.HTTPException | ConnectionError):
+        raise exc
+    log.error("unhandled error for %s %s", request.method, request.path[:200], exc_info=exc)
+    return error_response(RegistryError("internal error; see the proxy's log"))
