@@ -43,7 +43,7 @@ class Seeded:
 
     big: PushedImage
     cold: dict[str, PushedImage]      # system -> its own cold image
-    many: PushedImage
+    many: list[PushedImage]           # one cold many-layer image per cold-pull window
     small_repo: str
     small: list[PushedImage]
 
@@ -67,11 +67,13 @@ async def _seed(base: str, workdir: Path, sizes: Sizes, systems: list[str]) -> S
             path = await asyncio.to_thread(layer, f"cold-{name}", sizes.cold, 100 + i)
             cold[name] = await push_image(session, base, "bench/cold", name, [path])
             os.unlink(path)
-        paths = [await asyncio.to_thread(layer, f"l{i}", sizes.layer_size, 1000 + i)
-                 for i in range(sizes.layers)]
-        many = await push_image(session, base, "bench/layers", "latest", paths)
-        for path in paths:
-            os.unlink(path)
+        many = []
+        for k in range(sizes.windows):  # distinct layers: each pull of one is cold
+            paths = [await asyncio.to_thread(layer, f"l{i}", sizes.layer_size, 1000 * (k + 1) + i)
+                     for i in range(sizes.layers)]
+            many.append(await push_image(session, base, "bench/layers", f"w{k}", paths))
+            for path in paths:
+                os.unlink(path)
         small_layer = os.urandom(4096)
         small = []
         for i in range(sizes.tags):
