@@ -199,3 +199,38 @@ async def test_evicting_a_manifest_invalidates_the_in_memory_caches(env):
     async with client.get(f"{base}/v2/m/manifests/v1") as r:  # not served from memory
         assert r.status == 200 and r.headers["Docker-Content-Digest"] == digests[0]
     assert fake.count("GET", "/m/manifests/") == gets + 1
+
+
+async def test_passes_reuse_what_manifests_reference(env, monkeypatch):
+    """Manifests never change under their digest: a later pass reuses their parsed
+    references instead of reading them again, decides the same, and forgets evicted ones."""
+    fake, base, data, app, client = env
+    shared = os.urandom(1000)
+    fake.add_image("keep", "v1", [os.urandom(1000), shared])
+    fake.add_image("drop", "v1", [os.urandom(MiB), shared])
+    keep = await pull(client, base, "keep", "v1")
+    drop = await pull(client, base, "drop", "v1")
+    await wait_stored(data, keep + drop)
+    evictor = app[EVICTOR]
+    store = app[PULLTHROUGH].store
+    reads: list[str] = []
+    real_get = store.get_manifest
+
+    async def counting_get(digest):
+        reads.append(str(digest))
+        return await real_get(digest)
+
+    monkeypatch.setattr(store, "get_manifest", counting_get)
+    first = await evictor.run_once()
+    assert first is not None and not first.evicted and len(reads) >= 2
+    reads.clear()
+    second = await evictor.run_once()
+    assert second is not None and second.cached_bytes == first.cached_bytes
+    assert reads == []  # nothing parsed again
+    age(data, drop, 3600)
+    age(data, keep, 60)
+    evictor.max_size = 100_000
+    report = await evictor.run_once()
+    evicted = {str(d) for d, _ in report.evicted}
+    assert drop[0] in evicted and digest_of(shared) not in evicted  # keep still uses it
+    assert {str(d) for d in evictor._refs} == {keep[0]}

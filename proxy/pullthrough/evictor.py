@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from proxy import metrics
 from proxy.pullthrough.service import PullThrough
+from proxy.reference import Digest
 from proxy.storage.eviction import EvictionReport, evict
 
 log = logging.getLogger("regproxy.eviction")
@@ -34,6 +35,8 @@ class Evictor:
         self._wake = asyncio.Event()
         self.recent: list[tuple[float, str, int]] = []  #: (time, digest, bytes), newest last
         self.last_report: EvictionReport | None = None
+        #: what each cached manifest references, kept between passes (see ``evict``)
+        self._refs: dict[Digest, tuple[list[Digest], list[Digest]]] = {}
         metrics.CACHE_BUDGET.set(max_size)
 
     def kick(self) -> None:
@@ -87,7 +90,7 @@ class Evictor:
     async def _pass(self) -> EvictionReport:
         # no limits set: still measured, for the metrics and the status page
         return await evict(self.store, max_size=self.max_size, max_age=self.max_age,
-                           is_hosted=self.is_hosted)
+                           is_hosted=self.is_hosted, known_refs=self._refs)
 
     def _thread_pass(self) -> EvictionReport | None:
         with self.pullthrough.staging.try_lock("evict") as held:

@@ -327,7 +327,7 @@ class FilesystemStore:
         """Every stored object with its size and last use (GC and eviction)."""
         for digest in self.iter_blob_digests():
             try:
-                st = os.stat(self.blob_path(digest))
+                st = os.stat(self.blob_file(digest))
             except FileNotFoundError:
                 continue
             yield BlobStat(digest, st.st_size, st.st_mtime)
