@@ -20,6 +20,11 @@ from proxy.storage.eviction import EvictionReport, evict
 
 log = logging.getLogger("regproxy.eviction")
 
+#: A pass after a fill waits at least this many times the last pass's duration (and 1 s):
+#: passes take at most ~1/10 of one core, at the price of overshooting the budget by what
+#: arrives meanwhile (a 0.5 s pass: what fills bring in 5 s).
+PASS_SPACING = 10.0
+
 
 class Evictor:
     """Keeps the cached content of ``pullthrough.store`` within ``max_size`` / ``max_age``."""
@@ -46,19 +51,23 @@ class Evictor:
 
     async def run_forever(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("eviction pass failed")
+            took = time.monotonic() - started
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
             # races with the event being set, and the task would never stop
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(1.0)  # coalesce bursts of fills into one pass
+            # coalesce bursts of fills into one pass, and keep passes (a walk of the whole
+            # store) to a small share of a core however big the store grows
+            await asyncio.sleep(max(1.0, took * PASS_SPACING))
 
     async def run_once(self) -> EvictionReport | None:
         """One pass, unless another process (or replica) is running one right now."""
