@@ -35,7 +35,7 @@ def fold() -> None:
         if kind is None or outcome == "-":
             continue
         metrics.count(metrics.CACHE, kind, outcome, amount=requests)
-        STATS.record(repo, outcome, sent, requests)
+        STATS.record(repo, outcome, sent, requests=requests)
         if kind == "blob" and method == "GET" and status in (200, 206):
             source = "cache" if outcome == "hit" else "upstream"
             metrics.count(metrics.BYTES_SERVED, source, amount=sent)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy import metrics, tls
 from proxy.auth import install as install_auth
@@ -41,14 +41,14 @@ SERVER_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 6
 #: from interpreting registry content, and a ``Server`` that replaces aiohttp's (which
 #: names its version). One prebuilt multidict (its keys are case-folded once), added in
 #: one response hook: hooks and middlewares cost a measurable share of a manifest hit.
-COMMON_HEADERS = CIMultiDict((
+COMMON_HEADERS = CIMultiDictProxy(CIMultiDict((
     ("Docker-Distribution-API-Version", "registry/2.0"),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
     ("Cross-Origin-Resource-Policy", "same-origin"),
     ("Server", "regproxy"),
-))
+)))
 #: Pages that set their own policy (the status page) keep it.
 CSP = istr("Content-Security-Policy")
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"

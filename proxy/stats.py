@@ -27,7 +27,7 @@ class Stats:
         self._minutes: deque[tuple[int, Counter[str]]] = deque(maxlen=HISTORY_MINUTES)
         self.bytes_by_repo: Counter[str] = Counter()
 
-    def record(self, repo: str | None, outcome: str, sent: int, requests: int = 1,
+    def record(self, repo: str | None, outcome: str, sent: int, *, requests: int = 1,
                now: float | None = None) -> None:
         """Count ``requests`` answers with ``outcome`` that sent ``sent`` bytes in all."""
         minute = int((time.time() if now is None else now) // 60)

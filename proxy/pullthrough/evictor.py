@@ -15,14 +15,14 @@ from collections.abc import Callable
 
 from proxy import metrics
 from proxy.pullthrough.service import PullThrough
-from proxy.reference import Digest
-from proxy.storage.eviction import EvictionReport, evict
+from proxy.storage.eviction import EvictionReport, References, evict
 
 log = logging.getLogger("regproxy.eviction")
 
-#: A pass after a fill waits at least this many times the last pass's duration (and 1 s):
-#: passes take at most ~1/10 of one core, at the price of overshooting the budget by what
-#: arrives meanwhile (a 0.5 s pass: what fills bring in 5 s).
+#: A pass asked for by fills waits at least this many times the CPU time of the last pass
+#: (and 1 s; at most the periodic interval): walking a big store then takes at most ~1/10
+#: of one core, at the price of overshooting the budget by what arrives meanwhile (a 0.5 s
+#: pass: what fills bring in 5 s).
 PASS_SPACING = 10.0
 
 
@@ -41,7 +41,8 @@ class Evictor:
         self.recent: list[tuple[float, str, int]] = []  #: (time, digest, bytes), newest last
         self.last_report: EvictionReport | None = None
         #: what each cached manifest references, kept between passes (see ``evict``)
-        self._refs: dict[Digest, tuple[list[Digest], list[Digest]]] = {}
+        self._refs: References = {}
+        self._pass_cpu = 0.0  #: CPU seconds of the last local pass (its thread's time)
         metrics.CACHE_BUDGET.set(max_size)
 
     def kick(self) -> None:
@@ -51,23 +52,22 @@ class Evictor:
 
     async def run_forever(self) -> None:
         while True:
-            started = time.monotonic()
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("eviction pass failed")
-            took = time.monotonic() - started
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
             # races with the event being set, and the task would never stop
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
+                    # woken by fills: coalesce a burst of them into one pass, and keep
+                    # passes to a small share of a core however big the store grows
+                    await asyncio.sleep(min(self.interval,
+                                            max(1.0, self._pass_cpu * PASS_SPACING)))
             self._wake.clear()
-            # coalesce bursts of fills into one pass, and keep passes (a walk of the whole
-            # store) to a small share of a core however big the store grows
-            await asyncio.sleep(max(1.0, took * PASS_SPACING))
 
     async def run_once(self) -> EvictionReport | None:
         """One pass, unless another process (or replica) is running one right now."""
@@ -103,4 +103,10 @@ class Evictor:
 
     def _thread_pass(self) -> EvictionReport | None:
         with self.pullthrough.staging.try_lock("evict") as held:
-            return asyncio.run(self._pass()) if held else None
+            if not held:
+                return None
+            started = time.thread_time()
+            try:
+                return asyncio.run(self._pass())
+            finally:
+                self._pass_cpu = time.thread_time() - started

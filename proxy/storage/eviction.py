@@ -21,6 +21,9 @@ from proxy.reference import Digest
 from proxy.storage.base import Store
 from proxy.storage.gc import mark_reachable, references
 
+#: What each manifest references: (child manifests, blobs), by the manifest's digest.
+References = dict[Digest, tuple[list[Digest], list[Digest]]]
+
 
 @dataclass
 class EvictionReport:
@@ -46,7 +49,7 @@ async def evict(
     is_hosted: Callable[[str], bool],
     dry_run: bool = False,
     now: float | None = None,
-    known_refs: dict[Digest, tuple[list[Digest], list[Digest]]] | None = None,
+    known_refs: References | None = None,
 ) -> EvictionReport:
     """Evict least recently used cached content until under ``max_size`` (0: no size
     limit) and nothing is older than ``max_age`` seconds (0: no age limit).
@@ -72,13 +75,16 @@ async def evict(
         sizes[stat.digest] = stat.size
         recency[stat.digest] = stat.last_used
     refs = {} if known_refs is None else known_refs  # each manifest parsed once
+    unreadable: set[Digest] = set()  # (not stored, or no references: not kept in ``refs``)
 
     async def propagate(digest: Digest, when: float, seen: set[Digest]) -> None:
         found = refs.get(digest)
         if found is None:
-            found = await references(store, digest)
-            if found[0] or found[1]:  # (not a manifest still being written: look again)
+            found = ([], []) if digest in unreadable else await references(store, digest)
+            if found[0] or found[1]:  # (a manifest still being written: next pass looks again)
                 refs[digest] = found
+            else:
+                unreadable.add(digest)
         manifests, blobs = found
         for b in blobs:
             if b in recency and recency[b] < when:
