@@ -245,3 +245,26 @@ async def test_passes_reuse_what_manifests_reference(env, monkeypatch):
     assert not any(blob_file(data, d).exists() for d in drop if d != digest_of(shared))
     assert all(blob_file(data, d).exists() for d in keep)
     assert {str(d) for d in evictor._refs} == {keep[0]}  # the evicted manifest is forgotten
+
+
+async def test_a_blob_gone_between_lookup_and_open_is_looked_up_again(env, monkeypatch):
+    """Eviction can remove a stored blob after the handler found it and before it opened
+    the file: the request looks again (here: finds it) instead of failing."""
+    fake, base, data, app, client = env
+    layer = os.urandom(3000)
+    d = fake.add_blob(layer)
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+        assert await r.read() == layer
+    await wait_stored(data, [d])
+    store = app[PULLTHROUGH].store
+    real = store.local_path
+    calls = []
+
+    def vanished_once(digest):
+        calls.append(digest)
+        return data / "gone" if len(calls) == 1 else real(digest)
+
+    monkeypatch.setattr(store, "local_path", vanished_once)
+    async with client.get(f"{base}/v2/x/blobs/{d}", headers={"Range": "bytes=10-19"}) as r:
+        assert r.status == 206 and await r.read() == layer[10:20]
+    assert len(calls) == 2
