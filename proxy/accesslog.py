@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, FileResponse, StreamResponse
+from aiohttp.web import BaseRequest, StreamResponse
 
 from proxy import metrics
 from proxy.handlers.common import CACHE_OUTCOME, REPO
@@ -46,12 +46,10 @@ metrics.add_source(fold)
 
 def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
     """Body bytes sent. aiohttp's count includes the header block, so a body of known
-    length counts as at most that; file responses bypass the count (sendfile)."""
+    length counts as at most that (``sendfile`` spans are added to the count as sent)."""
     if request.method == "HEAD":
         return 0
     length = response.content_length
-    if isinstance(response, FileResponse):
-        return length or 0
     return response.body_length if length is None else min(length, response.body_length)
 
 

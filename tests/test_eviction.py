@@ -268,3 +268,17 @@ async def test_a_blob_gone_between_lookup_and_open_is_looked_up_again(env, monke
     async with client.get(f"{base}/v2/x/blobs/{d}", headers={"Range": "bytes=10-19"}) as r:
         assert r.status == 206 and await r.read() == layer[10:20]
     assert len(calls) == 2
+
+
+async def test_stored_blobs_carry_their_digest_as_etag(env):
+    """Like distribution: the digest is the ETag, and a client that has it gets a 304."""
+    fake, base, data, _app, client = env
+    layer = os.urandom(2000)
+    d = fake.add_blob(layer)
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+        assert await r.read() == layer
+    await wait_stored(data, [d])
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+        assert r.status == 200 and r.headers["ETag"] == f'"{d}"' and await r.read() == layer
+    async with client.get(f"{base}/v2/x/blobs/{d}", headers={"If-None-Match": f'"{d}"'}) as r:
+        assert r.status == 304 and await r.read() == b""

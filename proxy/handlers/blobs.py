@@ -28,10 +28,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     digest = Digest.parse(request.match_info["digest"])
     head = request.method == "HEAD"
     service = reader_of(request, route)
+    etag = f'"{digest}"'  # content-addressed: the digest is the strongest validator
     headers = {
         "Docker-Content-Digest": str(digest),
         "Content-Type": "application/octet-stream",
         "Accept-Ranges": "bytes",
+        "ETag": etag,
     }
     store = service.store
     for _ in range(3):  # a blob evicted between the lookup and the open is a miss: look again
@@ -40,6 +42,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if not result.stored:
             break
         assert result.size is not None
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
         rng = parse_range(request.headers.get("Range"), result.size)  # 416 as an OCI error
         if head:
             return head_response(headers, result.size)
