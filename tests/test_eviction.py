@@ -63,6 +63,17 @@ async def wait_stored(data, digests: list[str]) -> None:
         await asyncio.sleep(0.02)
 
 
+async def cache_blob(env, size: int) -> tuple[str, bytes]:
+    """A random blob of the upstream, pulled once through the proxy and stored."""
+    fake, base, data, _app, client = env
+    layer = os.urandom(size)
+    d = fake.add_blob(layer)
+    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
+        assert await r.read() == layer
+    await wait_stored(data, [d])
+    return d, layer
+
+
 async def run_pass(evictor) -> EvictionReport:
     """One pass now: the app's own background pass (after the fills) may hold the lock."""
     for _ in range(200):
@@ -250,12 +261,8 @@ async def test_passes_reuse_what_manifests_reference(env, monkeypatch):
 async def test_a_blob_gone_between_lookup_and_open_is_looked_up_again(env, monkeypatch):
     """Eviction can remove a stored blob after the handler found it and before it opened
     the file: the request looks again (here: finds it) instead of failing."""
-    fake, base, data, app, client = env
-    layer = os.urandom(3000)
-    d = fake.add_blob(layer)
-    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
-        assert await r.read() == layer
-    await wait_stored(data, [d])
+    _fake, base, data, app, client = env
+    d, layer = await cache_blob(env, 3000)
     store = app[PULLTHROUGH].store
     real = store.local_path
     calls = []
@@ -272,12 +279,8 @@ async def test_a_blob_gone_between_lookup_and_open_is_looked_up_again(env, monke
 
 async def test_stored_blobs_carry_their_digest_as_etag(env):
     """Like distribution: the digest is the ETag, and a client that has it gets a 304."""
-    fake, base, data, _app, client = env
-    layer = os.urandom(2000)
-    d = fake.add_blob(layer)
-    async with client.get(f"{base}/v2/x/blobs/{d}") as r:
-        assert await r.read() == layer
-    await wait_stored(data, [d])
+    _fake, base, _data, _app, client = env
+    d, layer = await cache_blob(env, 2000)
     async with client.get(f"{base}/v2/x/blobs/{d}") as r:
         assert r.status == 200 and r.headers["ETag"] == f'"{d}"' and await r.read() == layer
     async with client.get(f"{base}/v2/x/blobs/{d}", headers={"If-None-Match": f'"{d}"'}) as r:
