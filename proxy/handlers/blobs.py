@@ -63,6 +63,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         finally:
             os.close(fd)
     else:
+        request[CACHE_OUTCOME] = "error"
         raise Unavailable(f"blob {digest} was evicted while being served; retry")
     if result.reader is None:  # HEAD answered from upstream
         return head_response(headers, result.size)
@@ -162,12 +163,15 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
             # so the client sees a short body and retries instead of trusting it (or
             # waiting for bytes that will never come).
             if isinstance(exc, ConnectionError | ClientConnectionResetError):
+                # the client's doing: the request keeps its cache outcome (a hit stays one)
                 log.info("client %s left during %s", request.remote, request.path)
-            elif isinstance(exc, RegistryError):
-                log.warning("aborting %s for %s: %s", request.path, request.remote, exc.message)
             else:
-                log.exception("aborting %s for %s", request.path, request.remote)
-            request[CACHE_OUTCOME] = "upstream_error"
+                if isinstance(exc, RegistryError):
+                    log.warning("aborting %s for %s: %s", request.path, request.remote,
+                                exc.message)
+                else:
+                    log.exception("aborting %s for %s", request.path, request.remote)
+                request[CACHE_OUTCOME] = "upstream_error"
             if request.transport is not None:
                 request.transport.close()
             return resp
