@@ -80,13 +80,12 @@ async def send_file(request: web.Request, headers: dict[str, str], fd: int, size
         if stop > start:
             yield FileSpan(fd, start, stop - start)
 
-    if _plain_socket(request) is None:  # TLS: read and written
+    sock = _plain_socket(request)
+    if sock is None:  # TLS: read and written
         return await stream_body(request, headers, size, rng,
                                  lambda start, end: read_spans(spans(start, end)))
     # TCP_CORK (nginx's tcp_nopush): the headers and the file leave in full segments,
     # +25 % for one client on loopback; uncorked at the end so that the tail goes at once
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    assert sock is not None  # (a plain socket was found just above)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     try:
@@ -116,13 +115,13 @@ async def stream_reader(request: web.Request, headers: dict[str, str], result: B
         reader.close()
 
 
-def _plain_socket(request: web.Request) -> int | None:
-    """The client's socket descriptor, when bytes may go to it with ``sendfile`` (no TLS)."""
+def _plain_socket(request: web.Request) -> socket.socket | None:
+    """The client's socket, when bytes may go to it with ``sendfile`` (no TLS)."""
     transport = request.transport
     if transport is None or transport.get_extra_info("sslcontext") is not None:
         return None
-    sock = transport.get_extra_info("socket")
-    return None if sock is None else sock.fileno()
+    sock: socket.socket | None = transport.get_extra_info("socket")
+    return sock
 
 
 async def stream_body(request: web.Request, headers: dict[str, str], size: int | None,
@@ -150,9 +149,10 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
                     await resp.write(item)
                     continue
                 if out is None:
-                    out = _plain_socket(request)
-                    if out is None or request.transport is None:
+                    sock = _plain_socket(request)
+                    if sock is None or request.transport is None:
                         raise ConnectionResetError("client connection lost")
+                    out = sock.fileno()
                     writer.send_headers()  # (aiohttp holds them back for the first write)
                     request.transport.set_write_buffer_limits(high=0)  # see _send_span
                 await _send_span(request, resp, writer, out, item)
