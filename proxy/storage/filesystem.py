@@ -383,10 +383,8 @@ class FilesystemStore:
         except FileNotFoundError:
             return True
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # a live filler holds it
+            if self.filler_alive(fd):
+                return False
             with contextlib.suppress(FileNotFoundError):
                 if _same_file(fd, path):
                     os.unlink(path)
