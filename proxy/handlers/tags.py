@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.errors import RegistryError
+from proxy.errors import RegistryError, TagInvalid
 from proxy.handlers.common import CATALOG_FILTER, PULLTHROUGH, reader_of, route_of
 from proxy.pullthrough.service import paginate
+from proxy.reference import is_tag, validate_name
 
 #: Upper bound on ``n`` so one request cannot ask for an unbounded page.
 MAX_PAGE = 10_000
@@ -18,15 +21,30 @@ class PaginationNumberInvalid(RegistryError):
     code, status, default_message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results"
 
 
-def _page_params(request: web.Request) -> tuple[int | None, str | None]:
+#: ``n``: ASCII digits only (``str.isdigit`` also takes "²"), at most 9 of them.
+_N_RE = re.compile(r"[0-9]{1,9}")
+
+
+def _page_params(request: web.Request, last_grammar: Callable[[str], object]
+                 ) -> tuple[int | None, str | None]:
+    """``n`` and ``last``, validated: ``last`` must be a tag (tags/list) or a repository name
+    (_catalog), since it is compared with stored names and sent upstream as a query."""
     raw_n = request.query.get("n")
     n: int | None = None
     if raw_n is not None:
-        if not raw_n.isdigit() or len(raw_n) > 9:
+        if not _N_RE.fullmatch(raw_n):
             raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw_n[:20]!r}")
         n = min(int(raw_n), MAX_PAGE)
     last = request.query.get("last") or None
+    if last is not None:
+        last_grammar(last)
     return n, last
+
+
+def _tag(value: str) -> str:
+    if not is_tag(value):
+        raise TagInvalid(f"last must be a tag, got {value[:100]!r}")
+    return value
 
 
 def _link(path: str, n: int | None, page: list[str], extra: str = "") -> dict[str, str]:
@@ -39,7 +57,7 @@ def _link(path: str, n: int | None, page: list[str], extra: str = "") -> dict[st
 async def list_tags(request: web.Request) -> web.Response:
     """Tags of a repository, sorted lexically as the spec asks."""
     route = route_of(request)
-    n, last = _page_params(request)
+    n, last = _page_params(request, _tag)
     if n == 0:
         return web.json_response({"name": request.match_info["name"], "tags": []})
     tags, more = await reader_of(request, route).tags(route, n, last)
@@ -51,7 +69,7 @@ async def list_tags(request: web.Request) -> web.Response:
 
 async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
-    n, last = _page_params(request)
+    n, last = _page_params(request, validate_name)
     names = await request.app[PULLTHROUGH].store.list_repositories()
     visible = request.get(CATALOG_FILTER)  # set by proxy.auth: what this client may pull
     if visible is not None:

@@ -34,7 +34,7 @@ from proxy.errors import (
 )
 from proxy.reference import Digest
 from proxy.storage import BlobWriter, FilesystemStore, Store
-from proxy.upstream import UpstreamClient, upstream_error
+from proxy.upstream import Endpoint, UpstreamClient, upstream_error
 
 log = logging.getLogger("regproxy.fill")
 
@@ -154,7 +154,7 @@ class BlobFill:
         once the blob is in the store, or just before the temp file is removed."""
         writer = self._writer
         try:
-            async with upstream.request("GET", remote, f"blobs/{self.digest}") as resp:
+            async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest) as resp:
                 if resp.status != 200:
                     raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
                 self.size = resp.content_length

@@ -43,7 +43,7 @@ from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import KeyedLocks, SingleFlight
 from proxy.storage import BlobWriter, FilesystemStore, Store, StoredManifest
-from proxy.upstream import read_capped, upstream_error
+from proxy.upstream import Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")
 
@@ -350,7 +350,7 @@ class PullThrough:
 
     async def _head_manifest(self, route: Route, ref: str, expect: Digest | None) -> ManifestResult:
         upstream = route.upstream_client
-        async with upstream.request("HEAD", route.remote, f"manifests/{ref}",
+        async with upstream.request("HEAD", route.remote, Endpoint.MANIFESTS, ref,
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
@@ -373,7 +373,7 @@ class PullThrough:
                               ) -> ManifestResult:
         """GET a manifest upstream, verify it, store it byte for byte."""
         upstream = route.upstream_client
-        async with upstream.request("GET", route.remote, f"manifests/{ref}",
+        async with upstream.request("GET", route.remote, Endpoint.MANIFESTS, ref,
                                     headers={"Accept": UPSTREAM_ACCEPT}) as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"manifest {route.remote}:{ref}",
@@ -566,7 +566,7 @@ class PullThrough:
 
     async def _head_blob(self, route: Route, digest: Digest) -> int:
         upstream = route.upstream_client
-        async with upstream.request("HEAD", route.remote, f"blobs/{digest}") as resp:
+        async with upstream.request("HEAD", route.remote, Endpoint.BLOBS, digest) as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)
             if resp.content_length is None:
@@ -597,14 +597,14 @@ class PullThrough:
 
         Returns ``(tags, more)``.
         """
-        query = []
+        query = {}
         if n is not None:
-            query.append(f"n={n}")
+            query["n"] = str(n)
         if last is not None:
-            query.append(f"last={last}")
-        path = "tags/list" + ("?" + "&".join(query) if query else "")
+            query["last"] = last
         try:
-            async with route.upstream_client.request("GET", route.remote, path) as resp:
+            async with route.upstream_client.request("GET", route.remote, Endpoint.TAGS,
+                                                     query=query) as resp:
                 if resp.status != 200:
                     raise upstream_error(resp, route.upstream_client, f"tags of {route.remote}",
                                          NameUnknown)

@@ -12,7 +12,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -21,10 +21,12 @@ from yarl import URL
 from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.errors import BadGateway, RegistryError, TooManyRequests, Unavailable
+from proxy.reference import Digest
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
 from proxy.upstream.breaker import BreakerState, CircuitBreaker
+from proxy.upstream.urls import Endpoint, v2_url
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -99,9 +101,11 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def request(
-        self, method: str, repo: str, path: str, headers: dict[str, str] | None = None
+        self, method: str, repo: str, endpoint: Endpoint, reference: str | Digest | None = None,
+        *, query: Mapping[str, str] | None = None, headers: dict[str, str] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
-        """Send ``METHOD /v2/<repo>/<path>`` upstream and yield the final response.
+        """Send ``METHOD /v2/<repo>/<endpoint>[/<reference>]`` upstream (the URL comes from
+        :func:`~proxy.upstream.urls.v2_url`) and yield the final response.
 
         Raises :class:`Unavailable` when the upstream cannot be reached, times out, or the
         breaker is open. Any HTTP status is yielded; 5xx count as breaker failures.
@@ -113,7 +117,7 @@ class UpstreamClient:
                 and await self._shared_breaker.get(self.name) is not None):
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open on a replica)")
-        url = self.base.with_path(f"{self.base.path.rstrip('/')}/v2/{repo}/{path}", encoded=False)
+        url = v2_url(self.base, repo, endpoint, reference, query)
         scope = f"repository:{repo}:pull"
         base_headers = dict(headers or {})
         resp: aiohttp.ClientResponse | None = None

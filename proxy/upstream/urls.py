@@ -1,0 +1,53 @@
+"""The one builder of upstream URLs: ``<base>/v2/<name>/<endpoint>[/<reference>]?<query>``.
+
+Every part comes from the grammar of :mod:`proxy.reference` (a repository name, a tag or a
+digest, an endpoint from a closed set) and the query goes through yarl's encoder, so no
+client text can add a path segment, a dot segment or a query of its own to a request the
+proxy sends with its upstream credentials (``tags/list?last=/../../x`` once reached the
+upstream as ``GET /v2/x``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+
+from yarl import URL
+
+from proxy.errors import TagInvalid
+from proxy.reference import TAG_RE, Digest, validate_name
+
+
+class Endpoint(Enum):
+    """What under ``/v2/<name>/`` the proxy asks an upstream for."""
+
+    MANIFESTS = "manifests"
+    BLOBS = "blobs"
+    TAGS = "tags/list"
+
+
+def v2_url(base: URL, name: str, endpoint: Endpoint, reference: str | Digest | None = None,
+           query: Mapping[str, str] | None = None) -> URL:
+    """The URL of ``endpoint`` of repository ``name`` on the upstream at ``base``.
+
+    Anything outside the grammar raises (NAME_INVALID, TAG_INVALID, DIGEST_INVALID: a 400
+    if client text got this far unvalidated; ``ValueError`` for a wrong call), never sent.
+    """
+    validate_name(name)
+    segments = [*name.split("/"), *endpoint.value.split("/")]
+    if endpoint is Endpoint.TAGS:
+        if reference is not None:
+            raise ValueError("tags/list takes no reference")
+    elif isinstance(reference, Digest) or (reference is not None and ":" in reference):
+        segments.append(str(Digest.parse(str(reference))))
+    elif endpoint is Endpoint.MANIFESTS and reference is not None:
+        if not TAG_RE.fullmatch(reference):
+            raise TagInvalid(f"invalid tag {reference[:100]!r}")
+        segments.append(reference)
+    else:
+        raise ValueError(f"invalid reference for {endpoint.value}: {reference!r}")
+    if any(s in ("", ".", "..") for s in segments):  # (the grammar allows none; belt and braces)
+        raise ValueError(f"refusing a dot or empty segment in {name!r}")
+    prefix = [s for s in base.path.split("/") if s]
+    url = base.with_path("/" + "/".join([*prefix, "v2", *segments]), encoded=False)
+    return url.with_query(dict(query)) if query else url
