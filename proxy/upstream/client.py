@@ -161,14 +161,18 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         auth = await self._authorization(scope, refresh=False)
         resp = await self._send(method, url, headers, auth)
-        if resp.status != 401:
-            return resp
+        if resp.status != 401 or resp.url.origin() != url.origin():
+            return resp  # (a redirect target's challenge is never ours to answer)
         challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
             (c for c in challenges if c.scheme == "basic"), None
         )
         if chosen is None or (chosen.scheme == "basic" and self._basic() in (None, auth)):
             return resp  # nothing more we can try: the caller maps the 401
+        if chosen.scheme == "bearer" and not self._realm_allowed(chosen.params.get("realm", "")):
+            log.warning("upstream %s: ignoring a token realm that is neither https nor on its "
+                        "own host", self.name)
+            return resp
         resp.release()
         self._challenge = chosen
         auth = await self._authorization(scope, refresh=True)
@@ -210,6 +214,18 @@ class UpstreamClient:
                 return f"Bearer {cached}"
         token, _ = await self._token_flight.do(key, lambda: self._fetch_token(challenge, scope, key))
         return f"Bearer {token}" if token else None
+
+    def _realm_allowed(self, realm: str) -> bool:
+        """Whether a token realm may receive this upstream's credentials: https (the
+        registry's own auth service, e.g. auth.docker.io), or the upstream's own host."""
+        try:
+            url = URL(realm)
+        except ValueError:
+            return False
+        if not url.absolute or url.user is not None:
+            return False
+        return url.scheme == "https" or (url.scheme == self.base.scheme
+                                         and url.host == self.base.host)
 
     def _basic(self) -> str | None:
         if self.config.username is None or self.config.password is None:
