@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from proxy.redact import redact_url
 from proxy.reference import NAME_RE
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class UpstreamConfig:
     breaker_cooldown: float = 30.0
 
     def __repr__(self) -> str:  # never print the password
-        return f"UpstreamConfig(name={self.name!r}, url={self.url!r})"
+        return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ class ClusterConfig:
     lease: float = 15.0  #: seconds a dead filler keeps its lease before another takes over
 
     def __repr__(self) -> str:  # never print the secret
-        return f"ClusterConfig(advertise_url={self.advertise_url!r})"
+        return f"ClusterConfig(advertise_url={redact_url(self.advertise_url)!r})"
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,25 @@ def parse_workers(key: str, value: Any) -> int:
 
 
 def parse_url(key: str, value: Any) -> str:
-    """An http(s) base URL without query, fragment or credentials, trailing slash removed."""
+    """An http(s) base URL without query, fragment or credentials, trailing slash removed.
+
+    Any userinfo is refused (``http://:pw@host`` too): a URL is shown on the status page and
+    in logs, so credentials belong in their own keys. Errors never echo the secret."""
     if isinstance(value, str):
-        parts = urlsplit(value)
-        if (parts.scheme in ("http", "https") and parts.hostname and not parts.query
-                and not parts.fragment and not parts.username):
+        try:
+            parts = urlsplit(value)
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is not None and "@" in parts.netloc:
+            raise ConfigError(key, f"credentials in the URL are not accepted ({redact_url(value)!r}); "
+                                   "use the username/password keys")
+        if (parts is not None and port_ok and parts.scheme in ("http", "https") and parts.hostname
+                and not parts.query and not parts.fragment):
             return value.rstrip("/")
-    raise ConfigError(key, f"expected an http(s) URL without credentials, got {value!r}")
+        value = redact_url(value)
+    raise ConfigError(key, f"expected an http(s) URL without credentials, query or fragment, "
+                           f"got {value!r}")
 
 
 _PATTERN_RE = re.compile(r"[a-z0-9._/*-]+")
@@ -375,7 +388,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     cache_url = cache.get("url")
     if cache_url is not None and (not isinstance(cache_url, str)
                                   or urlsplit(cache_url).scheme not in ("redis", "rediss")):
-        raise ConfigError("cache.url", f"expected redis://[:password@]host:port/db, got {cache_url!r}")
+        shown = redact_url(cache_url) if isinstance(cache_url, str) else cache_url
+        raise ConfigError("cache.url", f"expected redis://[:password@]host:port/db, got {shown!r}")
     if backend == "redis" and cache_url is None:
         raise ConfigError("cache.url", "required with backend = \"redis\"")
     proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy import __version__, metrics
 from proxy.handlers.common import EVICTOR, ROUTER
+from proxy.redact import redact_url
 from proxy.stats import STATS, served_from_cache
 
 _HEADERS = {"Cache-Control": "no-store",
@@ -38,7 +39,7 @@ def snapshot(app: web.Application) -> dict[str, Any]:
         "pid": os.getpid(),
         "uptime_seconds": round(time.time() - STATS.started),
         "upstreams": [{
-            "name": u.name, "url": str(u.base), "default": u is router.default,
+            "name": u.name, "url": redact_url(str(u.base)), "default": u is router.default,
             "breaker": u.breaker.state.value, "ratelimit_remaining": u.ratelimit_remaining,
         } for u in router.upstreams],
         "cache": {

@@ -29,6 +29,7 @@ from proxy.mediatypes import (
     OCI_MANIFEST,
     sniff_media_type,
 )
+from proxy.redact import redact_url
 from proxy.reference import NAME_RE, SUPPORTED_ALGORITHMS, TAG_RE, Digest
 from proxy.upstream.auth import parse_challenges
 
@@ -369,7 +370,7 @@ class RegistryClient:
             url = f"http://{url}"
         self.base = URL(url)
         if self.base.scheme not in ("http", "https") or not self.base.host:
-            raise ToolError(f"invalid proxy URL {base_url!r}")
+            raise ToolError(f"invalid proxy URL {redact_url(base_url)!r}")
         self.session = session
         self.username = username
         self.password = password
