@@ -9,6 +9,10 @@ successful check is remembered for ``ttl`` seconds as a keyed hash of user and p
 (compared with :func:`hmac.compare_digest`); a CI job making thousands of requests costs
 one bcrypt round per ``ttl``. The file is re-read when it changes (``regproxy htpasswd add``
 takes effect without a restart); a broken edit is logged and the previous users stay.
+
+Unknown users are checked against a dummy hash of the file's most common cost, so their
+timing does not give them away. Passwords of 72 bytes or more are refused: bcrypt ignores
+what follows byte 72, and ``htpasswd -B`` stores such passwords silently truncated.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,9 +39,24 @@ log = logging.getLogger("regproxy.auth")
 
 BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
 _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
-#: bcrypt (cost 10) of a throw-away string, checked when the user is unknown so that unknown
-#: users take as long as known ones.
-_DUMMY_HASH = b"$2b$10$q6KpyMSDXjiWVBGQuzJt9u4XVcvIn1D3Wv9egSTUwmHbWmmgv8Z4u"
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+#: bcrypt uses at most 72 bytes (``$2b$`` counts a terminating NUL): a password of 72 bytes
+#: matches every longer one that starts with it, so such passwords are refused at login.
+MAX_PASSWORD_BYTES = 71
+
+
+def typical_cost(users: dict[str, str]) -> int:
+    """The most common bcrypt cost in the file (the higher on a tie; 10 for an empty file):
+    the work an unknown user's check does, so its timing looks like a known user's."""
+    counts = Counter(int(h[4:6]) for h in users.values())
+    if not counts:
+        return 10
+    return max(counts, key=lambda cost: (counts[cost], cost))
+
+
+def dummy_hash(cost: int) -> bytes:
+    """A bcrypt hash of cost ``cost`` that no password matches (no hashing needed to make it)."""
+    return bcrypt.gensalt(cost) + "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(31)).encode()
 
 
 def _scheme(hashed: str) -> str:
@@ -86,8 +105,9 @@ def read_htpasswd(path: Path) -> dict[str, str]:
 def hash_password(password: str, cost: int = 10) -> str:
     if not password:
         raise ValueError("empty password")
-    if len(password.encode()) > 72:
-        raise ValueError("bcrypt uses at most 72 bytes of a password; choose a shorter one")
+    if len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise ValueError(f"bcrypt cannot tell a password of 72 bytes or more from its first 72 "
+                         f"bytes; choose one of at most {MAX_PASSWORD_BYTES} bytes")
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
 
 
@@ -139,7 +159,7 @@ class PasswordChecker:
         self.ttl = ttl
         self._max_cached = max_cached
         self._stat_interval = stat_interval
-        self._users = read_htpasswd(path)
+        self._set_users(read_htpasswd(path))
         self._mtime = self._stat()
         self._checked_stat = time.monotonic()
         self._key = secrets.token_bytes(32)
@@ -148,6 +168,11 @@ class PasswordChecker:
         self._inflight: dict[bytes, asyncio.Future[bool]] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bcrypt")
         self.bcrypt_calls = 0  #: for tests and metrics
+
+    def _set_users(self, users: dict[str, str]) -> None:
+        self._users = users
+        self.dummy_cost = typical_cost(users)  #: bcrypt cost of an unknown user's check
+        self._dummy = dummy_hash(self.dummy_cost)
 
     def _stat(self) -> tuple[int, int] | None:
         try:
@@ -166,10 +191,11 @@ class PasswordChecker:
             return
         self._mtime = stat
         try:
-            self._users = read_htpasswd(self.path)
+            users = read_htpasswd(self.path)
         except ConfigError as exc:
             log.error("htpasswd not reloaded, keeping the previous users: %s", exc)
             return
+        self._set_users(users)
         self._ok.clear()
         log.info("htpasswd reloaded: %d users", len(self._users))
 
@@ -178,6 +204,11 @@ class PasswordChecker:
 
     async def check(self, user: str, password: str) -> bool:
         self.maybe_reload()
+        if len(password.encode(errors="surrogateescape")) > MAX_PASSWORD_BYTES:
+            # refused whoever the user is (no bcrypt, so no timing difference either)
+            log.warning("login refused for user %r: a password of 72 bytes or more is never "
+                        "accepted (bcrypt would ignore everything after byte 72)", user[:100])
+            return False
         stored = self._users.get(user)
         digest = hmac.new(self._key, b"\0".join(
             (user.encode(errors="surrogateescape"), password.encode(errors="surrogateescape"),
@@ -206,12 +237,12 @@ class PasswordChecker:
     def _bcrypt(self, password: str, stored: str | None) -> bool:
         self.bcrypt_calls += 1
         pw = password.encode(errors="surrogateescape")
-        if stored is None:
-            bcrypt.checkpw(pw[:72], _DUMMY_HASH)
-            return False
         try:
-            return bcrypt.checkpw(pw[:72], stored.encode())
-        except ValueError:
+            if stored is None:
+                bcrypt.checkpw(pw, self._dummy)
+                return False
+            return bcrypt.checkpw(pw, stored.encode())
+        except ValueError:  # a hash bcrypt refuses, or (bcrypt >= 5) a password over 72 bytes
             return False
 
     def close(self) -> None:

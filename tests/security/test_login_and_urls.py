@@ -4,6 +4,7 @@ credentials in configured URLs."""
 from __future__ import annotations
 
 import base64
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import bcrypt
 import pytest
 
 from proxy.app import create_app
+from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.settings import parse_auth
 from proxy.config import ConfigError, from_dict
 from proxy.redact import redact_url
@@ -50,6 +52,64 @@ async def make_client(aiohttp_client: Any, tmp_path: Path, lines: str, **auth: A
 
 async def error_of(resp: Any) -> str:
     return str((await resp.json())["errors"][0]["code"])
+
+
+# -- finding 7: an unknown user costs the same bcrypt work as a known one ---------------------
+
+async def test_unknown_user_costs_the_bcrypt_work_of_the_files_users(aiohttp_client, tmp_path,
+                                                                     monkeypatch):
+    client = await make_client(aiohttp_client, tmp_path,
+                               entry("alice", b"alice-pw", 5) + entry("bob", b"bob-pw", 5))
+    costs: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        costs.append(hashed[:7])  # "$2b$05$": the cost, i.e. how much work the check did
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    for user in ("alice", "nobody", "mallory"):
+        async with client.get("/v2/", headers=basic(user, "wrong")) as r:
+            assert r.status == 401
+    assert len(costs) == 3
+    assert {c[4:6] for c in costs} == {b"05"}, costs  # was $2b$10$ for unknown users
+
+
+async def test_dummy_cost_follows_the_file_on_reload(tmp_path):
+    f = tmp_path / "h"
+    f.write_text(entry("a", b"1", 4) + entry("b", b"2", 6) + entry("c", b"3", 6))
+    checker = PasswordChecker(f, stat_interval=0)
+    try:
+        assert checker.dummy_cost == 6  # the most common cost among the entries
+        f.write_text(entry("a", b"1", 4) + entry("d", b"4", 4) + entry("c", b"3", 6) + "\n")
+        assert not await checker.check("zed", "x")  # reloads
+        assert checker.dummy_cost == 4
+    finally:
+        checker.close()
+
+
+# -- finding 15: bcrypt's 72-byte limit ------------------------------------------------------
+
+async def test_passwords_bcrypt_would_truncate_are_refused(aiohttp_client, tmp_path, caplog):
+    long_pw = "L" * 40 + "-secret-tail-" + "x" * 27
+    assert len(long_pw.encode()) == 80
+    # what Apache's `htpasswd -B` stores for it: bcrypt of its first 72 bytes
+    lines = entry("long", long_pw.encode()[:72], 4) + entry("ok", b"k" * 71, 4)
+    client = await make_client(aiohttp_client, tmp_path, lines)
+    caplog.set_level(logging.INFO, logger="regproxy.auth")
+    for password in (long_pw, long_pw[:72], long_pw[:72] + "anything"):
+        async with client.get("/v2/", headers=basic("long", password)) as r:
+            assert r.status == 401, len(password)  # never a 500 (bcrypt 5 raises ValueError)
+            assert await error_of(r) == "UNAUTHORIZED"
+    assert "72 bytes" in caplog.text and "long" in caplog.text
+    assert long_pw not in caplog.text
+    async with client.get("/v2/", headers=basic("ok", "k" * 71)) as r:
+        assert r.status == 200
+
+
+def test_readme_says_why_long_passwords_are_refused():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "72 bytes or more" in readme and "htpasswd -B" in readme
 
 
 # -- finding 14: credentials in configured URLs ----------------------------------------------
