@@ -35,8 +35,11 @@ SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
 class Harness:
     def __init__(self, tmp: Path, mode: str) -> None:
         write_htpasswd(tmp / "htpasswd", {"alice": "pw"})
+        # no failed-login budgets: the fuzzed credentials would spend them, and every later
+        # request would be a 429 that never reaches the handlers under test
         auth = parse_auth({"htpasswd": "htpasswd", "anonymous_pull": ["library/*"], "mode": mode,
-                           "rules": [{"users": ["alice"], "repositories": ["**"], "actions": ["*"]}]},
+                           "rules": [{"users": ["alice"], "repositories": ["**"], "actions": ["*"]}],
+                           "login_failures_per_address": 0, "login_failures_per_user": 0},
                           tmp)
         store = FilesystemStore(tmp / "data")
         store.open()

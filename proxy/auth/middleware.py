@@ -4,8 +4,9 @@ security headers. :func:`install` wires them into an application.
 Order of a request under ``/v2``: credentials are checked first (``Authorization: Basic``
 against htpasswd, or ``Bearer`` tokens issued by ``/auth/token``); a malformed or wrong one
 is 401 even where anonymous pull would be enough, so a typo never silently downgrades a
-client. Then the action (GET/HEAD pull, POST/PUT/PATCH push, DELETE delete; cancelling an
-upload is push) is checked on the repository's local name. Anonymous clients without the
+client; failed logins are budgeted per address and per user (:mod:`proxy.auth.throttle`),
+429 past the budget. Then the action (GET/HEAD pull, POST/PUT/PATCH push, DELETE delete;
+cancelling an upload is push) is checked on the repository's local name. Anonymous clients without the
 right get 401 with a challenge (so they retry with credentials), signed-in users 403 DENIED.
 All of this happens before any handler runs, so a refused push never touches storage.
 """
@@ -28,8 +29,9 @@ from multidict import MultiDict
 from proxy.auth.access import ALL, NONE, AccessControl
 from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.settings import AuthConfig
+from proxy.auth.throttle import LoginThrottle, Throttled
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
-from proxy.errors import Denied, RegistryError, Unauthorized
+from proxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from proxy.handlers.common import CATALOG_FILTER, ROUTER, upstream_ns
 
 log = logging.getLogger("regproxy.auth")
@@ -72,6 +74,8 @@ class Edge:
         self.auth = auth
         self.acl = AccessControl(auth)
         self.passwords = PasswordChecker(auth.htpasswd, ttl=auth.cache_ttl) if auth.htpasswd else None
+        self.throttle = LoginThrottle(auth.login_failures_per_address, auth.login_failures_per_user,
+                                      auth.login_window)
         self.authority: TokenAuthority | None = None
         if auth.mode == "token":
             self.authority = TokenAuthority(load_or_create_key(auth.token_key), auth.service,
@@ -91,7 +95,7 @@ class Edge:
             if value in ("", "Og=="):  # ":" -- podman/skopeo without credentials answer a
                 return ANONYMOUS       # Basic challenge with an empty pair: anonymous
             user, password = self._basic(request, value)
-            if self.passwords is None or not await self.passwords.check(user, password):
+            if not await self.login(request, user, password):
                 raise self.challenge(request, message="invalid username or password")
             return Identity(user)
         if scheme == "bearer" and self.authority is not None:
@@ -108,6 +112,20 @@ class Edge:
                                          error="invalid_token")
             return Identity(claims.subject, claims)
         raise self.challenge(request, message="unsupported authorization scheme")
+
+    async def login(self, request: web.Request, user: str, password: str) -> bool:
+        """Check a password within the failed-login budgets (429 past them, unchecked)."""
+        try:
+            attempt = self.throttle.begin(request.remote, user, password)
+        except Throttled as exc:
+            raise TooManyRequests(str(exc), headers={
+                "Retry-After": str(exc.retry_after), "Cache-Control": "no-store"}) from None
+        ok = False
+        try:
+            ok = self.passwords is not None and await self.passwords.check(user, password)
+        finally:  # a client hanging up mid-check counts as a failure: it learnt nothing either
+            attempt.done(ok)
+        return ok
 
     def _basic(self, request: web.Request, value: str) -> tuple[str, str]:
         try:
@@ -248,7 +266,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
             raise Unauthorized("the token endpoint accepts Basic credentials only", headers={
                 "WWW-Authenticate": f'Basic realm="{edge.auth.realm}", charset="UTF-8"'})
         user, password = edge._basic(request, value.strip())
-        if edge.passwords is None or not await edge.passwords.check(user, password):
+        if not await edge.login(request, user, password):
             raise Unauthorized("invalid username or password", headers={
                 "WWW-Authenticate": f'Basic realm="{edge.auth.realm}", charset="UTF-8"'})
         ident = Identity(user)

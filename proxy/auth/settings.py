@@ -48,6 +48,11 @@ class AuthConfig:
     token_realm: str | None = None  #: default: <scheme>://<Host header>/auth/token
     service: str = "regproxy"
     cache_ttl: float = 60.0  #: how long a successful password check is remembered
+    #: failed logins allowed per client address (IPv6: per /64) and per user within
+    #: ``login_window``, then 429 (proxy/auth/throttle.py); 0 turns that budget off
+    login_failures_per_address: int = 10
+    login_failures_per_user: int = 50
+    login_window: float = 600.0
 
 
 def parse_pattern(key: str, value: Any) -> str:
@@ -79,11 +84,18 @@ def _network(key: str, value: str) -> str:
     return value
 
 
+def _budget(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1_000_000:
+        raise ConfigError(key, f"expected a number of failed logins (0: no limit), got {value!r}")
+    return value
+
+
 def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
     """Validate ``[auth]``; the htpasswd file is read here so bad entries stop start-up."""
     t = _take(raw, "auth", {"htpasswd", "realm", "anonymous_pull", "anonymous_networks", "groups",
                             "rules", "mode", "token_key", "token_ttl", "token_realm", "service",
-                            "cache_ttl"})
+                            "cache_ttl", "login_failures_per_address", "login_failures_per_user",
+                            "login_window"})
 
     def path(key: str, value: Any) -> Path:
         p = Path(_str(key, value)).expanduser()
@@ -134,6 +146,11 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
     service = _str("auth.service", t.get("service", "regproxy"))
     if '"' in service or "\\" in service:
         raise ConfigError("auth.service", "may not contain quotes or backslashes")
+    budgets = {k: _budget(f"auth.{k}", t.get(k, default)) for k, default in
+               (("login_failures_per_address", 10), ("login_failures_per_user", 50))}
+    window = parse_duration("auth.login_window", t.get("login_window", 600))
+    if not 1 <= window <= 86400:
+        raise ConfigError("auth.login_window", "expected between 1 s and 1 d")
     ttl = parse_duration("auth.token_ttl", t.get("token_ttl", 300))
     if not 10 <= ttl <= 86400:
         raise ConfigError("auth.token_ttl", "expected between 10 s and 1 d")
@@ -152,6 +169,8 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
         token_realm=token_realm,
         service=service,
         cache_ttl=parse_duration("auth.cache_ttl", t.get("cache_ttl", 60)),
+        login_window=window,
+        **budgets,
     )
 
 

@@ -3,6 +3,7 @@ credentials in configured URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.auth.htpasswd import PasswordChecker
+from proxy.auth.middleware import EDGE
 from proxy.auth.settings import parse_auth
 from proxy.config import ConfigError, from_dict
 from proxy.redact import redact_url
@@ -86,6 +88,106 @@ async def test_dummy_cost_follows_the_file_on_reload(tmp_path):
         assert checker.dummy_cost == 4
     finally:
         checker.close()
+
+
+# -- finding 7: a failed-login budget per address and per user -------------------------------
+
+async def test_failed_login_budget_per_address_then_429_then_recovery(aiohttp_client, tmp_path):
+    client = await make_client(aiohttp_client, tmp_path, USERS, login_failures_per_address=3,
+                               login_failures_per_user=100, login_window="1m")
+    edge = client.app[EDGE]
+    clock = Clock()
+    edge.throttle.clock = clock
+    for password in ("a", "b", "c"):
+        async with client.get("/v2/", headers=basic("alice", password)) as r:
+            assert r.status == 401
+        clock.now += 1
+    calls = edge.passwords.bcrypt_calls
+    # the budget is spent: even the right password, of this user or another, is not checked
+    for user in ("alice", "bob"):
+        async with client.get("/v2/", headers=basic(user, f"{user}-pw")) as r:
+            assert r.status == 429
+            assert await error_of(r) == "TOOMANYREQUESTS"
+            assert r.headers["Content-Type"] == "application/json"
+            assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert int(r.headers["Retry-After"]) == 57  # the oldest failure leaves the window then
+    assert edge.passwords.bcrypt_calls == calls
+    clock.now += 57
+    async with client.get("/v2/", headers=basic("alice", "alice-pw")) as r:
+        assert r.status == 200  # one failure left the window: one attempt is allowed again
+    async with client.get("/v2/", headers=basic("bob", "wrong")) as r:
+        assert r.status == 401
+    async with client.get("/v2/", headers=basic("bob", "bob-pw")) as r:
+        assert r.status == 429
+    clock.now += 60
+    async with client.get("/v2/", headers=basic("bob", "bob-pw")) as r:
+        assert r.status == 200
+
+
+async def test_per_user_budget_spares_addresses_the_user_signed_in_from(aiohttp_client, tmp_path):
+    client = await make_client(aiohttp_client, tmp_path, USERS, login_failures_per_address=100,
+                               login_failures_per_user=3, login_window="10m")
+    edge = client.app[EDGE]
+    edge.throttle.clock = Clock()
+    async with client.get("/v2/", headers=basic("alice", "alice-pw")) as r:
+        assert r.status == 200
+    for user in ("alice", "carol"):
+        for password in ("a", "b", "c"):
+            async with client.get("/v2/", headers=basic(user, password)) as r:
+                assert r.status == 401
+    # carol's budget is spent and she never signed in from here: refused unchecked
+    async with client.get("/v2/", headers=basic("carol", "carol-pw")) as r:
+        assert r.status == 429 and await error_of(r) == "TOOMANYREQUESTS"
+        assert int(r.headers["Retry-After"]) == 600
+    # alice's too, but this address is one she signed in from: others' failures do not lock her out
+    async with client.get("/v2/", headers=basic("alice", "alice-pw")) as r:
+        assert r.status == 200
+    async with client.get("/v2/", headers=basic("bob", "bob-pw")) as r:
+        assert r.status == 200  # a per-user budget, not this address's
+
+
+async def test_concurrent_guesses_cannot_outrun_the_budget(aiohttp_client, tmp_path):
+    client = await make_client(aiohttp_client, tmp_path, USERS, login_failures_per_address=3)
+    edge = client.app[EDGE]
+
+    async def attempt(password: str) -> int:
+        async with client.get("/v2/", headers=basic("alice", password)) as r:
+            return r.status
+
+    # 30 requests of one (right) password are one check: a CI burst is not throttled
+    assert set(await asyncio.gather(*(attempt("alice-pw") for _ in range(30)))) == {200}
+    statuses = await asyncio.gather(*(attempt(f"guess-{i}") for i in range(30)))
+    assert sorted(statuses) == [401] * 3 + [429] * 27
+    assert edge.passwords.bcrypt_calls == 4
+
+
+async def test_token_endpoint_is_throttled(aiohttp_client, tmp_path):
+    client = await make_client(aiohttp_client, tmp_path, USERS, mode="token",
+                               login_failures_per_address=2, login_window="30s")
+    clock = Clock()
+    client.app[EDGE].throttle.clock = clock
+    url = "/auth/token?service=regproxy&scope=repository:team/app:pull"
+    for password in ("a", "b"):
+        async with client.get(url, headers=basic("alice", password)) as r:
+            assert r.status == 401
+    async with client.get(url, headers=basic("alice", "alice-pw")) as r:
+        assert r.status == 429 and await error_of(r) == "TOOMANYREQUESTS"
+        assert r.headers["Retry-After"] == "30"
+    clock.now += 30
+    async with client.get(url, headers=basic("alice", "alice-pw")) as r:
+        assert r.status == 200 and "token" in await r.json()
+
+
+def test_throttle_settings_are_validated(tmp_path):
+    (tmp_path / "htpasswd").write_text(USERS)
+    auth = parse_auth({"htpasswd": "htpasswd"}, tmp_path)
+    assert (auth.login_failures_per_address, auth.login_failures_per_user,
+            auth.login_window) == (10, 50, 600.0)
+    for key, value in (("login_failures_per_address", -1), ("login_failures_per_user", "x"),
+                       ("login_window", "0s")):
+        with pytest.raises(ConfigError) as err:
+            parse_auth({"htpasswd": "htpasswd", key: value}, tmp_path)
+        assert err.value.key == f"auth.{key}"
 
 
 # -- finding 15: bcrypt's 72-byte limit ------------------------------------------------------
