@@ -16,6 +16,7 @@ from proxy.app import create_app
 from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.middleware import EDGE
 from proxy.auth.settings import parse_auth
+from proxy.auth.throttle import LoginThrottle, Throttled, address_key
 from proxy.config import ConfigError, from_dict
 from proxy.redact import redact_url
 from tests.support.proxyfix import make_config
@@ -176,6 +177,24 @@ async def test_token_endpoint_is_throttled(aiohttp_client, tmp_path):
     clock.now += 30
     async with client.get(url, headers=basic("alice", "alice-pw")) as r:
         assert r.status == 200 and "token" in await r.json()
+
+
+def test_distributed_guessing_is_stopped_by_the_user_budget_without_locking_out_alice():
+    throttle = LoginThrottle(per_address=2, per_user=5, window=60, clock=Clock())
+    throttle.begin("192.0.2.1", "alice", "alice-pw").done(True)  # alice's usual client
+    for i in range(5):  # five attackers, one guess each: under every address budget
+        throttle.begin(f"198.51.100.{i}", "alice", f"guess-{i}").done(False)
+    with pytest.raises(Throttled) as err:
+        throttle.begin("198.51.100.99", "alice", "guess-99")
+    assert err.value.retry_after == 60
+    throttle.begin("192.0.2.1", "alice", "alice-pw").done(True)
+    # one IPv6 host holds a whole /64: its addresses share one budget
+    assert address_key("2001:db8:1:2::5") == address_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    for host in ("2001:db8:1:2::5", "2001:db8:1:2::6"):
+        throttle.begin(host, "bob", "x").done(False)
+    with pytest.raises(Throttled):
+        throttle.begin("2001:db8:1:2::7", "bob", "bob-pw")
 
 
 def test_throttle_settings_are_validated(tmp_path):
