@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from proxy import metrics, tls
+from proxy import layout, metrics, tls
 from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
@@ -20,7 +20,7 @@ from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
 from proxy.pullthrough.evictor import Evictor
-from proxy.routing import Router
+from proxy.routing import Namespaces, Router
 from proxy.sharedcache import make_cache
 from proxy.storage import UploadStore
 from proxy.storage.backend import open_store
@@ -98,6 +98,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     stack = contextlib.AsyncExitStack()
     store, staging = await stack.enter_async_context(open_store(config, clean=app[CLEAN_TMP]))
+    names = Namespaces(config.upstreams, config.default_upstream, config.hosted)
+    if app[CLEAN_TMP]:  # the one process that starts first (workers: the parent did it)
+        await layout.upgrade(store, names)
     session = aiohttp.ClientSession(
         auto_decompress=False,  # blobs are verified and stored exactly as sent
         read_bufsize=4 << 20,
@@ -129,12 +132,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         default_platform=config.default_platform,
         cluster=cluster,
     )
-    app[ROUTER] = Router(upstreams, config.default_upstream, config.hosted)
+    app[ROUTER] = Router(names, upstreams)
     app[PULLTHROUGH] = pullthrough
     hosted = Hosted(store, UploadStore(staging), max_manifest_size=config.max_manifest_size,
                     delete_enabled=config.delete_enabled, upload_max_age=config.upload_max_age)
     app[HOSTED] = hosted
-    evictor = Evictor(pullthrough, app[ROUTER].is_hosted, max_size=config.max_size,
+    evictor = Evictor(pullthrough, names.is_hosted_key, max_size=config.max_size,
                       max_age=config.max_age)
     pullthrough.after_fill = evictor.kick
     app[EVICTOR] = evictor

@@ -65,16 +65,22 @@ def load_config(args: argparse.Namespace) -> Config:
                                  hosted=args.hosted, workers=args.workers)
 
 
-def serve(config: Config) -> None:
-    """Run the server until SIGINT/SIGTERM."""
+def serve(config: Config) -> int:
+    """Run the server until SIGINT/SIGTERM; 2 when the store cannot be used as configured."""
     if config.workers > 1:
         # prometheus-client picks its multi-process mode at import time: set it up first.
         metrics_dir = config.storage_root / "metrics"
         metrics_dir.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from proxy import server
+    from proxy.layout import LayoutError
 
-    server.run(config)
+    try:
+        server.run(config)
+    except LayoutError as exc:
+        print(f"regproxy: storage error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"regproxy: config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        serve(config)
+        return serve(config)
     elif args.command == "gc":
         return run_gc(config, args)
     elif args.command == "cache":
@@ -108,20 +114,21 @@ def run_cache(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _cache(config: Config, args: argparse.Namespace) -> int:
-    from proxy.routing import compile_patterns
+    from proxy.routing import Namespaces
     from proxy.storage.eviction import purge
     from proxy.storage.gc import image_size
 
-    hosted = compile_patterns(config.hosted)
+    names = Namespaces(config.upstreams, config.default_upstream, config.hosted)
     if args.cache_command == "ls":
         async with open_store(config, clean=False) as (store, _):
             used = {s.digest: s.last_used async for s in store.blob_stats()}
             print(f"{'REPOSITORY':40} {'TAG':20} {'DIGEST':19} {'SIZE':>12}  LAST USED")
-            for repo in await store.list_repositories():
-                if hosted is not None and hosted.fullmatch(repo):
+            for key in await store.list_repositories():
+                if names.is_hosted_key(key):
                     continue
-                for tag in await store.list_tags(repo) or []:
-                    digest = await store.get_tag(repo, tag)
+                repo = names.name_of_key(key) or key
+                for tag in await store.list_tags(key) or []:
+                    digest = await store.get_tag(key, tag)
                     if digest is None or not await store.has_manifest(digest):
                         continue
                     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(used.get(digest, 0)))
@@ -138,11 +145,16 @@ async def _cache(config: Config, args: argparse.Namespace) -> int:
         print(f"regproxy: {args.image!r}: {exc.message} (expected NAME:TAG or NAME@DIGEST)",
               file=sys.stderr)
         return 2
-    if hosted is not None and hosted.fullmatch(name):
+    if names.is_hosted(name):
         print(f"regproxy: {name} is a hosted repository; delete through the API", file=sys.stderr)
         return 2
+    try:
+        key = names.place(name).key
+    except RegistryError as exc:
+        print(f"regproxy: {args.image!r}: {exc.message}", file=sys.stderr)
+        return 2
     async with open_store(config, clean=False) as (store, _):
-        removed = await purge(store, name, reference)
+        removed = await purge(store, key, reference)
     for digest, size in removed:
         print(f"deleted {digest} ({size} bytes)")
     print(f"purged {args.image}: {len(removed)} objects, {sum(s for _, s in removed)} bytes "

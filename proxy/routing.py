@@ -1,25 +1,32 @@
-"""Which upstream serves a repository, and under which name its content is cached.
+"""Which upstream serves a repository, and under which names its content is kept.
 
-Three ways to address an upstream, all mapping to one cache key (the *local name*):
+Three ways to address an upstream, all mapping to one cached repository:
 
 * containerd's ``?ns=<registry host>`` query (hosts.toml mirrors, dockerd's containerd store);
 * a path prefix: ``/v2/ghcr.io/org/img/...`` (podman mirror locations, ``override_path``);
 * nothing: the default upstream (``registry-mirrors`` traffic, which is always Docker Hub).
 
 Hosted repositories (push allowed) match the ``[hosted]`` patterns and are addressed
-without ``ns`` or upstream prefix; a hosted pattern may not start with an upstream's name,
-so a name is either hosted or cached, never both.
+without ``ns`` or upstream prefix.
 
-The local name is ``<name>`` for the default upstream and ``<upstream>/<name>`` for the
-others, so ``?ns=docker.io`` + ``alpine``, ``docker.io/library/alpine`` and
-``library/alpine`` are the same cached repository, and ``ns`` never enters a key.
+Each repository has two names. Its *name* is what clients, access rules, ``_catalog`` and
+logs see: ``<name>`` for the default upstream and for hosted repositories,
+``<upstream>/<name>`` for the other upstreams, so ``?ns=docker.io`` + ``alpine``,
+``docker.io/library/alpine`` and ``library/alpine`` are one repository. Its *key* is where
+the store keeps it: a hosted repository's name, and ``<upstream>/<remote name>`` for every
+cached one, the default upstream's included. Hosted names never begin with an upstream's
+name (such a name always routes to that upstream), so the two kinds of keys cannot
+collide; and a request routed to an upstream whose name is a hosted name is refused, so a
+pull with ``?ns=docker.io`` never reads or writes a hosted repository.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.config import UpstreamConfig
 from proxy.errors import NameInvalid, NameUnknown
 from proxy.reference import validate_name
 from proxy.upstream import UpstreamClient
@@ -29,7 +36,8 @@ from proxy.upstream import UpstreamClient
 class Route:
     """Where a request for a repository goes: an upstream, or ``None`` when hosted here."""
 
-    name: str  #: local name, as stored and listed by ``_catalog``
+    name: str  #: what clients, access rules, ``_catalog`` and logs call it
+    key: str  #: where the store keeps it (``<upstream>/<remote>`` when cached)
     remote: str  #: name on the upstream
     upstream: UpstreamClient | None
 
@@ -61,66 +69,120 @@ def compile_patterns(patterns: tuple[str, ...] | list[str]) -> re.Pattern[str] |
     return re.compile("|".join(f"(?:{p})" for p in parts))
 
 
-class Router:
-    """Maps (repository name, ``ns``) to a :class:`Route`."""
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a name leads, worked out from the configuration alone (no clients needed:
+    offline commands such as ``regproxy cache`` use it too)."""
 
-    def __init__(self, upstreams: dict[str, UpstreamClient], default: str | None,
-                 hosted: tuple[str, ...] = ()) -> None:
-        self._hosted = compile_patterns(hosted)
-        self._memo: dict[tuple[str, str | None], Route] = {}
-        self._default = upstreams.get(default) if default else None
-        self._by_host: dict[str, UpstreamClient] = {}
-        for up in upstreams.values():
-            for host in (up.name, *up.config.aliases):
+    name: str
+    key: str
+    remote: str
+    upstream: str | None  #: the upstream's configured name; ``None``: hosted
+
+
+class Namespaces:
+    """The naming rules of :mod:`proxy.routing` over configured upstreams and patterns."""
+
+    def __init__(self, upstreams: Mapping[str, UpstreamConfig], default: str | None,
+                 hosted: tuple[str, ...] | list[str] = ()) -> None:
+        self._hosted = compile_patterns(tuple(hosted))
+        self._upstreams = dict(upstreams)
+        self.default = default if default in self._upstreams else None
+        self._by_host: dict[str, UpstreamConfig] = {}
+        for up in self._upstreams.values():
+            for host in (up.name, *up.aliases):
                 self._by_host[host.lower()] = up
 
-    def route(self, name: str, ns: str | None = None) -> Route:
-        """Resolve a repository name (validated on the way); NAME_UNKNOWN when nothing
-        serves it. Results are memoised: routing sits on every request's hot path."""
-        key = (name, ns)
-        cached = self._memo.get(key)
-        if cached is not None:
-            return cached
-        route = self._route(name, ns)
-        if len(self._memo) >= 10_000:
-            self._memo.clear()
-        self._memo[key] = route
-        return route
+    def is_hosted(self, name: str) -> bool:
+        """Whether ``name`` is a hosted repository (never one beginning with an upstream)."""
+        if self._hosted is None or self._hosted.fullmatch(name) is None:
+            return False
+        first, sep, _ = name.partition("/")
+        return not (sep and first in self._by_host)
 
-    def _route(self, name: str, ns: str | None) -> Route:
+    def place(self, name: str, ns: str | None = None) -> Place:
+        """Resolve a repository name (validated on the way); NAME_UNKNOWN when nothing
+        serves it, or when it is routed to an upstream but is a hosted repository's name."""
         validate_name(name)
         if ns is not None:
             upstream = self._by_host.get(ns.strip().lower())
             if upstream is None:
                 raise NameUnknown(f"no upstream is configured for ns={ns[:100]!r}")
-            return self._make(upstream, name)
-        if self._hosted is not None and self._hosted.fullmatch(name):
-            return Route(name=name, remote=name, upstream=None)
+            return self._cached(upstream, name)
         first, _, rest = name.partition("/")
-        upstream = self._by_host.get(first)
-        if upstream is not None and rest:
-            return self._make(upstream, rest)
-        if self._default is None:
+        by_prefix = self._by_host.get(first)
+        if by_prefix is not None and rest:
+            return self._cached(by_prefix, rest)
+        if self.is_hosted(name):
+            return Place(name=name, key=name, remote=name, upstream=None)
+        if self.default is None:
             raise NameUnknown(f"repository {name!r} matches no upstream and no default is set")
-        return self._make(self._default, name)
+        return self._cached(self._upstreams[self.default], name)
 
-    @property
-    def upstreams(self) -> list[UpstreamClient]:
-        """Every configured upstream, once each."""
-        return list({id(u): u for u in self._by_host.values()}.values())
-
-    @property
-    def default(self) -> UpstreamClient | None:
-        return self._default
-
-    def is_hosted(self, name: str) -> bool:
-        return self._hosted is not None and self._hosted.fullmatch(name) is not None
-
-    def _make(self, upstream: UpstreamClient, name: str) -> Route:
-        remote = upstream.remote_name(name)
-        local = remote if upstream is self._default else f"{upstream.name}/{remote}"
+    def _cached(self, upstream: UpstreamConfig, name: str) -> Place:
+        remote = f"library/{name}" if upstream.library_prefix and "/" not in name else name
+        local = remote if upstream.name == self.default else f"{upstream.name}/{remote}"
         try:
             validate_name(local)
         except NameInvalid:
             raise NameInvalid(f"repository name too long: {local[:300]!r}") from None
-        return Route(name=local, remote=remote, upstream=upstream)
+        if self.is_hosted(local):
+            raise NameUnknown(f"{local} is a hosted repository here; it is not served as "
+                              f"content of upstream {upstream.name}")
+        return Place(name=local, key=f"{upstream.name}/{remote}", remote=remote,
+                     upstream=upstream.name)
+
+    def is_cached_key(self, key: str) -> bool:
+        """Whether a stored repository key is a cached one (it begins with an upstream)."""
+        first, sep, _ = key.partition("/")
+        return bool(sep) and first in self._upstreams
+
+    def is_hosted_key(self, key: str) -> bool:
+        """Whether a stored repository key is hosted content (eviction never takes it)."""
+        return not self.is_cached_key(key)
+
+    def name_of_key(self, key: str) -> str | None:
+        """The name clients address a stored repository by; ``None`` when no name leads
+        there any more (its hosted pattern or its upstream left the configuration)."""
+        if self.is_cached_key(key):
+            first, _, remote = key.partition("/")
+            name = remote if first == self.default else key
+        else:
+            name = key
+        try:
+            return name if self.place(name).key == key else None
+        except (NameInvalid, NameUnknown):
+            return None
+
+
+class Router:
+    """Maps (repository name, ``ns``) to a :class:`Route` with its upstream client."""
+
+    def __init__(self, names: Namespaces, upstreams: Mapping[str, UpstreamClient]) -> None:
+        self.names = names
+        self._clients = dict(upstreams)
+        self._memo: dict[tuple[str, str | None], Route] = {}
+
+    def route(self, name: str, ns: str | None = None) -> Route:
+        """Resolve a repository name (see :meth:`Namespaces.place`). Results are memoised:
+        routing sits on every request's hot path."""
+        key = (name, ns)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        place = self.names.place(name, ns)
+        upstream = None if place.upstream is None else self._clients[place.upstream]
+        route = Route(name=place.name, key=place.key, remote=place.remote, upstream=upstream)
+        if len(self._memo) >= 10_000:
+            self._memo.clear()
+        self._memo[key] = route
+        return route
+
+    @property
+    def upstreams(self) -> list[UpstreamClient]:
+        """Every configured upstream, once each."""
+        return list(self._clients.values())
+
+    @property
+    def default(self) -> UpstreamClient | None:
+        return None if self.names.default is None else self._clients[self.names.default]

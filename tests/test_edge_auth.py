@@ -157,7 +157,8 @@ async def test_anonymous_networks_limit_anonymous_pull(aiohttp_client, tmp_path)
 
 async def test_catalog_lists_only_pullable_repositories(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path)
-    for name in ("library/alpine", "team/app", "secret/x", "ghcr.io/org/tool"):
+    for name in ("docker.io/library/alpine", "docker.io/team/app", "docker.io/secret/x",
+                 "ghcr.io/org/tool"):  # (storage keys: cached ones under their upstream)
         (tmp_path / "data" / "repositories" / name / "_tags").mkdir(parents=True)
     async with client.get("/v2/_catalog") as r:
         assert r.status == 200

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.handlers.common import EVICTOR, PULLTHROUGH
+from proxy.handlers.common import EVICTOR, PULLTHROUGH, ROUTER
 from proxy.storage.eviction import EvictionReport
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.proxyfix import make_config
@@ -30,6 +30,10 @@ async def env(aiohttp_server, tmp_path):
     app[PULLTHROUGH].touch_interval = 0
     async with aiohttp.ClientSession() as client:
         yield fake, str(server.make_url("")).rstrip("/"), data, app, client
+
+
+def fake_url(app) -> str:
+    return str(app[ROUTER].default.base)
 
 
 def blob_file(data, digest: str):
@@ -191,9 +195,14 @@ async def test_cache_ls_and_purge_commands(env):
     b = await pull(client, base, "lib/b", "v1")
     await wait_stored(data, a + b)
 
+    config = data.parent / "cli.toml"  # the server's upstreams: they name the cached keys
+    config.write_text(f'[proxy]\ndefault_upstream = "fake.io"\n'
+                      f'[upstreams."fake.io"]\nurl = "{fake_url(_app)}"\n')
+
     async def cli(*args: str) -> str:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "cache", *args, "--data-dir", str(data),
+            sys.executable, "-m", "proxy", "cache", *args, "--config", str(config),
+            "--data-dir", str(data),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await proc.communicate()
         assert proc.returncode == 0, err

@@ -416,7 +416,7 @@ async def test_last_known_tag_is_served_when_the_upstream_fails(aiohttp_server, 
         assert r.status == 200
         assert r.headers["Docker-Content-Digest"] == d
     assert len(fake.requests) > requests_before  # the upstream was asked, and failed
-    assert (tmp_path / "d" / "repositories" / "app" / "_tags" / "stable").read_text() == d
+    assert (tmp_path / "d" / "repositories" / "fake.io" / "app" / "_tags" / "stable").read_text() == d
 
 
 async def test_uncached_content_during_an_outage_is_a_fast_error(fake, proxy, client):

@@ -9,7 +9,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proxy.errors import RegistryError, TagInvalid
-from proxy.handlers.common import CATALOG_FILTER, PULLTHROUGH, reader_of, route_of
+from proxy.handlers.common import CATALOG_FILTER, PULLTHROUGH, ROUTER, reader_of, route_of
 from proxy.pullthrough.service import paginate
 from proxy.reference import is_tag, validate_name
 
@@ -70,7 +70,9 @@ async def list_tags(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
     n, last = _page_params(request, validate_name)
-    names = await request.app[PULLTHROUGH].store.list_repositories()
+    keys = await request.app[PULLTHROUGH].store.list_repositories()
+    namespaces = request.app[ROUTER].names
+    names = sorted({name for key in keys if (name := namespaces.name_of_key(key)) is not None})
     visible = request.get(CATALOG_FILTER)  # set by proxy.auth: what this client may pull
     if visible is not None:
         names = [name for name in names if visible(name)]

@@ -55,8 +55,8 @@ class Hosted:
                        head: bool) -> ManifestResult:
         """A stored manifest of the repository, by tag or digest, as pushed."""
         digest = reference if isinstance(reference, Digest) else await self.store.get_tag(
-            route.name, reference)
-        if digest is None or not await self.store.has_manifest_link(route.name, digest):
+            route.key, reference)
+        if digest is None or not await self.store.has_manifest_link(route.key, digest):
             raise ManifestUnknown(f"manifest {route.name}:{reference} unknown")
         item = await self.store.get_manifest(digest)
         if item is None:
@@ -66,14 +66,14 @@ class Hosted:
     async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
         """A blob linked to the repository (pushed, mounted, or a manifest of it)."""
         size = await self.store.blob_size(digest)
-        linked = await self.store.has_blob_link(route.name, digest) or await self.store.has_manifest_link(
-            route.name, digest)
+        linked = await self.store.has_blob_link(route.key, digest) or await self.store.has_manifest_link(
+            route.key, digest)
         if size is None or not linked:
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
         return BlobResult(digest, size, HIT, stored=True)
 
     async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
-        tags = await self.store.list_tags(route.name)
+        tags = await self.store.list_tags(route.key)
         if tags is None:
             raise NameUnknown(f"repository {route.name} unknown")
         return paginate(tags, n, last)
@@ -81,24 +81,24 @@ class Hosted:
     # -- uploads -----------------------------------------------------------------------
 
     def start_upload(self, route: Route) -> Upload:
-        return self.uploads.create(route.name)
+        return self.uploads.create(route.key)
 
     def has_upload(self, uid: str) -> bool:
         return self.uploads.exists(uid)
 
     def upload(self, route: Route, uid: str) -> Upload:
-        return self.uploads.get(route.name, uid)
+        return self.uploads.get(route.key, uid)
 
     def cancel_upload(self, route: Route, uid: str) -> None:
-        self.uploads.delete(self.uploads.get(route.name, uid))
+        self.uploads.delete(self.uploads.get(route.key, uid))
 
     async def mount(self, route: Route, digest: Digest, source: Route | None) -> bool:
         """Link an existing blob from ``source`` into the repository; False to fall back."""
         if source is None or await self.store.blob_size(digest) is None:
             return False
-        if source.hosted and not await self.store.has_blob_link(source.name, digest):
+        if source.hosted and not await self.store.has_blob_link(source.key, digest):
             return False
-        await self.store.link_blob(route.name, digest)
+        await self.store.link_blob(route.key, digest)
         await self.store.touch_blob(digest)
         return True
 
@@ -106,7 +106,7 @@ class Hosted:
                      content_range: str | None) -> Upload:
         """Append a chunk; its ``Content-Range`` must start where the upload ends (else 416)."""
         async with self._locks.hold(uid):
-            upload = self.uploads.get(route.name, uid)
+            upload = self.uploads.get(route.key, uid)
             if content_range is not None:
                 start = _range_start(content_range)
                 if start != upload.size:
@@ -114,22 +114,22 @@ class Hosted:
                         f"chunk starts at {start}, upload is at {upload.size}",
                         headers=upload_headers(route.name, upload))
             await self._write(upload, read)
-            return self.uploads.get(route.name, uid)
+            return self.uploads.get(route.key, uid)
 
     async def finish(self, route: Route, uid: str, digest: Digest, read: ChunkSource) -> None:
         """Append the last chunk (if any), verify the digest and publish the blob."""
         async with self._locks.hold(uid):
-            upload = self.uploads.get(route.name, uid)
+            upload = self.uploads.get(route.key, uid)
             await self._write(upload, read)
             size = await asyncio.get_running_loop().run_in_executor(
                 None, self.uploads.verify, upload, digest)
             await self.store.import_file(self.uploads.data_path(upload), digest, size)
             self.uploads.delete(upload)
-            await self.store.link_blob(route.name, digest)
+            await self.store.link_blob(route.key, digest)
 
     async def monolithic(self, route: Route, digest: Digest, read: ChunkSource) -> None:
         """A whole blob in one POST (``?digest=``)."""
-        upload = self.uploads.create(route.name)
+        upload = self.uploads.create(route.key)
         try:
             await self.finish(route, upload.uuid, digest, read)
         except BaseException:
@@ -175,13 +175,13 @@ class Hosted:
         media_type = _media_type(doc, content_type, data)
         subject = await self._validate_references(route, doc, media_type)
         await self.store.put_manifest(digest, data, media_type)
-        await self.store.link_manifest(route.name, digest)
+        await self.store.link_manifest(route.key, digest)
         for ref in references(doc)[1]:
             await self.store.touch_blob(ref)
         if subject is not None:
-            await self.store.add_referrer(route.name, subject, digest)
+            await self.store.add_referrer(route.key, subject, digest)
         if isinstance(reference, str):
-            await self.store.set_tag(route.name, reference, digest)
+            await self.store.set_tag(route.key, reference, digest)
         return digest, subject
 
     async def _validate_references(self, route: Route, doc: dict[str, Any], media_type: str
@@ -190,7 +190,7 @@ class Hosted:
             raise ManifestInvalid("only schemaVersion 2 manifests are accepted")
         if media_type in INDEXES or "manifests" in doc:
             for desc in _descriptors(doc.get("manifests"), "manifests"):
-                if not await self.store.has_manifest_link(route.name, desc):
+                if not await self.store.has_manifest_link(route.key, desc):
                     raise ManifestBlobUnknown(f"child manifest {desc} is not in {route.name}")
         else:
             config = doc.get("config")
@@ -201,7 +201,7 @@ class Hosted:
                 refs.extend(_descriptors([layer], "layers"))
             for ref in refs:
                 if (await self.store.blob_size(ref) is None
-                        or not await self.store.has_blob_link(route.name, ref)):
+                        or not await self.store.has_blob_link(route.key, ref)):
                     raise ManifestBlobUnknown(f"blob {ref} is not in {route.name}",
                                               detail={"digest": str(ref)})
         subject = doc.get("subject")
@@ -215,11 +215,11 @@ class Hosted:
         if not self.delete_enabled:
             raise Unsupported("deletion is disabled (hosted.delete_enabled = false)")
         if isinstance(reference, str):
-            if not await self.store.delete_tag(route.name, reference):
+            if not await self.store.delete_tag(route.key, reference):
                 raise ManifestUnknown(f"tag {reference} unknown in {route.name}")
             return
         item = await self.store.get_manifest(reference)
-        if not await self.store.unlink_manifest(route.name, reference):
+        if not await self.store.unlink_manifest(route.key, reference):
             raise ManifestUnknown(f"manifest {reference} unknown in {route.name}")
         if item is not None:
             try:
@@ -228,21 +228,21 @@ class Hosted:
             except (ValueError, AttributeError, RegistryError):
                 sd = None
             if sd is not None:
-                await self.store.remove_referrer(route.name, sd, reference)
+                await self.store.remove_referrer(route.key, sd, reference)
 
     async def delete_blob(self, route: Route, digest: Digest) -> None:
         """Unlink a blob from the repository; GC reclaims the bytes."""
         if not self.delete_enabled:
             raise Unsupported("deletion is disabled (hosted.delete_enabled = false)")
-        if not await self.store.unlink_blob(route.name, digest):
+        if not await self.store.unlink_blob(route.key, digest):
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
 
     async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> bytes:
         """An OCI image index of the manifests whose ``subject`` is ``subject``."""
         entries = []
-        for digest in await self.store.list_referrers(route.name, subject):
+        for digest in await self.store.list_referrers(route.key, subject):
             item = await self.store.get_manifest(digest)
-            if item is None or not await self.store.has_manifest_link(route.name, digest):
+            if item is None or not await self.store.has_manifest_link(route.key, digest):
                 continue
             try:
                 doc = json.loads(item.data)

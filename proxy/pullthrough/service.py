@@ -199,7 +199,7 @@ class PullThrough:
             item = await self.local_manifest(digest)
             if item is None:
                 return None
-            await self.store.link_manifest(route.name, digest)
+            await self.store.link_manifest(route.key, digest)
             return _result(item, COALESCED)
 
         peer = await self._from_peer(f"manifest:{digest}", stored)
@@ -257,7 +257,7 @@ class PullThrough:
             digest = Digest.parse(cached)
             expires = now + min(self.tag_ttl, 1.0)
         else:
-            stored, age = await self.store.tag_with_age(route.name, tag)
+            stored, age = await self.store.tag_with_age(route.key, tag)
             if stored is None or age >= self.tag_ttl:
                 if entry is not None and entry[1] + self.tag_grace > now:
                     return entry[0], True
@@ -305,7 +305,7 @@ class PullThrough:
             shared = await self._tag_from_peer(key)
             if shared is not None:
                 return shared
-        previous = await self.store.get_tag(route.name, tag)
+        previous = await self.store.get_tag(route.key, tag)
         try:
             if previous is None and want_body:
                 result = await self._fetch_manifest(route, tag, None)
@@ -317,7 +317,7 @@ class PullThrough:
                     result, outcome = _result(local, HIT), (
                         REVALIDATED if previous is not None else HIT)
                 else:
-                    await self.store.set_tag(route.name, tag, head.digest)
+                    await self.store.set_tag(route.key, tag, head.digest)
                     if not want_body and head.media_type not in INDEXES:
                         return head  # HEAD never downloads a body, except an index's
                     result = await self._fetch_manifest(route, str(head.digest), head.digest)
@@ -329,7 +329,7 @@ class PullThrough:
             log.warning("serving stale %s:%s (%s) because upstream %s failed: %s", route.name,
                         tag, previous, route.upstream_client.name, exc.message)
             return _result(stale, STALE)
-        await self.store.set_tag(route.name, tag, result.digest, confirmed=True)
+        await self.store.set_tag(route.key, tag, result.digest, confirmed=True)
         if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
             self._remember_tag(key, result.digest, time.monotonic() + self.tag_ttl)
             await self._tags.set(key, str(result.digest), ttl=self.tag_ttl)
@@ -397,7 +397,7 @@ class PullThrough:
             raise BadGateway(f"upstream manifest digest {digest} does not match {expect}")
         item = StoredManifest(digest, media_type, data)
         await self.store.put_manifest(item.digest, item.data, item.media_type)
-        await self.store.link_manifest(route.name, item.digest)
+        await self.store.link_manifest(route.key, item.digest)
         self._memory.put(item)
         return _result(item, MISS)
 
@@ -615,7 +615,7 @@ class PullThrough:
             return tags, more
         except (Unavailable, TooManyRequests, BadGateway, NameUnknown, ValueError,
                 AttributeError) as exc:
-            local = await self.store.list_tags(route.name)
+            local = await self.store.list_tags(route.key)
             if local is None:
                 raise NameUnknown(f"repository {route.name} is not cached") from exc
             return paginate(local, n, last)
@@ -641,7 +641,7 @@ def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[st
 
 def _tag_key(route: Route, tag: str) -> str:
     """A tag's key in this process's memory and in the shared tag cache."""
-    return f"{route.name}:{tag}"
+    return f"{route.key}:{tag}"
 
 
 def _result(item: StoredManifest, outcome: str) -> ManifestResult:

@@ -102,3 +102,13 @@ class Store(Protocol):
     async def delete_tag(self, name: str, tag: str) -> bool: ...
     async def list_tags(self, name: str) -> list[str] | None: ...
     async def list_repositories(self) -> list[str]: ...
+    async def rename_repository(self, old: str, new: str) -> None:
+        """Move a repository's tags and links to another key (merging into what is there);
+        nested repositories under ``old`` stay where they are."""
+
+    # -- layout ------------------------------------------------------------------------
+    async def layout_version(self) -> int | None:
+        """The recorded layout version; ``None`` if none is (a store older than version 2,
+        or a new one)."""
+
+    async def set_layout_version(self, version: int) -> None: ...

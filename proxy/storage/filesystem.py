@@ -12,6 +12,7 @@ Layout under the root (documented in README.md, "On-disk layout")::
     uploads/<uuid>/{data,repo,started}           resumable blob uploads (hosted)
     tmp/                                         files being written (removed at start-up)
     locks/                                       lock files shared by the worker processes
+    layout                                       the layout's version (see proxy.layout)
 
 Nothing appears under ``blobs/`` or ``manifests/`` before its digest and size were checked
 and its bytes fsynced: writers fill a temp file and ``rename`` it into place. Repository
@@ -613,6 +614,46 @@ class FilesystemStore:
                 names.append(os.path.relpath(dirpath, self._repos).replace(os.sep, "/"))
             dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         return sorted(names)
+
+    async def rename_repository(self, old: str, new: str) -> None:
+        """Move ``old``'s ``_tags``/``_manifests``/``_layers``/``_referrers`` under ``new``
+        (entries already there win), then drop the directories left empty."""
+        for kind in (_TAGS, _MANIFESTS, _LAYERS, _REFERRERS):
+            src, dst = self._repo(old) / kind, self._repo(new) / kind
+            if src.is_dir():
+                self._merge_dir(src, dst)
+        top = self._repo(old)
+        while top != self._repos and top.is_dir():
+            try:
+                top.rmdir()
+            except OSError:  # not empty: nested repositories live on
+                break
+            top = top.parent
+
+    @classmethod
+    def _merge_dir(cls, src: Path, dst: Path) -> None:
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+            return
+        for entry in src.iterdir():
+            target = dst / entry.name
+            if entry.is_dir():
+                cls._merge_dir(entry, target)
+            elif not target.exists():
+                os.rename(entry, target)
+            else:
+                entry.unlink()
+        src.rmdir()
+
+    async def layout_version(self) -> int | None:
+        try:
+            return int((self.root / "layout").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    async def set_layout_version(self, version: int) -> None:
+        self._write_small(self.root / "layout", f"{version}\n".encode())
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -646,6 +646,29 @@ class S3Store:
                 return []
         return None
 
+    async def rename_repository(self, old: str, new: str) -> None:
+        """Copy every tag and link object of ``old`` to ``new`` (S3 has no rename), then
+        delete the originals; objects of nested repositories stay."""
+        async for rel, _, _ in self._list(f"repositories/{old}/"):
+            if not rel.startswith("_"):
+                continue  # rel begins with another component: a nested repository's
+            src, dst = f"repositories/{old}/{rel}", f"repositories/{new}/{rel}"
+            if not await self._exists(dst):
+                await self.client.copy_object(
+                    Bucket=self.config.bucket, Key=self.config.key(dst),
+                    CopySource={"Bucket": self.config.bucket, "Key": self.config.key(src)})
+            await self._drop(src)
+
+    async def layout_version(self) -> int | None:
+        got = await self._get("layout")
+        try:
+            return None if got is None else int(got[0].decode().strip())
+        except ValueError:
+            return None
+
+    async def set_layout_version(self, version: int) -> None:
+        await self._put("layout", f"{version}\n".encode())
+
     async def list_repositories(self) -> list[str]:
         names = set()
         async for rel, _, _ in self._list("repositories/"):
