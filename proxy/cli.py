@@ -154,7 +154,7 @@ async def _cache(config: Config, args: argparse.Namespace) -> int:
         print(f"regproxy: {args.image!r}: {exc.message}", file=sys.stderr)
         return 2
     async with open_store(config, clean=False) as (store, _):
-        removed = await purge(store, key, reference)
+        removed = await purge(store, key, reference, names.is_hosted_key)
     for digest, size in removed:
         print(f"deleted {digest} ({size} bytes)")
     print(f"purged {args.image}: {len(removed)} objects, {sum(s for _, s in removed)} bytes "

@@ -4,7 +4,9 @@ Layout 2 (this version) keeps every cached repository under ``<upstream>/<remote
 (see :mod:`proxy.routing`). Layout 1 kept the default upstream's cached repositories
 under their bare names (``library/alpine``), where a hosted repository of the same name
 shared their keys. Upgrading moves each bare-named repository that is neither hosted nor
-already under an upstream's name to ``<default upstream>/<name>``; hosted ones stay.
+already under an upstream's name to ``<default upstream>/<name>`` (hosted ones stay), and
+links to every cached repository what its manifests reference, since layout 2 serves a
+repository only the objects linked to it.
 The version is then recorded, so the move never runs twice (a hosted pattern removed
 later must not turn hosted content into cache).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from proxy.config import Config
+from proxy.pullthrough.links import RepositoryLinks
 from proxy.routing import Namespaces
 from proxy.storage import Store
 from proxy.storage.backend import open_store
@@ -49,6 +52,15 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
             "delete repositories/<name> for each")
     for old, new in moves:
         await store.rename_repository(old, new)
+    # layout 1 linked no blobs to cached repositories; layout 2 serves a cached repository
+    # only what is linked to it: link what each one's manifests reference
+    links = RepositoryLinks(store, capacity=0)
+    for key in await store.list_repositories():
+        if names.is_cached_key(key):
+            for digest in await store.list_manifest_links(key):
+                item = await store.get_manifest(digest)
+                if item is not None:
+                    await links.add_manifest(key, item)
     if moves:
         log.warning("store layout upgraded to %d: %d cached repositories of the default "
                     "upstream moved under %s/", LAYOUT_VERSION, len(moves), names.default)

@@ -93,10 +93,13 @@ class Hosted:
         self.uploads.delete(self.uploads.get(route.key, uid))
 
     async def mount(self, route: Route, digest: Digest, source: Route | None) -> bool:
-        """Link an existing blob from ``source`` into the repository; False to fall back."""
+        """Link an existing blob from ``source`` into the repository; False to fall back.
+        The blob must be linked in ``source`` (hosted or cached): the pool is shared, and
+        a mount must not copy what the source repository does not hold."""
         if source is None or await self.store.blob_size(digest) is None:
             return False
-        if source.hosted and not await self.store.has_blob_link(source.key, digest):
+        if not (await self.store.has_blob_link(source.key, digest)
+                or await self.store.has_manifest_link(source.key, digest)):
             return False
         await self.store.link_blob(route.key, digest)
         await self.store.touch_blob(digest)

@@ -37,6 +37,7 @@ from proxy.mediatypes import (
 )
 from proxy.pullthrough.cluster import Cluster, FillLease, Holder, RemoteReader
 from proxy.pullthrough.fill import BlobFill, FillReader, TailReader
+from proxy.pullthrough.links import RepositoryLinks
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
 from proxy.routing import Route
@@ -100,8 +101,9 @@ class PullThrough:
         self.max_manifest_size = max_manifest_size
         self.default_platform = default_platform
         self._memory = ManifestLRU(manifest_memory)
+        self.links = RepositoryLinks(store)
         self._flight: SingleFlight[ManifestResult] = SingleFlight()
-        self._head_flight: SingleFlight[int] = SingleFlight()
+        self._head_flight: SingleFlight[int] = SingleFlight()  #: per repository and blob
         self._fills: dict[str, BlobFill] = {}
         self._claiming = KeyedLocks()  #: one claim at a time per blob
         self._holders: dict[str, tuple[Holder, float]] = {}  #: fills other replicas run
@@ -173,6 +175,8 @@ class PullThrough:
         """The answer when this process holds everything it needs (a fresh tag, the
         manifest, a type the client takes): the hot path, with no awaits."""
         if isinstance(reference, Digest):
+            if not self.links.known(route.key, reference):
+                return None
             digest = reference
         else:
             entry = self._tag_l1.get(_tag_key(route, reference))
@@ -187,6 +191,9 @@ class PullThrough:
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
         local = await self.local_manifest(digest)
         if local is not None:
+            if not await self.links.holds_manifest(route.key, digest):
+                await self._confirm(route, digest, manifest=True)
+                await self.links.add_manifest(route.key, local)
             return _result(local, HIT)
         if head:
             return await self._head_manifest(route, str(digest), expect=digest)
@@ -196,13 +203,12 @@ class PullThrough:
 
     async def _fetch_by_digest(self, route: Route, digest: Digest) -> ManifestResult:
         async def stored() -> ManifestResult | None:
-            item = await self.local_manifest(digest)
-            if item is None:
+            item = await self.local_manifest(digest)  # (the peer linked it: same repository)
+            if item is None or not await self.links.holds_manifest(route.key, digest):
                 return None
-            await self.store.link_manifest(route.key, digest)
             return _result(item, COALESCED)
 
-        peer = await self._from_peer(f"manifest:{digest}", stored)
+        peer = await self._from_peer(f"manifest:{route.key}@{digest}", stored)
         return peer if peer is not None else await self._fetch_manifest(route, str(digest), digest)
 
     async def _from_peer(self, job: str, probe: Callable[[], Awaitable[ManifestResult | None]],
@@ -313,7 +319,8 @@ class PullThrough:
             else:
                 head = await self._head_manifest(route, tag, expect=None)
                 local = await self.local_manifest(head.digest)
-                if local is not None:  # the link is confirmed below, in one write
+                if local is not None:  # the tag is confirmed below, in one write
+                    await self.links.add_manifest(route.key, local)  # (the upstream vouched)
                     result, outcome = _result(local, HIT), (
                         REVALIDATED if previous is not None else HIT)
                 else:
@@ -397,7 +404,7 @@ class PullThrough:
             raise BadGateway(f"upstream manifest digest {digest} does not match {expect}")
         item = StoredManifest(digest, media_type, data)
         await self.store.put_manifest(item.digest, item.data, item.media_type)
-        await self.store.link_manifest(route.key, item.digest)
+        await self.links.add_manifest(route.key, item)
         self._memory.put(item)
         return _result(item, MISS)
 
@@ -419,18 +426,26 @@ class PullThrough:
     # -- blobs -------------------------------------------------------------------------
 
     async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
-        """Find a blob: stored, being filled, or (GET) start a fill; HEAD asks upstream."""
+        """Find a blob of the repository: stored, being filled, or (GET) start a fill;
+        HEAD asks upstream. A blob the repository holds no link to is first confirmed
+        upstream for its name (a HEAD): the pool is shared by every repository."""
         size = await self.store.blob_size(digest)
-        if size is not None:
+        linked = await self.links.holds_blob(route.key, digest)
+        if size is not None and linked:
             await self.touch(digest)
             return BlobResult(digest, size, HIT, stored=True)
         key = str(digest)
         fill = self._fills.get(key)
-        if head:
-            if fill is not None and fill.size is not None:
-                return BlobResult(digest, fill.size, COALESCED)
-            size, shared = await self._head_flight.do(key, lambda: self._head_blob(route, digest))
-            return BlobResult(digest, size, COALESCED if shared else MISS)
+        if head and linked and fill is not None and fill.size is not None:
+            return BlobResult(digest, fill.size, COALESCED)
+        if head or not linked:
+            upstream_size, shared = await self._confirm(route, digest, manifest=False)
+            await self.links.add_blob(route.key, digest)
+            if size is not None:
+                await self.touch(digest)
+                return BlobResult(digest, size, HIT, stored=True)
+            if head:
+                return BlobResult(digest, upstream_size, COALESCED if shared else MISS)
         if fill is not None:
             return await self._join(fill, COALESCED)
         # a dead replica's lease blocks the blob until it expires: wait that long, not more
@@ -564,8 +579,26 @@ class PullThrough:
         async with lease.kept():
             await fill.run(route.upstream_client, route.remote, settled)
 
-    async def _head_blob(self, route: Route, digest: Digest) -> int:
+    async def _confirm(self, route: Route, digest: Digest, *, manifest: bool) -> tuple[int, bool]:
+        """Ask the upstream whether the repository holds ``digest`` (one HEAD per repository
+        and object at a time): ``(size, shared)``. Whatever keeps it from saying yes (a 404,
+        an outage) is a 404 here: an object the repository is not known to hold is never
+        served, and the answer must not tell whether the pool has it."""
+        kind = "manifest" if manifest else "blob"
+        try:
+            return await self._head_flight.do(
+                (kind, route.key, str(digest)), lambda: self._head_object(route, digest, manifest))
+        except RegistryError as exc:
+            unknown = ManifestUnknown if manifest else BlobUnknown
+            if isinstance(exc, unknown):
+                raise
+            raise unknown(f"{kind} {digest} unknown to {route.name} "
+                          f"(the upstream could not confirm it: {exc.message})") from None
+
+    async def _head_object(self, route: Route, digest: Digest, manifest: bool) -> int:
         upstream = route.upstream_client
+        if manifest:
+            return (await self._head_manifest(route, str(digest), expect=digest)).size
         async with upstream.request("HEAD", route.remote, Endpoint.BLOBS, digest) as resp:
             if resp.status != 200:
                 raise upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)

@@ -124,11 +124,13 @@ async def evict(
     return report
 
 
-async def purge(store: Store, name: str, reference: str | Digest) -> list[tuple[Digest, int]]:
+async def purge(store: Store, name: str, reference: str | Digest,
+                is_hosted: Callable[[str], bool]) -> list[tuple[Digest, int]]:
     """Remove a cached image (a tag, or a manifest by digest) and the content only it used.
 
     Returns what was deleted. Content still referenced by another manifest in any
-    repository stays.
+    repository, or pushed to a hosted one, stays. (A cached repository's blob links only
+    record what its upstream vouched for: they keep nothing.)
     """
     if isinstance(reference, Digest):
         roots = [reference] if await store.has_manifest_link(name, reference) else []
@@ -146,9 +148,8 @@ async def purge(store: Store, name: str, reference: str | Digest) -> list[tuple[
     candidates = await mark_reachable(store, roots, set())
     still_used: set[Digest] = set()
     for repo in await store.list_repositories():
-        await mark_reachable(
-            store, [*await store.list_manifest_links(repo), *await store.list_blob_links(repo)],
-            still_used)
+        blobs = await store.list_blob_links(repo) if is_hosted(repo) else []
+        await mark_reachable(store, [*await store.list_manifest_links(repo), *blobs], still_used)
     removed = []
     for d in candidates - still_used:
         size = await store.blob_size(d)

@@ -49,6 +49,9 @@ class FakeUpstream:
     omit_digest_header: bool = False
     token_requests: int = 0
     sent_all: set[str] = field(default_factory=set)  # digests whose body was sent in full
+    #: when set, a blob exists only in the repositories listed for it (a real registry's
+    #: scoping; by default every blob is in every repository)
+    blob_repos: dict[str, set[str]] | None = None
 
     # -- content -----------------------------------------------------------------------
 
@@ -151,6 +154,9 @@ class FakeUpstream:
     async def _blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
         data = self.blobs.get(digest)
+        if self.blob_repos is not None and request.match_info["name"] not in self.blob_repos.get(
+                digest, ()):
+            data = None
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "x"}]},
                                      status=404)
