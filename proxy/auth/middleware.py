@@ -54,12 +54,21 @@ class Identity:
 ANONYMOUS = Identity(None)
 
 
+#: The route template of an upload session (``/v2/{name}/blobs/uploads/{uuid}``, with or
+#: without the upstream prefix): deleting one cancels an upload, which is push.
+_UPLOAD_SESSION = "/blobs/uploads/{uuid}"
+
+
 def action_of(request: web.Request) -> str:
+    """The action a request needs, from its method and the route it matched: the path text
+    cannot decide it, since a repository name may contain ``/blobs/uploads/`` itself."""
     method = request.method
     if method in ("GET", "HEAD"):
         return "pull"
     if method == "DELETE":
-        return "push" if "/blobs/uploads/" in request.path else "delete"
+        resource = request.match_info.route.resource
+        upload = resource is not None and resource.canonical.endswith(_UPLOAD_SESSION)
+        return "push" if upload else "delete"
     return "push"
 
 
