@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from proxy import layout, metrics, tls
+from proxy import debuglisten, layout, metrics, tls
 from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
@@ -79,7 +79,9 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     app[CLEAN_TMP] = clean_tmp
     app.on_response_prepare.append(_common_headers)
     app.cleanup_ctx.append(_services)
-    setup_routes(app)
+    # with a debug listener, the status pages and metrics are served there only
+    debuglisten.install(app, config, on_prepare=_common_headers, limits=SERVER_LIMITS)
+    setup_routes(app, ops_pages=config.debug_listen is None)
     install_auth(app, config.auth, tuple(config.upstreams))  # auth middleware, /auth/token
     tls.install(app, config.tls)  # app[tls.SSL_CONTEXT] and certificate reload
     add_catch_all(app)

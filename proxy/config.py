@@ -100,6 +100,9 @@ class Config:
     listen_port: int = 5000
     access_log: bool = True
     workers: int = 1
+    #: ``server.debug_listen``: (host, port) of a plain-HTTP listener, without auth, for the
+    #: status pages, metrics and probes; the main listener then no longer serves the pages.
+    debug_listen: tuple[str, int] | None = None
     storage_root: Path = Path("./data")
     s3: S3Config | None = None  #: [storage] backend = "s3"; storage_root then holds temp files
     cluster: ClusterConfig | None = None  #: [cluster]: several replicas
@@ -146,6 +149,7 @@ class Config:
             cfg = replace(cfg, storage_root=Path(data_dir))
         if cfg.workers > 1 and cfg.listen_port == 0:
             raise ConfigError("server.workers", "several workers need a fixed listen port")
+        check_debug_listen(cfg)
         if upstream is not None:
             url = parse_url("--upstream", upstream)
             parts = urlsplit(url)
@@ -234,6 +238,19 @@ def parse_url(key: str, value: Any) -> str:
         value = redact_url(value)
     raise ConfigError(key, f"expected an http(s) URL without credentials, query or fragment, "
                            f"got {value!r}")
+
+
+def check_debug_listen(cfg: Config) -> None:
+    """The debug listener needs its own port, and a fixed one when workers share it."""
+    if cfg.debug_listen is None:
+        return
+    host, port = cfg.debug_listen
+    wildcard = {"0.0.0.0", "::", ""}
+    if port != 0 and port == cfg.listen_port and (
+            host == cfg.listen_host or host in wildcard or cfg.listen_host in wildcard):
+        raise ConfigError("server.debug_listen", f"port {port} is the main listener's (server.listen)")
+    if port == 0 and cfg.workers > 1:
+        raise ConfigError("server.debug_listen", "several workers need a fixed debug port")
 
 
 _PATTERN_RE = re.compile(r"[a-z0-9._/*-]+")
@@ -377,7 +394,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     patterns = hosted.get("repositories", [])
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
-    server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers"})
+    server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen"})
     storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3"})
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
                                                   "manifest_memory", "max_manifest_size",
@@ -431,6 +448,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         listen_port=port,
         access_log=_bool("server.access_log", server.get("access_log", True)),
         workers=parse_workers("server.workers", server.get("workers", 1)),
+        debug_listen=(parse_listen("server.debug_listen", server["debug_listen"])
+                      if "debug_listen" in server else None),
         storage_root=root,
         s3=s3,
         cluster=cluster,
@@ -451,6 +470,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         upload_max_age=parse_duration("hosted.upload_max_age", hosted.get("upload_max_age", 86400)),
     )
     check_hosted(cfg)
+    check_debug_listen(cfg)
     if "tls" in top or "auth" in top:  # the edge modules import this one: import them late
         from proxy.auth.settings import parse_auth
         from proxy.tls import parse_tls

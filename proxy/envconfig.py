@@ -4,8 +4,9 @@ Precedence: built-in defaults < ``config.toml`` < environment < command-line fla
 
 * The distribution registry's variables, so existing deployments keep working:
   ``REGISTRY_AUTH=htpasswd``, ``REGISTRY_AUTH_HTPASSWD_REALM``, ``REGISTRY_AUTH_HTPASSWD_PATH``,
-  ``REGISTRY_HTTP_ADDR``, ``REGISTRY_HTTP_TLS_CERTIFICATE``, ``REGISTRY_HTTP_TLS_KEY``,
-  ``REGISTRY_HTTP_TLS_CLIENTCAS_0``, ``REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY`` and the s3
+  ``REGISTRY_HTTP_ADDR``, ``REGISTRY_HTTP_DEBUG_ADDR``, ``REGISTRY_HTTP_TLS_CERTIFICATE``,
+  ``REGISTRY_HTTP_TLS_KEY``, ``REGISTRY_HTTP_TLS_CLIENTCAS_0``,
+  ``REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY`` and the s3
   driver's ``REGISTRY_STORAGE_S3_{BUCKET,REGION,REGIONENDPOINT,ACCESSKEY,SECRETKEY,
   ROOTDIRECTORY}`` (they select ``storage.backend = "s3"``). Other
   ``REGISTRY_*`` variables are ignored (``REGISTRY_AUTH_FILE`` belongs to podman/skopeo).
@@ -33,6 +34,7 @@ DISTRIBUTION_VARS: dict[str, tuple[str, ...]] = {
     "REGISTRY_AUTH_HTPASSWD_REALM": ("auth", "realm"),
     "REGISTRY_AUTH_HTPASSWD_PATH": ("auth", "htpasswd"),
     "REGISTRY_HTTP_ADDR": ("server", "listen"),
+    "REGISTRY_HTTP_DEBUG_ADDR": ("server", "debug_listen"),
     "REGISTRY_HTTP_TLS_CERTIFICATE": ("tls", "cert"),
     "REGISTRY_HTTP_TLS_KEY": ("tls", "key"),
     "REGISTRY_HTTP_TLS_CLIENTCAS_0": ("tls", "client_ca"),

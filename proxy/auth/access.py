@@ -11,6 +11,9 @@ pattern covers every way of addressing the same content.
 * Without ``[[auth.rules]]``, every signed-in user may pull, push and delete everything.
   With rules, a signed-in user has what the rules naming them (directly, through a group,
   or with ``users = ["*"]``) grant, plus anonymous pull.
+* The ``ops`` right (the status pages and metrics) is not per repository: a rule with
+  ``actions = ["ops"]`` grants it to its users; without rules every signed-in user has it,
+  anonymous clients never.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from proxy.auth.settings import ACTIONS, AuthConfig
+from proxy.auth.settings import ACTIONS, OPS, AuthConfig
 from proxy.routing import compile_patterns
 
 ALL = frozenset(ACTIONS)
@@ -39,8 +42,11 @@ class AccessControl:
         self._member_of = member_of
         self._rules: list[tuple[frozenset[str], frozenset[str], re.Pattern[str] | None, frozenset[str]]] = [
             (frozenset(r.users), frozenset(r.groups), compile_patterns(r.repositories), r.actions)
-            for r in config.rules
+            for r in config.rules if OPS not in r.actions
         ]
+        self._operators = [(frozenset(r.users), frozenset(r.groups))
+                           for r in config.rules if OPS in r.actions]
+        self._open = not config.rules
 
     def anonymous_allowed_from(self, remote: str | None) -> bool:
         """Whether anonymous pull exists at all for a client at ``remote``."""
@@ -64,7 +70,7 @@ class AccessControl:
             granted.add("pull")
         if user is None:
             return frozenset(granted)
-        if not self._rules:
+        if self._open:
             return ALL
         groups = self._member_of.get(user, set())
         for users, rule_groups, pattern, actions in self._rules:
@@ -73,3 +79,12 @@ class AccessControl:
                 granted |= actions
         return frozenset(granted)
 
+    def may_operate(self, user: str | None) -> bool:
+        """Whether ``user`` has the ``ops`` right (anonymous clients never have it)."""
+        if user is None:
+            return False
+        if self._open:
+            return True
+        groups = self._member_of.get(user, set())
+        return any(user in users or "*" in users or groups & rule_groups
+                   for users, rule_groups in self._operators)

@@ -9,6 +9,10 @@ client; failed logins are budgeted per address and per user (:mod:`proxy.auth.th
 cancelling an upload is push) is checked on the repository's local name. Anonymous clients without the
 right get 401 with a challenge (so they retry with credentials), signed-in users 403 DENIED.
 All of this happens before any handler runs, so a refused push never touches storage.
+
+The operational pages (``/``, ``/status``, ``/status.json``, ``/metrics``) need the ``ops``
+right: they name private repositories and upstreams. Their challenge is always ``Basic``
+(browsers and Prometheus answer that, not a token flow). ``/healthz`` and ``/readyz`` stay open.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from proxy.auth.settings import AuthConfig
 from proxy.auth.throttle import LoginThrottle, Throttled
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
 from proxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
+from proxy.handlers import OPS_PAGES
 from proxy.handlers.common import CATALOG_FILTER, ROUTER, upstream_ns
 
 log = logging.getLogger("regproxy.auth")
@@ -174,7 +179,24 @@ class Edge:
                 out.add(router.route(name, ns).name)
         return out
 
+    async def check_operator(self, request: web.Request) -> None:
+        """Let only callers with the ``ops`` right through: 401 (Basic challenge) to anonymous
+        or wrongly signed-in clients, 403 DENIED to users without the right."""
+        try:
+            ident = await self.authenticate(request)
+        except Unauthorized as exc:
+            raise self.basic_challenge(exc.message) from None
+        if ident.user is None:
+            raise self.basic_challenge("the status pages and metrics need the ops right")
+        if not self.acl.may_operate(ident.user):
+            raise Denied(f"{ident.user} may not see the status pages and metrics (no ops right)")
+
     # -- refusals ----------------------------------------------------------------------
+
+    def basic_challenge(self, message: str) -> Unauthorized:
+        return Unauthorized(message, headers={
+            "WWW-Authenticate": f'Basic realm="{self.auth.realm}", charset="UTF-8"',
+            "Cache-Control": "no-store"})
 
     def realm_url(self, request: web.Request) -> str:
         if self.auth.token_realm:
@@ -210,9 +232,16 @@ def _scope_name(name: str) -> str:
 
 @web.middleware
 async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
-    """Authenticate and authorize every ``/v2`` request before its handler runs."""
+    """Authenticate and authorize every ``/v2`` request and the operational pages before
+    their handlers run."""
+    if request.match_info.http_exception is not None:
+        return await handler(request)
+    resource = request.match_info.route.resource
+    if resource is not None and resource.canonical in OPS_PAGES:
+        await request.app[EDGE].check_operator(request)
+        return await handler(request)
     api = request.path.startswith("/v2") or "prefix" in request.match_info  # /<upstream>/v2/...
-    if not api or request.match_info.http_exception is not None:
+    if not api:
         return await handler(request)
     edge = request.app[EDGE]
     remote = request.remote

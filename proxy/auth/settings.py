@@ -14,6 +14,9 @@ from typing import Any
 from proxy.config import ConfigError, _str, _take, parse_duration, parse_url
 
 ACTIONS = ("pull", "push", "delete")
+#: The right to see the operational pages (``/``, ``/status``, ``/status.json``, ``/metrics``):
+#: not per repository, so it is granted by a rule of its own without ``repositories``.
+OPS = "ops"
 #: A repository pattern: a local repository name where ``*`` matches within one component
 #: and ``**`` (a whole component) any number of components. ``:`` for ``host:port`` prefixes.
 _PATTERN_RE = re.compile(r"[a-z0-9._*:-]+(?:/[a-z0-9._*:-]+)*")
@@ -24,7 +27,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True)
 class Rule:
-    """``[[auth.rules]]``: ``users``/``groups`` may do ``actions`` on ``repositories``."""
+    """``[[auth.rules]]``: ``users``/``groups`` may do ``actions`` on ``repositories``, or,
+    for ``actions = ["ops"]`` (and no repositories), see the operational pages."""
 
     users: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
@@ -127,14 +131,21 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
                 raise ConfigError(f"{key}.groups", f"group {g!r} is not defined in [auth.groups]")
         if not users and not rule_groups:
             raise ConfigError(key, "needs users = [...] or groups = [...] (\"*\" = any signed-in user)")
+        actions = _str_list(f"{key}.actions", r.get("actions", ["pull"]))
+        for a in actions:
+            if a not in ACTIONS and a not in ("*", OPS):
+                raise ConfigError(f"{key}.actions",
+                                  f"unknown action {a!r} (allowed: pull, push, delete, *, ops)")
+        if OPS in actions:
+            if "repositories" in r or len(set(actions)) > 1:
+                raise ConfigError(f"{key}.actions", "ops is not per-repository: grant it in a rule "
+                                                    "of its own, without repositories")
+            rules.append(Rule(users=users, groups=rule_groups, actions=frozenset({OPS})))
+            continue
         if "repositories" not in r:
             raise ConfigError(f"{key}.repositories", "missing (e.g. repositories = [\"team/*\"])")
         repos = _str_list(f"{key}.repositories", r["repositories"], parse_pattern)
-        actions = _str_list(f"{key}.actions", r.get("actions", ["pull"]))
-        for a in actions:
-            if a not in ACTIONS and a != "*":
-                raise ConfigError(f"{key}.actions", f"unknown action {a!r} (allowed: pull, push, delete, *)")
-        acts = frozenset(ACTIONS) if "*" in actions else frozenset(actions)
+        acts = frozenset(ACTIONS) if "*" in actions else frozenset(actions)  # "*": not ops
         rules.append(Rule(users=users, groups=rule_groups, repositories=repos, actions=acts))
 
     mode = t.get("mode", "basic")
@@ -174,4 +185,4 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
     )
 
 
-__all__ = ["ACTIONS", "AuthConfig", "Rule", "parse_auth", "parse_pattern"]
+__all__ = ["ACTIONS", "OPS", "AuthConfig", "Rule", "parse_auth", "parse_pattern"]

@@ -14,9 +14,23 @@ _NAME = "{name:[^{}]+?}"
 _PREFIX = r"[a-z0-9][a-z0-9.-]*(?::[0-9]+)?"
 
 
-def setup_routes(app: web.Application) -> None:
+#: The operational pages: they name repositories and upstreams, so with ``[auth]`` only the
+#: ``ops`` right sees them, and with ``server.debug_listen`` only that listener serves them.
+OPS_PAGES: dict[str, Handler] = {
+    "/metrics": ops.metrics_endpoint,
+    "/": status.status_page,
+    "/status": status.status_page,
+    "/status.json": status.status_json,
+}
+#: What every listener serves, the debug listener included: liveness and readiness probes.
+PROBES: dict[str, Handler] = {"/healthz": ops.healthz, "/readyz": ops.readyz}
+
+
+def setup_routes(app: web.Application, *, ops_pages: bool = True) -> None:
     """Register every endpoint, each wrapped by :func:`oci`; aiohttp answers HEAD through
-    the GET handlers. Unknown methods and paths get OCI errors from catch-all routes."""
+    the GET handlers. Unknown methods and paths get OCI errors from catch-all routes.
+
+    ``ops_pages=False`` leaves out :data:`OPS_PAGES` (they are on the debug listener)."""
     # aiohttp tries the /v2/<name>/... patterns in this order: the reads every pull makes
     # come first (the patterns are disjoint, so the order changes nothing else).
     routes: list[tuple[str, str, Handler]] = [
@@ -35,12 +49,8 @@ def setup_routes(app: web.Application) -> None:
         ("PUT", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.finish_upload),
         ("DELETE", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.cancel_upload),
         ("GET", f"/v2/{_NAME}/referrers/{{digest}}", referrers.list_referrers),
-        ("GET", "/metrics", ops.metrics_endpoint),
-        ("GET", "/healthz", ops.healthz),
-        ("GET", "/readyz", ops.readyz),
-        ("GET", "/", status.status_page),
-        ("GET", "/status", status.status_page),
-        ("GET", "/status.json", status.status_json),
+        *(("GET", path, handler) for path, handler in PROBES.items()),
+        *(("GET", path, handler) for path, handler in OPS_PAGES.items() if ops_pages),
         ("GET", "/_regproxy/fills/{digest}", cluster.serve_fill),
     ]
     # The same API under an upstream prefix, ``/<upstream>/v2/...``: a Docker Engine 25+
@@ -64,4 +74,4 @@ def add_catch_all(app: web.Application) -> None:
     app.router.add_route("*", "/{tail:.*}", oci(endpoint_unknown))
 
 
-__all__ = ["add_catch_all", "oci_errors", "setup_routes"]
+__all__ = ["OPS_PAGES", "PROBES", "add_catch_all", "oci", "oci_errors", "setup_routes"]
