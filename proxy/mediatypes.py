@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 
 from proxy.errors import RegistryError
 from proxy.reference import Digest
+from proxy.untrusted import loads_json
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -62,7 +62,7 @@ GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "
 def sniff_media_type(data: bytes) -> str | None:
     """The ``mediaType`` a manifest declares about itself, if any."""
     try:
-        doc = json.loads(data)
+        doc = loads_json(data)
     except ValueError:
         return None
     if isinstance(doc, dict):
@@ -79,7 +79,7 @@ def sniff_media_type(data: bytes) -> str | None:
 def platform_child(index: bytes, os_name: str, arch: str) -> str | None:
     """Digest of the ``os/arch`` entry of an index or manifest list (for old clients)."""
     try:
-        doc = json.loads(index)
+        doc = loads_json(index)
         for entry in doc.get("manifests", []):
             plat = entry.get("platform") or {}
             if plat.get("os") == os_name and plat.get("architecture") == arch:

@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from proxy.untrusted import loads_json
+
 ISSUER = "regproxy"
 LEEWAY = 30.0  #: seconds of clock skew tolerated on exp/nbf
 MAX_TOKEN_LENGTH = 8192
@@ -118,7 +120,7 @@ class TokenAuthority:
             raise TokenError("not a JWS compact token")
         h64, p64, s64 = token.split(".")
         try:
-            header = json.loads(b64url_decode(h64))
+            header = loads_json(b64url_decode(h64))
         except (ValueError, UnicodeDecodeError):
             raise TokenError("bad header") from None
         if not isinstance(header, dict) or header.get("alg") != "ES256":
@@ -133,7 +135,7 @@ class TokenAuthority:
         except InvalidSignature:
             raise TokenError("signature does not verify with our key") from None
         try:
-            payload = json.loads(b64url_decode(p64))
+            payload = loads_json(b64url_decode(p64))
         except (ValueError, UnicodeDecodeError):
             raise TokenError("bad payload") from None
         if not isinstance(payload, dict):

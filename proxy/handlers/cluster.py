@@ -19,10 +19,27 @@ from proxy.pullthrough.cluster import SECRET_HEADER
 from proxy.reference import Digest
 
 
+def is_utf8(value: str) -> bool:
+    """Whether a header value came as UTF-8: aiohttp keeps undecodable bytes as lone
+    surrogates, which ``encode()`` (a comparison, a forwarded request) refuses."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def presented_secret(request: web.Request) -> str | None:
+    """The cluster secret a request carries; ``None`` when absent or not UTF-8 (no
+    configured secret is)."""
+    value = request.headers.get(SECRET_HEADER)
+    return value if value is not None and is_utf8(value) else None
+
+
 async def serve_fill(request: web.Request) -> web.StreamResponse:
     pullthrough = request.app[PULLTHROUGH]
     cluster = pullthrough.cluster
-    if cluster is None or not cluster.authorized(request.headers.get(SECRET_HEADER)):
+    if cluster is None or not cluster.authorized(presented_secret(request)):
         raise BlobUnknown("no such fill")
     digest = Digest.parse(request.match_info["digest"])
     result = await pullthrough.local_fill(digest)
@@ -49,7 +66,8 @@ async def forward_upload(request: web.Request, uid: str) -> web.StreamResponse |
     owner = await cluster.upload_owner(uid)
     if owner is None or cluster.session is None:
         return None
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers = {k: v for k, v in request.headers.items()
+               if k.lower() not in _HOP_BY_HOP and is_utf8(v)}
     headers[FORWARDED] = "1"
     body = request.content if request.can_read_body else None
     try:

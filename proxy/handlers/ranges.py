@@ -5,15 +5,18 @@ from __future__ import annotations
 import re
 
 from proxy.errors import RangeNotSatisfiable
+from proxy.untrusted import parse_digits
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: ASCII digits only (``\d`` matches other scripts' digits too); lengths checked below.
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(start, end_exclusive)`` for a satisfiable single range, ``None`` for no range.
 
     Multiple ranges and malformed or unsatisfiable ones raise 416 (what aiohttp's file
-    responses do too, so cached and filling blobs answer alike).
+    responses do too, so cached and filling blobs answer alike); so do numbers too long
+    to be an offset.
     """
     if header is None:
         return None
@@ -26,12 +29,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         raise bad
     if not first:  # suffix range: the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
+        n = parse_digits(last)
+        if not n or size == 0:
             raise bad
         return max(size - n, 0), size
-    start = int(first)
-    end = int(last) + 1 if last else size
-    if start >= size or end <= start:
+    start = parse_digits(first)
+    end = (parse_digits(last) if last else size - 1)
+    if start is None or end is None or start >= size or end < start:
         raise bad
-    return start, min(end, size)
+    return start, min(end + 1, size)

@@ -32,6 +32,7 @@ from proxy.reference import Digest
 from proxy.routing import Route
 from proxy.singleflight import KeyedLocks
 from proxy.storage import Store, Upload, UploadStore
+from proxy.untrusted import loads_json, parse_digits
 
 #: Reads a request body chunk by chunk (``b""`` at the end).
 ChunkSource = Callable[[], Awaitable[bytes]]
@@ -170,7 +171,7 @@ class Hosted:
         if isinstance(reference, Digest) and digest != reference:
             raise DigestInvalid(f"manifest digest {digest} does not match {reference}")
         try:
-            doc = json.loads(data)
+            doc = loads_json(data)
         except ValueError:
             raise ManifestInvalid("manifest is not valid JSON") from None
         if not isinstance(doc, dict):
@@ -226,7 +227,7 @@ class Hosted:
             raise ManifestUnknown(f"manifest {reference} unknown in {route.name}")
         if item is not None:
             try:
-                subject = json.loads(item.data).get("subject")
+                subject = loads_json(item.data).get("subject")
                 (sd,) = _descriptors([subject], "subject") if subject else (None,)
             except (ValueError, AttributeError, RegistryError):
                 sd = None
@@ -248,7 +249,7 @@ class Hosted:
             if item is None or not await self.store.has_manifest_link(route.key, digest):
                 continue
             try:
-                doc = json.loads(item.data)
+                doc = loads_json(item.data)
             except ValueError:
                 continue
             art = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
@@ -299,10 +300,11 @@ def _descriptors(items: Any, field: str) -> list[Digest]:
 def _range_start(value: str) -> int:
     """Start of a chunk's ``Content-Range: <start>-<end>`` (``bytes`` prefix tolerated)."""
     text = value.strip().removeprefix("bytes").strip().removeprefix("=").strip()
-    start, sep, end = text.partition("-")
-    if not sep or not start.isdigit() or not end.isdigit() or int(end) < int(start):
+    first, sep, last = text.partition("-")
+    start, end = parse_digits(first), parse_digits(last)
+    if not sep or start is None or end is None or end < start:
         raise BlobUploadInvalid(f"invalid Content-Range {value[:100]!r}")
-    return int(start)
+    return start
 
 
 def upload_headers(name: str, upload: Upload) -> dict[str, str]:
