@@ -49,9 +49,11 @@ COMMON_HEADERS = CIMultiDictProxy(CIMultiDict((
     ("Cross-Origin-Resource-Policy", "same-origin"),
     ("Server", "regproxy"),
 )))
-#: Pages that set their own policy (the status page) keep it.
+#: Pages that set their own policy (the status page) keep it. ``sandbox``: should some
+#: stored content still reach a browser as a document, it runs in an opaque origin,
+#: without scripts, forms or access to this origin's cookies.
 CSP = istr("Content-Security-Policy")
-DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -17,6 +17,13 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 IMAGE_MANIFESTS = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
 INDEXES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+#: What a push may be stored and served as (``Content-Type``, or the body's ``mediaType``
+#: when the header is generic): a pusher must not pick ``text/html`` for a browser to
+#: render from the registry's origin. OCI 1.1 artifacts are image manifests with an
+#: ``artifactType``, so they pass; ``application/vnd.oci.artifact.manifest.v1+json`` of
+#: the 1.1 release candidates was dropped from the final spec (and ORAS 1.0 stopped
+#: sending it), so it is refused like any other non-manifest type.
+PUSHABLE = IMAGE_MANIFESTS | INDEXES
 #: What we ask upstreams for: every type we can store and serve, so we never trigger a
 #: conversion upstream and the digest a client sees is the upstream's own.
 ALL_MANIFESTS = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST)

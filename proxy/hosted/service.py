@@ -26,7 +26,14 @@ from proxy.errors import (
     RegistryError,
     Unsupported,
 )
-from proxy.mediatypes import GENERIC_TYPES, INDEXES, OCI_INDEX, references, sniff_media_type
+from proxy.mediatypes import (
+    GENERIC_TYPES,
+    INDEXES,
+    OCI_INDEX,
+    PUSHABLE,
+    references,
+    sniff_media_type,
+)
 from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
 from proxy.routing import Route
@@ -267,16 +274,27 @@ class Hosted:
 
 
 def _media_type(doc: dict[str, Any], content_type: str, data: bytes) -> str:
+    """The type a pushed manifest is stored and served as: one of :data:`PUSHABLE`,
+    whether it comes from ``Content-Type`` or (generic header) from the body."""
     declared = doc.get("mediaType")
-    header = content_type.split(";")[0].strip()
+    header = content_type.split(";")[0].strip().lower()
     if header in GENERIC_TYPES:
         header = ""
+    if header and header not in PUSHABLE:
+        raise ManifestInvalid(_not_a_manifest(header))
     if isinstance(declared, str) and header and declared != header:
-        raise ManifestInvalid(f"mediaType {declared!r} does not match Content-Type {header!r}")
+        raise ManifestInvalid(f"mediaType {declared[:100]!r} does not match Content-Type {header!r}")
     media_type = header or (declared if isinstance(declared, str) else None) or sniff_media_type(data)
     if not media_type:
         raise ManifestInvalid("cannot tell the manifest's media type")
+    if media_type not in PUSHABLE:
+        raise ManifestInvalid(_not_a_manifest(media_type))
     return media_type
+
+
+def _not_a_manifest(media_type: str) -> str:
+    return (f"media type {media_type[:100]!r} is not a manifest type; push an OCI image "
+            "manifest or index, or a Docker schema 2 manifest or manifest list")
 
 
 def _descriptors(items: Any, field: str) -> list[Digest]:

@@ -160,3 +160,48 @@ async def test_crlf_in_a_name_never_reaches_a_header(aiohttp_client, tmp_path, m
                 assert r.status == 400, (method, path)
                 assert await oci_error(r) == "NAME_INVALID"
                 assert "Set-Cookie" not in r.headers and "X" not in r.headers
+
+
+# -- finding 12: manifests are served only as manifests ------------------------------------
+
+async def test_manifest_push_with_a_foreign_content_type_is_refused(aiohttp_client, tmp_path):
+    client = await hosted_client(aiohttp_client, tmp_path)
+    config = await push_blob(client, "team/app", b'{"a":1}')
+    doc = {"schemaVersion": 2,
+           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                      "digest": config, "size": 7}, "layers": []}
+    plain = json.dumps(doc).encode()
+    cases = [
+        (plain, "text/html"),
+        (plain, "text/html; charset=utf-8"),
+        (plain, "application/vnd.oci.artifact.manifest.v1+json"),  # dropped from the spec
+        (json.dumps({**doc, "mediaType": "text/html"}).encode(), "application/json"),
+        (json.dumps({**doc, "mediaType": "text/html"}).encode(), ""),
+        (json.dumps({**doc, "mediaType": "image/svg+xml"}).encode(), "text/plain"),
+    ]
+    for body, ctype in cases:
+        async with client.put("/v2/team/app/manifests/evil", data=body,
+                              headers={"Content-Type": ctype}) as r:
+            assert r.status == 400, ctype
+            assert await oci_error(r) == "MANIFEST_INVALID"
+        async with client.get(f"/v2/team/app/manifests/{digest_of(body)}") as r:
+            assert r.status == 404
+    async with client.get("/v2/team/app/manifests/evil") as r:
+        assert r.status == 404
+    async with client.get("/v2/team/app/tags/list") as r:
+        assert "evil" not in ((await r.json()).get("tags") or [])
+    # a real manifest type still goes in, and comes back with it
+    async with client.put("/v2/team/app/manifests/good", data=plain,
+                          headers={"Content-Type": OCI_MANIFEST}) as r:
+        assert r.status == 201
+    async with client.get("/v2/team/app/manifests/good") as r:
+        assert r.headers["Content-Type"] == OCI_MANIFEST
+
+
+async def test_api_responses_have_a_sandbox_csp(aiohttp_client, tmp_path):
+    client = await hosted_client(aiohttp_client, tmp_path)
+    d = await push_blob(client, "team/app", b"blob")
+    for path in ("/v2/", f"/v2/team/app/blobs/{d}", "/v2/team/app/manifests/nope", "/nowhere"):
+        async with client.get(path) as r:
+            directives = [p.strip() for p in r.headers["Content-Security-Policy"].split(";")]
+            assert "sandbox" in directives, path
