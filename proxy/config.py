@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE
+from proxy.untrusted import parse_digits
 
 if TYPE_CHECKING:
     from proxy.auth.settings import AuthConfig
@@ -211,8 +212,8 @@ def parse_workers(key: str, value: Any) -> int:
     """A worker count: a positive integer, or ``"auto"`` for one per CPU."""
     if value == "auto":
         return os.cpu_count() or 1
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
+    if isinstance(value, str) and (number := parse_digits(value.strip(), 2)) is not None:
+        value = number
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
         return value
     raise ConfigError(key, f"expected a number of worker processes (1-64) or \"auto\", got {value!r}")
