@@ -16,7 +16,7 @@ from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
 from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER
-from proxy.hosted import Hosted
+from proxy.hosted import Hosted, UploadLimits
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
 from proxy.pullthrough.evictor import Evictor
@@ -24,6 +24,7 @@ from proxy.routing import Namespaces, Router
 from proxy.sharedcache import make_cache
 from proxy.storage import UploadStore
 from proxy.storage.backend import open_store
+from proxy.storage.space import FreeSpace
 from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("regproxy")
@@ -138,8 +139,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     app[ROUTER] = Router(names, upstreams)
     app[PULLTHROUGH] = pullthrough
+    space = FreeSpace(config.storage_root, config.min_free, config.min_free_percent)
+    pullthrough.before_fill = space.check_fill
     hosted = Hosted(store, UploadStore(staging), max_manifest_size=config.max_manifest_size,
-                    delete_enabled=config.delete_enabled, upload_max_age=config.upload_max_age)
+                    delete_enabled=config.delete_enabled, upload_max_age=config.upload_max_age,
+                    limits=UploadLimits(config.max_uploads_per_repository,
+                                        config.max_uploads_per_user), space=space)
     app[HOSTED] = hosted
     evictor = Evictor(pullthrough, names.is_hosted_key, max_size=config.max_size,
                       max_age=config.max_age)

@@ -123,6 +123,14 @@ class Config:
     hosted: tuple[str, ...] = ()
     delete_enabled: bool = True
     upload_max_age: float = 86400.0
+    #: Open upload sessions per hosted repository, and per user (or client address when
+    #: nobody is signed in); 0: no cap.
+    max_uploads_per_repository: int = 64
+    max_uploads_per_user: int = 256
+    #: ``storage.min_free``: free space (bytes, or % of the disk) below which uploads and new
+    #: fills are refused.
+    min_free: int = 1 << 30
+    min_free_percent: float = 0.0
     tls: TLSConfig | None = None  #: [tls]: serve HTTPS (proxy/tls.py)
     auth: AuthConfig | None = None  #: [auth]: users and access rules (proxy/auth/)
 
@@ -303,6 +311,22 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
+def _count(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(key, f"expected a number (0 for no limit), got {value!r}")
+    return value
+
+
+def parse_min_free(key: str, value: Any) -> tuple[int, float]:
+    """``"1GiB"`` (bytes) or ``"5%"`` (of the disk) -> (bytes, percent)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
+        if m and float(m.group(1)) <= 100:
+            return 0, float(m.group(1))
+        raise ConfigError(key, f"expected a percentage from 0% to 100%, got {value!r}")
+    return parse_size(key, value), 0.0
+
+
 def _upstream(name: str, raw: Any) -> UpstreamConfig:
     key = f"upstreams.{name}"
     t = _take(raw, key, {"url", "aliases", "username", "password", "library_prefix",
@@ -391,12 +415,15 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams", "hosted",
                                  "tls", "auth", "cluster"})
     hosted = _take(top.get("hosted", {}), "hosted",
-                   {"repositories", "delete_enabled", "upload_max_age"})
+                   {"repositories", "delete_enabled", "upload_max_age",
+                    "max_uploads_per_repository", "max_uploads_per_user"})
     patterns = hosted.get("repositories", [])
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen"})
-    storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3"})
+    storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3", "min_free"})
+    min_free, min_free_percent = parse_min_free("storage.min_free",
+                                                storage.get("min_free", "1GiB"))
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
                                                   "manifest_memory", "max_manifest_size",
                                                   "max_size", "max_age", "backend", "url"})
@@ -469,6 +496,12 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         hosted=tuple(parse_hosted_pattern("hosted.repositories", p) for p in patterns),
         delete_enabled=_bool("hosted.delete_enabled", hosted.get("delete_enabled", True)),
         upload_max_age=parse_duration("hosted.upload_max_age", hosted.get("upload_max_age", 86400)),
+        max_uploads_per_repository=_count("hosted.max_uploads_per_repository",
+                                          hosted.get("max_uploads_per_repository", 64)),
+        max_uploads_per_user=_count("hosted.max_uploads_per_user",
+                                    hosted.get("max_uploads_per_user", 256)),
+        min_free=min_free,
+        min_free_percent=min_free_percent,
     )
     check_hosted(cfg)
     check_debug_listen(cfg)

@@ -113,6 +113,13 @@ class PayloadTooLarge(RegistryError):
     code, status, default_message = "SIZE_INVALID", 413, "request body too large"
 
 
+class InsufficientStorage(RegistryError):
+    """The disk is below the free-space watermark. The spec has no code of its own for 507;
+    UNAVAILABLE is the one every client knows, the message says why."""
+
+    code, status, default_message = "UNAVAILABLE", 507, "insufficient storage"
+
+
 class Unavailable(RegistryError):
     """The upstream could not be reached or answered with an error; clients should fall back."""
 

@@ -37,7 +37,7 @@ from proxy.auth.throttle import LoginThrottle, Throttled
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
 from proxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from proxy.handlers import OPS_PAGES
-from proxy.handlers.common import CATALOG_FILTER, ROUTER, upstream_ns
+from proxy.handlers.common import CATALOG_FILTER, ROUTER, USER, upstream_ns
 from proxy.reference import validate_name
 
 log = logging.getLogger("regproxy.auth")
@@ -250,6 +250,8 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
     if name is not None:  # before any header is built from it (CR/LF, quotes: NAME_INVALID)
         validate_name(name)
     ident = await edge.authenticate(request)
+    if ident.user is not None:
+        request[USER] = ident.user
     if name is None:  # /v2/ and /v2/_catalog
         catalog = request.path.endswith("/v2/_catalog")
         if ident.anonymous and not edge.acl.anonymous_allowed_from(remote):

@@ -25,6 +25,8 @@ REPO = web.RequestKey("regproxy.repo", str)
 #: Set by the auth layer: which local names ``_catalog`` may list for this client.
 CATALOG_FILTER: web.RequestKey[Callable[[str], bool]] = web.RequestKey("regproxy.catalog_filter")
 EVICTOR = web.AppKey("evictor", Evictor)
+#: Set by the auth layer for a signed-in client: whom its uploads count against.
+USER = web.RequestKey("regproxy.user", str)
 
 def upstream_ns(request: web.Request) -> str | None:
     """The upstream a request names: containerd's ``?ns=`` or a mirror path prefix."""

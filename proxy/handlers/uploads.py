@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.errors import BlobUploadInvalid, RegistryError
 from proxy.handlers.cluster import forward_upload
-from proxy.handlers.common import PULLTHROUGH, ROUTER, Handler, hosted_only, route_of
+from proxy.handlers.common import PULLTHROUGH, ROUTER, USER, Handler, hosted_only, route_of
 from proxy.hosted.service import upload_headers
 from proxy.reference import Digest, validate_name
 
@@ -18,6 +18,12 @@ def _created(name: str, digest: Digest) -> web.Response:
     """201 for a blob that is now in repository ``name``."""
     return web.Response(status=201, headers={
         "Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": str(digest)})
+
+
+def _owner(request: web.Request) -> str:
+    """Whom a new upload counts against: the signed-in user, else the client's address."""
+    user = request.get(USER)
+    return f"user {user}" if user is not None else f"address {request.remote}"
 
 
 def _digest_param(request: web.Request) -> Digest | None:
@@ -43,9 +49,9 @@ async def start_upload(request: web.Request) -> web.Response:
             return _created(route.name, digest)
     whole = _digest_param(request)
     if whole is not None:
-        await service.monolithic(route, whole, request.content.readany)
+        await service.monolithic(route, whole, request.content.readany, _owner(request))
         return _created(route.name, whole)
-    upload = service.start_upload(route)
+    upload = await service.start_upload(route, _owner(request))
     cluster = request.app[PULLTHROUGH].cluster
     if cluster is not None:  # so the other replicas can forward this upload's requests here
         await cluster.register_upload(upload.uuid, service.upload_max_age)

@@ -1,5 +1,5 @@
 """Hosted repositories: the private-registry side (push, delete, referrers)."""
 
-from proxy.hosted.service import Hosted
+from proxy.hosted.service import Hosted, UploadLimits
 
-__all__ = ["Hosted"]
+__all__ = ["Hosted", "UploadLimits"]

@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import (
@@ -24,6 +25,7 @@ from proxy.errors import (
     PayloadTooLarge,
     RangeNotSatisfiable,
     RegistryError,
+    TooManyRequests,
     Unsupported,
 )
 from proxy.mediatypes import (
@@ -39,23 +41,37 @@ from proxy.reference import Digest
 from proxy.routing import Route
 from proxy.singleflight import KeyedLocks
 from proxy.storage import Store, Upload, UploadStore
+from proxy.storage.space import FreeSpace
 from proxy.untrusted import loads_json, parse_digits
 
 #: Reads a request body chunk by chunk (``b""`` at the end).
 ChunkSource = Callable[[], Awaitable[bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class UploadLimits:
+    """Caps on open upload sessions (``[hosted]`` ``max_uploads_per_*``; 0: no cap), so a
+    pusher cannot hold unlimited sessions until ``upload_max_age`` purges them."""
+
+    per_repository: int = 0
+    per_owner: int = 0  #: per signed-in user, or per client address without one
+
+
 class Hosted:
     """The private-registry service for repositories matched by ``[hosted]`` patterns."""
 
     def __init__(self, store: Store, uploads: UploadStore, *, max_manifest_size: int,
-                 delete_enabled: bool, upload_max_age: float = 86400.0) -> None:
+                 delete_enabled: bool, upload_max_age: float = 86400.0,
+                 limits: UploadLimits = UploadLimits(), space: FreeSpace | None = None) -> None:
         self.store = store
         self.uploads = uploads
         self.upload_max_age = upload_max_age
         self.max_manifest_size = max_manifest_size
         self.delete_enabled = delete_enabled
+        self.limits = limits
+        self.space = space
         self._locks = KeyedLocks()  #: one append/finish at a time per upload
+        self._opening = asyncio.Lock()  #: count-then-create, one at a time in this process
 
     # -- reads -------------------------------------------------------------------------
 
@@ -88,8 +104,26 @@ class Hosted:
 
     # -- uploads -----------------------------------------------------------------------
 
-    def start_upload(self, route: Route) -> Upload:
-        return self.uploads.create(route.key)
+    async def start_upload(self, route: Route, owner: str) -> Upload:
+        """A new upload session, within the caps and the free-space watermark; ``owner``
+        (``user alice``, ``address 10.0.0.7``) is who it counts against."""
+        if self.space is not None:
+            self.space.check_upload()
+        limits = self.limits
+        if not limits.per_repository and not limits.per_owner:
+            return self.uploads.create(route.key, owner)
+        async with self._opening:
+            in_repo, by_owner = await asyncio.get_running_loop().run_in_executor(
+                None, self.uploads.count_open, route.key, owner)
+            if limits.per_repository and in_repo >= limits.per_repository:
+                raise TooManyRequests(
+                    f"{in_repo} uploads are open in {route.name} (hosted.max_uploads_per_repository"
+                    f" = {limits.per_repository}); complete or cancel some first")
+            if limits.per_owner and by_owner >= limits.per_owner:
+                raise TooManyRequests(
+                    f"{owner} has {by_owner} open uploads (hosted.max_uploads_per_user = "
+                    f"{limits.per_owner}); complete or cancel some first")
+            return self.uploads.create(route.key, owner)
 
     def has_upload(self, uid: str) -> bool:
         return self.uploads.exists(uid)
@@ -138,9 +172,9 @@ class Hosted:
             self.uploads.delete(upload)
             await self.store.link_blob(route.key, digest)
 
-    async def monolithic(self, route: Route, digest: Digest, read: ChunkSource) -> None:
-        """A whole blob in one POST (``?digest=``)."""
-        upload = self.uploads.create(route.key)
+    async def monolithic(self, route: Route, digest: Digest, read: ChunkSource, owner: str) -> None:
+        """A whole blob in one POST (``?digest=``): a session too, while it streams."""
+        upload = await self.start_upload(route, owner)
         try:
             await self.finish(route, upload.uuid, digest, read)
         except BaseException:
@@ -152,6 +186,8 @@ class Hosted:
         written = 0
         try:
             while chunk := await read():
+                if self.space is not None:  # per chunk: one PATCH may stream for hours
+                    self.space.check_upload()
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]

@@ -119,6 +119,8 @@ class PullThrough:
         self.touch_interval = 30.0
         #: Called after each successful fill (the evictor checks the budget).
         self.after_fill: Callable[[], None] | None = None
+        #: Called before a new fill; raises to refuse it (the free-space watermark).
+        self.before_fill: Callable[[], None] | None = None
 
     async def touch(self, digest: Digest) -> None:
         """Record an access (the object's mtime is its last use, for LRU eviction)."""
@@ -448,6 +450,8 @@ class PullThrough:
                 return BlobResult(digest, upstream_size, COALESCED if shared else MISS)
         if fill is not None:
             return await self._join(fill, COALESCED)
+        if self.before_fill is not None:
+            self.before_fill()
         # a dead replica's lease blocks the blob until it expires: wait that long, not more
         patience = 1.0 if self.cluster is None else self.cluster.lease + 5.0
         deadline = time.monotonic() + patience

@@ -45,12 +45,15 @@ class UploadStore:
         self.root = store.root / "uploads"
         self._hashers: dict[str, hashlib._Hash] = {}
 
-    def create(self, repo: str) -> Upload:
+    def create(self, repo: str, owner: str = "") -> Upload:
+        """A new, empty upload of ``repo``, opened by ``owner`` (a user or a client address,
+        counted by :meth:`count_open`)."""
         uid = uuidlib.uuid4().hex
         path = self.root / uid
         path.mkdir(parents=True)
         (path / "data").touch()
         (path / "repo").write_text(repo)
+        (path / "owner").write_text(owner)
         now = time.time()
         (path / "started").write_text(str(now))
         self._hashers[uid] = hashlib.sha256()
@@ -113,6 +116,19 @@ class UploadStore:
     def delete(self, upload: Upload) -> None:
         self._hashers.pop(upload.uuid, None)
         shutil.rmtree(upload.path, ignore_errors=True)
+
+    def count_open(self, repo: str, owner: str) -> tuple[int, int]:
+        """Uploads on this disk (every worker's) open in ``repo``, and opened by ``owner``.
+        A scan: called once per new upload, never per chunk."""
+        in_repo = by_owner = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root):
+                try:
+                    in_repo += (Path(entry.path) / "repo").read_text() == repo
+                    by_owner += bool(owner) and (Path(entry.path) / "owner").read_text() == owner
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # finished or purged meanwhile, or older than owners
+        return in_repo, by_owner
 
     def purge(self, max_age: float) -> int:
         """Remove uploads started more than ``max_age`` seconds ago; returns how many."""

@@ -15,8 +15,9 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.auth.settings import parse_auth
-from proxy.config import ClusterConfig
+from proxy.config import ClusterConfig, ConfigError, from_dict
 from tests.support.edge import write_htpasswd
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
 
 DEAD_UPSTREAM = "http://127.0.0.1:9"
@@ -205,3 +206,114 @@ async def test_api_responses_have_a_sandbox_csp(aiohttp_client, tmp_path):
         async with client.get(path) as r:
             directives = [p.strip() for p in r.headers["Content-Security-Policy"].split(";")]
             assert "sandbox" in directives, path
+
+
+# -- finding 10: limits on uploads -----------------------------------------------------------
+
+async def test_open_upload_sessions_are_capped_per_repository(aiohttp_client, tmp_path):
+    client = await hosted_client(aiohttp_client, tmp_path, max_uploads_per_repository=3)
+    locations = []
+    for _ in range(3):
+        async with client.post("/v2/team/app/blobs/uploads/") as r:
+            assert r.status == 202
+            locations.append(r.headers["Location"])
+    for path in ("/v2/team/app/blobs/uploads/",
+                 f"/v2/team/app/blobs/uploads/?digest={digest_of(b'x')}"):
+        async with client.post(path, data=b"x") as r:
+            assert r.status == 429
+            assert await oci_error(r) == "TOOMANYREQUESTS"
+            assert "team/app" in (await r.json())["errors"][0]["message"]
+    async with client.post("/v2/team/other/blobs/uploads/") as r:
+        assert r.status == 202  # another repository has its own budget
+    async with client.delete(locations[0]) as r:
+        assert r.status == 204
+    async with client.post("/v2/team/app/blobs/uploads/") as r:
+        assert r.status == 202  # a closed session frees its slot
+    async with client.put(f"{locations[1]}?digest={digest_of(b'')}") as r:
+        assert r.status == 201
+    await push_blob(client, "team/app", b"a whole blob")  # so does a completed one
+
+
+async def test_open_upload_sessions_are_capped_per_user(aiohttp_client, tmp_path):
+    cfg = make_config(tmp_path / "data", {"docker.io": DEAD_UPSTREAM}, hosted=("team/*",),
+                      auth=auth_config(tmp_path), max_uploads_per_user=2)
+    client = await aiohttp_client(create_app(cfg))
+    for repo in ("team/a", "team/b"):
+        async with client.post(f"/v2/{repo}/blobs/uploads/", headers=basic("bob")) as r:
+            assert r.status == 202
+    async with client.post("/v2/team/c/blobs/uploads/", headers=basic("bob")) as r:
+        assert r.status == 429
+        assert await oci_error(r) == "TOOMANYREQUESTS"
+    async with client.post("/v2/team/c/blobs/uploads/", headers=basic("carol")) as r:
+        assert r.status == 202  # the cap is bob's, not the registry's
+
+
+async def test_upload_sessions_are_capped_per_address_without_auth(aiohttp_client, tmp_path):
+    client = await hosted_client(aiohttp_client, tmp_path, max_uploads_per_user=2)
+    for repo in ("team/a", "team/b"):
+        async with client.post(f"/v2/{repo}/blobs/uploads/") as r:
+            assert r.status == 202
+    async with client.post("/v2/team/c/blobs/uploads/") as r:
+        assert r.status == 429 and await oci_error(r) == "TOOMANYREQUESTS"
+
+
+async def test_uploads_refused_below_the_free_space_watermark(aiohttp_client, tmp_path):
+    roomy = await hosted_client(aiohttp_client, tmp_path)
+    async with roomy.post("/v2/team/app/blobs/uploads/") as r:
+        location = r.headers["Location"]
+    # the same store, restarted with a watermark no disk can satisfy
+    full = await hosted_client(aiohttp_client, tmp_path, min_free=1 << 60)
+    for path in ("/v2/team/app/blobs/uploads/",
+                 f"/v2/team/app/blobs/uploads/?digest={digest_of(b'x')}"):
+        async with full.post(path, data=b"x") as r:
+            assert r.status == 507
+            assert await oci_error(r) == "UNAVAILABLE"
+            assert "storage.min_free" in (await r.json())["errors"][0]["message"]
+    async with full.patch(location, data=b"chunk", headers={"Content-Range": "0-4"}) as r:
+        assert r.status == 507 and await oci_error(r) == "UNAVAILABLE"
+    async with full.get(location) as r:
+        assert r.status == 204 and r.headers["Range"] == "0-0"  # nothing was written
+
+
+async def test_fills_refused_below_the_free_space_watermark(aiohttp_client, aiohttp_server,
+                                                            tmp_path):
+    fake = FakeUpstream()
+    fake.add_image("library/alpine", "3", [b"layer one"])
+    up = await aiohttp_server(fake.app())
+    cfg = make_config(tmp_path / "data", {"docker.io": str(up.make_url("")).rstrip("/")},
+                      min_free=1 << 60)
+    client = await aiohttp_client(create_app(cfg))
+    async with client.get("/v2/library/alpine/manifests/3",
+                          headers={"Accept": OCI_MANIFEST}) as r:
+        assert r.status == 200  # manifests are small: still cached and served
+    layer = digest_of(b"layer one")
+    async with client.get(f"/v2/library/alpine/blobs/{layer}") as r:
+        assert r.status == 503  # clients fall back to the upstream
+        assert await oci_error(r) == "UNAVAILABLE"
+        assert "storage.min_free" in (await r.json())["errors"][0]["message"]
+    assert not any(req.method == "GET" and layer in req.path for req in fake.requests)
+
+
+async def test_free_space_watermark_as_a_percentage(aiohttp_client, tmp_path):
+    full = await hosted_client(aiohttp_client, tmp_path, min_free_percent=100.0)
+    async with full.post("/v2/team/app/blobs/uploads/") as r:
+        assert r.status == 507
+    roomy = await hosted_client(aiohttp_client, tmp_path / "other", min_free_percent=0.0)
+    async with roomy.post("/v2/team/app/blobs/uploads/") as r:
+        assert r.status == 202
+
+
+def test_limit_keys_in_the_config_file(tmp_path):
+    cfg = from_dict({"hosted": {"max_uploads_per_repository": 8, "max_uploads_per_user": 0},
+                     "storage": {"min_free": "5%"}}, tmp_path)
+    assert (cfg.max_uploads_per_repository, cfg.max_uploads_per_user) == (8, 0)
+    assert (cfg.min_free, cfg.min_free_percent) == (0, 5.0)
+    cfg = from_dict({"storage": {"min_free": "2GiB"}}, tmp_path)
+    assert (cfg.min_free, cfg.min_free_percent) == (2 << 30, 0.0)
+    defaults = from_dict({}, tmp_path)
+    assert defaults.min_free == 1 << 30
+    assert (defaults.max_uploads_per_repository, defaults.max_uploads_per_user) == (64, 256)
+    for bad in ({"storage": {"min_free": "120%"}}, {"storage": {"min_free": "lots"}},
+                {"hosted": {"max_uploads_per_user": -1}}):
+        with pytest.raises(ConfigError):
+            from_dict(bad, tmp_path)
