@@ -44,6 +44,8 @@ class Harness:
         store = FilesystemStore(tmp / "data")
         store.open()
         store.put_bytes(Digest.parse(BLOB_DIGEST), BLOB)
+        # linked to the cached repository the requests name (the pool alone serves nobody)
+        asyncio.run(store.link_blob("docker.io/library/x", Digest.parse(BLOB_DIGEST)))
         cfg = make_config(tmp / "data", {"docker.io": "http://127.0.0.1:9"}, auth=auth)
         self.loop = asyncio.new_event_loop()
 
