@@ -104,8 +104,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     stack = contextlib.AsyncExitStack()
     store, staging = await stack.enter_async_context(open_store(config, clean=app[CLEAN_TMP]))
     names = Namespaces(config.upstreams, config.default_upstream, config.hosted)
-    if app[CLEAN_TMP]:  # the one process that starts first (workers: the parent did it)
-        await layout.upgrade(store, names)
+    upgrading = await layout.ensure(store, staging, names)
     session = aiohttp.ClientSession(
         auto_decompress=False,  # blobs are verified and stored exactly as sent
         read_bufsize=4 << 20,
@@ -152,7 +151,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[EVICTOR] = evictor
     background = [asyncio.create_task(evictor.run_forever()),
                   asyncio.create_task(_purge_uploads(hosted, config.upload_max_age)),
-                  asyncio.create_task(metrics.flush_forever())]
+                  asyncio.create_task(metrics.flush_forever()),
+                  *([upgrading] if upgrading is not None else [])]
     try:
         yield
     finally:

@@ -13,13 +13,12 @@ later must not turn hosted content into cache).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from proxy.config import Config
 from proxy.pullthrough.links import RepositoryLinks
 from proxy.routing import Namespaces
-from proxy.storage import Store
-from proxy.storage.backend import open_store
+from proxy.storage import FilesystemStore, Store
 
 log = logging.getLogger("regproxy.layout")
 
@@ -33,8 +32,8 @@ class LayoutError(Exception):
 async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
     """Bring ``store`` to :data:`LAYOUT_VERSION`; returns the ``(old, new)`` keys moved.
 
-    Run by one process before it serves (the parent of the workers; for several replicas
-    on one bucket, moving is idempotent, so replicas starting together do no harm)."""
+    Called through :func:`ensure`, which runs it once per host at a time; replicas
+    starting together on one bucket do no harm (moving is idempotent)."""
     version = await store.layout_version()
     if version == LAYOUT_VERSION:
         return []
@@ -68,8 +67,41 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
     return moves
 
 
-async def upgrade_configured(config: Config) -> list[tuple[str, str]]:
-    """:func:`upgrade` on the store ``config`` names (for the parent of the workers)."""
-    async with open_store(config, clean=False) as (store, _):
-        return await upgrade(store, Namespaces(config.upstreams, config.default_upstream,
-                                               config.hosted))
+
+async def ensure(store: Store, staging: FilesystemStore, names: Namespaces,
+                 retry: float = 5.0) -> asyncio.Task[None] | None:
+    """Upgrade before serving, one process of the host at a time (sibling workers wait
+    for the lock, then find the version recorded). When the store cannot be reached (an
+    object store that is down: ``/readyz`` says so), the upgrade is retried in the
+    background every ``retry`` seconds; that task is returned, for the caller to cancel."""
+    try:
+        await _upgrade_locked(store, staging, names)
+        return None
+    except LayoutError:
+        raise
+    except Exception as exc:  # botocore and aiohttp errors of an unreachable endpoint
+        log.error("cannot check the store's layout (%s); retrying every %.0f s",
+                  type(exc).__name__, retry)
+
+    async def keep_trying() -> None:
+        while True:
+            await asyncio.sleep(retry)
+            try:
+                await _upgrade_locked(store, staging, names)
+                return
+            except LayoutError as exc:
+                log.error("store layout: %s", exc)
+                return
+            except Exception as exc:
+                log.debug("store layout check failed again: %s", type(exc).__name__)
+
+    return asyncio.create_task(keep_trying())
+
+
+async def _upgrade_locked(store: Store, staging: FilesystemStore, names: Namespaces) -> None:
+    while True:
+        with staging.try_lock("layout-upgrade") as mine:
+            if mine:
+                await upgrade(store, names)
+                return
+        await asyncio.sleep(0.05)

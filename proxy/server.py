@@ -8,7 +8,6 @@ workers exist.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import os
@@ -18,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import layout
 from proxy.accesslog import AccessLogger
 from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
@@ -69,7 +67,6 @@ def run(config: Config, **extra: Any) -> None:
         _run_app(config, clean=True, reuse_port=False, **extra)
         return
     FilesystemStore(config.storage_root).open(clean=True)
-    asyncio.run(layout.upgrade_configured(config))
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:  # samples of earlier runs must not be summed in
         for name in os.listdir(metrics_dir):

@@ -1,0 +1,66 @@
+"""The layout upgrade's store operations, on both backends: renaming a repository (nested
+ones stay), recording the layout version, and the upgrade's refusal when it cannot tell
+where bare names belong."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.config import UpstreamConfig
+from proxy.layout import LayoutError, upgrade
+from proxy.reference import Digest
+from proxy.routing import Namespaces
+from proxy.storage import FilesystemStore, Store
+from proxy.storage.s3 import S3Store
+from tests.support.seaweed import SeaweedFS, ensure_bucket
+
+D1, D2 = Digest.of(b"one"), Digest.of(b"two")
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+async def store(request, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "filesystem":
+        fs = FilesystemStore(tmp_path / "data")
+        fs.open()
+        yield fs
+        return
+    seaweed: SeaweedFS = request.getfixturevalue("seaweedfs")
+    async with S3Store(seaweed.s3_config()) as s3:
+        await ensure_bucket(s3.client)
+        yield s3
+
+
+async def test_rename_moves_a_repository_and_leaves_nested_ones(store: Store):
+    await store.set_tag("library/a", "v1", D1)
+    await store.link_manifest("library/a", D1)
+    await store.link_blob("library/a", D2)
+    await store.add_referrer("library/a", D1, D2)
+    await store.set_tag("library/a/nested", "v2", D2)
+    await store.set_tag("docker.io/library/a", "old", D2)  # already there: merged with
+    await store.rename_repository("library/a", "docker.io/library/a")
+    assert await store.get_tag("docker.io/library/a", "v1") == D1
+    assert await store.get_tag("docker.io/library/a", "old") == D2
+    assert await store.has_manifest_link("docker.io/library/a", D1)
+    assert await store.has_blob_link("docker.io/library/a", D2)
+    assert await store.list_referrers("docker.io/library/a", D1) == [D2]
+    assert await store.get_tag("library/a", "v1") is None
+    assert not await store.has_manifest_link("library/a", D1)
+    assert await store.get_tag("library/a/nested", "v2") == D2
+    assert "library/a" not in await store.list_repositories()
+
+
+async def test_layout_version_is_recorded(store: Store):
+    assert await store.layout_version() is None
+    await store.set_layout_version(2)
+    assert await store.layout_version() == 2
+
+
+async def test_bare_names_without_a_default_upstream_refuse_to_start(store: Store):
+    await store.set_tag("library/a", "v1", D1)
+    names = Namespaces({"ghcr.io": UpstreamConfig(name="ghcr.io", url="https://ghcr.io")}, None)
+    with pytest.raises(LayoutError, match=r"proxy\.default_upstream"):
+        await upgrade(store, names)
+    assert await store.layout_version() is None  # nothing recorded: the next start retries
