@@ -197,9 +197,9 @@ async def test_cold_pull_stores_every_object_in_the_bucket(
     assert (out / "blobs" / "sha256" / img.layers[0].digest[7:]).read_bytes() == big.read_bytes()
 
     await assert_image_in_bucket(bucket, img)
-    assert await bucket.read(bucket.config.key("repositories/s3/cold/_tags/v1")) == \
+    assert await bucket.read(bucket.config.key("repositories/upstream.test/s3/cold/_tags/v1")) == \
         img.digest.encode()
-    assert bucket.config.key(f"repositories/s3/cold/_manifests/sha256/{img.digest[7:]}") in \
+    assert bucket.config.key(f"repositories/upstream.test/s3/cold/_manifests/sha256/{img.digest[7:]}") in \
         await bucket.keys("repositories/")
     # nothing lives outside the test's prefix of the bucket... and nothing locally
     assert all(k.startswith(bucket.prefix) for k in await bucket.keys())
