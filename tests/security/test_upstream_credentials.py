@@ -37,14 +37,15 @@ class Catcher:
         return app
 
 
-async def cdn_that_challenges(aiohttp_server, realm: str) -> str:
-    async def blob(request: web.Request) -> web.Response:
+async def challenger(aiohttp_server, path: str, realm: str) -> str:
+    """A server answering every GET of ``path`` with a Bearer challenge naming ``realm``."""
+    async def challenge(request: web.Request) -> web.Response:
         return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "x"}]},
                                  status=401,
                                  headers={"WWW-Authenticate": f'Bearer realm="{realm}",service="x"'})
 
     app = web.Application()
-    app.router.add_get("/cdn/{digest}", blob)
+    app.router.add_get(path, challenge)
     return str((await aiohttp_server(app)).make_url("")).rstrip("/")
 
 
@@ -54,7 +55,7 @@ async def test_a_redirect_targets_challenge_gets_no_credentials(aiohttp_server, 
     # all on 127.0.0.1: the realm passes the host rule, so only the origin rule stops it
     realm = f"{catcher_url}/token"
     fake = FakeUpstream(require_basic=CREDS)
-    fake.redirect_to = await cdn_that_challenges(aiohttp_server, realm)
+    fake.redirect_to = await challenger(aiohttp_server, "/cdn/{digest}", realm)
     blob = b"layer bytes" * 100
     fake.add_image("private/app", "v1", [blob])
     up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
@@ -83,15 +84,7 @@ async def test_a_plain_http_realm_on_another_host_gets_no_credentials(aiohttp_se
     catcher_app = catcher.app()
     catcher_server = await aiohttp_server(catcher_app)
     realm = str(catcher_server.make_url("/token")).replace("127.0.0.1", "localhost")
-
-    async def manifest(request: web.Request) -> web.Response:
-        return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "x"}]},
-                                 status=401,
-                                 headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
-
-    app = web.Application()
-    app.router.add_get("/v2/{name:.+}/manifests/{ref}", manifest)
-    up = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    up = await challenger(aiohttp_server, "/v2/{name:.+}/manifests/{ref}", realm)
     cfg = make_config(tmp_path / "d", {"x.io": up})
     user, password = CREDS.split(":")
     cfg = replace(cfg, upstreams={"x.io": replace(cfg.upstreams["x.io"], username=user,
