@@ -1,14 +1,17 @@
 """TLS termination: the server's SSL context, and certificate reload without a restart.
 
 The context accepts TLS 1.2 and 1.3 only, with ECDHE + AEAD cipher suites for TLS 1.2
-(TLS 1.3 suites are all modern). Reload calls ``load_cert_chain`` again on the *same*
-context: handshakes after it use the new certificate, while established connections (a
-layer half-way through its transfer) keep theirs, because OpenSSL copies the certificate
-into each connection when it starts. Reload happens on SIGHUP and when the files' mtimes
-change (checked every ``reload_interval`` seconds). A failed reload, such as a key that
-does not match the certificate half-way through a rotation, is logged and the old
-certificate stays in use. ``client_ca`` turns on mutual TLS (client certificates required);
-a reload adds CAs written to that file, but removing one needs a restart.
+(TLS 1.3 suites are all modern). Reload builds a *fresh* context from the files; only one
+that loads completely (certificate and key match, ``client_ca`` readable) is swapped in, and
+a bad one never touches the context in use. The listener's context hands every new
+handshake the current one from its SNI callback (OpenSSL calls it for every ClientHello,
+with or without a server name), so handshakes after a reload use the new certificate while
+established connections (a layer half-way through its transfer) keep theirs. A renewal
+tool that writes the certificate before its key thus leaves the old pair serving until the
+key lands; the next check then picks the new pair up. Reload happens on SIGHUP and when the
+files' mtimes change (checked every ``reload_interval`` seconds). ``client_ca`` turns on
+mutual TLS (client certificates required); a reload picks up CAs added to or removed from
+that file.
 """
 
 from __future__ import annotations
@@ -88,13 +91,21 @@ def _load_chain(ctx: ssl.SSLContext, cfg: TLSConfig) -> None:
 
 
 class CertReloader:
-    """Re-loads the certificate into a live context on SIGHUP and when the files change."""
+    """Swaps a freshly loaded context in on SIGHUP and when the files change."""
 
     def __init__(self, cfg: TLSConfig, ctx: ssl.SSLContext) -> None:
         self.cfg = cfg
-        self.ctx = ctx
+        self.ctx = ctx  # the listener's: its SNI callback picks the context of each handshake
+        self.current = ctx
+        ctx.sni_callback = self._select
         self._stamp = self._stat()
         self.reloads = 0
+
+    def _select(self, conn: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None,
+                _ctx: ssl.SSLContext) -> None:
+        """Serve the handshake from the newest context that loaded."""
+        if self.current is not self.ctx:
+            conn.context = self.current
 
     def _stat(self) -> tuple[tuple[int, int] | None, ...]:
         out = []
@@ -112,12 +123,11 @@ class CertReloader:
         if not force and stamp == self._stamp:
             return False
         try:
-            _load_chain(self.ctx, self.cfg)
-            if self.cfg.client_ca is not None:
-                self.ctx.load_verify_locations(cafile=str(self.cfg.client_ca))
+            fresh = server_context(self.cfg)  # a scratch context: the one in use stays intact
         except (ConfigError, OSError, ssl.SSLError) as exc:
             log.warning("TLS certificate not reloaded, the previous one stays in use: %s", exc)
             return False
+        self.current = fresh
         self._stamp = stamp
         self.reloads += 1
         log.info("TLS certificate reloaded from %s", self.cfg.cert)
