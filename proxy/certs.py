@@ -2,14 +2,14 @@
 
 The CA (``ca.crt``/``ca.key``) is created once and reused, so re-running with more names
 re-issues only the server certificate and clients keep trusting it. Keys are EC P-256 and
-written with mode 0600.
+written with mode 0600, certificates 0644, each through a fresh temp file (see
+:mod:`proxy.atomicfile`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.atomicfile import write_atomic
 
 
 @dataclass(frozen=True)
@@ -29,19 +31,12 @@ class CertPaths:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    os.replace(tmp, path)
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp, path)
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def _now() -> dt.datetime:

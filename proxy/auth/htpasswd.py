@@ -18,14 +18,11 @@ what follows byte 72, and ``htpasswd -B`` stores such passwords silently truncat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
-import tempfile
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +30,7 @@ from pathlib import Path
 
 import bcrypt
 
+from proxy.atomicfile import write_atomic
 from proxy.config import ConfigError
 
 log = logging.getLogger("regproxy.auth")
@@ -112,7 +110,8 @@ def hash_password(password: str, cost: int = 10) -> str:
 
 
 def update_htpasswd(path: Path, user: str, password_hash: str | None) -> bool:
-    """Add or replace ``user`` (``password_hash``) or remove it (``None``); atomic rewrite.
+    """Add or replace ``user`` (``password_hash``) or remove it (``None``); atomic rewrite,
+    mode 0600 for a new file (the hashes can be attacked offline).
 
     Returns whether the file changed. Other lines (comments included) are kept as they are.
     """
@@ -134,19 +133,11 @@ def update_htpasswd(path: Path, user: str, password_hash: str | None) -> bool:
         out.append(f"{user}:{password_hash}")
     if password_hash is None and not found:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".htpasswd-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("".join(f"{line}\n" for line in out))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    try:  # an existing file keeps its owner and group permissions, never more
+        mode = (path.stat().st_mode & 0o660) | 0o600
+    except FileNotFoundError:
+        mode = 0o600
+    write_atomic(path, "".join(f"{line}\n" for line in out).encode(), mode=mode)
     return True
 
 

@@ -14,7 +14,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from proxy.atomicfile import write_atomic
 from proxy.untrusted import loads_json
 
 ISSUER = "regproxy"
@@ -52,18 +52,20 @@ def b64url_decode(text: str) -> bytes:
 
 
 def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """The P-256 signing key at ``path``; created (mode 0600) when the file does not exist."""
+    """The P-256 signing key at ``path``; created (mode 0600) when the file does not exist.
+
+    Workers starting together may all find it missing: the file appears complete or not at
+    all, the first writer wins and the others load its key.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        return key
+        if write_atomic(path, pem, replace=False):
+            return key
+        data = path.read_bytes()
     loaded = serialization.load_pem_private_key(data, password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp256r1":
         raise ValueError(f"{path}: the token signing key must be an EC P-256 private key")

@@ -5,10 +5,15 @@ answered with a short OCI error and one rate-limited log line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
+import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,9 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy import certs
 from proxy.app import create_app
+from proxy.auth.htpasswd import update_htpasswd
+from proxy.auth.tokens import load_or_create_key
+from proxy.cli import main
 from proxy.tls import SSL_CONTEXT, TLSConfig
 from tests.support.edge import client_context
 from tests.support.proxyfix import make_config
@@ -93,3 +101,83 @@ async def test_certificate_written_before_its_key_keeps_the_old_pair(aiohttp_ser
         return await served_certificate(server.port, ca) == new_der
 
     await wait_until(new_served, "the new certificate to be served")
+
+
+# -- finding 9: key files written through a temp name an attacker may have planted -------------
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+@pytest.mark.parametrize("planted", ["world-readable file", "symlink"])
+def test_certs_init_ignores_planted_temp_files(tmp_path, planted, capsys):
+    certdir = tmp_path / "certs"
+    certdir.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("do not touch\n")
+    victim.chmod(0o644)
+    names = (".server.key.tmp", ".ca.key.tmp", ".server.crt.tmp", ".ca.crt.tmp")
+    for name in names:
+        tmp = certdir / name
+        if planted == "symlink":
+            tmp.symlink_to(victim)
+        else:
+            tmp.write_text("")
+            tmp.chmod(0o644)
+
+    assert main(["certs", "init", "--dir", str(certdir), "--host", "localhost"]) == 0
+    capsys.readouterr()
+    for key in ("server.key", "ca.key"):
+        assert mode(certdir / key) == 0o600, key
+        assert not (certdir / key).is_symlink()
+        serialization.load_pem_private_key((certdir / key).read_bytes(), password=None)
+    for cert in ("server.crt", "ca.crt"):
+        assert not (certdir / cert).is_symlink()
+        x509.load_pem_x509_certificate((certdir / cert).read_bytes())
+    assert victim.read_text() == "do not touch\n"
+    assert mode(victim) == 0o644
+    # no key material is left in or behind a temp file
+    for p in certdir.iterdir():
+        if p.name not in names:
+            assert not p.name.startswith("."), p.name
+
+
+def test_secret_files_are_0600_whatever_the_umask(tmp_path):
+    """The token signing key and the htpasswd file are written atomically, mode 0600."""
+    old = os.umask(0)
+    try:
+        key_path = tmp_path / "certs" / "token.key"
+        load_or_create_key(key_path)
+        assert mode(key_path) == 0o600
+        first = load_or_create_key(key_path).private_numbers()
+        assert load_or_create_key(key_path).private_numbers() == first
+        ht = tmp_path / "htpasswd"
+        assert update_htpasswd(ht, "alice", "$2b$04$" + "a" * 53)
+        assert mode(ht) == 0o600
+        ht.chmod(0o644)  # an existing file keeps its group read, never world read
+        assert update_htpasswd(ht, "bob", "$2b$04$" + "b" * 53)
+        assert mode(ht) == 0o640
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["certs", "htpasswd"]
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["token.key"]
+
+
+def test_token_key_created_once_when_workers_race(tmp_path):
+    """Workers starting together on a fresh data directory: none reads a half-written key or
+    fails because another created it first, and all end up with the same key."""
+    key_path = tmp_path / "token.key"
+    start = threading.Barrier(8)
+
+    def worker(_: int) -> int:
+        start.wait()
+        return load_or_create_key(key_path).private_numbers().private_value
+
+    for _round in range(5):
+        with contextlib.suppress(FileNotFoundError):
+            key_path.unlink()
+        with ThreadPoolExecutor(8) as pool:
+            keys = list(pool.map(worker, range(8)))
+        assert len(set(keys)) == 1
+        assert mode(key_path) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["token.key"]
