@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, ResponseKey, StreamResponse
 
 from proxy import metrics
 from proxy.handlers.common import CACHE_OUTCOME, REPO
 from proxy.stats import STATS
+
+#: Set on a response whose request gets no access-log line (it is counted in the metrics):
+#: requests aiohttp could not parse, which are reported rate-limited instead.
+UNLOGGED = ResponseKey("unlogged", bool)
 
 #: Handlers whose requests are cache reads, and the kind they count as.
 _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
@@ -73,7 +77,7 @@ class AccessLogger(AbstractAccessLogger):
         else:
             pending[0] += 1
             pending[1] += sent
-        if self.logger.isEnabledFor(logging.INFO):
+        if self.logger.isEnabledFor(logging.INFO) and not response.get(UNLOGGED, False):
             ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
             self.logger.info(
                 'method=%s path="%s" status=%d bytes=%d duration_ms=%.1f cache=%s remote=%s ua="%s"',

@@ -15,11 +15,10 @@ import signal
 import time
 from typing import Any
 
-from aiohttp import web
-
 from proxy.accesslog import AccessLogger
 from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
+from proxy.httpserver import serve
 from proxy.storage import FilesystemStore
 from proxy.tls import SSL_CONTEXT
 
@@ -46,23 +45,24 @@ def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> 
     app = create_app(config, clean_tmp=clean)
     ssl_context = app.get(SSL_CONTEXT)
     scheme = "https" if ssl_context is not None else "http"
-    web.run_app(
+    serve(
         app,
         host=config.listen_host,
         port=config.listen_port,
-        reuse_port=reuse_port or None,
-        **runner_kwargs(config),
+        reuse_port=reuse_port,
         ssl_context=ssl_context,
-        print=lambda _msg: log.info("listening on %s://%s:%d (pid %d), data in %s", scheme,
-                                    config.listen_host, config.listen_port, os.getpid(),
-                                    config.storage_root),
+        on_listening=lambda: log.info("listening on %s://%s:%d (pid %d), data in %s", scheme,
+                                      config.listen_host, config.listen_port, os.getpid(),
+                                      config.storage_root),
         shutdown_timeout=SHUTDOWN_TIMEOUT,
+        **runner_kwargs(config),
         **{**SERVER_LIMITS, **extra},
     )
 
 
 def run(config: Config, **extra: Any) -> None:
-    """Serve until SIGTERM/SIGINT; ``extra`` goes to :func:`aiohttp.web.run_app`."""
+    """Serve until SIGTERM/SIGINT; ``extra`` are connection settings (aiohttp's
+    ``RequestHandler`` arguments), as for :func:`aiohttp.web.run_app`."""
     if config.workers <= 1:
         _run_app(config, clean=True, reuse_port=False, **extra)
         return

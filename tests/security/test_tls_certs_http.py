@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
+import socket
 import ssl
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from proxy.cli import main
 from proxy.tls import SSL_CONTEXT, TLSConfig
 from tests.support.edge import client_context
 from tests.support.proxyfix import make_config
+from tests.support.proxyproc import ProxyProcess
 
 DEAD_UPSTREAM = "http://127.0.0.1:9"
 
@@ -181,3 +185,95 @@ def test_token_key_created_once_when_workers_race(tmp_path):
         assert len(set(keys)) == 1
         assert mode(key_path) == 0o600
         assert sorted(p.name for p in tmp_path.iterdir()) == ["token.key"]
+
+
+# -- finding 13: malformed HTTP requests -----------------------------------------------------
+
+SECRET = "S3cr3tCredentialXYZ"
+MALFORMED = {
+    "over-long Authorization": (f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {SECRET}"
+                                + "A" * 9000 + "\r\n\r\n").encode(),
+    "control character in a header": (f"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Note: a\x01{SECRET}"
+                                      "\r\n\r\n").encode(),
+    "9,000-character path": f"GET /v2/{SECRET}{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    "bad Content-Length": f"POST /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 12{SECRET}\r\n\r\n".encode(),
+    "more than 64 headers": ("GET /v2/ HTTP/1.1\r\nHost: x\r\n"
+                             + "".join(f"X-{i}: {SECRET}\r\n" for i in range(70)) + "\r\n").encode(),
+}
+
+
+def exchange(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` on a fresh connection; the status, headers and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture(scope="module")
+def plain_proxy(tmp_path_factory) -> Iterator[ProxyProcess]:
+    work = tmp_path_factory.mktemp("malformed")
+    with ProxyProcess(work, "--upstream", DEAD_UPSTREAM, "--data-dir", str(work / "data")) as proxy:
+        yield proxy
+
+
+def log_text(proxy: ProxyProcess) -> str:
+    return proxy.log_path.read_text(errors="replace")
+
+
+ONE = re.compile(r"refused a malformed HTTP request from ")
+MORE = re.compile(r"refused (\d+) more malformed HTTP requests")
+
+
+def accounted(log: str) -> int:
+    """Malformed requests the log accounts for: one per report line, plus suppressed counts."""
+    return len(ONE.findall(log)) + sum(int(n) for n in MORE.findall(log))
+
+
+async def send_and_wait_for_log(proxy: ProxyProcess, requests: list[bytes]) -> str:
+    """Send each request on its own connection, check the 400s, and return the log lines
+    they produced once all of them are accounted for."""
+    before = len(log_text(proxy))
+    for raw in requests:
+        status, headers, body = await asyncio.to_thread(exchange, proxy.port, raw)
+        assert status == 400
+        assert headers["content-type"].startswith("application/json")
+        assert headers.get("server") == "regproxy"
+        assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+        assert SECRET not in body.decode(errors="replace")
+
+    async def all_accounted() -> bool:
+        return accounted(log_text(proxy)[before:]) >= len(requests)
+
+    await wait_until(all_accounted, "every malformed request to be accounted for in the log")
+    log = log_text(proxy)[before:]
+    assert accounted(log) == len(requests), log
+    return log
+
+
+async def test_malformed_requests_get_an_oci_400_and_a_short_log_line(plain_proxy):
+    log = await send_and_wait_for_log(plain_proxy, list(MALFORMED.values()))
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert SECRET not in log, log
+    assert "method=UNKNOWN" not in log, log  # no access-log line for each of them either
+    lines = [line for line in log.splitlines() if " regproxy.access " not in line]
+    assert lines and all(" WARNING " in line and len(line) < 200 for line in lines), log
+    # the server goes on answering well-formed requests
+    status, _headers, _body = await asyncio.to_thread(
+        exchange, plain_proxy.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200
+
+
+async def test_a_flood_of_malformed_requests_logs_a_bounded_number_of_lines(plain_proxy):
+    kinds = list(MALFORMED.values())
+    started = time.monotonic()
+    log = await send_and_wait_for_log(plain_proxy, [kinds[i % len(kinds)] for i in range(300)])
+    seconds = time.monotonic() - started
+    # at most one report and one summary per second of flood
+    assert len(log.splitlines()) <= 2 * (int(seconds) + 2), log
+    assert "Traceback" not in log and SECRET not in log
