@@ -83,9 +83,8 @@ async def test_certificate_written_before_its_key_keeps_the_old_pair(aiohttp_ser
     assert await served_certificate(server.port, ca) == old_der
 
     # a renewal tool writes the new certificate first; its key is not there yet
-    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
-    ca_key = serialization.load_pem_private_key((certdir / "ca.key").read_bytes(), password=None)
-    new_cert, new_key = certs.issue(ca_cert, ca_key, ["localhost"], ["127.0.0.1"])  # type: ignore[arg-type]
+    ca_cert, ca_key, _created = certs.load_or_create_ca(certdir)
+    new_cert, new_key = certs.issue(ca_cert, ca_key, ["localhost"], ["127.0.0.1"])
     caplog.set_level(logging.WARNING, logger="regproxy.tls")
     (certdir / "server.crt").write_bytes(new_cert.public_bytes(serialization.Encoding.PEM))
 
