@@ -43,6 +43,12 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
     keys = await store.list_repositories()
     moves = [(key, f"{names.default}/{key}") for key in keys
              if not names.is_cached_key(key) and not names.is_hosted(key)]
+    for key, _ in moves:
+        if await store.list_blob_links(key):  # only pushes linked blobs in layout 1
+            raise LayoutError(
+                f"repository {key!r} holds pushed blobs but matches no [hosted] pattern; "
+                "add its pattern to hosted.repositories (or delete repositories/"
+                f"{key}) and start again: it is not moved into the cache")
     if moves and names.default is None:
         raise LayoutError(
             f"the store holds {len(moves)} repositories of layout 1 (e.g. {moves[0][0]!r}) "
@@ -59,7 +65,7 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
             for digest in await store.list_manifest_links(key):
                 item = await store.get_manifest(digest)
                 if item is not None:
-                    await links.add_manifest(key, item)
+                    await links.add_manifest(key, item, stored_too=True)
     if moves:
         log.warning("store layout upgraded to %d: %d cached repositories of the default "
                     "upstream moved under %s/", LAYOUT_VERSION, len(moves), names.default)

@@ -97,15 +97,18 @@ def platform_child(index: bytes, os_name: str, arch: str) -> str | None:
     return None
 
 
-def references(doc: object) -> tuple[list[Digest], list[Digest]]:
-    """(child manifests, blobs) a parsed manifest or index points at; malformed or foreign
-    descriptors are skipped (validation of pushed manifests is stricter, elsewhere)."""
+def references(doc: object, *, distributable: bool = False) -> tuple[list[Digest], list[Digest]]:
+    """(child manifests, blobs) a parsed manifest or index points at; malformed descriptors
+    are skipped (validation of pushed manifests is stricter, elsewhere). ``distributable``:
+    also skip foreign layers (descriptors with ``urls``), which a registry does not hold."""
     if not isinstance(doc, dict):
         return [], []
 
     def digests(entries: Iterable[object]) -> list[Digest]:
         out = []
         for entry in entries:
+            if distributable and isinstance(entry, dict) and entry.get("urls"):
+                continue
             if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
                 with contextlib.suppress(RegistryError):
                     out.append(Digest.parse(entry["digest"]))

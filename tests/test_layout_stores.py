@@ -64,3 +64,16 @@ async def test_bare_names_without_a_default_upstream_refuse_to_start(store: Stor
     with pytest.raises(LayoutError, match=r"proxy\.default_upstream"):
         await upgrade(store, names)
     assert await store.layout_version() is None  # nothing recorded: the next start retries
+
+
+async def test_pushed_blobs_under_a_bare_unhosted_name_refuse_the_upgrade(store: Store):
+    """Layout 1 linked blobs only to hosted repositories: a bare name holding some is hosted
+    content whose pattern is missing from the config, and moving it would make it cache."""
+    await store.set_tag("team/foo", "v1", D1)
+    await store.link_blob("team/foo", D2)
+    names = Namespaces({"docker.io": UpstreamConfig(name="docker.io", url="https://x")},
+                       "docker.io")
+    with pytest.raises(LayoutError, match=r"hosted\.repositories"):
+        await upgrade(store, names)
+    assert await store.get_tag("team/foo", "v1") == D1  # nothing moved
+    assert await store.layout_version() is None

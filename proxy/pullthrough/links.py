@@ -53,16 +53,28 @@ class RepositoryLinks:
             await self._store.link_blob(key, digest)
             self._remember(key, digest)
 
-    async def add_manifest(self, key: str, item: StoredManifest) -> None:
+    async def add_manifest(self, key: str, item: StoredManifest, *, stored_too: bool = False
+                           ) -> None:
         """Link a manifest the upstream served or confirmed for ``key``, and what it
-        references: an index's child manifests, an image's config and layers."""
+        references: an index's child manifests, an image's config and layers.
+
+        References already in the pool are left to a ``HEAD`` for ``key`` on first use
+        (``stored_too`` links them as well: the layout upgrade, for what layout 1 served
+        anyway): otherwise a manifest that names a digest it does not hold (a foreign
+        layer, an index child some registries do not check) would unlock that object,
+        pushed privately to a hosted repository, say. Foreign layers are never linked."""
         if self.known(key, item.digest):
             return
-        children, blobs = references(_parse(item.data))
-        await asyncio.gather(*(self._store.link_manifest(key, d) for d in children),
-                             *(self._store.link_blob(key, d) for d in blobs))
+        children, blobs = references(_parse(item.data), distributable=True)
+        refs = [*children, *blobs]
+        if not stored_too:
+            sizes = await asyncio.gather(*(self._store.blob_size(d) for d in refs))
+            refs = [d for d, size in zip(refs, sizes, strict=True) if size is None]
+        wanted = set(refs)
+        await asyncio.gather(*(self._store.link_manifest(key, d) for d in children if d in wanted),
+                             *(self._store.link_blob(key, d) for d in blobs if d in wanted))
         await self._store.link_manifest(key, item.digest)  # last: it marks the set complete
-        for d in (*children, *blobs, item.digest):
+        for d in (*refs, item.digest):
             self._remember(key, d)
 
     def _remember(self, key: str, digest: Digest) -> None:

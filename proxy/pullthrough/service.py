@@ -192,15 +192,21 @@ class PullThrough:
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
         local = await self.local_manifest(digest)
+        linked = await self.links.holds_manifest(route.key, digest)
         if local is not None:
-            if not await self.links.holds_manifest(route.key, digest):
+            if not linked:
                 await self._confirm(route, digest, manifest=True)
                 await self.links.add_manifest(route.key, local)
             return _result(local, HIT)
-        if head:
-            return await self._head_manifest(route, str(digest), expect=digest)
-        result, shared = await self._flight.do(
-            ("manifest", str(digest)), lambda: self._fetch_by_digest(route, digest))
+        try:
+            if head:
+                return await self._head_manifest(route, str(digest), expect=digest)
+            result, shared = await self._flight.do(  # per repository: it links the result
+                ("manifest", route.key, str(digest)), lambda: self._fetch_by_digest(route, digest))
+        except RegistryError as exc:
+            if linked:
+                raise
+            raise _not_vouched(exc, route, digest, manifest=True) from None
         return replace(result, outcome=COALESCED if shared else result.outcome)
 
     async def _fetch_by_digest(self, route: Route, digest: Digest) -> ManifestResult:
@@ -593,11 +599,7 @@ class PullThrough:
             return await self._head_flight.do(
                 (kind, route.key, str(digest)), lambda: self._head_object(route, digest, manifest))
         except RegistryError as exc:
-            unknown = ManifestUnknown if manifest else BlobUnknown
-            if isinstance(exc, unknown):
-                raise
-            raise unknown(f"{kind} {digest} unknown to {route.name} "
-                          f"(the upstream could not confirm it: {exc.message})") from None
+            raise _not_vouched(exc, route, digest, manifest=manifest) from None
 
     async def _head_object(self, route: Route, digest: Digest, manifest: bool) -> int:
         upstream = route.upstream_client
@@ -665,6 +667,19 @@ async def _closing(reader: FillReader | TailReader | RemoteReader, start: int, e
             yield chunk
     finally:
         reader.close()
+
+
+def _not_vouched(exc: RegistryError, route: Route, digest: Digest, *, manifest: bool
+                 ) -> RegistryError:
+    """What a client hears when the upstream did not vouch for an object the repository has
+    no link to: a 404 whatever the reason (a 404, a 429, an outage), so that the answer is
+    the same whether or not the shared pool holds the object."""
+    unknown = ManifestUnknown if manifest else BlobUnknown
+    if isinstance(exc, unknown):
+        return exc
+    kind = "manifest" if manifest else "blob"
+    return unknown(f"{kind} {digest} unknown to {route.name} "
+                   f"(the upstream could not confirm it: {exc.message})")
 
 
 def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:

@@ -268,3 +268,76 @@ async def _check_holdings(tmp_path: Path, holdings: dict[str, set[int]], probes)
         await proxy.close()
         for server in servers:
             await server.close()
+
+
+# -- found in review: ways around the links ---------------------------------------------
+
+
+async def test_a_manifest_fetch_is_not_shared_with_another_repository(aiohttp_server, tmp_path):
+    env = await env_of(aiohttp_server, tmp_path)
+    async with env.anonymous, env.pusher:
+        digest = add_image(env.ghcr, "org/secret", "v1", [b"ghcr private layer"])
+        env.ghcr.manifest_delay = 0.5
+        owner = asyncio.create_task(status_and_body(
+            env.pusher, "GET", f"{env.base}/v2/ghcr.io/org/secret/manifests/{digest}"))
+        while not env.ghcr.count("GET", f"/manifests/{digest}"):  # noqa: ASYNC110 (the owner's
+            await asyncio.sleep(0.01)                            # fetch is running upstream)
+        status, body = await status_and_body(
+            env.anonymous, "GET", f"{env.base}/v2/library/zzz/manifests/{digest}")
+        assert status == 404 and b"ghcr private layer" not in body
+        assert (await owner)[0] == 200
+
+
+async def test_references_to_stored_objects_are_not_trusted_blindly(aiohttp_server, tmp_path):
+    """An upstream manifest naming a digest it does not hold (a foreign layer, an index
+    child some registries do not check) must not unlock that object from the pool."""
+    env = await env_of(aiohttp_server, tmp_path)
+    async with env.anonymous, env.pusher:
+        secret = b"private layer bytes"
+        pushed = await push_image(env.pusher, env.base, "private/secret", "v1", [secret])
+        layer = pushed.layers[0].digest
+        foreign = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": env.hub.add_blob(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                        "digest": layer, "size": len(secret), "urls": ["https://x.invalid/l"]}],
+        }).encode()
+        index = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": pushed.media_type, "digest": pushed.digest,
+                           "size": len(pushed.manifest)}],
+        }).encode()
+        env.hub.add_manifest("library/evil", "latest", foreign, "application/vnd.oci.image.manifest.v1+json")
+        env.hub.add_manifest("library/evil", "idx", index, "application/vnd.oci.image.index.v1+json")
+        for tag in ("latest", "idx"):
+            async with env.anonymous.get(f"{env.base}/v2/library/evil/manifests/{tag}",
+                                         headers={"Accept": "application/vnd.oci.image.index.v1+json,"
+                                                  "application/vnd.oci.image.manifest.v1+json"}) as r:
+                assert r.status == 200
+        status, body = await status_and_body(
+            env.anonymous, "GET", f"{env.base}/v2/library/evil/blobs/{layer}")
+        assert status == 404 and secret not in body
+        status, body = await status_and_body(
+            env.anonymous, "GET", f"{env.base}/v2/library/evil/manifests/{pushed.digest}")
+        assert status == 404 and pushed.manifest not in body
+        url = f"{env.base}/v2/team/x/blobs/uploads/?mount={layer}&from=library/evil"
+        async with env.pusher.post(url) as r:
+            assert r.status == 202
+
+
+async def test_manifest_answers_do_not_tell_what_the_pool_holds_when_upstream_fails(
+        aiohttp_server, tmp_path):
+    env = await env_of(aiohttp_server, tmp_path)
+    async with env.anonymous, env.pusher:
+        pushed = await push_image(env.pusher, env.base, "private/secret", "v1", [b"p"])
+        absent = digest_of(b"no manifest has this digest")
+        for failure in (429, 503):
+            env.hub.status = failure
+            answers = set()
+            for digest in (pushed.digest, absent):
+                for method in ("GET", "HEAD"):
+                    async with env.anonymous.request(
+                            method, f"{env.base}/v2/library/zzz/manifests/{digest}") as r:
+                        answers.add((method, r.status))
+            assert answers == {("GET", 404), ("HEAD", 404)}, (failure, answers)
