@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from proxy.config import Config
 from proxy.pullthrough.links import RepositoryLinks
 from proxy.routing import Namespaces
 from proxy.storage import FilesystemStore, Store
+from proxy.storage.backend import open_store
 
 log = logging.getLogger("regproxy.layout")
 
@@ -111,3 +113,18 @@ async def _upgrade_locked(store: Store, staging: FilesystemStore, names: Namespa
                 await upgrade(store, names)
                 return
         await asyncio.sleep(0.05)
+
+
+async def upgrade_before_workers(config: Config) -> None:
+    """The parent of the workers upgrades first, so that a store that cannot be upgraded
+    stops start-up once (not a worker crash loop); an unreachable store is left to the
+    workers' :func:`ensure`, which retries."""
+    try:
+        async with open_store(config, clean=False) as (store, _staging):
+            await upgrade(store, Namespaces(config.upstreams, config.default_upstream,
+                                            config.hosted))
+    except LayoutError:
+        raise
+    except Exception as exc:
+        log.error("cannot check the store's layout before starting workers (%s)",
+                  type(exc).__name__)

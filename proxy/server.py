@@ -8,6 +8,7 @@ workers exist.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import signal
 import time
 from typing import Any
 
+from proxy import layout
 from proxy.accesslog import AccessLogger
 from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
@@ -67,6 +69,7 @@ def run(config: Config, **extra: Any) -> None:
         _run_app(config, clean=True, reuse_port=False, **extra)
         return
     FilesystemStore(config.storage_root).open(clean=True)
+    asyncio.run(layout.upgrade_before_workers(config))
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if metrics_dir:  # samples of earlier runs must not be summed in
         for name in os.listdir(metrics_dir):

@@ -15,6 +15,7 @@ from proxy.reference import Digest
 from proxy.routing import Namespaces
 from proxy.storage import FilesystemStore, Store
 from proxy.storage.s3 import S3Store
+from tests.support.registry import free_port
 from tests.support.seaweed import SeaweedFS, ensure_bucket
 
 D1, D2 = Digest.of(b"one"), Digest.of(b"two")
@@ -77,3 +78,21 @@ async def test_pushed_blobs_under_a_bare_unhosted_name_refuse_the_upgrade(store:
         await upgrade(store, names)
     assert await store.get_tag("team/foo", "v1") == D1  # nothing moved
     assert await store.layout_version() is None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_stops_with_one_line_when_the_store_cannot_be_upgraded(tmp_path: Path, workers):
+    import subprocess
+    import sys
+
+    repo = tmp_path / "data" / "repositories" / "team" / "foo"
+    (repo / "_layers" / "sha256").mkdir(parents=True)
+    (repo / "_layers" / "sha256" / D2.hex).touch()
+    port = "0" if workers == "1" else str(free_port())  # (workers need a fixed port)
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--data-dir", str(tmp_path / "data"),
+         "--listen", f"127.0.0.1:{port}", "--workers", workers],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "team/foo" in lines[0] and "hosted.repositories" in lines[0], lines
