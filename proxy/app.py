@@ -121,8 +121,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         assert config.cache_url is not None  # config: [cluster] requires the redis backend
         cluster = Cluster(config.cluster, config.cache_url, session)
         stack.push_async_callback(cluster.close)
-    upstreams = {
-        name: UpstreamClient(cfg, session, tokens, breakers)
+    upstreams = {  # one breaker per upstream for all workers: a file in the store's locks/
+        name: UpstreamClient(cfg, session, tokens, breakers,
+                             breaker_file=staging.lock_path(f"breaker:{name}"))
         for name, cfg in config.upstreams.items()
     }
     pullthrough = PullThrough(

@@ -50,6 +50,8 @@ class UpstreamConfig:
     library_prefix: bool = False
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    #: time to the response headers of manifest, tag and HEAD requests (a hung upstream)
+    header_timeout: float = 5.0
     breaker_threshold: int = 3
     breaker_cooldown: float = 30.0
 
@@ -330,8 +332,8 @@ def parse_min_free(key: str, value: Any) -> tuple[int, float]:
 def _upstream(name: str, raw: Any) -> UpstreamConfig:
     key = f"upstreams.{name}"
     t = _take(raw, key, {"url", "aliases", "username", "password", "library_prefix",
-                         "connect_timeout", "read_timeout", "breaker_threshold",
-                         "breaker_cooldown"})
+                         "connect_timeout", "read_timeout", "header_timeout",
+                         "breaker_threshold", "breaker_cooldown"})
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*(:\d+)?", name):
         raise ConfigError(key, "an upstream name must be a lower-case host name such as ghcr.io")
     if "url" not in t:
@@ -353,6 +355,7 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         library_prefix=_bool(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
         connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
         read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
+        header_timeout=parse_duration(f"{key}.header_timeout", t.get("header_timeout", 5)),
         breaker_threshold=_positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
         breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
     )

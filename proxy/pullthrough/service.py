@@ -44,7 +44,7 @@ from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import KeyedLocks, SingleFlight
 from proxy.storage import BlobWriter, FilesystemStore, Store, StoredManifest
-from proxy.upstream import Endpoint, read_capped, upstream_error
+from proxy.upstream import BreakerState, Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")
 
@@ -245,6 +245,9 @@ class PullThrough:
                     self._refresh_in_background(route, tag, key)
                     return _result(local, REFRESHING)
                 return _result(local, HIT)
+        outage = await self._stale_in_outage(route, tag, key)
+        if outage is not None:
+            return outage
         flight_key = ("head" if head else "get", key)
         result, shared = await self._flight.do(
             flight_key, lambda: self._refresh_tag(route, tag, key, want_body=not head)
@@ -280,6 +283,22 @@ class PullThrough:
             digest, expires = stored, now + self.tag_ttl - age
         self._remember_tag(key, digest, expires)
         return digest, False
+
+    async def _stale_in_outage(self, route: Route, tag: str, key: str) -> ManifestResult | None:
+        """The last known manifest of an expired tag while the upstream's breaker is not
+        closed: no client with a cached copy waits for a probe (a hung upstream would hold
+        it for the whole timeout). Past the cooldown the probe is this tag's background
+        revalidation; while the circuit is open nothing goes upstream."""
+        state = route.upstream_client.breaker.state
+        if state is BreakerState.CLOSED:
+            return None
+        previous = await self.store.get_tag(route.key, tag)
+        local = None if previous is None else await self.local_manifest(previous)
+        if local is None:
+            return None
+        if state is BreakerState.HALF_OPEN:
+            self._refresh_in_background(route, tag, key)
+        return _result(local, STALE)
 
     def _refresh_in_background(self, route: Route, tag: str, key: str) -> None:
         """Revalidate a stale tag once, off the request path (joined by any foreground

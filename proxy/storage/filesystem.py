@@ -11,7 +11,8 @@ Layout under the root (documented in README.md, "On-disk layout")::
                                                  marker: manifest <hex> has <subject> as subject
     uploads/<uuid>/{data,repo,started}           resumable blob uploads (hosted)
     tmp/                                         files being written (removed at start-up)
-    locks/                                       lock files shared by the worker processes
+    locks/                                       lock files shared by the worker processes, and
+                                                 open circuit breakers (mtime: when opened)
     layout                                       the layout's version (see proxy.layout)
 
 Nothing appears under ``blobs/`` or ``manifests/`` before its digest and size were checked
@@ -424,13 +425,19 @@ class FilesystemStore:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
 
+    def lock_path(self, name: str) -> Path:
+        """The file in ``locks/`` that the processes on this host share for ``name`` (a
+        lock, or state such as an upstream's circuit breaker); start-up cleaning removes
+        it when no process holds its lock."""
+        return self.root / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+
     @contextlib.contextmanager
     def try_lock(self, name: str) -> Iterator[bool]:
         """A lock the processes on this host share (sibling workers), not waited for:
         yields whether this process holds it. Its file (in ``locks/``) goes when the
         holder is done, so a lock counts only while its file is still the one at the path
         (a process that opened the file just before it went locks a file nobody sees)."""
-        path = self.root / "locks" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+        path = self.lock_path(name)
         with self._held_lock(path) as held:
             if not held:
                 yield False

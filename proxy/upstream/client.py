@@ -8,12 +8,14 @@ breaker. Callers get a plain response, or :class:`~proxy.errors.Unavailable` fas
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
@@ -73,6 +75,8 @@ class UpstreamClient:
         session: aiohttp.ClientSession,
         token_cache: SharedCache,
         breaker_cache: SharedCache | None = None,
+        *,
+        breaker_file: Path | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -83,7 +87,9 @@ class UpstreamClient:
         self._shared_breaker = breaker_cache
         self._token_flight: SingleFlight[str | None] = SingleFlight()
         self._challenge: Challenge | None = None
-        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown)
+        #: ``breaker_file``: one breaker for every worker of the host (see the breaker)
+        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown,
+                                      path=breaker_file)
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=config.connect_timeout,
@@ -108,7 +114,11 @@ class UpstreamClient:
         :func:`~proxy.upstream.urls.v2_url`) and yield the final response.
 
         Raises :class:`Unavailable` when the upstream cannot be reached, times out, or the
-        breaker is open. Any HTTP status is yielded; 5xx count as breaker failures.
+        breaker is open. Any HTTP status is yielded; 5xx count as breaker failures. Only
+        blob GETs may wait ``read_timeout`` for the response headers; everything else
+        (manifests, tags, HEADs: small answers a hung upstream must not hold up) gets
+        ``header_timeout``. What the caller's block raises is its own: a full disk while
+        the body is stored is no upstream failure.
         """
         if not self.breaker.allow():
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
@@ -120,10 +130,19 @@ class UpstreamClient:
         url = v2_url(self.base, repo, endpoint, reference, query)
         scope = f"repository:{repo}:pull"
         base_headers = dict(headers or {})
-        resp: aiohttp.ClientResponse | None = None
+        first_byte = (None if method == "GET" and endpoint is Endpoint.BLOBS
+                      else self.config.header_timeout or None)
         started = time.monotonic()
         try:
-            resp = await self._send_authorized(method, url, base_headers, scope)
+            async with asyncio.timeout(first_byte):
+                resp = await self._send_authorized(method, url, base_headers, scope)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            await self._failed()
+            raise self._unavailable(method, url, exc) from None
+        except BaseException:
+            self.breaker.abandon()  # (cancelled: a probe without an answer)
+            raise
+        try:
             metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(time.monotonic() - started)
             metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
             if resp.status >= 500:
@@ -138,16 +157,17 @@ class UpstreamClient:
                     metrics.child(metrics.RATELIMIT_REMAINING, self.name).set(
                         int(remaining.split(";")[0]))
             yield resp
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            if resp is None:
-                await self._failed()
-            metrics.child(metrics.UPSTREAM_ERRORS, self.name, type(exc).__name__).inc()
-            log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
-                        type(exc).__name__)
-            raise Unavailable(f"upstream {self.name} failed: {type(exc).__name__}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:  # reading the body failed
+            raise self._unavailable(method, url, exc) from None
         finally:
-            if resp is not None:
-                resp.release()
+            resp.release()
+
+    def _unavailable(self, method: str, url: URL, exc: BaseException) -> Unavailable:
+        """Count and log a request that got no (complete) answer; the error to raise."""
+        metrics.child(metrics.UPSTREAM_ERRORS, self.name, type(exc).__name__).inc()
+        log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
+                    type(exc).__name__)
+        return Unavailable(f"upstream {self.name} failed: {type(exc).__name__}")
 
     async def _failed(self) -> None:
         self.breaker.failure()

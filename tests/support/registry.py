@@ -114,6 +114,10 @@ class RegistryProcess:
             return "<no log>"
         return "\n".join(text.splitlines()[-lines:])
 
+    def ready(self) -> bool:
+        """Whether ``/v2/`` answers 200 now."""
+        return self._ping()
+
     def _ping(self) -> bool:
         try:
             with _NO_PROXY_OPENER.open(f"{self.url}/v2/", timeout=1.0) as resp:
@@ -175,6 +179,17 @@ class RegistryProcess:
         while time.monotonic() < deadline and self._port_in_use():
             time.sleep(0.05)
 
+    def pause(self) -> None:
+        """SIGSTOP the registry: it still accepts connections (the kernel does) and never
+        answers, as a hung upstream does."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`: it answers what queued up meanwhile."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def restart(self) -> RegistryProcess:
         """Stop then start again on the same port and storage."""
         self.stop()
@@ -211,6 +226,15 @@ def upstream_get_lines(registry: RegistryProcess, path_fragment: str = "") -> li
     """The registry's access-log lines of GET requests whose path contains the fragment."""
     return [line for line in registry.log_path.read_text(errors="replace").splitlines()
             if (m := _GET.search(line)) and path_fragment in m.group(1)]
+
+
+_REQUEST = re.compile(r'"([A-Z]+) (/v2/\S+) HTTP')
+
+
+def upstream_requests(registry: RegistryProcess, path_fragment: str = "") -> int:
+    """How many requests (any method) for such a path the upstream registry logged."""
+    return sum(1 for line in registry.log_path.read_text(errors="replace").splitlines()
+               if (m := _REQUEST.search(line)) and path_fragment in m.group(2))
 
 
 def upstream_gets(registry: RegistryProcess, path_fragment: str = "") -> int:
