@@ -7,8 +7,9 @@ worker processes on the same store find the fill's well-known temp file and tail
 The fill runs in its own task and tees the upstream body into a temp file of the store,
 hashing as it goes. Readers tail that file with ``pread`` as bytes arrive, so a joiner's
 first byte comes as soon as the first chunk is on disk, and a client that hangs up does
-not stop the fill. The blob's last byte is only handed out once the digest has been
-checked, so a corrupt or truncated upstream body can never look complete to a client.
+not stop the fill. The last byte of every response (the blob's, or a range's) is only
+handed out once the digest of the whole blob has been checked, so a corrupt or truncated
+upstream body can never look complete to a client, whichever part of it was asked for.
 """
 
 from __future__ import annotations
@@ -354,9 +355,8 @@ class FillReader:
             avail = fill.written - pos
             if limit is not None:
                 avail = min(avail, limit - pos)
-            if (avail > 0 and fill.size is not None and not fill.verified
-                    and pos + avail >= fill.size):
-                avail -= 1  # keep the last byte back until the digest is checked
+            if avail > 0 and limit is not None and not fill.verified and pos + avail >= limit:
+                avail -= 1  # keep the range's last byte back until the digest is checked
             if avail > 0:
                 yield FileSpan(self._fd, pos, avail)
                 pos += avail
@@ -426,8 +426,8 @@ class TailReader:
             written = os.fstat(self._fd).st_size
             avail = written - pos if limit is None else min(written, limit) - pos
             verified = self._verified()
-            if avail > 0 and self.size is not None and not verified and pos + avail >= self.size:
-                avail -= 1
+            if avail > 0 and limit is not None and not verified and pos + avail >= limit:
+                avail -= 1  # (as FillReader does)
             if avail > 0:
                 yield FileSpan(self._fd, pos, avail)
                 pos += avail
