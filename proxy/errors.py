@@ -126,6 +126,13 @@ class Unavailable(RegistryError):
     code, status, default_message = "UNAVAILABLE", 503, "upstream registry unavailable"
 
 
+class StorageFailed(RegistryError):
+    """The local store could not write (a full or read-only disk, an I/O error): this
+    proxy's fault, never counted against the upstream; clients may try their next mirror."""
+
+    code, status, default_message = "UNAVAILABLE", 503, "local storage failed"
+
+
 class BadGateway(RegistryError):
     """The upstream answered, but with content we refuse (wrong digest, truncated, oversized)."""
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.errors import BadGateway, RegistryError, Unavailable
+from proxy.errors import BadGateway, RegistryError, StorageFailed, Unavailable
 from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
 from proxy.pullthrough.fill import FileSpan, FillReader, TailReader, read_spans
@@ -171,7 +171,9 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
                                 exc.message)
                 else:
                     log.exception("aborting %s for %s", request.path, request.remote)
-                request[CACHE_OUTCOME] = "upstream_error"
+                # (a full disk is this proxy's trouble, not the upstream's)
+                request[CACHE_OUTCOME] = ("error" if isinstance(exc, StorageFailed)
+                                          else "upstream_error")
             if request.transport is not None:
                 request.transport.close()
             return resp

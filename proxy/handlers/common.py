@@ -13,6 +13,7 @@ from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Route, Router
+from proxy.storage.failures import storage_failure
 
 log = logging.getLogger("regproxy.http")
 
@@ -115,6 +116,11 @@ def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, RegistryError):
         request[CACHE_OUTCOME] = request.get(CACHE_OUTCOME, "error")
         return error_response(exc)
+    failed = storage_failure(exc)  # a full disk: one line that says so, not a traceback
+    if failed is not None:
+        log.error("%s %s: %s", request.method, request.path[:200], failed.message)
+        request[CACHE_OUTCOME] = "error"
+        return error_response(failed)
     if isinstance(exc, web.HTTPNotFound):
         return error_response(EndpointUnknown(f"no API endpoint at {request.path[:200]}"))
     if isinstance(exc, web.HTTPMethodNotAllowed):

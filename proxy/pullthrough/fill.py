@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.reference import Digest
 from proxy.storage import BlobWriter, FilesystemStore, Store
+from proxy.storage.failures import storage_failure
 from proxy.upstream import Endpoint, UpstreamClient, upstream_error
 
 log = logging.getLogger("regproxy.fill")
@@ -120,9 +121,15 @@ class BlobFill:
             raise Unavailable(f"blob {self.digest} was evicted while being joined; retry") from None
 
     async def wait_headers(self) -> int | None:
-        """Wait until the upstream answered; return the blob size (``None`` if not sent)."""
+        """Wait until the upstream answered and the first bytes are on disk (a reader has
+        nothing to send before); return the blob size (``None`` if not sent). A fill that
+        failed unverified raises its error, so a client that got nothing yet gets a status
+        (a full disk: 503), not a cut connection."""
         await self._headers.wait()
-        if self.error is not None and self.size is None:
+        while (self.written == 0 and self.error is None and not self.verified
+               and not self.done):
+            await self.wait_progress()
+        if self.error is not None and not self.verified:
             raise self.error
         return self.size
 
@@ -204,9 +211,14 @@ class BlobFill:
             on_settled(self)  # once the blob is in the store: no moment where it is nowhere
             self.done = True
         except BaseException as exc:
-            self.error = exc if isinstance(exc, RegistryError) else Unavailable(
-                f"blob fill failed: {type(exc).__name__}")
-            if not isinstance(exc, RegistryError | asyncio.CancelledError):
+            failed = storage_failure(exc)  # the disk's fault, not the upstream's
+            if failed is not None:
+                log.error("blob fill %s failed: %s", self.digest, failed.message)
+                self.error = failed
+            else:
+                self.error = exc if isinstance(exc, RegistryError) else Unavailable(
+                    f"blob fill failed: {type(exc).__name__}")
+            if failed is None and not isinstance(exc, RegistryError | asyncio.CancelledError):
                 log.exception("blob fill %s failed", self.digest)
             if self._tee is not None:  # let the thread finish before the file goes
                 await self._tee.stop()

@@ -44,6 +44,7 @@ from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import KeyedLocks, SingleFlight
 from proxy.storage import BlobWriter, FilesystemStore, Store, StoredManifest
+from proxy.storage.failures import storage_failure
 from proxy.upstream import BreakerState, Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")
@@ -319,8 +320,12 @@ class PullThrough:
                             route, tag, key, want_body=True))
             except RegistryError as exc:
                 log.info("background revalidation of %s failed: %s", key, exc.message)
-            except Exception:
-                log.exception("background revalidation of %s failed", key)
+            except Exception as exc:
+                failed = storage_failure(exc)  # a full disk: one line, no traceback
+                if failed is None:
+                    log.exception("background revalidation of %s failed", key)
+                else:
+                    log.error("background revalidation of %s failed: %s", key, failed.message)
             finally:
                 self._refreshing.pop(key, None)
 
