@@ -15,7 +15,7 @@ from proxy import debuglisten, layout, metrics, tls
 from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
-from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER
+from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER, WORKER_STATUS
 from proxy.hosted import Hosted, UploadLimits
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
@@ -26,6 +26,7 @@ from proxy.storage import UploadStore
 from proxy.storage.backend import open_store
 from proxy.storage.space import FreeSpace
 from proxy.upstream import UpstreamClient
+from proxy.workerstatus import WorkerStatus
 
 log = logging.getLogger("regproxy")
 
@@ -150,6 +151,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                       max_age=config.max_age)
     pullthrough.after_fill = evictor.kick
     app[EVICTOR] = evictor
+    workers = WorkerStatus(metrics.shared_directory(), app[ROUTER], evictor)
+    app[WORKER_STATUS] = workers
+    # (at each metrics flush, after the requests' counts are folded in)
+    sources = [workers.publish]
+    for source in sources:
+        metrics.add_source(source)
     background = [asyncio.create_task(evictor.run_forever()),
                   asyncio.create_task(_purge_uploads(hosted, config.upload_max_age)),
                   asyncio.create_task(metrics.flush_forever()),
@@ -157,6 +164,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        for source in sources:
+            metrics.remove_source(source)
         for task in background:
             task.cancel()
         _, stuck = await asyncio.wait(background, timeout=5)

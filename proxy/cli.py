@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -67,11 +66,6 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM; 2 when the store cannot be used as configured."""
-    if config.workers > 1:
-        # prometheus-client picks its multi-process mode at import time: set it up first.
-        metrics_dir = config.storage_root / "metrics"
-        metrics_dir.mkdir(parents=True, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from proxy import server
     from proxy.layout import LayoutError
 

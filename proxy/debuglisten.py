@@ -20,7 +20,14 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.handlers import OPS_PAGES, PROBES, add_catch_all
-from proxy.handlers.common import EVICTOR, PULLTHROUGH, ROUTER, method_unsupported, oci
+from proxy.handlers.common import (
+    EVICTOR,
+    PULLTHROUGH,
+    ROUTER,
+    WORKER_STATUS,
+    method_unsupported,
+    oci,
+)
 
 log = logging.getLogger("regproxy")
 
@@ -38,6 +45,7 @@ def debug_app(main: web.Application, on_prepare: PrepareHook) -> web.Application
     """The application of the debug listener, sharing the started ``main`` one's services."""
     app = web.Application()
     app[ROUTER], app[EVICTOR], app[PULLTHROUGH] = main[ROUTER], main[EVICTOR], main[PULLTHROUGH]
+    app[WORKER_STATUS] = main[WORKER_STATUS]
     for path, handler in DEBUG_PATHS.items():
         app.router.add_get(path, oci(handler))
         app.router.add_route("*", path, oci(method_unsupported))

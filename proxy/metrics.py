@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client).
 
-With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set by the parent before this module
-is imported (see :mod:`proxy.cli`), and ``/metrics`` aggregates every worker's samples.
+With several workers, the parent calls :func:`share_between_processes` before it forks
+them: each worker keeps its samples in files of that directory, and ``/metrics`` of any
+worker sums every worker's.
 """
 
 from __future__ import annotations
@@ -9,56 +10,125 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
 
 log = logging.getLogger("regproxy.metrics")
 
-REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
-                   ["route", "method", "status"])
-CACHE = Counter("regproxy_cache_requests_total",
-                "Manifest and blob reads by cache outcome (hit, miss, coalesced, stale, ...)",
-                ["kind", "outcome"])
-BYTES_SERVED = Counter("regproxy_bytes_served_total",
-                       "Blob body bytes sent to clients, by where they came from",
-                       ["source"])
-UPSTREAM_REQUESTS = Counter("regproxy_upstream_requests_total", "Requests sent upstream",
-                            ["upstream", "method", "status"])
-UPSTREAM_ERRORS = Counter("regproxy_upstream_errors_total",
-                          "Upstream requests that failed without an answer (or breaker open)",
-                          ["upstream", "kind"])
-UPSTREAM_LATENCY = Histogram("regproxy_upstream_latency_seconds",
-                             "Time to the upstream's response headers", ["upstream"],
-                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-UPSTREAM_BYTES = Counter("regproxy_upstream_bytes_total", "Blob bytes fetched from upstreams",
-                         ["upstream"])
-BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open", "1 while an upstream's breaker is open",
-                     ["upstream"], multiprocess_mode="max")
-RATELIMIT_REMAINING = Gauge("regproxy_upstream_ratelimit_remaining",
-                            "Last ratelimit-remaining an upstream announced (Docker Hub)",
-                            ["upstream"], multiprocess_mode="mostrecent")
-CACHE_SIZE = Gauge("regproxy_cache_size_bytes", "Bytes of cached (upstream) content in the store",
-                   multiprocess_mode="mostrecent")
-CACHE_BUDGET = Gauge("regproxy_cache_budget_bytes", "Configured cache budget (0: unlimited)",
-                     multiprocess_mode="mostrecent")
-EVICTIONS = Counter("regproxy_evictions_total", "Cached blobs and manifests evicted (LRU)")
-EVICTED_BYTES = Counter("regproxy_evicted_bytes_total", "Bytes freed by eviction")
+# The metrics are made by _define (at import, and again by share_between_processes).
+REQUESTS: Counter
+CACHE: Counter
+BYTES_SERVED: Counter
+UPSTREAM_REQUESTS: Counter
+UPSTREAM_ERRORS: Counter
+UPSTREAM_LATENCY: Histogram
+UPSTREAM_BYTES: Counter
+BREAKER_OPEN: Gauge
+RATELIMIT_REMAINING: Gauge
+CACHE_SIZE: Gauge
+CACHE_BUDGET: Gauge
+EVICTIONS: Counter
+EVICTED_BYTES: Counter
+
+
+def _define() -> None:
+    global REQUESTS, CACHE, BYTES_SERVED, UPSTREAM_REQUESTS, UPSTREAM_ERRORS, UPSTREAM_LATENCY
+    global UPSTREAM_BYTES, BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, CACHE_BUDGET
+    global EVICTIONS, EVICTED_BYTES
+    REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
+                       ["route", "method", "status"])
+    CACHE = Counter("regproxy_cache_requests_total",
+                    "Manifest and blob reads by cache outcome (hit, miss, coalesced, stale, ...)",
+                    ["kind", "outcome"])
+    BYTES_SERVED = Counter("regproxy_bytes_served_total",
+                           "Blob body bytes sent to clients, by where they came from",
+                           ["source"])
+    UPSTREAM_REQUESTS = Counter("regproxy_upstream_requests_total", "Requests sent upstream",
+                                ["upstream", "method", "status"])
+    UPSTREAM_ERRORS = Counter("regproxy_upstream_errors_total",
+                              "Upstream requests that failed without an answer (or breaker open)",
+                              ["upstream", "kind"])
+    UPSTREAM_LATENCY = Histogram("regproxy_upstream_latency_seconds",
+                                 "Time to the upstream's response headers", ["upstream"],
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    UPSTREAM_BYTES = Counter("regproxy_upstream_bytes_total", "Blob bytes fetched from upstreams",
+                             ["upstream"])
+    BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open",
+                         "1 while an upstream's breaker is open", ["upstream"],
+                         multiprocess_mode="max")
+    RATELIMIT_REMAINING = Gauge("regproxy_upstream_ratelimit_remaining",
+                                "Last ratelimit-remaining an upstream announced (Docker Hub)",
+                                ["upstream"], multiprocess_mode="mostrecent")
+    CACHE_SIZE = Gauge("regproxy_cache_size_bytes",
+                       "Bytes of cached (upstream) content in the store",
+                       multiprocess_mode="mostrecent")
+    CACHE_BUDGET = Gauge("regproxy_cache_budget_bytes",
+                         "Configured cache budget (0: unlimited)",
+                         multiprocess_mode="mostrecent")
+    EVICTIONS = Counter("regproxy_evictions_total", "Cached blobs and manifests evicted (LRU)")
+    EVICTED_BYTES = Counter("regproxy_evicted_bytes_total", "Bytes freed by eviction")
+
+
+_define()
+_OURS = {name: metric for name, metric in globals().items()
+         if isinstance(metric, Counter | Gauge | Histogram)}
+
+
+def share_between_processes(directory: Path) -> None:
+    """Keep every sample in files of ``directory`` from now on (prometheus-client's
+    multi-process mode), emptied first: processes forked afterwards add to the same figures.
+
+    prometheus-client chooses the mode once, from ``PROMETHEUS_MULTIPROC_DIR`` when it is
+    first imported, and metrics without labels get their value when they are made; this
+    module is imported long before the configuration says how many workers there are. So
+    the value class is switched here and the metrics are made again."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in directory.iterdir():  # samples of earlier runs must not be summed in
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+    for metric in _OURS.values():
+        REGISTRY.unregister(metric)
+    _CHILDREN.clear()
+    _TALLY.clear()
+    _define()
+    _OURS.update({name: globals()[name] for name in _OURS})
+
+
+def shared_directory() -> Path | None:
+    """The directory the processes' samples are in (see :func:`share_between_processes`)."""
+    found = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(found) if found else None
+
+
+def forget_process(pid: int) -> None:
+    """A worker has exited: its in-flight gauges no longer count (its counters still do)."""
+    directory = shared_directory()
+    if directory is not None:
+        multiprocess.mark_process_dead(pid, str(directory))
 
 
 def render() -> tuple[bytes, str]:
     """The exposition text of every metric (of every worker, when there are several)."""
     flush()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if shared_directory() is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
@@ -101,6 +171,12 @@ def add_source(fold: Callable[[], None]) -> None:
     form reach the metrics (and whatever else ``fold`` feeds) at the same moments."""
     if fold not in _SOURCES:
         _SOURCES.append(fold)
+
+
+def remove_source(fold: Callable[[], None]) -> None:
+    """Undo :func:`add_source` (an application stopping)."""
+    if fold in _SOURCES:
+        _SOURCES.remove(fold)
 
 
 def flush() -> None:

@@ -16,7 +16,7 @@ import signal
 import time
 from typing import Any
 
-from proxy import layout
+from proxy import layout, metrics
 from proxy.accesslog import AccessLogger
 from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
@@ -26,6 +26,8 @@ from proxy.tls import SSL_CONTEXT
 
 log = logging.getLogger("regproxy")
 
+#: Where the workers keep their metrics samples and status figures, under storage.root.
+METRICS_DIR = "metrics"
 #: Seconds that in-flight requests get to finish on SIGTERM/SIGINT.
 SHUTDOWN_TIMEOUT = 30.0
 
@@ -70,10 +72,7 @@ def run(config: Config, **extra: Any) -> None:
         return
     FilesystemStore(config.storage_root).open(clean=True)
     asyncio.run(layout.upgrade_before_workers(config))
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if metrics_dir:  # samples of earlier runs must not be summed in
-        for name in os.listdir(metrics_dir):
-            os.unlink(os.path.join(metrics_dir, name))
+    metrics.share_between_processes(config.storage_root / METRICS_DIR)
     ctx = multiprocessing.get_context("fork")
     stopping = False
 
@@ -105,6 +104,8 @@ def run(config: Config, **extra: Any) -> None:
         for i, proc in enumerate(workers):
             if not proc.is_alive() and not stopping:
                 log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
+                if proc.pid is not None:
+                    metrics.forget_process(proc.pid)
                 time.sleep(0.5)
                 workers[i] = spawn()
         if stopping:

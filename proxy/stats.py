@@ -1,13 +1,18 @@
-"""Short-term, in-process statistics for the status page: hit ratio per minute over the
-last hours, and bytes served per repository. (Prometheus has the long-term numbers.)"""
+"""Short-term statistics for the status page: hit ratio per minute over the last hours, and
+bytes served per repository. Each process counts its own; :meth:`Stats.combine` adds up
+several workers' (see :mod:`proxy.workerstatus`). (Prometheus has the long-term numbers.)"""
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
+from typing import Any
 
 #: Minutes of hit-ratio history kept.
 HISTORY_MINUTES = 6 * 60
+#: Repositories kept by :meth:`Stats.export` (the page shows the top ten).
+EXPORTED_REPOSITORIES = 200
 
 
 #: Outcomes answered from the cache (a revalidated or refreshing tag included).
@@ -19,6 +24,12 @@ def served_from_cache(outcomes: Counter[str]) -> int:
     return sum(outcomes[o] for o in CACHE_OUTCOMES)
 
 
+def hit_ratio(outcomes: Counter[str]) -> float | None:
+    """The share of cache reads answered from the cache (``None``: no reads)."""
+    reads = sum(outcomes.values())
+    return served_from_cache(outcomes) / reads if reads else None
+
+
 class Stats:
     """Per-minute cache outcomes and bytes per repository of this process."""
 
@@ -26,10 +37,13 @@ class Stats:
         self.started = time.time()
         self._minutes: deque[tuple[int, Counter[str]]] = deque(maxlen=HISTORY_MINUTES)
         self.bytes_by_repo: Counter[str] = Counter()
+        #: Bumped by every :meth:`record`: whether there is anything new to publish.
+        self.changes = 0
 
     def record(self, repo: str | None, outcome: str, sent: int, *, requests: int = 1,
                now: float | None = None) -> None:
         """Count ``requests`` answers with ``outcome`` that sent ``sent`` bytes in all."""
+        self.changes += 1
         minute = int((time.time() if now is None else now) // 60)
         if not self._minutes or self._minutes[-1][0] != minute:
             self._minutes.append((minute, Counter()))
@@ -43,18 +57,33 @@ class Stats:
         """``(minute, ratio)`` for the last ``minutes``; ``None`` where nothing was served."""
         now = int(time.time() // 60)
         by_minute = dict(self._minutes)
-        series = []
-        for m in range(now - minutes + 1, now + 1):
-            c = by_minute.get(m)
-            total = sum(c.values()) if c else 0
-            hits = served_from_cache(c) if c else 0
-            series.append((m, hits / total if total else None))
-        return series
+        return [(m, hit_ratio(by_minute.get(m, Counter())))
+                for m in range(now - minutes + 1, now + 1)]
 
     def totals(self) -> Counter[str]:
         out: Counter[str] = Counter()
         for _, c in self._minutes:
             out.update(c)
+        return out
+
+    def export(self) -> dict[str, Any]:
+        """The figures as JSON-able data, for :meth:`combine` in another process."""
+        return {"started": self.started,
+                "minutes": [[m, dict(c)] for m, c in self._minutes],
+                "bytes_by_repo": dict(self.bytes_by_repo.most_common(EXPORTED_REPOSITORIES))}
+
+    @classmethod
+    def combine(cls, exported: Iterable[dict[str, Any]]) -> Stats:
+        """The sum of several processes' :meth:`export` figures (started: the earliest)."""
+        out = cls()
+        minutes: dict[int, Counter[str]] = {}
+        for part in exported:
+            out.started = min(out.started, float(part["started"]))
+            for minute, counts in part["minutes"]:
+                minutes.setdefault(int(minute), Counter()).update(counts)
+            out.bytes_by_repo.update(part["bytes_by_repo"])
+        for minute in sorted(minutes)[-HISTORY_MINUTES:]:
+            out._minutes.append((minute, minutes[minute]))
         return out
 
 

@@ -14,6 +14,7 @@ from proxy.pullthrough import PullThrough
 from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Route, Router
 from proxy.storage.failures import storage_failure
+from proxy.workerstatus import WorkerStatus
 
 log = logging.getLogger("regproxy.http")
 
@@ -26,6 +27,7 @@ REPO = web.RequestKey("regproxy.repo", str)
 #: Set by the auth layer: which local names ``_catalog`` may list for this client.
 CATALOG_FILTER: web.RequestKey[Callable[[str], bool]] = web.RequestKey("regproxy.catalog_filter")
 EVICTOR = web.AppKey("evictor", Evictor)
+WORKER_STATUS = web.AppKey("worker_status", WorkerStatus)
 #: Set by the auth layer for a signed-in client: whom its uploads count against.
 USER = web.RequestKey("regproxy.user", str)
 

@@ -11,9 +11,10 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__, metrics
-from proxy.handlers.common import EVICTOR, ROUTER
+from proxy.handlers.common import EVICTOR, ROUTER, WORKER_STATUS
 from proxy.redact import redact_url
-from proxy.stats import STATS, served_from_cache
+from proxy.stats import hit_ratio
+from proxy.workerstatus import combine
 
 _HEADERS = {"Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"}
@@ -28,30 +29,36 @@ def _human(n: float) -> str:
 
 
 def snapshot(app: web.Application) -> dict[str, Any]:
-    """Every figure the page shows."""
+    """Every figure the page shows, summed over the workers."""
     metrics.flush()  # the requests counted since the last flush
     router, evictor = app[ROUTER], app[EVICTOR]
-    report = evictor.last_report
-    totals = STATS.totals()
-    served = sum(totals.values())
+    workers = app[WORKER_STATUS]
+    parts = workers.gather()
+    figures = combine(parts)
+    stats = figures["stats"]
+    totals = stats.totals()
+    report = figures["cache"]
+    upstreams = figures["upstreams"]
     return {
         "version": __version__,
         "pid": os.getpid(),
-        "uptime_seconds": round(time.time() - STATS.started),
+        "uptime_seconds": round(time.time() - stats.started),
+        "workers": figures["workers"],
         "upstreams": [{
             "name": u.name, "url": redact_url(str(u.base)), "default": u is router.default,
-            "breaker": u.breaker.state.value, "ratelimit_remaining": u.ratelimit_remaining,
+            "breaker": upstreams[u.name]["breaker"],
+            "ratelimit_remaining": upstreams[u.name]["ratelimit_remaining"],
         } for u in router.upstreams],
         "cache": {
-            "bytes": report.remaining_bytes if report else None,
+            "bytes": report["bytes"] if report else None,
             "budget": evictor.max_size, "max_age_seconds": evictor.max_age,
         },
-        "hit_ratio": served_from_cache(totals) / served if served else None,
+        "hit_ratio": hit_ratio(totals),
         "outcomes": dict(totals),
-        "hit_ratio_series": STATS.hit_ratio_series(),
-        "top_repositories": STATS.bytes_by_repo.most_common(10),
+        "hit_ratio_series": stats.hit_ratio_series(),
+        "top_repositories": stats.bytes_by_repo.most_common(10),
         "recent_evictions": [{"time": t, "digest": d, "bytes": b}
-                             for t, d, b in reversed(evictor.recent[-20:])],
+                             for t, d, b in reversed(figures["evictions"])],
     }
 
 
@@ -90,6 +97,9 @@ def render(snap: dict[str, Any]) -> str:
     bar = (f"<div class='bar'><div style='width:{pct:.1f}%'></div></div>" if pct is not None else "")
     size_text = (_human(size) if size is not None else "not measured yet") + (
         f" of {_human(budget)} ({pct:.0f}%)" if pct is not None else " (no budget set)")
+    n_workers = len(snap["workers"])
+    who = (f"{n_workers} workers, this page from process {snap['pid']}" if n_workers > 1
+           else f"process {snap['pid']}")
     ratio = snap["hit_ratio"]
     top = "".join(f"<tr><td>{e(repo)}</td><td>{_human(n)}</td></tr>"
                   for repo, n in snap["top_repositories"]) or "<tr><td colspan=2>none yet</td></tr>"
@@ -114,7 +124,7 @@ td,th{{text-align:left;padding:3px 8px;border-bottom:1px solid #eee}}
 .muted{{color:#777}}
 </style></head><body>
 <h1>regproxy {e(snap['version'])}</h1>
-<p class="muted">process {snap['pid']}, up {up // 3600} h {up % 3600 // 60} min
+<p class="muted">{who}, up {up // 3600} h {up % 3600 // 60} min
 &middot; <a href="/metrics">metrics</a> &middot; <a href="/status.json">json</a></p>
 <h2>Upstreams</h2>
 <table><tr><th>name</th><th>url</th><th>circuit</th><th>rate limit left</th></tr>{ups}</table>
@@ -122,7 +132,7 @@ td,th{{text-align:left;padding:3px 8px;border-bottom:1px solid #eee}}
 <h2>Hit ratio</h2>
 <p>{ratio_text} <span class="muted">({outcomes})</span></p>
 {_chart(snap['hit_ratio_series'])}
-<p class="muted">per minute, last 6 hours (this process)</p>
+<p class="muted">per minute, last 6 hours{" (all workers)" if n_workers > 1 else ""}</p>
 <h2>Top repositories by bytes served</h2><table>{top}</table>
 <h2>Recent evictions</h2><table>{evictions}</table>
 </body></html>"""

@@ -40,6 +40,7 @@ class Evictor:
         self._wake = asyncio.Event()
         self.recent: list[tuple[float, str, int]] = []  #: (time, digest, bytes), newest last
         self.last_report: EvictionReport | None = None
+        self.reported_at = 0.0  #: when ``last_report`` was made (epoch seconds)
         #: what each cached manifest references, kept between passes (see ``evict``)
         self._refs: References = {}
         self._pass_cpu = 0.0  #: CPU seconds of the last local pass (its thread's time)
@@ -82,7 +83,7 @@ class Evictor:
                 report = await self._pass() if held else None
         if report is None:
             return None
-        self.last_report = report
+        self.last_report, self.reported_at = report, time.time()
         digests = [d for d, _ in report.evicted]
         self.pullthrough.forget(digests)
         metrics.CACHE_SIZE.set(report.remaining_bytes)
