@@ -40,6 +40,7 @@ UPSTREAM_BYTES: Counter
 BREAKER_OPEN: Gauge
 RATELIMIT_REMAINING: Gauge
 CACHE_SIZE: Gauge
+STORE_SIZE: Gauge
 CACHE_BUDGET: Gauge
 EVICTIONS: Counter
 EVICTED_BYTES: Counter
@@ -47,8 +48,8 @@ EVICTED_BYTES: Counter
 
 def _define() -> None:
     global REQUESTS, CACHE, BYTES_SERVED, UPSTREAM_REQUESTS, UPSTREAM_ERRORS, UPSTREAM_LATENCY
-    global UPSTREAM_BYTES, BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, CACHE_BUDGET
-    global EVICTIONS, EVICTED_BYTES
+    global UPSTREAM_BYTES, BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, STORE_SIZE
+    global CACHE_BUDGET, EVICTIONS, EVICTED_BYTES
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
     CACHE = Counter("regproxy_cache_requests_total",
@@ -74,10 +75,16 @@ def _define() -> None:
                                 "Last ratelimit-remaining an upstream announced (Docker Hub)",
                                 ["upstream"], multiprocess_mode="mostrecent")
     CACHE_SIZE = Gauge("regproxy_cache_size_bytes",
-                       "Bytes of cached (upstream) content in the store",
+                       "Bytes of the blobs cached content uses (those it shares with hosted "
+                       "content included), as of the last eviction pass",
                        multiprocess_mode="mostrecent")
+    STORE_SIZE = Gauge("regproxy_store_size_bytes",
+                       "Bytes of the blobs in the store by what uses them: cached (only "
+                       "cached content, or nothing: what eviction may remove), shared "
+                       "(cached and hosted content), hosted (only hosted content)",
+                       ["kind"], multiprocess_mode="mostrecent")
     CACHE_BUDGET = Gauge("regproxy_cache_budget_bytes",
-                         "Configured cache budget (0: unlimited)",
+                         "Configured cache budget (0: unlimited); it limits the evictable bytes",
                          multiprocess_mode="mostrecent")
     EVICTIONS = Counter("regproxy_evictions_total", "Cached blobs and manifests evicted (LRU)")
     EVICTED_BYTES = Counter("regproxy_evicted_bytes_total", "Bytes freed by eviction")

@@ -42,7 +42,9 @@ class WorkerStatus:
         """This worker's figures as of now (JSON-able)."""
         ev = self.evictor
         report = ev.last_report
-        cache = None if report is None else {"time": ev.reported_at, "bytes": report.remaining_bytes}
+        cache = None if report is None else {
+            "time": ev.reported_at, "evictable": report.remaining_bytes,
+            "shared": report.shared_bytes, "hosted": report.hosted_bytes}
         return {
             "pid": os.getpid(), **STATS.export(), "cache": cache,
             "evictions": [list(e) for e in ev.recent[-RECENT_EVICTIONS:]],

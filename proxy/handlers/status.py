@@ -50,7 +50,10 @@ def snapshot(app: web.Application) -> dict[str, Any]:
             "ratelimit_remaining": upstreams[u.name]["ratelimit_remaining"],
         } for u in router.upstreams],
         "cache": {
-            "bytes": report["bytes"] if report else None,
+            # what cached content uses, and of it what eviction may remove (the budget's part)
+            "bytes": report["evictable"] + report["shared"] if report else None,
+            "evictable_bytes": report["evictable"] if report else None,
+            "hosted_bytes": report["hosted"] if report else None,
             "budget": evictor.max_size, "max_age_seconds": evictor.max_age,
         },
         "hit_ratio": hit_ratio(totals),
@@ -91,12 +94,17 @@ def render(snap: dict[str, Any]) -> str:
         f"<td class='{e(u['breaker'])}'>{e(u['breaker'])}</td>"
         f"<td>{e(str(u['ratelimit_remaining'] or '-'))}</td></tr>" for u in snap["upstreams"])
     cache = snap["cache"]
-    size = cache["bytes"]
+    size, evictable = cache["bytes"], cache["evictable_bytes"]
     budget = cache["budget"]
-    pct = min(100.0, 100.0 * size / budget) if size is not None and budget else None
+    pct = min(100.0, 100.0 * evictable / budget) if evictable is not None and budget else None
     bar = (f"<div class='bar'><div style='width:{pct:.1f}%'></div></div>" if pct is not None else "")
-    size_text = (_human(size) if size is not None else "not measured yet") + (
-        f" of {_human(budget)} ({pct:.0f}%)" if pct is not None else " (no budget set)")
+    if size is None:
+        size_text = "not measured yet"
+    else:
+        size_text = (f"{_human(size)} cached, of which {_human(evictable)} evictable"
+                     + (f" of a {_human(budget)} budget ({pct:.0f}%)" if pct is not None
+                        else " (no budget set)")
+                     + f"; {_human(cache['hosted_bytes'])} hosted only")
     n_workers = len(snap["workers"])
     who = (f"{n_workers} workers, this page from process {snap['pid']}" if n_workers > 1
            else f"process {snap['pid']}")

@@ -86,14 +86,17 @@ class Evictor:
         self.last_report, self.reported_at = report, time.time()
         digests = [d for d, _ in report.evicted]
         self.pullthrough.forget(digests)
-        metrics.CACHE_SIZE.set(report.remaining_bytes)
+        metrics.CACHE_SIZE.set(report.cache_bytes)
+        for kind, size in (("cached", report.remaining_bytes), ("shared", report.shared_bytes),
+                           ("hosted", report.hosted_bytes)):
+            metrics.child(metrics.STORE_SIZE, kind).set(size)
         if report.evicted:
             metrics.EVICTIONS.inc(len(report.evicted))
             metrics.EVICTED_BYTES.inc(report.evicted_bytes)
             now = time.time()
             self.recent.extend((now, str(d), size) for d, size in report.evicted)
             del self.recent[:-100]
-            log.info("evicted %d objects, %d bytes; cached content now %d bytes",
+            log.info("evicted %d objects, %d bytes; evictable cached content now %d bytes",
                      len(report.evicted), report.evicted_bytes, report.remaining_bytes)
         return report
 

@@ -29,8 +29,10 @@ References = dict[Digest, tuple[list[Digest], list[Digest]]]
 class EvictionReport:
     """What one pass found and removed."""
 
-    cached_bytes: int = 0  #: cached bytes before the pass
+    cached_bytes: int = 0  #: evictable bytes before the pass: blobs no hosted content uses
     evicted: list[tuple[Digest, int]] = field(default_factory=list)
+    shared_bytes: int = 0  #: blobs both cached and hosted content use (never evicted)
+    hosted_bytes: int = 0  #: blobs only hosted content uses
 
     @property
     def evicted_bytes(self) -> int:
@@ -38,7 +40,18 @@ class EvictionReport:
 
     @property
     def remaining_bytes(self) -> int:
+        """Evictable bytes after the pass (what ``max_size`` limits)."""
         return self.cached_bytes - self.evicted_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of what cached content uses after the pass, shared blobs included."""
+        return self.remaining_bytes + self.shared_bytes
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every blob in the store after the pass."""
+        return self.remaining_bytes + self.shared_bytes + self.hosted_bytes
 
 
 async def evict(
@@ -76,6 +89,7 @@ async def evict(
         recency[stat.digest] = stat.last_used
     refs = {} if known_refs is None else known_refs  # each manifest parsed once
     unreadable: set[Digest] = set()  # (not stored, or no references: not kept in ``refs``)
+    used_by_cache: set[Digest] = set(cached_manifests)  # what cached manifests reach
 
     async def propagate(digest: Digest, when: float, seen: set[Digest]) -> None:
         found = refs.get(digest)
@@ -86,6 +100,8 @@ async def evict(
             else:
                 unreadable.add(digest)
         manifests, blobs = found
+        used_by_cache.update(blobs)
+        used_by_cache.update(manifests)
         for b in blobs:
             if b in recency and recency[b] < when:
                 recency[b] = when
@@ -101,7 +117,11 @@ async def evict(
             await propagate(manifest, recency[manifest], {manifest})
 
     candidates = [d for d in sizes if d not in protected]
-    report = EvictionReport(cached_bytes=sum(sizes[d] for d in candidates))
+    report = EvictionReport(
+        cached_bytes=sum(sizes[d] for d in candidates),
+        shared_bytes=sum(size for d, size in sizes.items() if d in protected and d in used_by_cache),
+        hosted_bytes=sum(size for d, size in sizes.items()
+                         if d in protected and d not in used_by_cache))
     remaining = report.cached_bytes
     cutoff = now - max_age if max_age > 0 else None
     for digest in sorted(candidates, key=lambda d: recency[d]):
