@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, ResponseKey, StreamResponse
 
 from proxy import metrics
-from proxy.handlers.common import CACHE_OUTCOME, REPO
+from proxy.handlers.common import CACHE_OUTCOME, HOSTED_READ, REPO
 from proxy.stats import STATS
 
 #: Set on a response whose request gets no access-log line (it is counted in the metrics):
@@ -26,7 +26,7 @@ _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
 
 
 #: Requests not yet counted, by (handler, method, status, cache outcome, repository):
-#: [requests, body bytes sent]. The repository is kept for cache reads only.
+#: [requests, body bytes sent]. The repository is kept for cache and hosted reads only.
 _PENDING: dict[tuple[str, str, int, str, str | None], list[int]] = {}
 
 
@@ -38,9 +38,15 @@ def fold() -> None:
         kind = _CACHE_KINDS.get(handler)
         if kind is None or outcome == "-":
             continue
+        body = method == "GET" and status in (200, 206)
+        if outcome == HOSTED_READ:  # served from the store, but no cache read
+            STATS.record(repo, None, sent, requests=requests)
+            if kind == "blob" and body:
+                metrics.count(metrics.BYTES_SERVED, "hosted", amount=sent)
+            continue
         metrics.count(metrics.CACHE, kind, outcome, amount=requests)
         STATS.record(repo, outcome, sent, requests=requests)
-        if kind == "blob" and method == "GET" and status in (200, 206):
+        if kind == "blob" and body:
             source = "cache" if outcome == "hit" else "upstream"
             metrics.count(metrics.BYTES_SERVED, source, amount=sent)
 

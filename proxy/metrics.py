@@ -53,11 +53,11 @@ def _define() -> None:
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
     CACHE = Counter("regproxy_cache_requests_total",
-                    "Manifest and blob reads by cache outcome (hit, miss, coalesced, stale, ...)",
-                    ["kind", "outcome"])
+                    "Manifest and blob reads of cached repositories by outcome (hit, miss, "
+                    "coalesced, stale, not_found, error, ...)", ["kind", "outcome"])
     BYTES_SERVED = Counter("regproxy_bytes_served_total",
-                           "Blob body bytes sent to clients, by where they came from",
-                           ["source"])
+                           "Blob body bytes sent to clients, by where they came from "
+                           "(cache, upstream, hosted)", ["source"])
     UPSTREAM_REQUESTS = Counter("regproxy_upstream_requests_total", "Requests sent upstream",
                                 ["upstream", "method", "status"])
     UPSTREAM_ERRORS = Counter("regproxy_upstream_errors_total",

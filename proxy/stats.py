@@ -17,6 +17,8 @@ EXPORTED_REPOSITORIES = 200
 
 #: Outcomes answered from the cache (a revalidated or refreshing tag included).
 CACHE_OUTCOMES = ("hit", "revalidated", "refreshing")
+#: Outcomes left out of the hit ratio: a name that exists nowhere is no cache read.
+UNCOUNTED_OUTCOMES = ("not_found",)
 
 
 def served_from_cache(outcomes: Counter[str]) -> int:
@@ -26,7 +28,7 @@ def served_from_cache(outcomes: Counter[str]) -> int:
 
 def hit_ratio(outcomes: Counter[str]) -> float | None:
     """The share of cache reads answered from the cache (``None``: no reads)."""
-    reads = sum(outcomes.values())
+    reads = sum(n for o, n in outcomes.items() if o not in UNCOUNTED_OUTCOMES)
     return served_from_cache(outcomes) / reads if reads else None
 
 
@@ -40,14 +42,16 @@ class Stats:
         #: Bumped by every :meth:`record`: whether there is anything new to publish.
         self.changes = 0
 
-    def record(self, repo: str | None, outcome: str, sent: int, *, requests: int = 1,
+    def record(self, repo: str | None, outcome: str | None, sent: int, *, requests: int = 1,
                now: float | None = None) -> None:
-        """Count ``requests`` answers with ``outcome`` that sent ``sent`` bytes in all."""
+        """Count ``requests`` answers with ``outcome`` (``None``: not a cache read, bytes
+        only) that sent ``sent`` bytes in all."""
         self.changes += 1
-        minute = int((time.time() if now is None else now) // 60)
-        if not self._minutes or self._minutes[-1][0] != minute:
-            self._minutes.append((minute, Counter()))
-        self._minutes[-1][1][outcome] += requests
+        if outcome is not None:
+            minute = int((time.time() if now is None else now) // 60)
+            if not self._minutes or self._minutes[-1][0] != minute:
+                self._minutes.append((minute, Counter()))
+            self._minutes[-1][1][outcome] += requests
         if repo is not None and sent > 0:
             self.bytes_by_repo[repo] += sent
             if len(self.bytes_by_repo) > 10_000:  # keep the top ones only

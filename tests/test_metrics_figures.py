@@ -1,7 +1,9 @@
-"""What the metrics say about an operator's cache: sizes that agree with the store."""
+"""What the metrics say about an operator's cache: sizes that agree with the store, and cache
+outcomes that only count cache reads."""
 
 from __future__ import annotations
 
+import base64
 import os
 
 import aiohttp
@@ -9,16 +11,28 @@ from prometheus_client import REGISTRY
 
 from proxy import metrics
 from proxy.app import create_app
+from proxy.auth.settings import parse_auth
 from proxy.handlers.common import EVICTOR, PULLTHROUGH
 from proxy.reference import Digest
+from proxy.server import runner_kwargs
 from proxy.storage.gc import image_size
-from tests.support.images import push_image
+from tests.support.edge import write_htpasswd
+from tests.support.images import blob_exists, push_image, sha256_digest
 from tests.support.proxyfix import make_config
+
+OUTCOMES = ("hit", "miss", "coalesced", "stale", "revalidated", "refreshing", "not_found",
+            "error", "upstream_error", "hosted", "-")
 
 
 def sample(name: str, **labels: str) -> float:
     metrics.flush()
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def cache_reads() -> dict[str, float]:
+    """Cache reads by outcome, manifests and blobs together."""
+    return {o: sum(sample("regproxy_cache_requests_total", kind=k, outcome=o)
+                   for k in ("manifest", "blob")) for o in OUTCOMES}
 
 
 def blob_bytes_on_disk(data) -> int:
@@ -61,3 +75,63 @@ async def test_cache_size_counts_content_shared_with_hosted_images(
     assert kinds["hosted"] == len(hosted.manifest) + len(hosted.config_bytes) + len(hosted_only)
     assert cached == kinds["cached"] + kinds["shared"]
     assert sum(kinds.values()) == blob_bytes_on_disk(data)
+
+
+async def test_only_cache_reads_count_as_cache_outcomes(
+    upstream_registry, http_session, aiohttp_server, tmp_path
+):
+    """A push's HEAD checks and reads of hosted repositories, a tag the upstream does not
+    have, and requests refused for lack of credentials are no cache errors (nor hits)."""
+    await push_image(http_session, upstream_registry.url, "it/outcomes", "v1",
+                     [os.urandom(50_000)], schema="oci")
+    cfg = make_config(tmp_path / "data", {"reg.io": upstream_registry.url}, hosted=("team/*",))
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    before = cache_reads()
+    hosted_bytes = sample("regproxy_bytes_served_total", source="hosted")
+    layer = os.urandom(40_000)
+    async with aiohttp.ClientSession() as client:
+        assert await blob_exists(client, base, "team/app", sha256_digest(layer)) is None  # 404
+        pushed = await push_image(client, base, "team/app", "v1", [layer], schema="oci")
+        assert await blob_exists(client, base, "team/app", pushed.layers[0].digest) == len(layer)
+        async with client.get(f"{base}/v2/team/app/manifests/v1") as r:
+            assert r.status == 200
+        async with client.get(f"{base}/v2/team/app/manifests/nothere") as r:
+            assert r.status == 404
+        async with client.get(f"{base}/v2/team/app/blobs/{pushed.layers[0].digest}") as r:
+            assert await r.read() == layer
+        async with client.get(f"{base}/v2/it/outcomes/manifests/nothere") as r:
+            assert r.status == 404  # the upstream has no such tag
+        async with client.get(f"{base}/v2/it/outcomes/manifests/v1") as r:
+            assert r.status == 200
+    after = cache_reads()
+    moved = {o: after[o] - before[o] for o in OUTCOMES if after[o] != before[o]}
+    assert moved == {"not_found": 1, "miss": 1}, moved
+    assert sample("regproxy_bytes_served_total", source="hosted") - hosted_bytes == len(layer)
+
+
+async def test_refused_requests_are_no_cache_reads_and_failures_still_are_errors(
+    aiohttp_server, tmp_path
+):
+    """With [auth], the 401 of ``/v2/`` and of a manifest read are no cache outcomes; an
+    upstream that cannot be reached still counts as a cache ``error``."""
+    write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-pw"})
+    auth = parse_auth({"htpasswd": "htpasswd", "rules": [
+        {"users": ["alice"], "repositories": ["library/*"], "actions": ["pull"]}]}, tmp_path)
+    alice = {"Authorization": "Basic " + base64.b64encode(b"alice:alice-pw").decode()}
+    cfg = make_config(tmp_path / "data", {"docker.io": "http://127.0.0.1:9"}, auth=auth)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    before = cache_reads()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{base}/v2/") as r:
+            assert r.status == 401
+        async with client.get(f"{base}/v2/private/app/manifests/v1") as r:
+            assert r.status == 401
+        async with client.get(f"{base}/v2/private/app/blobs/sha256:{'0' * 64}") as r:
+            assert r.status == 401
+        async with client.get(f"{base}/v2/library/app/manifests/v1", headers=alice) as r:
+            assert r.status == 503  # allowed, but nothing listens upstream
+    after = cache_reads()
+    moved = {o: after[o] - before[o] for o in OUTCOMES if after[o] != before[o]}
+    assert moved == {"error": 1}, moved

@@ -12,6 +12,7 @@ from proxy.errors import RegistryError, Unsupported
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.evictor import Evictor
+from proxy.pullthrough.service import HOSTED as HOSTED_READ
 from proxy.routing import Route, Router
 from proxy.storage.failures import storage_failure
 from proxy.workerstatus import WorkerStatus
@@ -46,8 +47,12 @@ def route_of(request: web.Request) -> Route:
 
 
 def reader_of(request: web.Request, route: Route) -> Hosted | PullThrough:
-    """The service that answers reads of ``route``: the store alone, or the pull-through."""
-    return request.app[HOSTED] if route.hosted else request.app[PULLTHROUGH]
+    """The service that answers reads of ``route``: the store alone, or the pull-through.
+    Reads of hosted repositories are no cache reads, whatever their answer."""
+    if route.hosted:
+        request[CACHE_OUTCOME] = HOSTED_READ
+        return request.app[HOSTED]
+    return request.app[PULLTHROUGH]
 
 
 def hosted_only(request: web.Request, route: Route) -> Hosted:
@@ -112,16 +117,27 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return _answer_error(request, exc)
 
 
+def error_outcome(status: int) -> str:
+    """The cache outcome of a read that failed with ``status`` before it had one: a name
+    that exists nowhere is ``not_found``, a failure to serve it ``error``; a refused
+    request (bad name, no credentials, no right) is no cache read at all (``-``)."""
+    if status == 404:
+        return "not_found"
+    return "error" if status >= 500 else "-"
+
+
 def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The OCI error response for ``exc``; re-raises what aiohttp must see itself (other
     HTTP exceptions, a client that went away). Call it from the ``except`` clause."""
     if isinstance(exc, RegistryError):
-        request[CACHE_OUTCOME] = request.get(CACHE_OUTCOME, "error")
+        if CACHE_OUTCOME not in request:
+            request[CACHE_OUTCOME] = error_outcome(exc.status)
         return error_response(exc)
     failed = storage_failure(exc)  # a full disk: one line that says so, not a traceback
     if failed is not None:
         log.error("%s %s: %s", request.method, request.path[:200], failed.message)
-        request[CACHE_OUTCOME] = "error"
+        if request.get(CACHE_OUTCOME) != HOSTED_READ:  # (a hosted read is no cache read)
+            request[CACHE_OUTCOME] = "error"
         return error_response(failed)
     if isinstance(exc, web.HTTPNotFound):
         return error_response(EndpointUnknown(f"no API endpoint at {request.path[:200]}"))

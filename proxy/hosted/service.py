@@ -36,7 +36,7 @@ from proxy.mediatypes import (
     references,
     sniff_media_type,
 )
-from proxy.pullthrough.service import HIT, BlobResult, ManifestResult, paginate
+from proxy.pullthrough.service import HOSTED, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
 from proxy.routing import Route
 from proxy.singleflight import KeyedLocks
@@ -85,7 +85,7 @@ class Hosted:
         item = await self.store.get_manifest(digest)
         if item is None:
             raise ManifestUnknown(f"manifest {digest} unknown")
-        return ManifestResult(digest, item.media_type, len(item.data), item.data, HIT)
+        return ManifestResult(digest, item.media_type, len(item.data), item.data, HOSTED)
 
     async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
         """A blob linked to the repository (pushed, mounted, or a manifest of it)."""
@@ -94,7 +94,7 @@ class Hosted:
             route.key, digest)
         if size is None or not linked:
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
-        return BlobResult(digest, size, HIT, stored=True)
+        return BlobResult(digest, size, HOSTED, stored=True)
 
     async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
         tags = await self.store.list_tags(route.key)

@@ -52,6 +52,8 @@ log = logging.getLogger("regproxy.pullthrough")
 HIT, MISS, COALESCED, STALE, REVALIDATED = "hit", "miss", "coalesced", "stale", "revalidated"
 #: A tag just past its TTL, answered at once while it is revalidated in the background.
 REFRESHING = "refreshing"
+#: A read of a hosted repository: answered from the store, but no cache read.
+HOSTED = "hosted"
 
 
 @dataclass(slots=True)
