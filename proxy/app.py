@@ -151,12 +151,18 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                       max_age=config.max_age)
     pullthrough.after_fill = evictor.kick
     app[EVICTOR] = evictor
-    workers = WorkerStatus(metrics.shared_directory(), app[ROUTER], evictor)
+    workers = WorkerStatus(metrics.shared_directory(), app[ROUTER], evictor,
+                           data_root=config.storage_root)
     app[WORKER_STATUS] = workers
-    # (at each metrics flush, after the requests' counts are folded in)
-    sources = [workers.publish]
+
+    def measure_disk() -> None:
+        metrics.measure_disk(config.storage_root)
+
+    # (at each metrics flush; the status figures after the requests' counts are folded in)
+    sources = [measure_disk, workers.publish]
     for source in sources:
         metrics.add_source(source)
+    metrics.announce_build()
     background = [asyncio.create_task(evictor.run_forever()),
                   asyncio.create_task(_purge_uploads(hosted, config.upload_max_age)),
                   asyncio.create_task(metrics.flush_forever()),

@@ -8,10 +8,12 @@ worker sums every worker's.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
+import platform
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,37 +29,81 @@ from prometheus_client import (
     values,
 )
 
+from proxy import __version__
+
 log = logging.getLogger("regproxy.metrics")
+
+#: Upper bounds of the client request latency buckets: a manifest hit takes well under a
+#: millisecond, a cold multi-GiB layer minutes.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
+
+
+class BatchedHistogram(Histogram):
+    """A histogram that takes many observations at once (:meth:`add`): the access log
+    counts requests per bucket and adds them at the flush, so a request costs a bisect,
+    not a locked write of a multi-process file per observation."""
+
+    def add(self, bucket_counts: Sequence[int], total: float) -> None:
+        """Add ``bucket_counts[i]`` observations to bucket ``i`` (the last: +Inf) whose
+        values sum to ``total``. (prometheus-client has no such call; its histogram keeps
+        one value per bucket and one for the sum, as used here.)"""
+        for value, n in zip(self._buckets, bucket_counts, strict=True):
+            if n:
+                value.inc(n)
+        self._sum.inc(total)
+
+
+def latency_bucket(seconds: float) -> int:
+    """The index of the :data:`LATENCY_BUCKETS` bucket (or +Inf) that ``seconds`` falls in."""
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
+
 
 # The metrics are made by _define (at import, and again by share_between_processes).
 REQUESTS: Counter
+REQUEST_LATENCY: BatchedHistogram
 CACHE: Counter
 BYTES_SERVED: Counter
+BYTES_SAVED: Counter
 UPSTREAM_REQUESTS: Counter
 UPSTREAM_ERRORS: Counter
 UPSTREAM_LATENCY: Histogram
 UPSTREAM_BYTES: Counter
+FILLS: Counter
+FILLS_IN_FLIGHT: Gauge
 BREAKER_OPEN: Gauge
 RATELIMIT_REMAINING: Gauge
 CACHE_SIZE: Gauge
 STORE_SIZE: Gauge
 CACHE_BUDGET: Gauge
+DISK_FREE: Gauge
+DISK_SIZE: Gauge
 EVICTIONS: Counter
 EVICTED_BYTES: Counter
+BUILD_INFO: Gauge
 
 
 def _define() -> None:
-    global REQUESTS, CACHE, BYTES_SERVED, UPSTREAM_REQUESTS, UPSTREAM_ERRORS, UPSTREAM_LATENCY
-    global UPSTREAM_BYTES, BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, STORE_SIZE
-    global CACHE_BUDGET, EVICTIONS, EVICTED_BYTES
+    global REQUESTS, REQUEST_LATENCY, CACHE, BYTES_SERVED, BYTES_SAVED, UPSTREAM_REQUESTS
+    global UPSTREAM_ERRORS, UPSTREAM_LATENCY, UPSTREAM_BYTES, FILLS, FILLS_IN_FLIGHT
+    global BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, STORE_SIZE, CACHE_BUDGET, DISK_FREE
+    global DISK_SIZE, EVICTIONS, EVICTED_BYTES, BUILD_INFO
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
+    REQUEST_LATENCY = BatchedHistogram(
+        "regproxy_request_duration_seconds",
+        "Time from a client's request to the end of the response, by route and cache outcome",
+        ["route", "cache"], buckets=LATENCY_BUCKETS)
     CACHE = Counter("regproxy_cache_requests_total",
                     "Manifest and blob reads of cached repositories by outcome (hit, miss, "
                     "coalesced, stale, not_found, error, ...)", ["kind", "outcome"])
     BYTES_SERVED = Counter("regproxy_bytes_served_total",
                            "Blob body bytes sent to clients, by where they came from "
                            "(cache, upstream, hosted)", ["source"])
+    BYTES_SAVED = Counter("regproxy_bytes_saved_total",
+                          "Manifest and blob bytes sent to clients of cached repositories "
+                          "without an upstream transfer of their own (from the cache, or "
+                          "joining another client's download)", ["kind"])
     UPSTREAM_REQUESTS = Counter("regproxy_upstream_requests_total", "Requests sent upstream",
                                 ["upstream", "method", "status"])
     UPSTREAM_ERRORS = Counter("regproxy_upstream_errors_total",
@@ -68,6 +114,13 @@ def _define() -> None:
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     UPSTREAM_BYTES = Counter("regproxy_upstream_bytes_total", "Blob bytes fetched from upstreams",
                              ["upstream"])
+    FILLS = Counter("regproxy_fills_total",
+                    "Blob downloads from upstreams into the store, by result (ok, failed, "
+                    "cancelled: at shutdown)",
+                    ["upstream", "result"])
+    FILLS_IN_FLIGHT = Gauge("regproxy_fills_in_flight",
+                            "Blob downloads from upstreams running now", ["upstream"],
+                            multiprocess_mode="livesum")
     BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open",
                          "1 while an upstream's breaker is open", ["upstream"],
                          multiprocess_mode="max")
@@ -86,8 +139,16 @@ def _define() -> None:
     CACHE_BUDGET = Gauge("regproxy_cache_budget_bytes",
                          "Configured cache budget (0: unlimited); it limits the evictable bytes",
                          multiprocess_mode="mostrecent")
+    DISK_FREE = Gauge("regproxy_disk_free_bytes",
+                      "Bytes available to the server on the filesystem of storage.root",
+                      multiprocess_mode="mostrecent")
+    DISK_SIZE = Gauge("regproxy_disk_size_bytes", "Size of the filesystem of storage.root",
+                      multiprocess_mode="mostrecent")
     EVICTIONS = Counter("regproxy_evictions_total", "Cached blobs and manifests evicted (LRU)")
     EVICTED_BYTES = Counter("regproxy_evicted_bytes_total", "Bytes freed by eviction")
+    BUILD_INFO = Gauge("regproxy_build_info",
+                       "Always 1: the labels say which regproxy and Python are running",
+                       ["version", "python"], multiprocess_mode="max")
 
 
 _define()
@@ -130,6 +191,22 @@ def forget_process(pid: int) -> None:
     directory = shared_directory()
     if directory is not None:
         multiprocess.mark_process_dead(pid, str(directory))
+
+
+def announce_build() -> None:
+    """Set ``regproxy_build_info`` (each worker, as it starts)."""
+    child(BUILD_INFO, __version__, platform.python_version()).set(1)
+
+
+def measure_disk(root: Path) -> None:
+    """Set the disk gauges from ``statvfs`` of ``root`` (at each flush: one system call a
+    second)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:  # the volume went away: the gauges keep their last value
+        return
+    DISK_FREE.set(st.f_bavail * st.f_frsize)
+    DISK_SIZE.set(st.f_blocks * st.f_frsize)
 
 
 def render() -> tuple[bytes, str]:

@@ -32,8 +32,10 @@ _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
 class WorkerStatus:
     """This worker's figures, published to ``directory`` (``None``: a single process)."""
 
-    def __init__(self, directory: Path | None, router: Router, evictor: Evictor) -> None:
+    def __init__(self, directory: Path | None, router: Router, evictor: Evictor, *,
+                 data_root: Path) -> None:
         self.directory = directory
+        self.data_root = data_root
         self.router = router
         self.evictor = evictor
         self._published: tuple[object, ...] | None = None
@@ -75,6 +77,14 @@ class WorkerStatus:
             log.warning("cannot publish the status figures to %s: %s", path, exc.strerror)
             return
         self._published = version
+
+    def disk(self) -> dict[str, int] | None:
+        """Free and total bytes of the data volume (``None``: it cannot be asked)."""
+        try:
+            st = os.statvfs(self.data_root)
+        except OSError:
+            return None
+        return {"free": st.f_bavail * st.f_frsize, "size": st.f_blocks * st.f_frsize}
 
     def gather(self) -> list[dict[str, Any]]:
         """Every worker's figures: this one's as of now, the others' as last published."""

@@ -1,15 +1,19 @@
-"""What the metrics say about an operator's cache: sizes that agree with the store, and cache
-outcomes that only count cache reads."""
+"""What the metrics say an operator's cache is doing: build, client latency, fills in
+flight, bytes saved, disk space, sizes that agree with the store, and cache outcomes that
+only count cache reads."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
+import platform
 
 import aiohttp
 from prometheus_client import REGISTRY
 
-from proxy import metrics
+from proxy import __version__, metrics
 from proxy.app import create_app
 from proxy.auth.settings import parse_auth
 from proxy.handlers.common import EVICTOR, PULLTHROUGH
@@ -17,6 +21,7 @@ from proxy.reference import Digest
 from proxy.server import runner_kwargs
 from proxy.storage.gc import image_size
 from tests.support.edge import write_htpasswd
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import blob_exists, push_image, sha256_digest
 from tests.support.proxyfix import make_config
 
@@ -33,6 +38,87 @@ def cache_reads() -> dict[str, float]:
     """Cache reads by outcome, manifests and blobs together."""
     return {o: sum(sample("regproxy_cache_requests_total", kind=k, outcome=o)
                    for k in ("manifest", "blob")) for o in OUTCOMES}
+
+
+def latency_count(route: str, cache: str) -> float:
+    return sample("regproxy_request_duration_seconds_count", route=route, cache=cache)
+
+
+async def wait_until(what: str, check) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached: {what}")
+
+
+async def test_build_latency_fills_in_flight_saved_bytes_and_disk(aiohttp_server, tmp_path):
+    fake = FakeUpstream()  # slow on purpose: a fill must be seen in flight
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = make_config(tmp_path / "d", {"fig.io": up})
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    blob = os.urandom(2 << 20)
+    d = fake.add_blob(blob)
+    broken = fake.add_blob(os.urandom(2 << 20))
+    fake.add_image("fig/app", "v1", [b"layer"])
+    assert sample("regproxy_build_info", version=__version__,
+                  python=platform.python_version()) == 1
+
+    def fills(result: str) -> float:
+        return sample("regproxy_fills_total", upstream="fig.io", result=result)
+
+    def in_flight() -> float:
+        return sample("regproxy_fills_in_flight", upstream="fig.io")
+
+    before = {"ok": fills("ok"), "failed": fills("failed"), "in_flight": in_flight(),
+              "miss": latency_count("get_blob", "miss"), "hit": latency_count("get_blob", "hit"),
+              "manifest_hit": latency_count("get_manifest", "hit"),
+              "saved_blob": sample("regproxy_bytes_saved_total", kind="blob"),
+              "saved_manifest": sample("regproxy_bytes_saved_total", kind="manifest")}
+    fake.chunk_delay = 0.01
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{base}/v2/fig/app/blobs/{d}") as r:
+            await r.content.readexactly(64 * 1024)
+            await wait_until("the fill counted in flight", lambda: in_flight() == before["in_flight"] + 1)
+            fake.chunk_delay = 0.0
+            assert await r.read() == blob[64 * 1024:]
+        await wait_until("the fill done", lambda: fills("ok") == before["ok"] + 1)
+        assert in_flight() == before["in_flight"]
+        stored = tmp_path / "d" / "blobs" / "sha256" / d[7:9] / d[7:]
+        await wait_until("the blob stored", stored.exists)
+        async with client.get(f"{base}/v2/fig/app/blobs/{d}") as r:  # a hit
+            assert await r.read() == blob
+        async with client.get(f"{base}/v2/fig/app/manifests/v1") as r:  # a miss
+            manifest = await r.read()
+        async with client.get(f"{base}/v2/fig/app/manifests/v1") as r:  # a hit
+            assert await r.read() == manifest
+        fake.die_after = 1 << 20
+        async with client.get(f"{base}/v2/fig/app/blobs/{broken}") as r:
+            with contextlib.suppress(aiohttp.ClientPayloadError):  # the upstream died
+                await r.read()
+        await wait_until("the failed fill counted", lambda: fills("failed") == before["failed"] + 1)
+        assert in_flight() == before["in_flight"]
+        async with client.get(f"{base}/metrics") as r:
+            text = await r.text()
+
+    assert latency_count("get_blob", "miss") == before["miss"] + 1
+    assert latency_count("get_blob", "hit") == before["hit"] + 1
+    assert latency_count("get_manifest", "hit") == before["manifest_hit"] + 1
+    assert sample("regproxy_request_duration_seconds_bucket", route="get_blob", cache="hit",
+                  le="+Inf") == latency_count("get_blob", "hit")
+    assert sample("regproxy_request_duration_seconds_sum", route="get_blob", cache="miss") > 0
+    # the hit and the cached manifest needed no upstream transfer; the miss did
+    assert sample("regproxy_bytes_saved_total", kind="blob") - before["saved_blob"] == len(blob)
+    assert sample("regproxy_bytes_saved_total",
+                  kind="manifest") - before["saved_manifest"] == len(manifest)
+    st = os.statvfs(tmp_path / "d")
+    assert sample("regproxy_disk_size_bytes") == st.f_blocks * st.f_frsize
+    assert 0 < sample("regproxy_disk_free_bytes") <= sample("regproxy_disk_size_bytes")
+    for name in ("regproxy_build_info", "regproxy_request_duration_seconds_bucket",
+                 "regproxy_fills_in_flight", "regproxy_bytes_saved_total",
+                 "regproxy_disk_free_bytes"):
+        assert name in text
 
 
 def blob_bytes_on_disk(data) -> int:

@@ -56,6 +56,7 @@ def snapshot(app: web.Application) -> dict[str, Any]:
             "hosted_bytes": report["hosted"] if report else None,
             "budget": evictor.max_size, "max_age_seconds": evictor.max_age,
         },
+        "disk": workers.disk(),
         "hit_ratio": hit_ratio(totals),
         "outcomes": dict(totals),
         "hit_ratio_series": stats.hit_ratio_series(),
@@ -105,6 +106,9 @@ def render(snap: dict[str, Any]) -> str:
                      + (f" of a {_human(budget)} budget ({pct:.0f}%)" if pct is not None
                         else " (no budget set)")
                      + f"; {_human(cache['hosted_bytes'])} hosted only")
+    disk = snap["disk"]
+    disk_text = (f"disk: {_human(disk['free'])} free of {_human(disk['size'])}" if disk
+                 else "disk: unknown")
     n_workers = len(snap["workers"])
     who = (f"{n_workers} workers, this page from process {snap['pid']}" if n_workers > 1
            else f"process {snap['pid']}")
@@ -136,7 +140,7 @@ td,th{{text-align:left;padding:3px 8px;border-bottom:1px solid #eee}}
 &middot; <a href="/metrics">metrics</a> &middot; <a href="/status.json">json</a></p>
 <h2>Upstreams</h2>
 <table><tr><th>name</th><th>url</th><th>circuit</th><th>rate limit left</th></tr>{ups}</table>
-<h2>Cache</h2><p>{size_text}</p>{bar}
+<h2>Cache</h2><p>{size_text}</p>{bar}<p class="muted">{disk_text}</p>
 <h2>Hit ratio</h2>
 <p>{ratio_text} <span class="muted">({outcomes})</span></p>
 {_chart(snap['hit_ratio_series'])}

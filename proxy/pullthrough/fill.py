@@ -161,6 +161,8 @@ class BlobFill:
         """Download, verify, sync and publish. ``on_settled`` is called (synchronously)
         once the blob is in the store, or just before the temp file is removed."""
         writer = self._writer
+        in_flight = metrics.child(metrics.FILLS_IN_FLIGHT, upstream.name)
+        in_flight.inc()
         try:
             async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest) as resp:
                 if resp.status != 200:
@@ -201,6 +203,7 @@ class BlobFill:
                 on_settled(self)
                 writer.abort()
                 self.done = True
+                metrics.child(metrics.FILLS, upstream.name, "ok").inc()
                 return
             # fsync, rename and directory fsync in one thread hop (a hop costs context
             # switches that showed in profiles of small-blob pulls); readers joining
@@ -210,7 +213,10 @@ class BlobFill:
             await asyncio.shield(self._publishing)
             on_settled(self)  # once the blob is in the store: no moment where it is nowhere
             self.done = True
+            metrics.child(metrics.FILLS, upstream.name, "ok").inc()
         except BaseException as exc:
+            metrics.child(metrics.FILLS, upstream.name, "cancelled" if isinstance(
+                exc, asyncio.CancelledError) else "failed").inc()
             failed = storage_failure(exc)  # the disk's fault, not the upstream's
             if failed is not None:
                 log.error("blob fill %s failed: %s", self.digest, failed.message)
@@ -233,6 +239,7 @@ class BlobFill:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            in_flight.dec()
             self._headers.set()
             self._notify()
 
