@@ -155,27 +155,47 @@ class Config:
         if hosted:
             patterns = tuple(parse_hosted_pattern("--hosted", p) for p in hosted)
             cfg = replace(cfg, hosted=(*cfg.hosted, *patterns))
-            check_hosted(cfg)
         if data_dir is not None:
             cfg = replace(cfg, storage_root=Path(data_dir))
         if cfg.workers > 1 and cfg.listen_port == 0:
             raise ConfigError("server.workers", "several workers need a fixed listen port")
         check_debug_listen(cfg)
         if upstream is not None:
-            url = parse_url("--upstream", upstream)
-            parts = urlsplit(url)
-            host = (parts.hostname or "").lower()
-            name = host if parts.port is None else f"{host}:{parts.port}"
-            ups = dict(cfg.upstreams)
-            owner = next((u for u in ups.values() if name == u.name or name in u.aliases), None)
-            if owner is not None:
-                ups[owner.name] = replace(owner, url=url)
-                name = owner.name
-            else:
-                ups[name] = UpstreamConfig(name=name, url=url,
-                                           library_prefix=host == "registry-1.docker.io")
-            cfg = replace(cfg, upstreams=ups, default_upstream=name)
+            cfg = repoint_default(cfg, parse_url("--upstream", upstream))
+        check_hosted(cfg)
         return cfg
+
+
+def repoint_default(cfg: Config, url: str) -> Config:
+    """``--upstream URL``: URL becomes the default upstream, reached by every name of the
+    previous default too (unprefixed, and its name and aliases as ``ns`` or path prefix), so
+    no way of naming the default still leads to the old registry. The old default leaves
+    the configuration with its credentials (they are not the new registry's); an upstream
+    already named by URL's host keeps its settings and gets the new URL."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    name = host if parts.port is None else f"{host}:{parts.port}"
+    ups = dict(cfg.upstreams)
+    owner = next((u for u in ups.values() if name == u.name or name in u.aliases), None)
+    if owner is None:
+        check_upstream_name("--upstream", name)
+        owner = UpstreamConfig(name=name, url=url, library_prefix=host == "registry-1.docker.io")
+    old = ups.get(cfg.default_upstream) if cfg.default_upstream is not None else None
+    aliases = owner.aliases
+    if old is not None and old.name != owner.name:
+        del ups[old.name]
+        aliases = tuple(dict.fromkeys((*aliases, old.name, *old.aliases)))
+    ups[owner.name] = replace(owner, url=url, aliases=aliases)
+    return replace(cfg, upstreams=ups, default_upstream=owner.name)
+
+
+def check_upstream_name(key: str, name: str) -> None:
+    """An upstream's name is a host name, optionally with a port: a path prefix and an
+    ``ns`` value."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*(:\d+)?", name) or NAME_RE.fullmatch(
+            name.partition(":")[0]) is None:
+        raise ConfigError(key, f"an upstream name must be a lower-case host name such as ghcr.io, "
+                               f"got {name[:100]!r}")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6,
@@ -334,8 +354,7 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
     t = _take(raw, key, {"url", "aliases", "username", "password", "library_prefix",
                          "connect_timeout", "read_timeout", "header_timeout",
                          "breaker_threshold", "breaker_cooldown"})
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*(:\d+)?", name):
-        raise ConfigError(key, "an upstream name must be a lower-case host name such as ghcr.io")
+    check_upstream_name(key, name)
     if "url" not in t:
         raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
     aliases = t.get("aliases", [])
@@ -456,8 +475,6 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
                 raise ConfigError(f"upstreams.{up.name}.aliases",
                                   f"{alias!r} is already used by upstream {seen[alias]!r}")
             seen[alias] = up.name
-        if NAME_RE.fullmatch(up.name) is None and ":" not in up.name:
-            raise ConfigError(f"upstreams.{up.name}", "not usable as a path prefix")
 
     default = proxy.get("default_upstream", DOCKER_HUB if DOCKER_HUB in upstreams else None)
     if default is not None:

@@ -228,7 +228,7 @@ def test_upstream_flag_overrides():
     assert cfg.default_upstream == "127.0.0.1:5001"
     assert cfg.upstreams["127.0.0.1:5001"].url == "http://127.0.0.1:5001"
     assert not cfg.upstreams["127.0.0.1:5001"].library_prefix
-    assert "docker.io" in cfg.upstreams
+    assert "docker.io" in cfg.upstreams["127.0.0.1:5001"].aliases  # it took the default's names
     assert (cfg.listen_host, cfg.listen_port, str(cfg.storage_root)) == ("::1", 6000, "/tmp/x")
     hub = load(None).with_overrides(upstream="https://registry-1.docker.io")
     assert hub.default_upstream == "docker.io"
