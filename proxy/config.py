@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from proxy.defaults import with_defaults
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE
 from proxy.untrusted import parse_digits
@@ -303,7 +304,8 @@ def check_hosted(cfg: Config) -> None:
         first = pattern.split("/", 1)[0]
         if first in prefixes or (first in ("*", "**") and prefixes):
             raise ConfigError("hosted.repositories",
-                              f"pattern {pattern!r} overlaps the upstream path prefix {first!r}")
+                              f"pattern {pattern!r} overlaps the upstream path prefix {first!r} "
+                              "(an unused upstream goes with \"<name>\" = false under [upstreams])")
 
 
 def _take(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
@@ -433,23 +435,24 @@ def _cluster(raw: Any) -> ClusterConfig | None:
 
 
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
-    """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base_dir``."""
-    top = _take(data, "config", {"server", "storage", "cache", "proxy", "upstreams", "hosted",
-                                 "tls", "auth", "cluster"})
+    """Build a :class:`Config` from parsed TOML merged over :data:`proxy.defaults.DEFAULTS`
+    (the one source of defaults); relative paths resolve against ``base_dir``."""
+    top = _take(with_defaults(data), "config", {
+        "server", "storage", "cache", "proxy", "upstreams", "hosted", "tls", "auth", "cluster"})
     hosted = _take(top.get("hosted", {}), "hosted",
                    {"repositories", "delete_enabled", "upload_max_age",
                     "max_uploads_per_repository", "max_uploads_per_user"})
-    patterns = hosted.get("repositories", [])
+    patterns = hosted["repositories"]
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen"})
     storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3", "min_free"})
     min_free, min_free_percent = parse_min_free("storage.min_free",
-                                                storage.get("min_free", "1GiB"))
+                                                storage["min_free"])
     cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
                                                   "manifest_memory", "max_manifest_size",
                                                   "max_size", "max_age", "backend", "url"})
-    backend = cache.get("backend", "memory")
+    backend = cache["backend"]
     if backend not in ("memory", "redis"):
         raise ConfigError("cache.backend", f"expected \"memory\" or \"redis\", got {backend!r}")
     cache_url = cache.get("url")
@@ -462,8 +465,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
     upstreams_raw = _take(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
 
-    host, port = parse_listen("server.listen", server.get("listen", "127.0.0.1:5000"))
-    root = Path(_str("storage.root", storage.get("root", "./data")))
+    host, port = parse_listen("server.listen", server["listen"])
+    root = Path(_str("storage.root", storage["root"]))
     if not root.is_absolute():
         root = base_dir / root
 
@@ -476,13 +479,13 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
                                   f"{alias!r} is already used by upstream {seen[alias]!r}")
             seen[alias] = up.name
 
-    default = proxy.get("default_upstream", DOCKER_HUB if DOCKER_HUB in upstreams else None)
+    default = proxy.get("default_upstream")
     if default is not None:
         default = _str("proxy.default_upstream", default)
         if default not in upstreams:
             raise ConfigError("proxy.default_upstream",
                               f"{default!r} is not one of the [upstreams] ({', '.join(upstreams) or 'none'})")
-    platform = _str("proxy.default_platform", proxy.get("default_platform", "linux/amd64"))
+    platform = _str("proxy.default_platform", proxy["default_platform"])
     if not re.fullmatch(r"[a-z0-9]+/[a-z0-9]+", platform):
         raise ConfigError("proxy.default_platform", f"expected OS/ARCH such as linux/amd64, got {platform!r}")
     os_name, arch = platform.split("/")
@@ -494,32 +497,32 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     cfg = Config(
         listen_host=host,
         listen_port=port,
-        access_log=_bool("server.access_log", server.get("access_log", True)),
-        workers=parse_workers("server.workers", server.get("workers", 1)),
+        access_log=_bool("server.access_log", server["access_log"]),
+        workers=parse_workers("server.workers", server["workers"]),
         debug_listen=(parse_listen("server.debug_listen", server["debug_listen"])
                       if "debug_listen" in server else None),
         storage_root=root,
         s3=s3,
         cluster=cluster,
-        tag_ttl=parse_duration("cache.tag_ttl", cache.get("tag_ttl", 300)),
+        tag_ttl=parse_duration("cache.tag_ttl", cache["tag_ttl"]),
         tag_stale_while_revalidate=parse_duration(
-            "cache.tag_stale_while_revalidate", cache.get("tag_stale_while_revalidate", 30)),
-        manifest_memory=parse_size("cache.manifest_memory", cache.get("manifest_memory", 64 << 20)),
-        max_size=parse_size("cache.max_size", cache.get("max_size", 0)),
-        max_age=parse_duration("cache.max_age", cache.get("max_age", 0)),
+            "cache.tag_stale_while_revalidate", cache["tag_stale_while_revalidate"]),
+        manifest_memory=parse_size("cache.manifest_memory", cache["manifest_memory"]),
+        max_size=parse_size("cache.max_size", cache["max_size"]),
+        max_age=parse_duration("cache.max_age", cache["max_age"]),
         cache_backend=backend,
         cache_url=cache_url,
-        max_manifest_size=parse_size("cache.max_manifest_size", cache.get("max_manifest_size", 4 << 20)),
+        max_manifest_size=parse_size("cache.max_manifest_size", cache["max_manifest_size"]),
         default_upstream=default,
         default_platform=(os_name, arch),
         upstreams=upstreams,
         hosted=tuple(parse_hosted_pattern("hosted.repositories", p) for p in patterns),
-        delete_enabled=_bool("hosted.delete_enabled", hosted.get("delete_enabled", True)),
-        upload_max_age=parse_duration("hosted.upload_max_age", hosted.get("upload_max_age", 86400)),
+        delete_enabled=_bool("hosted.delete_enabled", hosted["delete_enabled"]),
+        upload_max_age=parse_duration("hosted.upload_max_age", hosted["upload_max_age"]),
         max_uploads_per_repository=_count("hosted.max_uploads_per_repository",
-                                          hosted.get("max_uploads_per_repository", 64)),
+                                          hosted["max_uploads_per_repository"]),
         max_uploads_per_user=_count("hosted.max_uploads_per_user",
-                                    hosted.get("max_uploads_per_user", 256)),
+                                    hosted["max_uploads_per_user"]),
         min_free=min_free,
         min_free_percent=min_free_percent,
     )
@@ -542,8 +545,7 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
 
     env = os.environ if env is None else env
     if path is None:
-        return from_dict(apply_env({"upstreams": {DOCKER_HUB: {
-            "url": "https://registry-1.docker.io", "aliases": list(DOCKER_HUB_ALIASES[1:])}}}, env))
+        return from_dict(apply_env({}, env))
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

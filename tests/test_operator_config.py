@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from proxy.config import ConfigError, load
+from proxy.defaults import DEFAULTS
 from proxy.routing import Namespaces
 from tests.support.images import make_tar_layer, push_image
 from tests.support.proxyproc import ProxyProcess
@@ -72,3 +75,48 @@ async def test_upstream_flag_serves_ns_and_prefix_requests_from_it(
                 assert r.headers["Docker-Content-Digest"] == img.digest
         info = await skopeo_inspect(f"docker://{proxy.host}/docker.io/library/repoint:v1")
         assert info["Digest"] == img.digest
+
+
+# -- item 4: one source of defaults, merged key by key --------------------------------------
+
+
+def test_the_shipped_config_is_exactly_the_embedded_defaults():
+    with SHIPPED.open("rb") as fh:
+        assert tomllib.load(fh) == DEFAULTS  # key for key, nothing more or less
+    shipped, embedded = load(SHIPPED, env={}), load(None, env={})
+    assert shipped.storage_root == SHIPPED.parent / "data"  # relative to the file
+    assert replace(shipped, storage_root=embedded.storage_root) == embedded
+    assert list(embedded.upstreams) == ["docker.io", "ghcr.io", "quay.io"]
+    assert embedded.upstreams["docker.io"].aliases == (
+        "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+
+
+def test_a_file_is_merged_over_the_defaults_key_by_key(tmp_path):
+    only_server = tmp_path / "server.toml"
+    only_server.write_text('[server]\nlisten = "127.0.0.1:6000"\n')
+    cfg = load(only_server, env={})
+    assert cfg.listen_port == 6000 and cfg.workers == 1
+    assert list(cfg.upstreams) == ["docker.io", "ghcr.io", "quay.io"]
+    assert cfg.default_upstream == "docker.io" and cfg.tag_ttl == 300
+
+    creds = tmp_path / "creds.toml"
+    creds.write_text('[upstreams."docker.io"]\nusername = "me"\npassword = "pw"\n'
+                     '[upstreams."registry.internal"]\nurl = "https://registry.internal"\n')
+    cfg = load(creds, env={})
+    hub = cfg.upstreams["docker.io"]
+    assert (hub.url, hub.username, hub.library_prefix) == ("https://registry-1.docker.io", "me", True)
+    assert "index.docker.io" in hub.aliases
+    assert list(cfg.upstreams) == ["docker.io", "registry.internal", "ghcr.io", "quay.io"]
+
+    private = tmp_path / "private.toml"  # a private registry only: the defaults can go
+    private.write_text('[upstreams]\n"docker.io" = false\n"ghcr.io" = false\n"quay.io" = false\n'
+                       '[hosted]\nrepositories = ["**"]\n')
+    cfg = load(private, env={})
+    assert cfg.upstreams == {} and cfg.default_upstream is None and cfg.hosted == ("**",)
+    private.write_text('[upstreams]\n"docker.io" = false\n[proxy]\ndefault_upstream = "docker.io"\n')
+    with pytest.raises(ConfigError) as err:
+        load(private, env={})
+    assert err.value.key == "proxy.default_upstream"
+    private.write_text('[hosted]\nrepositories = ["**"]\n')
+    with pytest.raises(ConfigError, match='= false under'):
+        load(private, env={})
