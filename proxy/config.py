@@ -296,10 +296,19 @@ def parse_hosted_pattern(key: str, value: Any) -> str:
     return value
 
 
+def path_form(host: str) -> str:
+    """An upstream name (or alias) as a repository name's first component: ``host:port``
+    becomes ``host_port`` (``:`` is outside the name grammar). Upstream names never contain
+    ``_``, so the form can equal no other upstream's name, and hosted patterns may not begin
+    with it (:func:`check_hosted`)."""
+    return host.replace(":", "_")
+
+
 def check_hosted(cfg: Config) -> None:
     """A name is either hosted or cached, never both: hosted patterns may not start with an
-    upstream's name (which routes by path prefix)."""
-    prefixes = {a for u in cfg.upstreams.values() for a in (u.name, *u.aliases)}
+    upstream's name, nor with its name's path form (both route by path prefix)."""
+    prefixes = {f(a) for u in cfg.upstreams.values() for a in (u.name, *u.aliases)
+                for f in (str, path_form)}
     for pattern in cfg.hosted:
         first = pattern.split("/", 1)[0]
         if first in prefixes or (first in ("*", "**") and prefixes):

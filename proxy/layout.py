@@ -1,14 +1,15 @@
 """Upgrading a store to the current repository layout, once, at start-up.
 
-Layout 2 (this version) keeps every cached repository under ``<upstream>/<remote name>``
-(see :mod:`proxy.routing`). Layout 1 kept the default upstream's cached repositories
-under their bare names (``library/alpine``), where a hosted repository of the same name
-shared their keys. Upgrading moves each bare-named repository that is neither hosted nor
-already under an upstream's name to ``<default upstream>/<name>`` (hosted ones stay), and
-links to every cached repository what its manifests reference, since layout 2 serves a
-repository only the objects linked to it.
-The version is then recorded, so the move never runs twice (a hosted pattern removed
-later must not turn hosted content into cache).
+Layout 3 (this version) keeps every cached repository under ``<upstream>/<remote name>``,
+an upstream named ``host:port`` as ``host_port`` (see :mod:`proxy.routing`); layout 2 kept
+such keys as ``host:port/...``, which the upgrade renames. Layout 1 kept the default
+upstream's cached repositories under their bare names (``library/alpine``), where a hosted
+repository of the same name shared their keys. Upgrading moves each bare-named repository
+that is neither hosted nor already under an upstream's name to ``<default
+upstream>/<name>`` (hosted ones stay), and links to every cached repository what its
+manifests reference, since layout 2 serves a repository only the objects linked to it. The
+version is then recorded, so the move never runs twice (a hosted pattern removed later
+must not turn hosted content into cache).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.config import Config
+from proxy.config import Config, path_form
 from proxy.pullthrough.links import RepositoryLinks
 from proxy.routing import Namespaces
 from proxy.storage import FilesystemStore, Store
@@ -24,7 +25,7 @@ from proxy.storage.backend import open_store
 
 log = logging.getLogger("regproxy.layout")
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 class LayoutError(Exception):
@@ -42,8 +43,21 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
     if version is not None and version > LAYOUT_VERSION:
         raise LayoutError(f"the store has layout {version}, newer than this regproxy "
                           f"understands ({LAYOUT_VERSION}); upgrade regproxy")
+    # layout 2 -> 3: keys of an upstream named host:port take its path form, host_port
+    # (no repository name holds a ':', so every such key is one of those)
+    ported = [(key, path_form(key.partition("/")[0]) + key[key.index("/"):])
+              for key in await store.list_repositories() if ":" in key.partition("/")[0]]
+    for old, new in ported:
+        await store.rename_repository(old, new)
+    if ported:
+        log.warning("store layout upgraded to %d: %d cached repositories of upstreams named "
+                    "host:port moved under host_port/", LAYOUT_VERSION, len(ported))
+    if version is not None:  # layout 2 had no bare cached names
+        await store.set_layout_version(LAYOUT_VERSION)
+        return ported
     keys = await store.list_repositories()
-    moves = [(key, f"{names.default}/{key}") for key in keys
+    default = None if names.default is None else path_form(names.default)
+    moves = [(key, f"{default}/{key}") for key in keys
              if not names.is_cached_key(key) and not names.is_hosted(key)]
     for key, _ in moves:
         if await store.list_blob_links(key):  # only pushes linked blobs in layout 1
@@ -72,7 +86,7 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
         log.warning("store layout upgraded to %d: %d cached repositories of the default "
                     "upstream moved under %s/", LAYOUT_VERSION, len(moves), names.default)
     await store.set_layout_version(LAYOUT_VERSION)
-    return moves
+    return ported + moves
 
 
 

@@ -14,10 +14,13 @@ logs see: ``<name>`` for the default upstream and for hosted repositories,
 ``<upstream>/<name>`` for the other upstreams, so ``?ns=docker.io`` + ``alpine``,
 ``docker.io/library/alpine`` and ``library/alpine`` are one repository. Its *key* is where
 the store keeps it: a hosted repository's name, and ``<upstream>/<remote name>`` for every
-cached one, the default upstream's included. Hosted names never begin with an upstream's
-name (such a name always routes to that upstream), so the two kinds of keys cannot
-collide; and a request routed to an upstream whose name is a hosted name is refused, so a
-pull with ``?ns=docker.io`` never reads or writes a hosted repository.
+cached one, the default upstream's included. An upstream named ``host:port`` appears in
+names and keys as ``host_port`` (:func:`proxy.config.path_form`: ``:`` is outside the name
+grammar, and no upstream name contains ``_``); as a path prefix both forms route to it.
+Hosted names never begin with an upstream's name or its path form (such a name always
+routes to that upstream), so the two kinds of keys cannot collide; and a request routed to
+an upstream whose name is a hosted name is refused, so a pull with ``?ns=docker.io`` never
+reads or writes a hosted repository.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import UpstreamConfig
+from proxy.config import UpstreamConfig, path_form
 from proxy.errors import NameInvalid, NameUnknown
 from proxy.reference import validate_name
 from proxy.upstream import UpstreamClient
@@ -91,7 +94,9 @@ class Namespaces:
         self._by_host: dict[str, UpstreamConfig] = {}
         for up in self._upstreams.values():
             for host in (up.name, *up.aliases):
-                self._by_host[host.lower()] = up
+                self._by_host[host.lower()] = self._by_host[path_form(host.lower())] = up
+        #: the first component of each upstream's keys -> the upstream's name
+        self._key_prefixes = {path_form(name): name for name in self._upstreams}
 
     def is_hosted(self, name: str) -> bool:
         """Whether ``name`` is a hosted repository (never one beginning with an upstream)."""
@@ -103,13 +108,17 @@ class Namespaces:
     def place(self, name: str, ns: str | None = None) -> Place:
         """Resolve a repository name (validated on the way); NAME_UNKNOWN when nothing
         serves it, or when it is routed to an upstream but is a hosted repository's name."""
+        first, sep, rest = name.partition("/")
+        if ":" in first and sep and ns is None:  # /v2/<host:port>/<name>/...
+            ported = self._by_host.get(first)
+            if ported is not None:
+                return self._cached(ported, validate_name(rest))
         validate_name(name)
         if ns is not None:
             upstream = self._by_host.get(ns.strip().lower())
             if upstream is None:
                 raise NameUnknown(f"no upstream is configured for ns={ns[:100]!r}")
             return self._cached(upstream, name)
-        first, _, rest = name.partition("/")
         by_prefix = self._by_host.get(first)
         if by_prefix is not None and rest:
             return self._cached(by_prefix, rest)
@@ -121,7 +130,8 @@ class Namespaces:
 
     def _cached(self, upstream: UpstreamConfig, name: str) -> Place:
         remote = f"library/{name}" if upstream.library_prefix and "/" not in name else name
-        local = remote if upstream.name == self.default else f"{upstream.name}/{remote}"
+        prefix = path_form(upstream.name)
+        local = remote if upstream.name == self.default else f"{prefix}/{remote}"
         try:
             validate_name(local)
         except NameInvalid:
@@ -129,13 +139,13 @@ class Namespaces:
         if self.is_hosted(local):
             raise NameUnknown(f"{local} is a hosted repository here; it is not served as "
                               f"content of upstream {upstream.name}")
-        return Place(name=local, key=f"{upstream.name}/{remote}", remote=remote,
+        return Place(name=local, key=f"{prefix}/{remote}", remote=remote,
                      upstream=upstream.name)
 
     def is_cached_key(self, key: str) -> bool:
         """Whether a stored repository key is a cached one (it begins with an upstream)."""
         first, sep, _ = key.partition("/")
-        return bool(sep) and first in self._upstreams
+        return bool(sep) and first in self._key_prefixes
 
     def is_hosted_key(self, key: str) -> bool:
         """Whether a stored repository key is hosted content (eviction never takes it)."""
@@ -146,7 +156,7 @@ class Namespaces:
         there any more (its hosted pattern or its upstream left the configuration)."""
         if self.is_cached_key(key):
             first, _, remote = key.partition("/")
-            name = remote if first == self.default else key
+            name = remote if self._key_prefixes[first] == self.default else key
         else:
             name = key
         try:
