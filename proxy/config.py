@@ -360,11 +360,14 @@ def parse_min_free(key: str, value: Any) -> tuple[int, float]:
     return parse_size(key, value), 0.0
 
 
+#: The keys of an ``[upstreams."<host>"]`` table.
+UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
+                 "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown")
+
+
 def _upstream(name: str, raw: Any) -> UpstreamConfig:
     key = f"upstreams.{name}"
-    t = _take(raw, key, {"url", "aliases", "username", "password", "library_prefix",
-                         "connect_timeout", "read_timeout", "header_timeout",
-                         "breaker_threshold", "breaker_cooldown"})
+    t = _take(raw, key, set(UPSTREAM_KEYS))
     check_upstream_name(key, name)
     if "url" not in t:
         raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
@@ -550,11 +553,11 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Load ``path`` (or the embedded defaults when ``None``), then apply the environment's
     ``REGISTRY_*``/``REGPROXY_*`` overrides (:mod:`proxy.envconfig`; ``env`` defaults to
     ``os.environ``)."""
-    from proxy.envconfig import apply_env
+    from proxy.envconfig import with_env
 
     env = os.environ if env is None else env
     if path is None:
-        return from_dict(apply_env({}, env))
+        return with_env({}, env, Path("."))
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -562,4 +565,4 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(str(path), "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    return from_dict(apply_env(data, env), base_dir=path.resolve().parent)
+    return with_env(data, env, path.resolve().parent)

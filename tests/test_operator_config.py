@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from proxy.config import ConfigError, load
 from proxy.defaults import DEFAULTS
 from proxy.routing import Namespaces
+from tests.support.edge import write_htpasswd
 from tests.support.images import make_tar_layer, push_image
 from tests.support.proxyproc import ProxyProcess
+from tests.support.registry import RegistryProcess
 from tests.support.skopeo import skopeo_inspect
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
@@ -120,3 +124,121 @@ def test_a_file_is_merged_over_the_defaults_key_by_key(tmp_path):
     private.write_text('[hosted]\nrepositories = ["**"]\n')
     with pytest.raises(ConfigError, match='= false under'):
         load(private, env={})
+
+
+# -- item 10: a drop-in for registry:2 --------------------------------------------------------
+
+
+def test_distribution_proxy_variables_set_the_default_upstream(tmp_path):
+    secret = tmp_path / "hub-password"
+    secret.write_text("s3cret\n")  # as `echo` writes it: the newline is not the password's
+    cfg = load(None, env={"REGISTRY_PROXY_REMOTEURL": "https://registry-1.docker.io",
+                          "REGISTRY_PROXY_USERNAME": "robot",
+                          "REGISTRY_PROXY_PASSWORD_FILE": str(secret)})
+    hub = cfg.upstreams["docker.io"]
+    assert (cfg.default_upstream, hub.url, hub.username, hub.password) == (
+        "docker.io", "https://registry-1.docker.io", "robot", "s3cret")
+    cfg = load(SHIPPED, env={"REGISTRY_PROXY_REMOTEURL": "http://10.0.0.9:5000",
+                             "REGISTRY_PROXY_USERNAME": "u", "REGISTRY_PROXY_PASSWORD": "p"})
+    names = Namespaces(cfg.upstreams, cfg.default_upstream, cfg.hosted)
+    place = names.place("library/alpine", "docker.io")  # as `--upstream`: every name of it
+    assert place.upstream == cfg.default_upstream == "10.0.0.9:5000"
+    assert (cfg.upstreams["10.0.0.9:5000"].username, cfg.upstreams["10.0.0.9:5000"].password) == ("u", "p")
+    cfg = load(None, env={"REGISTRY_PROXY_USERNAME": "u", "REGISTRY_PROXY_PASSWORD": "p"})
+    assert cfg.upstreams["docker.io"].username == "u"  # no REMOTEURL: the default's credentials
+    for env, key in (({"REGISTRY_PROXY_USERNAME": "u"}, "REGISTRY_PROXY_PASSWORD"),
+                     ({"REGISTRY_PROXY_REMOTEURL": "ftp://x"}, "REGISTRY_PROXY_REMOTEURL"),
+                     ({"REGISTRY_PROXY_PASSWORD": "p", "REGISTRY_PROXY_PASSWORD_FILE": str(secret),
+                       "REGISTRY_PROXY_USERNAME": "u"}, "REGISTRY_PROXY_PASSWORD_FILE"),
+                     ({"REGISTRY_PROXY_PASSWORD_FILE": str(tmp_path / "none"),
+                       "REGISTRY_PROXY_USERNAME": "u"}, "REGISTRY_PROXY_PASSWORD_FILE"),
+                     ({"REGISTRY_PROXY_REMOTEURL": "https://team", "REGPROXY_HOSTED_REPOSITORIES":
+                       '["team/*"]'}, "hosted.repositories")):
+        with pytest.raises(ConfigError) as err:
+            load(None, env=env)
+        assert err.value.key == key, env
+
+
+def test_upstreams_and_their_credentials_from_the_environment(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file")
+    cfg = load(SHIPPED, env={
+        "REGPROXY_UPSTREAMS_DOCKER_IO_USERNAME": "me",
+        "REGPROXY_UPSTREAMS_DOCKER_IO_PASSWORD_FILE": str(secret),
+        "REGPROXY_UPSTREAMS_DOCKER_IO_CONNECT_TIMEOUT": "2",
+        "REGPROXY_UPSTREAMS_GCR_IO_URL": "https://gcr.io",  # new: `_` reads as `.`
+        "REGPROXY_UPSTREAMS_CORP_NAME": "registry.corp-1.example:5000",  # new, any name
+        "REGPROXY_UPSTREAMS_CORP_URL": "https://registry.corp-1.example:5000",
+        "REGPROXY_UPSTREAMS_CORP_ALIASES": '["corp.example"]',
+        "REGPROXY_UPSTREAMS_CORP_PASSWORD": "12345",  # digits stay a string
+        "REGPROXY_UPSTREAMS_CORP_USERNAME": "true",
+        "REGPROXY_UPSTREAMS_QUAY_IO": "false",  # removed
+    })
+    hub = cfg.upstreams["docker.io"]
+    assert (hub.url, hub.username, hub.password, hub.connect_timeout) == (
+        "https://registry-1.docker.io", "me", "from-a-file", 2.0)
+    assert cfg.upstreams["gcr.io"].url == "https://gcr.io"
+    corp = cfg.upstreams["registry.corp-1.example:5000"]
+    assert (corp.aliases, corp.username, corp.password) == (("corp.example",), "true", "12345")
+    assert "quay.io" not in cfg.upstreams and "ghcr.io" in cfg.upstreams
+    # a configured upstream is found by its name's variable form, a port included
+    path = tmp_path / "c.toml"
+    path.write_text('[upstreams."registry.internal:5000"]\nurl = "http://registry.internal:5000"\n')
+    cfg = load(path, env={"REGPROXY_UPSTREAMS_REGISTRY_INTERNAL_5000_USERNAME": "a",
+                          "REGPROXY_UPSTREAMS_REGISTRY_INTERNAL_5000_PASSWORD": "b"})
+    assert cfg.upstreams["registry.internal:5000"].username == "a"
+    for env, key in (({"REGPROXY_UPSTREAMS_DOCKER_IO_NOPE": "1"}, "REGPROXY_UPSTREAMS_DOCKER_IO_NOPE"),
+                     ({"REGPROXY_UPSTREAMS_X_IO_USERNAME": "u", "REGPROXY_UPSTREAMS_X_IO_PASSWORD": "p"},
+                      "upstreams.x.io.url"),
+                     ({"REGPROXY_UPSTREAMS_URL": "https://x.io"}, "REGPROXY_UPSTREAMS_URL"),
+                     ({"REGPROXY_UPSTREAMS_DOCKER_IO_PASSWORD": "p"}, "upstreams.docker.io.username")):
+        with pytest.raises(ConfigError) as err:
+            load(None, env=env)
+        assert err.value.key == key, env
+    # any REGPROXY_ setting can come from a file (Kubernetes Secrets, Docker secrets)
+    (tmp_path / "cs").write_text("c" * 20 + "\n")
+    cfg = load(None, env={"REGPROXY_CACHE_BACKEND": "redis", "REGPROXY_CACHE_URL": "redis://r:6379/0",
+                          "REGPROXY_CLUSTER_ADVERTISE_URL": "http://10.0.0.1:5000",
+                          "REGPROXY_CLUSTER_SECRET_FILE": str(tmp_path / "cs")})
+    assert cfg.cluster is not None and cfg.cluster.secret == "c" * 20
+
+
+def test_unknown_distribution_variables_that_matter_are_warned_about(caplog):
+    caplog.set_level(logging.WARNING, logger="regproxy.config")
+    load(None, env={"REGISTRY_PROXY_TTL": "168h", "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+                    "REGISTRY_LOG_LEVEL": "debug", "REGISTRY_STORAGE_AZURE_ACCOUNTNAME": "a",
+                    # not distribution's: podman's auth file, a Kubernetes Service's variables
+                    "REGISTRY_AUTH_FILE": "/run/auth.json", "REGISTRY_PORT": "tcp://10.0.0.1:5000",
+                    "REGISTRY_SERVICE_HOST": "10.0.0.1", "REGISTRY_HTTP_ADDR": ":5000"})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for var in ("REGISTRY_PROXY_TTL", "REGISTRY_STORAGE_DELETE_ENABLED", "REGISTRY_LOG_LEVEL",
+                "REGISTRY_STORAGE_AZURE_ACCOUNTNAME"):
+        assert var in text
+    assert "cache.max_age" in text and "hosted.delete_enabled" in text  # what to use instead
+    for var in ("REGISTRY_AUTH_FILE", "REGISTRY_PORT", "REGISTRY_SERVICE_HOST", "REGISTRY_HTTP_ADDR"):
+        assert var not in text
+    assert "168h" not in text  # values are never logged: some are secrets
+
+
+async def test_a_registry_2_environment_pulls_from_an_authenticated_upstream(http_session, tmp_path):
+    """Swapped in for registry:2 with only its proxy variables: the default upstream and its
+    credentials come from REGISTRY_PROXY_*, the password from a mounted secret file."""
+    write_htpasswd(tmp_path / "htpasswd", {"robot": "s3cret"})
+    reg = RegistryProcess(tmp_path / "reg", extra_env={
+        "REGISTRY_AUTH": "htpasswd", "REGISTRY_AUTH_HTPASSWD_REALM": "upstream",
+        "REGISTRY_AUTH_HTPASSWD_PATH": str(tmp_path / "htpasswd")})
+    with reg:
+        auth = {"Authorization": aiohttp.encode_basic_auth("robot", "s3cret")}
+        async with aiohttp.ClientSession(headers=auth) as pusher:
+            img = await push_image(pusher, reg.url, "library/private", "v1", [make_tar_layer(seed=73)])
+        (tmp_path / "secret").write_text("s3cret\n")
+        env = {"REGISTRY_PROXY_REMOTEURL": reg.url, "REGISTRY_PROXY_USERNAME": "robot",
+               "REGISTRY_PROXY_PASSWORD_FILE": str(tmp_path / "secret"),
+               "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(tmp_path / "data")}
+        with ProxyProcess(tmp_path / "p", env=env) as proxy:
+            for path in ("/v2/library/private/manifests/v1?ns=docker.io",
+                         "/v2/docker.io/library/private/manifests/v1"):
+                async with http_session.get(proxy.url + path, headers={"Accept": img.media_type}) as r:
+                    assert r.status == 200, await r.text()
+                    assert r.headers["Docker-Content-Digest"] == img.digest
+        assert (tmp_path / "data" / "blobs").is_dir()

@@ -15,10 +15,12 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ProxyProcess:
-    """``regproxy serve`` in a subprocess on a free loopback port; logs go to a file."""
+    """``regproxy serve`` in a subprocess on a free loopback port; logs go to a file.
+    ``env`` is added to the environment (which has no ``*_proxy`` variables otherwise)."""
 
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
@@ -29,6 +31,7 @@ class ProxyProcess:
     def start(self, timeout: float = 15.0) -> ProxyProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", *self.args],

@@ -122,6 +122,8 @@ class RegistryProcess:
         try:
             with _NO_PROXY_OPENER.open(f"{self.url}/v2/", timeout=1.0) as resp:
                 return int(resp.status) == 200
+        except urllib.error.HTTPError as err:  # with REGISTRY_AUTH set: it answers, with a 401
+            return err.code == 401
         except (urllib.error.URLError, OSError, ConnectionError):
             return False
 
