@@ -164,6 +164,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         metrics.add_source(source)
     metrics.announce_build()
     background = [asyncio.create_task(evictor.run_forever()),
+                  asyncio.create_task(pullthrough.watch_purges()),
                   asyncio.create_task(_purge_uploads(hosted, config.upload_max_age)),
                   asyncio.create_task(metrics.flush_forever()),
                   *([upgrading] if upgrading is not None else [])]

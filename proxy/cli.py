@@ -6,16 +6,14 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from pathlib import Path
 
 from proxy import __version__, edgecli
 from proxy.config import Config, ConfigError, load, parse_duration
-from proxy.errors import RegistryError
-from proxy.reference import parse_reference, validate_name
 from proxy.storage.backend import open_store
 from proxy.storage.gc import GCReport, collect
 from proxy.tools import commands as tool_commands
+from proxy.units import human_size
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -46,12 +44,14 @@ def _build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="inspect or purge cached (upstream) content")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, helptext in (("ls", "list cached repositories, tags, sizes and last use"),
-                           ("purge", "remove a cached image: NAME:TAG or NAME@DIGEST")):
+                           ("purge", "remove a cached image (NAME:TAG, NAME@DIGEST) or "
+                                     "repository (NAME)")):
         p = cache_sub.add_parser(name, help=helptext)
         p.add_argument("--config", type=Path, help="config.toml (default: embedded defaults)")
         p.add_argument("--data-dir", metavar="DIR", help="override storage.root")
         if name == "purge":
-            p.add_argument("image", help="local name as listed by `cache ls`, with :tag or @digest")
+            p.add_argument("image", help="local name as listed by `cache ls`, with :tag or "
+                                         "@digest; without either, every tag of it")
         p.set_defaults(listen=None, upstream=None, hosted=None, workers=None, log_level="WARNING")
     gc.set_defaults(listen=None, upstream=None, hosted=None, workers=None, log_level="WARNING")
     return parser
@@ -103,57 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_cache(config: Config, args: argparse.Namespace) -> int:
-    """``regproxy cache ls`` and ``regproxy cache purge IMAGE``."""
-    return asyncio.run(_cache(config, args))
+    """``regproxy cache ls`` and ``regproxy cache purge IMAGE`` (:mod:`proxy.cachecli`)."""
+    from proxy import cachecli
 
-
-async def _cache(config: Config, args: argparse.Namespace) -> int:
-    from proxy.routing import Namespaces
-    from proxy.storage.eviction import purge
-    from proxy.storage.gc import image_size
-
-    names = Namespaces(config.upstreams, config.default_upstream, config.hosted)
-    if args.cache_command == "ls":
-        async with open_store(config, clean=False) as (store, _):
-            used = {s.digest: s.last_used async for s in store.blob_stats()}
-            print(f"{'REPOSITORY':40} {'TAG':20} {'DIGEST':19} {'SIZE':>12}  LAST USED")
-            for key in await store.list_repositories():
-                if names.is_hosted_key(key):
-                    continue
-                repo = names.name_of_key(key) or key
-                for tag in await store.list_tags(key) or []:
-                    digest = await store.get_tag(key, tag)
-                    if digest is None or not await store.has_manifest(digest):
-                        continue
-                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(used.get(digest, 0)))
-                    print(f"{repo:40} {tag:20} {str(digest)[:19]:19} "
-                          f"{await image_size(store, digest):>12}  {when}")
-        return 0
-    name, sep, ref = args.image.rpartition("@")
-    if not sep:
-        name, sep, ref = args.image.rpartition(":")
-    try:
-        validate_name(name)
-        reference = parse_reference(ref)
-    except RegistryError as exc:
-        print(f"regproxy: {args.image!r}: {exc.message} (expected NAME:TAG or NAME@DIGEST)",
-              file=sys.stderr)
-        return 2
-    if names.is_hosted(name):
-        print(f"regproxy: {name} is a hosted repository; delete through the API", file=sys.stderr)
-        return 2
-    try:
-        key = names.place(name).key
-    except RegistryError as exc:
-        print(f"regproxy: {args.image!r}: {exc.message}", file=sys.stderr)
-        return 2
-    async with open_store(config, clean=False) as (store, _):
-        removed = await purge(store, key, reference, names.is_hosted_key)
-    for digest, size in removed:
-        print(f"deleted {digest} ({size} bytes)")
-    print(f"purged {args.image}: {len(removed)} objects, {sum(s for _, s in removed)} bytes "
-          "(a running server forgets the tag within cache.tag_ttl)")
-    return 0
+    problem = cachecli.store_problem(config)
+    if problem is not None:
+        print(f"regproxy: {problem}", file=sys.stderr)
+        return 1
+    return asyncio.run(cachecli.run(config, args))
 
 
 def run_gc(config: Config, args: argparse.Namespace) -> int:
@@ -163,8 +120,11 @@ def run_gc(config: Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"regproxy: {exc}", file=sys.stderr)
         return 2
-    if config.s3 is None and not (config.storage_root / "blobs").is_dir():
-        print(f"regproxy: no store at {config.storage_root}", file=sys.stderr)
+    from proxy.cachecli import store_problem
+
+    problem = store_problem(config)
+    if problem is not None:
+        print(f"regproxy: {problem}", file=sys.stderr)
         return 1
 
     async def gc() -> GCReport | None:
@@ -194,8 +154,8 @@ def run_gc(config: Config, args: argparse.Namespace) -> int:
     for repo, digest in report.untagged:
         print(f"{verb} untagged manifest {repo}@{digest}")
     for digest, size in report.blobs:
-        print(f"{verb} blob {digest} ({size} bytes)")
-    print(f"{verb} {len(report.blobs)} blobs, {report.bytes_freed} bytes; kept {report.kept}")
+        print(f"{verb} blob {digest} ({human_size(size)})")
+    print(f"{verb} {len(report.blobs)} blobs, {human_size(report.bytes_freed)}; kept {report.kept}")
     if report.incomplete:
         print(f"aborted {report.incomplete} abandoned uploads to the object store")
     return 0

@@ -40,6 +40,23 @@ class SharedCache:
         except Exception as exc:
             self._report(exc)
 
+    async def delete(self, key: str) -> None:
+        try:
+            await self._backend.delete(key)
+        except Exception as exc:
+            self._report(exc)
+
+    async def forget_local(self) -> None:
+        """Empty the cache when it is this process's memory (a shared one is left alone:
+        whoever changes the store deletes its keys there)."""
+        if isinstance(self._backend, SimpleMemoryCache):
+            await self._backend.clear()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes see this cache (Redis), not only this one."""
+        return not isinstance(self._backend, SimpleMemoryCache)
+
     async def close(self) -> None:
         try:
             await self._backend.close()

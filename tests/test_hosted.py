@@ -314,8 +314,8 @@ async def test_gc_command_line(registry, client, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
-    assert f"would delete blob {digest_of(b'unreferenced')} (12 bytes)" in out.decode()
-    assert "would delete 1 blobs, 12 bytes" in out.decode()
+    assert f"would delete blob {digest_of(b'unreferenced')} (12 B)" in out.decode()
+    assert "would delete 1 blobs, 12 B" in out.decode()
 
 
 async def test_skopeo_pushes_to_a_hosted_repository_and_pulls_back(registry, tmp_path: Path):

@@ -96,3 +96,11 @@ def test_serve_stops_with_one_line_when_the_store_cannot_be_upgraded(tmp_path: P
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "team/foo" in lines[0] and "hosted.repositories" in lines[0], lines
+
+
+async def test_the_purge_marker_changes_with_each_purge(store: Store):
+    assert await store.purge_marker() is None
+    await store.mark_purge()
+    first = await store.purge_marker()
+    await store.mark_purge()
+    assert first is not None and await store.purge_marker() not in (None, first)

@@ -39,6 +39,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     for _ in range(3):  # a blob evicted between the lookup and the open is a miss: look again
         result = await service.blob(route, digest, head=head)
         request[CACHE_OUTCOME] = result.outcome
+        # whether the bytes come off the store or from the upstream (`regproxy warm` counts it)
+        headers["X-Cache"] = "hit" if result.stored else "miss"
         if not result.stored:
             break
         assert result.size is not None

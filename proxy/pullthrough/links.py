@@ -26,6 +26,10 @@ class RepositoryLinks:
         self._capacity = capacity
         self._known: OrderedDict[tuple[str, Digest], None] = OrderedDict()
 
+    def forget(self) -> None:
+        """Drop what this process remembers (the store was changed behind its back)."""
+        self._known.clear()
+
     def known(self, key: str, digest: Digest) -> bool:
         """Whether this process already knows ``key`` holds ``digest`` (no I/O)."""
         return (key, digest) in self._known

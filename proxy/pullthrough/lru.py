@@ -35,3 +35,7 @@ class ManifestLRU:
         item = self._items.pop(key, None)
         if item is not None:
             self._bytes -= len(item.data)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0

@@ -148,6 +148,28 @@ class PullThrough:
             self._memory.discard(str(digest))
             self._touched.pop(digest, None)
 
+    async def watch_purges(self, interval: float = 1.0) -> None:
+        """Every ``interval``, compare the store's purge marker (``regproxy cache purge``
+        changes it); when it changed, drop the tags, manifests and links this process
+        holds in memory, so nothing purged is served from memory (they are read again
+        from the store, or the upstream)."""
+        seen: str | None = None
+        first = True
+        while True:
+            try:
+                marker = await self.store.purge_marker()
+            except Exception as exc:  # an object store that is down: try again later
+                log.debug("cannot read the purge marker: %s", type(exc).__name__)
+            else:
+                if not first and marker != seen:
+                    self._tag_l1.clear()
+                    self._memory.clear()
+                    self.links.forget()
+                    await self._tags.forget_local()
+                    log.info("the store was purged: in-memory tags and manifests dropped")
+                seen, first = marker, False
+            await asyncio.sleep(interval)
+
     # -- manifests ---------------------------------------------------------------------
 
     async def local_manifest(self, digest: Digest) -> StoredManifest | None:
@@ -717,9 +739,14 @@ def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[st
     return items[:n], len(items) > n
 
 
+def tag_key(repository: str, tag: str) -> str:
+    """A tag's key (``repository`` is the storage key) in this process's memory and in the
+    shared tag cache."""
+    return f"{repository}:{tag}"
+
+
 def _tag_key(route: Route, tag: str) -> str:
-    """A tag's key in this process's memory and in the shared tag cache."""
-    return f"{route.key}:{tag}"
+    return tag_key(route.key, tag)
 
 
 def _result(item: StoredManifest, outcome: str) -> ManifestResult:

@@ -112,3 +112,11 @@ class Store(Protocol):
         or a new one)."""
 
     async def set_layout_version(self, version: int) -> None: ...
+
+    # -- purges ------------------------------------------------------------------------
+    async def purge_marker(self) -> str | None:
+        """A token that changes whenever ``regproxy cache purge`` removed something: running
+        processes compare it (about once a second) and drop what they hold in memory."""
+
+    async def mark_purge(self) -> None:
+        """Change :meth:`purge_marker` (after a purge)."""

@@ -662,6 +662,15 @@ class FilesystemStore:
     async def set_layout_version(self, version: int) -> None:
         self._write_small(self.root / "layout", f"{version}\n".encode())
 
+    async def purge_marker(self) -> str | None:
+        try:
+            return (self.root / "purged").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    async def mark_purge(self) -> None:
+        self._write_small(self.root / "purged", f"{secrets.token_hex(8)}\n".encode())
+
     # -- helpers -----------------------------------------------------------------------
 
     def _write_small(self, path: Path, data: bytes) -> None:

@@ -669,6 +669,13 @@ class S3Store:
     async def set_layout_version(self, version: int) -> None:
         await self._put("layout", f"{version}\n".encode())
 
+    async def purge_marker(self) -> str | None:
+        got = await self._get("purged")
+        return None if got is None else got[0].decode(errors="replace").strip()
+
+    async def mark_purge(self) -> None:
+        await self._put("purged", f"{secrets.token_hex(8)}\n".encode())
+
     async def list_repositories(self) -> list[str]:
         names = set()
         async for rel, _, _ in self._list("repositories/"):

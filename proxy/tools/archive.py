@@ -49,7 +49,8 @@ from proxy.tools.client import (
     resolve,
     with_retries,
 )
-from proxy.tools.progress import Progress, make_progress
+from proxy.tools.progress import Progress, make_progress, row_label
+from proxy.units import human_rate, human_size
 
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
@@ -134,8 +135,8 @@ class ExportReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        return (f"exported {len(self.images)} image(s), {self.blobs} blob(s), {self.bytes} bytes "
-                f"to {self.output} in {self.seconds:.1f}s")
+        return (f"exported {len(self.images)} image(s), {self.blobs} blob(s), {human_size(self.bytes)} "
+                f"to {self.output} in {self.seconds:.1f}s ({human_rate(self.bytes, self.seconds)})")
 
 
 @dataclass
@@ -146,8 +147,8 @@ class _Exported:
 
 
 async def _stream_blob(client: RegistryClient, writer: TarWriter, name: str, desc: Descriptor,
-                       progress: Progress, overall: Any, retries: int) -> None:
-    task = progress.task(desc.digest[7:19], desc.size)
+                       progress: Progress, overall: Any, retries: int, image: str) -> None:
+    task = progress.task(row_label(image, desc.digest), desc.size)
     start = writer.offset
 
     async def attempt() -> None:
@@ -200,7 +201,7 @@ async def export_images(
     bar = make_progress(progress)
     async with RegistryClient.connect(proxy, username=username, password=password) as client:
         exported: dict[str, _Exported] = {}
-        blobs: dict[str, tuple[str, Descriptor]] = {}
+        blobs: dict[str, tuple[str, Descriptor, str]] = {}  #: digest -> (name, blob, image)
         for ref in refs:
             try:
                 image = await resolve(client, ref, wanted, retries=retries)
@@ -210,7 +211,7 @@ async def export_images(
             entry = exported.setdefault(manifest.digest, _Exported(manifest, plat))
             entry.refs.append(ref)
             for desc in manifest.blobs():
-                blobs.setdefault(desc.digest, (image.name, desc))
+                blobs.setdefault(desc.digest, (image.name, desc, str(ref)))
             report.images.append(str(ref))
 
         partial = output.with_name(output.name + ".part")
@@ -219,12 +220,12 @@ async def export_images(
             writer = TarWriter(fh)
             with bar:
                 overall = bar.overall(f"export {len(refs)} image(s)",
-                                      sum(d.size for _, d in blobs.values()))
+                                      sum(d.size for _, d, _ in blobs.values()))
                 await writer.add_dir("blobs")
-                for algorithm in sorted({d.algorithm for _, d in blobs.values()} | {"sha256"}):
+                for algorithm in sorted({d.algorithm for _, d, _ in blobs.values()} | {"sha256"}):
                     await writer.add_dir(f"blobs/{algorithm}")
-                for name, desc in blobs.values():
-                    await _stream_blob(client, writer, name, desc, bar, overall, retries)
+                for name, desc, label in blobs.values():
+                    await _stream_blob(client, writer, name, desc, bar, overall, retries, label)
                     report.blobs += 1
                     report.bytes += desc.size
             for entry in exported.values():
@@ -392,7 +393,8 @@ class ImportReport:
 
     def summary(self) -> str:
         text = (f"imported {len(self.images)} image(s), {self.blobs} blob(s) uploaded "
-                f"({self.bytes} bytes), {self.skipped} already present, in {self.seconds:.1f}s")
+                f"({human_size(self.bytes)}, {human_rate(self.bytes, self.seconds)}), "
+                f"{self.skipped} already present, in {self.seconds:.1f}s")
         if self.failed:
             text += f"; {len(self.failed)} FAILED"
         return text
@@ -673,7 +675,7 @@ async def _push_blob(client: RegistryClient, archive: _Archive, job: _BlobJob, b
             report.skipped += 1
             return
     algorithm = job.expected.split(":", 1)[0] if job.expected else "sha256"
-    task = bar.task(member.name[-24:], job.size)
+    task = bar.task(row_label(job.repo, job.expected or member.name), job.size)
 
     async def attempt() -> str:
         bar.rewind(task, overall)

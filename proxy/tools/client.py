@@ -343,6 +343,11 @@ async def with_retries(
     raise AssertionError("unreachable")
 
 
+def image_text(name: str, reference: str) -> str:
+    """``name:tag``, or ``name@sha256:...`` for a digest (a digest always holds a ``:``)."""
+    return f"{name}@{reference}" if ":" in reference else f"{name}:{reference}"
+
+
 def describe(exc: BaseException) -> str:
     """One line for an exception: our own messages as they are, the others with their type."""
     if isinstance(exc, ToolError):
@@ -466,7 +471,7 @@ class RegistryClient:
     async def get_manifest(self, name: str, reference: str) -> Manifest:
         """GET a manifest; its digest is verified when asked for by digest, and checked
         against ``Docker-Content-Digest``."""
-        what = f"manifest {name}:{reference}" if "@" not in reference else f"manifest {name}@{reference}"
+        what = f"manifest {image_text(name, reference)}"
         async with self.request("GET", f"/v2/{name}/manifests/{reference}", repo=name,
                                 headers={"Accept": MANIFEST_ACCEPT}) as resp:
             if resp.status != 200:
@@ -551,11 +556,11 @@ class RegistryClient:
         async with self.request("PUT", f"/v2/{name}/manifests/{reference}", repo=name, push=True,
                                 headers={"Content-Type": media_type}, data=body) as resp:
             if resp.status != 201:
-                raise RegistryHTTPError(f"PUT manifest {name}:{reference}", resp.status,
+                raise RegistryHTTPError(f"PUT manifest {image_text(name, reference)}", resp.status,
                                         await resp.text(errors="replace"))
             returned = resp.headers.get("Docker-Content-Digest")
         if returned and returned != digest:
-            raise ToolError(f"PUT manifest {name}:{reference}: registry reports {returned}, "
+            raise ToolError(f"PUT manifest {image_text(name, reference)}: registry reports {returned}, "
                             f"expected {digest}")
         return digest
 

@@ -6,6 +6,16 @@ import sys
 from types import TracebackType
 from typing import Any
 
+from proxy.units import human_size
+
+
+def row_label(image: str, what: str) -> str:
+    """A blob's progress row: the image it is for, then the start of its digest (or the
+    end of its file name in an archive)."""
+    image = image if len(image) <= 40 else "…" + image[-39:]
+    _, sep, encoded = what.partition(":")
+    return f"{image} {encoded[:12] if sep else what[-24:]}"
+
 
 class Progress:
     """No-op progress: the interface the tools use. Messages go to stderr."""
@@ -48,16 +58,15 @@ class RichProgress(Progress):
             DownloadColumn,
             TextColumn,
             TimeRemainingColumn,
-            TransferSpeedColumn,
         )
         from rich.progress import Progress as _Progress
 
         self.console = Console(stderr=True)
         self._progress = _Progress(
-            TextColumn("[bold]{task.description}", table_column=None),
+            TextColumn("{task.description}", table_column=None, markup=False),
             BarColumn(bar_width=30),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            DownloadColumn(binary_units=True),  # KiB/MiB, as the summaries print
+            _speed_column(),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
@@ -105,6 +114,19 @@ class RichProgress(Progress):
 
     def log(self, message: str) -> None:
         self._progress.console.print(message, markup=False, highlight=False)
+
+
+def _speed_column() -> Any:
+    """rich's transfer speed in binary units (its own column prints decimal MB/s)."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class BinarySpeed(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_size(speed)}/s", style="progress.data.speed")
+
+    return BinarySpeed()
 
 
 def make_progress(enabled: bool | None = None) -> Progress:

@@ -27,7 +27,8 @@ from proxy.tools.client import (
     resolve,
     with_retries,
 )
-from proxy.tools.progress import Progress, make_progress
+from proxy.tools.progress import Progress, make_progress, row_label
+from proxy.units import human_rate, human_size
 
 
 @dataclass
@@ -37,6 +38,8 @@ class WarmReport:
     blobs: int = 0
     manifests: int = 0
     bytes: int = 0
+    #: of ``bytes``, what the proxy already had (its ``X-Cache: hit``)
+    cached_bytes: int = 0
     seconds: float = 0.0
 
     @property
@@ -44,9 +47,9 @@ class WarmReport:
         return not self.failed
 
     def summary(self) -> str:
-        rate = self.bytes / self.seconds / (1 << 20) if self.seconds > 0 else 0.0
         text = (f"warmed {len(self.images)} image(s), {self.manifests} manifest(s), {self.blobs} blob(s), "
-                f"{self.bytes} bytes in {self.seconds:.1f}s ({rate:.1f} MiB/s)")
+                f"{human_size(self.bytes)} ({human_size(self.cached_bytes)} already cached) in "
+                f"{self.seconds:.1f}s ({human_rate(self.bytes, self.seconds)})")
         if self.failed:
             text += f"; {len(self.failed)} image(s) FAILED"
         return text
@@ -70,16 +73,18 @@ def parse_platforms(platforms: Sequence[str] | None, all_platforms: bool) -> lis
 
 
 async def fetch_blob(client: RegistryClient, name: str, desc: Descriptor, progress: Progress,
-                     overall: object, *, retries: int = 3) -> int:
+                     overall: object, *, retries: int = 3, image: str = "") -> tuple[int, bool]:
     """GET one blob through the proxy, discarding the body; digest and size are verified.
-    Retried ``retries`` times; returns the bytes read by the successful attempt."""
-    task = progress.task(desc.digest[7:19], desc.size)
+    Retried ``retries`` times; returns the bytes read by the successful attempt and whether
+    the proxy had the blob already. Its progress row is labelled with ``image``."""
+    task = progress.task(row_label(image or name, desc.digest), desc.size)
 
-    async def attempt() -> int:
+    async def attempt() -> tuple[int, bool]:
         progress.rewind(task, overall)
         hasher = hashlib.new(desc.algorithm)
         size = 0
         async with client.blob(name, desc.digest) as resp:
+            hit = resp.headers.get("X-Cache") == "hit"
             async for chunk in resp.content.iter_chunked(CHUNK):
                 hasher.update(chunk)
                 size += len(chunk)
@@ -88,7 +93,7 @@ async def fetch_blob(client: RegistryClient, name: str, desc: Descriptor, progre
         if size != desc.size or actual != desc.digest:
             raise ToolError(f"blob {desc.digest}: got {size} bytes with digest {actual}, "
                             f"expected {desc.size} bytes", retryable=True)
-        return size
+        return size, hit
 
     def on_retry(n: int, exc: BaseException) -> None:
         progress.log(f"retry {n}/{retries} of {name}@{desc.digest}: {describe(exc)}")
@@ -134,33 +139,33 @@ async def warm(
                 async with gate:
                     try:
                         return await resolve(client, ref, wanted, retries=retries)
-                    except Exception as exc:
+                    except Exception as exc:  # reported once, with the others, at the end
                         report.failed.append((str(ref), describe(exc)))
-                        bar.log(f"{ref}: {describe(exc)}")
                         return None
 
             resolved = [r for r in await asyncio.gather(*(resolve_one(r) for r in refs)) if r]
             report.manifests = sum(1 + len(r.images) - (0 if r.top.is_index else 1) for r in resolved)
 
             # One GET per distinct blob: the cache is content-addressed across repositories.
-            owners: dict[str, tuple[str, Descriptor]] = {}
+            owners: dict[str, tuple[ResolvedImage, Descriptor]] = {}
             for image in resolved:
                 for desc in image.blobs():
-                    owners.setdefault(desc.digest, (image.name, desc))
+                    owners.setdefault(desc.digest, (image, desc))
             overall = bar.overall(f"{len(resolved)} image(s)", sum(d.size for _, d in owners.values()))
             errors: dict[str, str] = {}
 
-            async def fetch_one(name: str, desc: Descriptor) -> None:
+            async def fetch_one(image: ResolvedImage, desc: Descriptor) -> None:
                 async with gate:
                     try:
-                        size = await fetch_blob(client, name, desc, bar, overall, retries=retries)
+                        size, hit = await fetch_blob(client, image.name, desc, bar, overall,
+                                                     retries=retries, image=str(image.ref))
                         report.bytes += size  # not `+= await`: that reads the total first
+                        report.cached_bytes += size if hit else 0
                         report.blobs += 1
-                    except Exception as exc:
+                    except Exception as exc:  # reported with its images at the end
                         errors[desc.digest] = describe(exc)
-                        bar.log(f"{name}@{desc.digest}: {describe(exc)}")
 
-            await asyncio.gather(*(fetch_one(n, d) for n, d in owners.values()))
+            await asyncio.gather(*(fetch_one(i, d) for i, d in owners.values()))
 
     for image in resolved:
         bad = [errors[d.digest] for d in image.blobs() if d.digest in errors]
