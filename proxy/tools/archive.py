@@ -42,6 +42,7 @@ from proxy.tools.client import (
     ImageRef,
     Manifest,
     Platform,
+    ProxyTLS,
     RegistryClient,
     ToolError,
     describe,
@@ -188,6 +189,7 @@ async def export_images(
     username: str | None = None,
     password: str | None = None,
     retries: int = 3,
+    tls: ProxyTLS | None = None,
 ) -> ExportReport:
     """Write ``images`` (one platform each, default ``linux/amd64``) to the tarball ``output``,
     fetched through the proxy. The file appears only when complete."""
@@ -199,7 +201,8 @@ async def export_images(
     if not refs:
         raise ToolError("no images to export")
     bar = make_progress(progress)
-    async with RegistryClient.connect(proxy, username=username, password=password) as client:
+    async with RegistryClient.connect(proxy, username=username, password=password,
+                                      tls=tls) as client:
         exported: dict[str, _Exported] = {}
         blobs: dict[str, tuple[str, Descriptor, str]] = {}  #: digest -> (name, blob, image)
         for ref in refs:
@@ -733,6 +736,7 @@ async def import_archive(
     username: str | None = None,
     password: str | None = None,
     retries: int = 3,
+    tls: ProxyTLS | None = None,
 ) -> ImportReport:
     """Push the images of a ``docker save`` or OCI-layout tarball into hosted repositories of
     the proxy at ``proxy`` (repository = image name without its registry, after
@@ -759,7 +763,7 @@ async def import_archive(
     gate = asyncio.Semaphore(max(1, jobs))
 
     async with RegistryClient.connect(proxy, username=username, password=password,
-                                      connections=max(1, jobs) + 4) as client:
+                                      connections=max(1, jobs) + 4, tls=tls) as client:
         with bar:
             overall = bar.overall(f"import {len(planned)} image(s)", sum(j.size for j in unique.values()))
 

@@ -11,9 +11,11 @@ import asyncio
 import base64
 import json
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -352,6 +354,9 @@ def describe(exc: BaseException) -> str:
     """One line for an exception: our own messages as they are, the others with their type."""
     if isinstance(exc, ToolError):
         return str(exc)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (f"{type(exc).__name__}: {exc} (a proxy with a private CA: --ca-file FILE or "
+                "SSL_CERT_FILE=FILE; --insecure skips the check)")
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     text = str(exc)
@@ -361,6 +366,28 @@ def describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProxyTLS:
+    """How the tools check an ``https://`` proxy's certificate: against the system's CAs
+    (OpenSSL honours ``SSL_CERT_FILE``/``SSL_CERT_DIR`` there), against one CA file (such
+    as ``certs/ca.crt`` from ``regproxy certs init``), or not at all (``insecure``)."""
+
+    ca_file: Path | None = None
+    insecure: bool = False
+
+    def context(self) -> ssl.SSLContext | bool:
+        """What aiohttp's connector takes: a context, or ``False`` for no verification."""
+        if self.insecure:
+            return False
+        if self.ca_file is None:
+            return ssl.create_default_context()
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise ToolError(f"--ca-file {self.ca_file}: {reason}") from None
+
+
 def _basic(username: str, password: str | None) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode()
 
@@ -385,11 +412,13 @@ class RegistryClient:
     @classmethod
     @asynccontextmanager
     async def connect(cls, base_url: str, *, username: str | None = None, password: str | None = None,
-                      connections: int = 16) -> AsyncIterator[RegistryClient]:
+                      connections: int = 16, tls: ProxyTLS | None = None
+                      ) -> AsyncIterator[RegistryClient]:
         """A client with its own session: short connect timeout, no overall deadline (blobs
-        can be large), two minutes of silence at most."""
+        can be large), two minutes of silence at most; ``tls`` says how to check an https
+        proxy's certificate."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
-        connector = aiohttp.TCPConnector(limit=connections)
+        connector = aiohttp.TCPConnector(limit=connections, ssl=(tls or ProxyTLS()).context())
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False,
                                          auto_decompress=False) as session:
             yield cls(base_url, session, username=username, password=password)

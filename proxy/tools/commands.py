@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.tools.client import DEFAULT_PROXY, ToolError
+from proxy.tools.client import DEFAULT_PROXY, ProxyTLS, ToolError
 
 COMMANDS = ("warm", "export", "import")
 
@@ -26,6 +26,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", dest="progress", action="store_true",
                         help="progress bars even when stderr is not a terminal")
     parser.add_argument("--retries", type=int, default=3, help="retries of a failed blob (default 3)")
+    trust = parser.add_mutually_exclusive_group()
+    trust.add_argument("--ca-file", type=Path, metavar="FILE",
+                       help="CA certificate (PEM) that signed an https proxy's certificate, e.g. "
+                            "certs/ca.crt of `regproxy certs init` (default: the system's CAs, "
+                            "or SSL_CERT_FILE)")
+    trust.add_argument("--insecure", action="store_true",
+                       help="do not verify an https proxy's certificate")
     parser.set_defaults(listen=None, upstream=None, hosted=None, log_level="WARNING", config=None,
                         data_dir=None)
 
@@ -78,6 +85,9 @@ def add_parsers(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a tool subcommand; 0 on success, 1 when something failed, 2 for bad arguments."""
+    if args.ca_file is not None and not args.ca_file.is_file():
+        print(f"regproxy {args.command}: --ca-file {args.ca_file}: no such file", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_run(args))
     except ToolError as exc:
@@ -94,7 +104,8 @@ async def _run(args: argparse.Namespace) -> int:
         if args.username is None:
             raise ToolError("--password-stdin needs --username")
         password = (await asyncio.to_thread(sys.stdin.readline)).rstrip("\r\n")
-    auth = {"username": args.username, "password": password}
+    auth = {"username": args.username, "password": password,
+            "tls": ProxyTLS(ca_file=args.ca_file, insecure=args.insecure)}
     if args.command == "warm":
         from proxy.tools.warm import read_image_list, warm
 

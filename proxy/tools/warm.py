@@ -20,6 +20,7 @@ from proxy.tools.client import (
     Descriptor,
     ImageRef,
     Platform,
+    ProxyTLS,
     RegistryClient,
     ResolvedImage,
     ToolError,
@@ -115,6 +116,7 @@ async def warm(
     username: str | None = None,
     password: str | None = None,
     retries: int = 3,
+    tls: ProxyTLS | None = None,
 ) -> WarmReport:
     """Pull ``images`` through the proxy at ``proxy``: manifests (the index and the chosen
     platform children) and every config and layer blob, ``jobs`` blobs at a time."""
@@ -131,7 +133,7 @@ async def warm(
             report.failed.append((text, str(exc)))
 
     async with RegistryClient.connect(proxy, username=username, password=password,
-                                      connections=jobs + 4) as client:
+                                      connections=jobs + 4, tls=tls) as client:
         with bar:
             gate = asyncio.Semaphore(jobs)
 
