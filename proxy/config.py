@@ -55,6 +55,8 @@ class UpstreamConfig:
     header_timeout: float = 5.0
     breaker_threshold: int = 3
     breaker_cooldown: float = 30.0
+    #: forward proxy for its requests: ``None`` = HTTPS_PROXY/NO_PROXY..., ``""`` = direct
+    proxy: str | None = None
 
     def __repr__(self) -> str:  # never print the password
         return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
@@ -362,7 +364,8 @@ def parse_min_free(key: str, value: Any) -> tuple[int, float]:
 
 #: The keys of an ``[upstreams."<host>"]`` table.
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
-                 "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown")
+                 "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
+                 "proxy")
 
 
 def _upstream(name: str, raw: Any) -> UpstreamConfig:
@@ -391,6 +394,8 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         header_timeout=parse_duration(f"{key}.header_timeout", t.get("header_timeout", 5)),
         breaker_threshold=_positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
         breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
+        proxy=(None if "proxy" not in t else "" if t["proxy"] == ""
+               else parse_url(f"{key}.proxy", t["proxy"])),
     )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, when missing (the README's test command runs it first).
 # Debian 12: apt packages for the real upstream registry, skopeo, dockerd, containerd,
-# chromium and redis; pip: the project with its test extras.
+# chromium, redis and tinyproxy; pip: the project with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ command -v runc >/dev/null || need_apt+=(runc)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v tinyproxy >/dev/null || need_apt+=(tinyproxy)  # the egress-proxy tests
 if ((${#need_apt[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
 from proxy.upstream.breaker import BreakerState, CircuitBreaker
+from proxy.upstream.egress import Egress
 from proxy.upstream.urls import Endpoint, v2_url
 
 log = logging.getLogger("regproxy.upstream")
@@ -77,6 +79,7 @@ class UpstreamClient:
         breaker_cache: SharedCache | None = None,
         *,
         breaker_file: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -98,6 +101,8 @@ class UpstreamClient:
         )
         #: Last ``ratelimit-remaining`` seen (Docker Hub), for metrics and logs.
         self.ratelimit_remaining: str | None = None
+        #: the forward proxy of each request (the upstream's ``proxy``, or the environment)
+        self.egress = Egress(config.proxy, os.environ if env is None else env)
 
     def remote_name(self, name: str) -> str:
         """The repository name on this upstream (Docker Hub puts official images in library/)."""
@@ -208,7 +213,8 @@ class UpstreamClient:
             if auth is not None and url.origin() == origin:
                 h["Authorization"] = auth
             resp = await self._session.request(
-                method, url, headers=h, allow_redirects=False, timeout=self.timeout
+                method, url, headers=h, allow_redirects=False, timeout=self.timeout,
+                **self.egress.request_args(url),
             )
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
@@ -265,7 +271,7 @@ class UpstreamClient:
         started = time.monotonic()
         async with self._session.get(
             realm.update_query(query), headers=headers, timeout=self.timeout,
-            allow_redirects=False,
+            allow_redirects=False, **self.egress.request_args(realm),
         ) as resp:
             if resp.status != 200:
                 log.warning("upstream %s: token endpoint %s answered %d", self.name,

@@ -20,6 +20,7 @@ def make_config(
     ups = {
         name: UpstreamConfig(name=name, url=url, connect_timeout=2.0, read_timeout=5.0,
                              breaker_threshold=3, breaker_cooldown=30.0,
+                             proxy="",  # direct: an HTTPS_PROXY of the test machine stays out
                              library_prefix=name == "docker.io",
                              aliases=("index.docker.io", "registry-1.docker.io")
                              if name == "docker.io" else ())

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -46,6 +47,7 @@ class RegistryProcess:
         *,
         startup_timeout: float = 15.0,
         extra_env: dict[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -56,14 +58,16 @@ class RegistryProcess:
         self.log_path = self.workdir / "registry.log"
         self.startup_timeout = startup_timeout
         self.extra_env = dict(extra_env or {})
+        #: (certificate, key) to serve HTTPS with; ``url`` is then https
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._write_config()
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:5000``."""
-        return f"http://127.0.0.1:{self.port}"
+        """Base URL, e.g. ``http://127.0.0.1:5000`` (``https://`` with ``tls``)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -99,6 +103,8 @@ class RegistryProcess:
                     "      enabled: false",
                     "http:",
                     f'  addr: "127.0.0.1:{self.port}"',
+                    *([] if self.tls is None else [
+                        "  tls:", f'    certificate: "{self.tls[0]}"', f'    key: "{self.tls[1]}"']),
                     "  headers:",
                     "    X-Content-Type-Options: [nosniff]",
                     "",
@@ -120,7 +126,13 @@ class RegistryProcess:
 
     def _ping(self) -> bool:
         try:
-            with _NO_PROXY_OPENER.open(f"{self.url}/v2/", timeout=1.0) as resp:
+            opener = _NO_PROXY_OPENER
+            if self.tls is not None:  # readiness only: any certificate will do
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                     urllib.request.HTTPSHandler(context=ctx))
+            with opener.open(f"{self.url}/v2/", timeout=1.0) as resp:
                 return int(resp.status) == 200
         except urllib.error.HTTPError as err:  # with REGISTRY_AUTH set: it answers, with a 401
             return err.code == 401
