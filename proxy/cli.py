@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from proxy import __version__, edgecli
+from proxy import __version__, clientconfig, edgecli
 from proxy.config import Config, ConfigError, load, parse_duration
 from proxy.storage.backend import open_store
 from proxy.storage.gc import GCReport, collect
@@ -40,6 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--grace", default="1h",
                     help="keep objects younger than this (default 1h), protects concurrent pushes")
     edgecli.add_parsers(sub)
+    clientconfig.add_parser(sub)
     tool_commands.add_parsers(sub)
     cache = sub.add_parser("cache", help="inspect or purge cached (upstream) content")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command in ("certs", "htpasswd"):
         return edgecli.run(args)
+    if args.command == "client-config":
+        return clientconfig.run(args)
     if args.command in tool_commands.COMMANDS:
         return tool_commands.run(args)
     try:

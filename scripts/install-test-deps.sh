@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, when missing (the README's test command runs it first).
-# Debian 12: apt packages for the real upstream registry, skopeo, dockerd, containerd,
-# chromium, redis and tinyproxy; pip: the project with its test extras.
+# Debian 12: apt packages for the real upstream registry, skopeo, dockerd, containerd, podman,
+# chromium, redis, tinyproxy, kubectl (deploy/kubernetes) and systemd-analyze (deploy/systemd);
+# pip: the project with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,9 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v tinyproxy >/dev/null || need_apt+=(tinyproxy)  # the egress-proxy tests
+command -v podman >/dev/null || need_apt+=(podman)
+command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if ((${#need_apt[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

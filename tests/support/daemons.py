@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -332,6 +333,7 @@ class DockerDaemon(_Daemon):
         mirror_url: str | None = None,
         extra_args: Sequence[str] = (),
         storage_driver: str = "vfs",
+        daemon_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(tmpdir)
         self.mirror_url = mirror_url
@@ -341,10 +343,11 @@ class DockerDaemon(_Daemon):
         self.data_root = self.root / "data"
         self.exec_root = self.root / "exec"
         self.config_file = self.root / "daemon.json"
-        self.config_file.write_text("{}\n")  # ignore /etc/docker/daemon.json
-        client_config = self.root / "client"
-        client_config.mkdir()
-        self.env["DOCKER_CONFIG"] = str(client_config)  # no ~/.docker credentials
+        # ignore /etc/docker/daemon.json; ``daemon_config`` is e.g. client-config's output
+        self.config_file.write_text(json.dumps(daemon_config or {}) + "\n")
+        client_dir = self.root / "client"
+        client_dir.mkdir()
+        self.env["DOCKER_CONFIG"] = str(client_dir)  # no ~/.docker credentials
 
     @property
     def host(self) -> str:
@@ -496,23 +499,92 @@ class Containerd(_Daemon):
         """Asyncio flavour of :meth:`image_digest`."""
         return (await self.aimages()).get(ref)
 
-def write_hosts_toml(
-    hosts_dir: Path | str,
-    mirror_url: str,
-    upstream_host: str = "docker.io",
-    server: str | None = None,
-) -> Path:
-    """Write ``hosts_dir/<upstream_host>/hosts.toml`` declaring ``mirror_url`` as pull/resolve mirror."""
-    if server is None:
-        server = (
-            "https://registry-1.docker.io" if upstream_host == "docker.io" else f"https://{upstream_host}"
-        )
-    path = Path(hosts_dir) / upstream_host / "hosts.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        f'server = "{server}"\n\n[host."{mirror_url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n'
+# --------------------------------------------------------------------------- podman
+
+PODMAN = "podman"
+
+
+class Podman:
+    """Rootful podman with private storage (vfs) in a short ``/tmp/podm-*`` directory and
+    ``registries_conf`` as its only registries.conf (``CONTAINERS_REGISTRIES_CONF``).
+    Daemonless: each call is one process; ``close()`` deletes the storage."""
+
+    def __init__(self, registries_conf: Path | str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="podm-", dir="/tmp"))
+        self.env = daemon_env()
+        self.env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
+        auth = self.root / "auth.json"
+        auth.write_text('{"auths": {}}\n')
+        self.env["REGISTRY_AUTH_FILE"] = str(auth)  # no ambient credentials
+
+    def _args(self, args: Sequence[str]) -> list[str]:
+        return [PODMAN, "--root", str(self.root / "root"), "--runroot", str(self.root / "run"),
+                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
+                "--events-backend", "none", *args]
+
+    async def apodman(self, *args: str, time_limit: float = 120, check: bool = False) -> Result:
+        """Run podman with this storage and registries.conf (asyncio)."""
+        proc = await asyncio.create_subprocess_exec(
+            *self._args(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=self.env)
+        try:
+            async with asyncio.timeout(time_limit):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        rc = proc.returncode if proc.returncode is not None else -1
+        res = Result(self._args(args), rc, out.decode(errors="replace"), err.decode(errors="replace"))
+        return _check(res, " ".join(res.args), "") if check else res
+
+    async def apull(self, ref: str, time_limit: float = 120, check: bool = False) -> Result:
+        """``podman pull ref`` (asyncio)."""
+        return await self.apodman("pull", ref, time_limit=time_limit, check=check)
+
+    async def aimage_digest(self, ref: str) -> str:
+        """The manifest digest podman recorded for ``ref``."""
+        res = await self.apodman("image", "inspect", "--format", "{{.Digest}}", ref, check=True)
+        return res.stdout.strip()
+
+    def close(self) -> None:
+        for point in _mounts_under(self.root):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def client_config(client: str, url: str, dest: Path | str, *args: str) -> list[Path]:
+    """Run ``regproxy client-config CLIENT --url URL --dir DEST ARGS``: the tests configure
+    real clients only from what the command generates. The files written, sorted."""
+    dest = Path(dest)
+    before = set(dest.rglob("*")) if dest.exists() else set()
+    res = subprocess.run(
+        [sys.executable, "-m", "proxy", "client-config", client, "--url", url, "--dir", str(dest), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+        cwd=Path(__file__).resolve().parents[2],
     )
-    return path
+    if res.returncode != 0:
+        raise DaemonError(f"regproxy client-config {client} failed ({res.returncode}): {res.stderr}")
+    return sorted(p for p in dest.rglob("*") if p.is_file() and p not in before)
+
+
+def write_hosts_toml(hosts_dir: Path | str, mirror_url: str, *upstreams: str) -> list[Path]:
+    """containerd's ``hosts_dir/<upstream>/hosts.toml`` files (default upstream docker.io),
+    from ``regproxy client-config containerd``: the mirror as pull/resolve host."""
+    args = [a for u in upstreams for a in ("--upstream", u)]
+    return client_config("containerd", mirror_url, hosts_dir, *args)
+
+
+def docker_daemon_config(mirror_url: str, tmp: Path | str) -> dict[str, Any]:
+    """The daemon.json keys ``regproxy client-config docker`` generates for ``mirror_url``."""
+    (path,) = client_config("docker", mirror_url, tmp)
+    return dict(json.loads(path.read_text()))
 
 
 __all__ = [
@@ -520,7 +592,10 @@ __all__ = [
     "Containerd",
     "DaemonError",
     "DockerDaemon",
+    "Podman",
+    "client_config",
     "daemon_env",
+    "docker_daemon_config",
     "e2e_problems",
     "go_arch",
     "missing_binaries",
