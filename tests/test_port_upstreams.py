@@ -96,8 +96,8 @@ async def test_containerd_pulls_a_ported_registry_through_hosts_toml(
     config = write_config(tmp_path / "c.toml", reg, PORTED)
     with ProxyProcess(tmp_path / "p", "--config", str(config)) as proxy:
         hosts = tmp_path / "hosts"
-        # no fallback: the registry's own address is a closed port
-        write_hosts_toml(hosts, proxy.url, upstream_host=PORTED, server="http://127.0.0.1:9")
+        # the fallback server, https://registry.internal:5000, goes to the daemons' closed proxy
+        write_hosts_toml(hosts, proxy.url, PORTED)
         with Containerd(tmp_path / "c1") as ctrd:
             ref = f"{PORTED}/it/ctr-ported:v1"
             res = await ctrd.apull(ref, hosts, unpack=False)
