@@ -118,6 +118,8 @@ class Namespaces:
             upstream = self._by_host.get(ns.strip().lower())
             if upstream is None:
                 raise NameUnknown(f"no upstream is configured for ns={ns[:100]!r}")
+            if sep and rest and self._by_host.get(first) is upstream:
+                name = rest  # ?ns= and a path prefix naming the same upstream (override_path)
             return self._cached(upstream, name)
         by_prefix = self._by_host.get(first)
         if by_prefix is not None and rest:

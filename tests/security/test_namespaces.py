@@ -95,6 +95,9 @@ def test_a_hosted_pattern_never_captures_an_upstreams_names():
     for name, ns in [("team/x", "docker.io"), ("docker.io/team/x", None), ("a/b/deep", "docker.io")]:
         with pytest.raises(NameUnknown):
             names.place(name, ns)
+    # ?ns= with a path prefix naming the same upstream (containerd's override_path mirrors)
+    assert names.place("docker.io/library/alpine", "docker.io") == names.place("alpine")
+    assert names.place("ghcr.io/org/x", "ghcr.io") == names.place("ghcr.io/org/x")
     # every cached key begins with an upstream; no hosted key does
     assert names.is_cached_key("docker.io/library/alpine") and not names.is_cached_key("team/x")
 
