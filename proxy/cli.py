@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from proxy import __version__, clientconfig, edgecli
+from proxy import __version__, clientconfig, edgecli, healthcheck
 from proxy.config import Config, ConfigError, load, parse_duration
 from proxy.storage.backend import open_store
 from proxy.storage.gc import GCReport, collect
@@ -42,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     edgecli.add_parsers(sub)
     clientconfig.add_parser(sub)
     tool_commands.add_parsers(sub)
+    healthcheck.add_parser(sub)
     cache = sub.add_parser("cache", help="inspect or purge cached (upstream) content")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     for name, helptext in (("ls", "list cached repositories, tags, sizes and last use"),
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return edgecli.run(args)
     if args.command == "client-config":
         return clientconfig.run(args)
+    if args.command == "healthcheck":
+        return healthcheck.run(args)
     if args.command in tool_commands.COMMANDS:
         return tool_commands.run(args)
     try:
