@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, when missing (the README's test command runs it first).
 # Debian 12: apt packages for the real upstream registry, skopeo, dockerd, containerd, podman,
-# chromium, redis, tinyproxy, kubectl (deploy/kubernetes) and systemd-analyze (deploy/systemd);
-# pip: the project with its test extras.
+# chromium, redis, tinyproxy, kubectl (deploy/kubernetes), systemd-analyze (deploy/systemd)
+# and mmdebstrap (a base for the container image test); pip: the project with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,7 @@ command -v tinyproxy >/dev/null || need_apt+=(tinyproxy)  # the egress-proxy tes
 command -v podman >/dev/null || need_apt+=(podman)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
 if ((${#need_apt[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
