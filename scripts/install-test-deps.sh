@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, when missing (the README's test command runs it first).
 # Debian 12: apt packages for the real upstream registry, skopeo, dockerd, containerd, podman,
-# chromium, redis, tinyproxy, kubectl (deploy/kubernetes), systemd-analyze (deploy/systemd)
-# and mmdebstrap (a base for the container image test); pip: the project with its test extras.
+# chromium, redis, tinyproxy, kubectl (deploy/kubernetes), systemd-analyze (deploy/systemd),
+# mmdebstrap (a base for the container image test) and docker-compose (deploy/compose); pip: the
+# project with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ command -v podman >/dev/null || need_apt+=(podman)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 if ((${#need_apt[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
