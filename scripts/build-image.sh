@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
 # Build the regproxy container image (deploy/Containerfile).
 #
-#   scripts/build-image.sh [--base IMAGE] [--tag TAG] [--source URL]
+#   scripts/build-image.sh [--base IMAGE] [--tag TAG]... [--source URL]
+#
+# Without --tag the image is regproxy:VERSION (pyproject.toml) and regproxy:latest.
 #
 # The wheelhouse (regproxy and every dependency, as wheels for the base image's Python and
 # platform) is built here, outside the image build, with this machine's pip and its index
 # settings and CA bundle; the image build then installs it with --no-index and needs no
 # network. The docker CLI talks to $DOCKER_HOST when it is set (the CLI is $DOCKER, default
-# `docker`). Build options such as --network or --progress can follow `--`.
+# `docker`). Other docker build options (--progress, --label, ...) can follow `--`.
 set -euo pipefail
 
 usage() {
-    sed -n '2,11s/^# \{0,1\}//p' "$0"
+    sed -n '2,13s/^# \{0,1\}//p' "$0"
     exit "${1:-0}"
 }
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 base=python:3.11-slim
-tag=regproxy:latest
+tags=()
 source=
 extra=()
 while (($#)); do
     case $1 in
         --base) base=${2:?--base needs an image}; shift 2 ;;
-        --tag) tag=${2:?--tag needs a name}; shift 2 ;;
+        --tag) tags+=(--tag "${2:?--tag needs a name}"); shift 2 ;;
         --source) source=${2:?--source needs a URL}; shift 2 ;;
         -h|--help) usage 0 ;;
         --) shift; extra=("$@"); break ;;
@@ -38,6 +40,9 @@ fi
 revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || true)
 version=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
     "$repo/pyproject.toml")
+if ((${#tags[@]} == 0)); then
+    tags=(--tag "regproxy:$version" --tag regproxy:latest)
+fi
 
 # What the base runs: "3.11 x86_64 2.36" (Python, machine, glibc). Wheels must match it.
 read -r pyver arch glibc < <("$docker" run --rm --network none --entrypoint python3 "$base" -c \
@@ -86,8 +91,8 @@ for ((round = 1; ; round++)); do
     download "$missing"
 done
 
-"$docker" build --network none --file "$ctx/Containerfile" --tag "$tag" \
+"$docker" build --network none --file "$ctx/Containerfile" "${tags[@]}" \
     --build-arg "BASE=$base" --build-arg "VERSION=$version" \
     --build-arg "SOURCE=$source" --build-arg "REVISION=$revision" \
     "${extra[@]}" "$ctx"
-echo "built $tag (regproxy $version on $base, Python $pyver)"
+echo "built ${tags[*]//--tag /} (regproxy $version on $base, Python $pyver)"

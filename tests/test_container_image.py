@@ -26,7 +26,7 @@ from tests.support.registry import RegistryProcess, free_port, upstream_gets
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-TAG = "regproxy:e2e"
+TAG = "regproxy:0.1.0"  # the default tags: regproxy:<version> (deploy/kubernetes names it) and :latest
 LAYER = make_tar_layer({"hello.txt": b"pulled through the regproxy container\n"}, seed=1616)
 
 
@@ -43,7 +43,7 @@ async def build_image(dockerd: DockerDaemon, base: str) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_CONTEXT", "DOCKER_CONFIG")}
     env.update(DOCKER_HOST=dockerd.host, DOCKER=DOCKER_CLI, DOCKER_CONFIG=dockerd.env["DOCKER_CONFIG"])
     proc = await asyncio.create_subprocess_exec(
-        "bash", str(REPO / "scripts" / "build-image.sh"), "--base", base, "--tag", TAG,
+        "bash", str(REPO / "scripts" / "build-image.sh"), "--base", base,
         "--source", "https://example.org/regproxy.git",
         env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
@@ -79,6 +79,7 @@ async def test_image_builds_runs_non_root_and_serves_a_pull(
         timings["build"] = time.monotonic() - t0 - timings["base"]
 
         image = json.loads(await docker("image", "inspect", TAG))[0]
+        assert json.loads(await docker("image", "inspect", "regproxy:latest"))[0]["Id"] == image["Id"]
         cfg = image["Config"]
         labels = cfg["Labels"]
         assert labels["org.opencontainers.image.version"] == "0.1.0"
