@@ -106,6 +106,9 @@ class Config:
     listen_port: int = 5000
     access_log: bool = True
     workers: int = 1
+    #: ``server.shutdown_grace``: seconds in-flight requests get after SIGTERM/SIGINT before
+    #: their connections are cut (one deadline, for one process and for workers alike).
+    shutdown_grace: float = 30.0
     #: ``server.debug_listen``: (host, port) of a plain-HTTP listener, without auth, for the
     #: status pages, metrics and probes; the main listener then no longer serves the pages.
     debug_listen: tuple[str, int] | None = None
@@ -462,7 +465,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     patterns = hosted["repositories"]
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
-    server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen"})
+    server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen",
+                                                   "shutdown_grace"})
     storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3", "min_free"})
     min_free, min_free_percent = parse_min_free("storage.min_free",
                                                 storage["min_free"])
@@ -516,6 +520,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         listen_port=port,
         access_log=_bool("server.access_log", server["access_log"]),
         workers=parse_workers("server.workers", server["workers"]),
+        shutdown_grace=parse_duration("server.shutdown_grace", server["shutdown_grace"]),
         debug_listen=(parse_listen("server.debug_listen", server["debug_listen"])
                       if "debug_listen" in server else None),
         storage_root=root,

@@ -14,7 +14,8 @@ import copy
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {
-    "server": {"listen": "127.0.0.1:5000", "access_log": True, "workers": 1},
+    "server": {"listen": "127.0.0.1:5000", "access_log": True, "workers": 1,
+               "shutdown_grace": "30s"},
     "storage": {"root": "./data", "backend": "filesystem", "min_free": "1GiB"},
     "cache": {
         "tag_ttl": "5m", "tag_stale_while_revalidate": "30s", "manifest_memory": "64MiB",

@@ -68,13 +68,39 @@ class ParseErrorReports:
 
 
 class EdgeRequestHandler(web.RequestHandler):
-    """aiohttp's connection protocol, answering unparseable requests with an OCI error."""
+    """aiohttp's connection protocol, answering unparseable requests with an OCI error and
+    shutting down within one deadline."""
 
-    __slots__ = ("reports",)
+    __slots__ = ("cut_at_shutdown", "reports")
 
     def __init__(self, manager: web.Server, reports: ParseErrorReports, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.reports = reports
+        self.cut_at_shutdown = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is being handled on this connection."""
+        return self._request_in_progress
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's)
+        """Let the request in progress finish within ``timeout`` seconds, then cut it.
+
+        aiohttp's own shutdown waits ``timeout`` for the handler, then cancels only the
+        request's body (which a response being written ignores) and waits ``timeout`` again,
+        and at last closes the transport, which waits for a slow client to take what is
+        queued: twice the grace and more. Here the grace is one deadline; past it the
+        connection is aborted and its handler cancelled (aiohttp keeps the connection's task
+        in ``_task_handler`` and offers no public handle on it)."""
+        try:
+            await asyncio.wait_for(super().shutdown(timeout), timeout)
+        except TimeoutError:
+            self.cut_at_shutdown = True
+            task = self._task_handler
+            if self.transport is not None:
+                self.transport.abort()
+            if task is not None and not task.done():
+                task.cancel()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -103,6 +129,19 @@ class EdgeServer(web.Server):
     def __call__(self) -> web.RequestHandler:
         return EdgeRequestHandler(self, self.reports, loop=self.protocol_loop, **self.protocol_kwargs)
 
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        """Shut every connection down (idle ones at once), saying what it waits for."""
+        conns = [c for c in self.connections if isinstance(c, EdgeRequestHandler)]
+        busy = sum(c.busy for c in conns)
+        if busy:
+            log.info("waiting up to %g s for %d request(s) in flight (server.shutdown_grace)",
+                     timeout, busy)
+        await super().shutdown(timeout)
+        cut = sum(c.cut_at_shutdown for c in conns)
+        if cut:
+            log.warning("shutdown grace of %g s is over: cut %d transfer(s) still in flight",
+                        timeout, cut)
+
 
 class EdgeRunner(web.AppRunner):
     """``web.AppRunner`` whose server is an :class:`EdgeServer`; ``protocol_kwargs`` are the
@@ -126,17 +165,23 @@ def serve(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLCon
     and in-flight requests get ``shutdown_timeout`` seconds before the app's cleanup."""
 
     async def main() -> None:
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        stop: asyncio.Future[signal.Signals] = loop.create_future()
+
+        def on_signal(signum: signal.Signals) -> None:
+            if not stop.done():
+                stop.set_result(signum)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         runner = EdgeRunner(app, shutdown_timeout=shutdown_timeout, **protocol_kwargs)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port, ssl_context=ssl_context,
                               reuse_port=reuse_port or None).start()
             on_listening()
-            await stop.wait()
+            signum = await stop
+            log.info("%s: no longer accepting connections; shutting down", signum.name)
         finally:
             await runner.cleanup()
 

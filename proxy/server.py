@@ -28,8 +28,9 @@ log = logging.getLogger("regproxy")
 
 #: Where the workers keep their metrics samples and status figures, under storage.root.
 METRICS_DIR = "metrics"
-#: Seconds that in-flight requests get to finish on SIGTERM/SIGINT.
-SHUTDOWN_TIMEOUT = 30.0
+#: Seconds a worker gets after the shutdown grace for the app's cleanup (cancelling fills,
+#: closing the store) before the parent kills it.
+CLEANUP_TIMEOUT = 30.0
 
 
 def runner_kwargs(config: Config) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> 
         on_listening=lambda: log.info("listening on %s://%s:%d (pid %d), data in %s", scheme,
                                       config.listen_host, config.listen_port, os.getpid(),
                                       config.storage_root),
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        shutdown_timeout=config.shutdown_grace,
         **runner_kwargs(config),
         **{**SERVER_LIMITS, **extra},
     )
@@ -84,6 +85,9 @@ def run(config: Config, **extra: Any) -> None:
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            log.info("%s: stopping %d workers (they get %g s to finish their requests)",
+                     signal.Signals(signum).name, len(workers), config.shutdown_grace)
         stopping = True
         for proc in workers:
             if proc.pid is not None and proc.is_alive():
@@ -109,7 +113,12 @@ def run(config: Config, **extra: Any) -> None:
                 time.sleep(0.5)
                 workers[i] = spawn()
         if stopping:
+            deadline = time.monotonic() + config.shutdown_grace + CLEANUP_TIMEOUT
             for proc in workers:
-                proc.join(SHUTDOWN_TIMEOUT + 5)
+                proc.join(max(deadline - time.monotonic(), 0.0))
+                if proc.is_alive():
+                    log.error("worker %s did not stop in time; killing it", proc.pid)
+                    proc.kill()
+                    proc.join()
             return
         time.sleep(0.2)

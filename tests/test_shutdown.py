@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
+import socket
+import subprocess
+import urllib.request
 
 import aiohttp
+import pytest
 
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyproc import ProxyProcess
 
 MiB = 1 << 20
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 async def test_sigterm_finishes_in_flight_transfers(aiohttp_server, tmp_path):
@@ -118,4 +124,80 @@ async def test_sighup_without_tls_keeps_every_process_and_transfer(aiohttp_serve
             assert proxy.proc.poll() is None
             assert "exited" not in proxy.log_tail()  # no worker died and was restarted
         finally:
+            proxy.stop()
+
+
+def _push_blob(url: str, repo: str, blob: bytes) -> str:
+    """Push ``blob`` to a hosted repository in one monolithic POST; its digest."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    req = urllib.request.Request(f"{url}/v2/{repo}/blobs/uploads/?digest={digest}", data=blob,
+                                 method="POST", headers={"Content-Type": "application/octet-stream"})
+    with _OPENER.open(req, timeout=30) as resp:
+        assert resp.status == 201
+    return digest
+
+
+def _stalled_download(port: int, path: str) -> socket.socket:
+    """A client that reads a response's first bytes, then nothing: a tiny receive buffer
+    keeps the transfer from ever completing while it does not read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    sock.settimeout(30)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return sock
+
+
+def _drain(sock: socket.socket) -> int:
+    """Read what is left until the server closes or resets the connection; bytes read."""
+    got = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return got
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_cuts_transfers_after_shutdown_grace_single_and_workers(tmp_path):
+    """``server.shutdown_grace`` bounds the whole wait: a transfer that cannot finish (a
+    stalled client) is cut once the grace is over, in one process and with workers (aiohttp's
+    own shutdown waited twice the grace, and longer while the client did not read)."""
+    grace, margin = 6, 4  # the exit must come before twice the grace
+    blob = os.urandom(32 * MiB)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[server]\nshutdown_grace = "{grace}s"\n')
+    procs = [ProxyProcess(tmp_path / f"w{n}", "--config", str(config), "--data-dir",
+                          str(tmp_path / f"data{n}"), "--hosted", "team/*", "--workers", n)
+             for n in ("1", "2")]
+    try:
+        clients = []
+        for proxy in procs:
+            proxy.start()
+            digest = _push_blob(proxy.url, "team/big", blob)
+            clients.append(_stalled_download(proxy.port, f"/v2/team/big/blobs/{digest}"))
+        for proxy in procs:
+            assert proxy.proc is not None
+            proxy.proc.send_signal(signal.SIGTERM)
+        for proxy in procs:
+            assert proxy.proc is not None
+            try:
+                code = proxy.proc.wait(grace + margin)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {grace + margin} s after SIGTERM:\n{proxy.log_tail()}")
+            assert code == 0, proxy.log_tail()
+            log = proxy.log_tail(200)
+            assert "waiting up to 6 s for 1 request(s) in flight" in log
+            assert "cut 1 transfer(s)" in log
+        for sock in clients:
+            assert _drain(sock) < len(blob)  # cut, not completed
+    finally:
+        for proxy in procs:
             proxy.stop()
