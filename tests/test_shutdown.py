@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -13,6 +15,8 @@ import urllib.request
 import aiohttp
 import pytest
 
+from proxy.reference import Digest
+from proxy.storage import FilesystemStore
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyproc import ProxyProcess
 
@@ -201,3 +205,64 @@ def test_sigterm_cuts_transfers_after_shutdown_grace_single_and_workers(tmp_path
     finally:
         for proxy in procs:
             proxy.stop()
+
+
+def test_start_up_removes_writer_leftovers_nobody_holds_and_keeps_live_ones(tmp_path):
+    """What a killed or out-of-space writer left in ``tmp/`` goes at the next start however
+    young it is, while what a live process (a sibling worker, a replica on the same store)
+    is writing stays: fill files, size hints, readiness probes and object temp files are
+    held by their writer's ``flock`` (or belong to a fill that is)."""
+    data = tmp_path / "data"
+    store = FilesystemStore(data)
+    store.open()
+    tmp = data / "tmp"
+    dead = Digest.of(b"dead fill")
+    leftovers = [tmp / f"{dead.algorithm}-{dead.hex}.size.0badc0de",  # announce_size's temp
+                 tmp / f"{dead.algorithm}-{dead.hex}.size",
+                 tmp / "ready-0123456789ab",  # a readiness probe that hit ENOSPC
+                 tmp / f"{'ab' * 12}.part", tmp / f"{'cd' * 12}.meta"]
+    for path in leftovers:
+        path.write_bytes(b"")  # young: the old rule kept them for 600 s
+    live = Digest.of(b"live fill")
+    fill = store.claim_fill(live)  # this process plays a sibling that is filling right now
+    assert fill is not None
+    fill.announce_size(123)
+    live_size_temp = tmp / f"{live.algorithm}-{live.hex}.size.feedf00d"
+    live_size_temp.write_bytes(b"")
+    writer = store.new_writer()  # an object being written by the live sibling
+    probe = tmp / "ready-5ca1ab1e0000"  # and a readiness probe it is writing (held as
+    probe_fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # probe_writable does)
+    fcntl.flock(probe_fd, fcntl.LOCK_EX)
+    try:
+        proxy = ProxyProcess(tmp_path / "p", "--data-dir", str(data), "--workers", "2").start()
+        proxy.stop()
+        left = set(os.listdir(tmp))
+        assert not left & {p.name for p in leftovers}
+        assert {store.fill_path(live).name, live_size_temp.name, f"{live.algorithm}-{live.hex}.size",
+                writer.path.name, probe.name} <= left
+    finally:
+        fill.abort()
+        writer.abort()
+        probe.unlink()
+        os.close(probe_fd)
+    assert os.listdir(tmp) == [live_size_temp.name]  # (the test's own stand-in, left as is)
+
+
+def test_size_hint_and_readiness_probe_leave_nothing_when_the_disk_is_full(tmp_path, monkeypatch):
+    store = FilesystemStore(tmp_path)
+    store.open()
+    fill = store.claim_fill(Digest.of(b"x"))
+    assert fill is not None
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        fill.announce_size(1)
+    assert store.probe_writable() == os.strerror(errno.ENOSPC)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "tmp") == [store.fill_path(Digest.of(b"x")).name]
+    assert store.probe_writable() is None
+    fill.abort()
+    assert os.listdir(tmp_path / "tmp") == []

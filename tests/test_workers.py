@@ -124,16 +124,20 @@ def test_start_up_cleaning_spares_what_live_processes_are_writing(tmp_path):
     live.announce_size(123)
     dead = store.fill_path(Digest.of(b"dead"))
     dead.write_bytes(b"half")  # a crashed filler: nobody holds its lock
-    old_part = store.tmp_dir / "x.part"
-    old_part.write_bytes(b"old")
-    os.utime(old_part, (0, 0))
-    young_part = store.tmp_dir / "y.part"
-    young_part.write_bytes(b"being written")
+    (store.tmp_dir / "x.part").write_bytes(b"left by a dead writer")  # young, lock free
+    writing = store.new_writer()  # another worker's object temp file: its lock is held
+    writing.write(b"being written")
+    old_unknown = store.tmp_dir / "older-version.tmp"  # not known to be held: by age
+    old_unknown.write_bytes(b"old")
+    os.utime(old_unknown, (0, 0))
+    (store.tmp_dir / "young-unknown.tmp").write_bytes(b"young")
     store.clean_tmp()
     left = sorted(p.name for p in store.tmp_dir.iterdir())
     fill = store.fill_path(Digest.of(b"live"))
-    assert left == sorted([fill.name, fill.with_suffix(".size").name, "y.part"])
+    assert left == sorted([fill.name, fill.with_suffix(".size").name, writing.path.name,
+                           "young-unknown.tmp"])
     live.abort()
+    writing.abort()
 
 
 async def test_a_stale_tag_is_revalidated_once_for_all_workers(aiohttp_server, tmp_path):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-
 from aiohttp import web
 
 from proxy import metrics
@@ -28,17 +25,9 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready to serve: the configuration is loaded, the local store is writable and the
     object store (S3 backend) answers."""
     pullthrough = request.app[PULLTHROUGH]
-    store = pullthrough.staging
-    probe = store.tmp_dir / f"ready-{secrets.token_hex(6)}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"ok")
-        finally:
-            os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        return web.json_response({"status": "unavailable", "storage": str(exc.strerror)},
+    problem = pullthrough.staging.probe_writable()
+    if problem is not None:
+        return web.json_response({"status": "unavailable", "storage": problem},
                                  status=503, headers=_SECURITY_HEADERS)
     problem = await pullthrough.store.check()
     if problem is not None:

@@ -41,6 +41,11 @@ from proxy.errors import DigestInvalid, SizeInvalid
 from proxy.reference import Digest
 from proxy.storage.base import BlobStat, StoredManifest
 
+#: Temp files whose writer holds their ``flock`` (see :meth:`FilesystemStore.clean_tmp`),
+#: by suffix, and the readiness probes, by prefix.
+_HELD_SUFFIXES = (".fill", ".claim", ".part", ".meta")
+_PROBE_PREFIX = "ready-"
+
 _TAGS = "_tags"
 _MANIFESTS = "_manifests"
 _LAYERS = "_layers"
@@ -62,6 +67,18 @@ def _same_file(fd: int, path: str | Path) -> bool:
         return _file_id(os.fstat(fd)) == _file_id(os.stat(path))
     except FileNotFoundError:
         return False
+
+
+def _create_held(path: str | Path, flags: int = os.O_WRONLY) -> int | None:
+    """Create ``path`` (exclusively) and hold its ``flock``: start-up cleaning removes a
+    file in ``tmp/`` whose lock is free. ``None`` if a cleaner removed it before the lock
+    was taken (create another)."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    if _same_file(fd, path):
+        return fd
+    os.close(fd)
+    return None
 
 
 def _flock_nowait(fd: int) -> bool:
@@ -88,9 +105,9 @@ class BlobWriter:
     def __init__(self, store: FilesystemStore, algorithm: str = "sha256",
                  path: Path | None = None, fd: int | None = None) -> None:
         self._store = store
-        if path is None or fd is None:
+        while path is None or fd is None:  # held while written, as fills are
             path = store.tmp_dir / f"{secrets.token_hex(12)}.part"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = _create_held(path)
         self.path = path
         # hints for processes tailing a fill, as plain strings: this runs once per blob on
         # the event loop, where pathlib's cost shows up in profiles of small-blob pulls
@@ -176,13 +193,18 @@ class BlobWriter:
     def announce_size(self, size: int | None) -> None:
         """Tell other processes tailing this fill how big the blob is (``-1``: unknown)."""
         if self._hints is not None:  # a hint for live processes: no fsync needed
-            tmp = f"{self._hints[0]}.{secrets.token_hex(4)}"
+            tmp = f"{self._hints[0]}.{secrets.token_hex(4)}"  # goes with its fill at start-up
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                os.write(fd, str(-1 if size is None else size).encode())
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._hints[0])  # atomic: a reader never sees half a number
+                try:
+                    os.write(fd, str(-1 if size is None else size).encode())
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self._hints[0])  # atomic: a reader never sees half a number
+            except BaseException:  # a full disk: leave no temp file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def announce_verified(self) -> None:
         """Tell processes tailing this fill that its digest checked out (``.ok``), so they
@@ -222,17 +244,21 @@ class FilesystemStore:
 
     def clean_tmp(self, min_age: float = 600.0) -> None:
         """Remove what crashed writers left in ``tmp/``, and only that: another process on
-        the same storage (a sibling worker, a replica) may be writing there right now. A
-        fill or claim file is abandoned when nobody holds its lock; other temp files when
-        they are older than ``min_age`` seconds. Lock files in ``locks/`` go when free."""
+        the same storage (a sibling worker, a replica) may be writing there right now.
+        Every writer here holds its file's ``flock`` while it writes (fills, claims, object
+        and metadata temp files, readiness probes): such a file is abandoned when its lock
+        is free, however young. A fill's hints (``.size``, ``.ok`` and the ``.size.<hex>``
+        being written) go when their fill has gone. Anything else (a file of an older
+        version) when older than ``min_age`` seconds. Lock files in ``locks/`` go when free."""
         entries = sorted(self.tmp_dir.iterdir(), key=lambda p: p.suffix != ".fill")
         now = time.time()
-        for entry in entries:  # fills first, so their .size hints can go with them
+        for entry in entries:  # fills first, so their hints can go with them
             with contextlib.suppress(OSError):
-                if entry.suffix in (".fill", ".claim"):
+                name = entry.name
+                if entry.suffix in _HELD_SUFFIXES or name.startswith(_PROBE_PREFIX):
                     self._remove_if_abandoned(entry)
-                elif entry.suffix in (".size", ".ok"):
-                    if not entry.with_suffix(".fill").exists():
+                elif entry.suffix in (".size", ".ok") or ".size." in name:
+                    if not (self.tmp_dir / f"{name.partition('.')[0]}.fill").exists():
                         entry.unlink()
                 elif now - entry.stat().st_mtime > min_age:
                     entry.unlink()
@@ -378,8 +404,27 @@ class FilesystemStore:
             return BlobWriter(self, digest.algorithm, path=path, fd=fd)
         return None
 
+    def probe_writable(self) -> str | None:
+        """Write and remove a small file in ``tmp/`` (``/readyz``); the error if that fails.
+        The probe is held like any temp file, and removed whatever happens."""
+        try:
+            while (fd := _create_held(probe := self.tmp_dir / f"{_PROBE_PREFIX}{secrets.token_hex(6)}")
+                   ) is None:
+                pass
+        except OSError as exc:
+            return str(exc.strerror)
+        try:
+            os.write(fd, b"ok")
+        except OSError as exc:
+            return str(exc.strerror)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+            os.close(fd)
+        return None
+
     def _remove_if_abandoned(self, path: Path) -> bool:
-        """Remove a fill file nobody holds the lock of; True if it is gone now."""
+        """Remove a temp file (a fill) nobody holds the lock of; True if it is gone now."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -676,13 +721,14 @@ class FilesystemStore:
     def _write_small(self, path: Path, data: bytes) -> None:
         """Atomically replace a small metadata file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"{secrets.token_hex(12)}.meta"
+        while (fd := _create_held(tmp := self.tmp_dir / f"{secrets.token_hex(12)}.meta")) is None:
+            pass
         try:
-            with open(tmp, "wb") as fh:
+            with open(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+                os.replace(tmp, path)  # (still holding the lock)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
