@@ -67,16 +67,30 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def serve(config: Config) -> int:
-    """Run the server until SIGINT/SIGTERM; 2 when the store cannot be used as configured."""
+    """Run the server until SIGINT/SIGTERM; 1 when it cannot start on this host (a port,
+    the data directory), 2 when the store cannot be used as configured."""
+    from proxy.startup import StartupError, check_listen, prepare_store
+
+    try:  # before anything starts: one line, not a traceback from deep inside
+        check_listen(config.listen_host, config.listen_port, reuse_port=config.workers > 1)
+        if config.debug_listen is not None:
+            check_listen(*config.debug_listen, reuse_port=config.workers > 1,
+                         key="server.debug_listen")
+        prepare_store(config.storage_root)
+    except StartupError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 1
     from proxy import server
     from proxy.layout import LayoutError
 
     try:
-        server.run(config)
+        return server.run(config)
+    except StartupError as exc:
+        print(f"regproxy: {exc}", file=sys.stderr)
+        return 1
     except LayoutError as exc:
         print(f"regproxy: storage error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from proxy.handlers.common import (
     method_unsupported,
     oci,
 )
+from proxy.startup import listen_error
 
 log = logging.getLogger("regproxy")
 
@@ -55,13 +56,14 @@ def debug_app(main: web.Application, on_prepare: PrepareHook) -> web.Application
 
 
 def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """A bound socket for ``host:port``; the error names the config key."""
+    """A bound socket for ``host:port``; the error (a ``StartupError``) names the
+    config key."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise OSError(exc.errno, f"server.debug_listen {host}:{port}: {exc.strerror}") from None
+        raise listen_error("server.debug_listen", host, port, exc) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -69,7 +71,7 @@ def bind(host: str, port: int, *, reuse_port: bool) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"server.debug_listen {host}:{port}: {exc.strerror}") from None
+        raise listen_error("server.debug_listen", host, port, exc) from None
     return sock
 
 

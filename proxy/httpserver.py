@@ -28,6 +28,7 @@ from aiohttp.http import HttpProcessingError
 from proxy.accesslog import UNLOGGED
 from proxy.app import COMMON_HEADERS, CSP, DEFAULT_CSP
 from proxy.errors import RegistryError
+from proxy.startup import listen_error
 
 log = logging.getLogger("regproxy.http")
 
@@ -177,8 +178,11 @@ def serve(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLCon
         runner = EdgeRunner(app, shutdown_timeout=shutdown_timeout, **protocol_kwargs)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, ssl_context=ssl_context,
-                              reuse_port=reuse_port or None).start()
+            try:
+                await web.TCPSite(runner, host, port, ssl_context=ssl_context,
+                                  reuse_port=reuse_port or None).start()
+            except OSError as exc:  # (checked at start-up; another process may have won)
+                raise listen_error("server.listen", host, port, exc) from None
             on_listening()
             signum = await stop
             log.info("%s: no longer accepting connections; shutting down", signum.name)

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -21,7 +22,8 @@ from proxy.accesslog import AccessLogger
 from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
 from proxy.httpserver import serve
-from proxy.storage import FilesystemStore
+from proxy.layout import LayoutError
+from proxy.startup import EXIT_STARTUP_FAILED, StartupError
 from proxy.tls import SSL_CONTEXT
 
 log = logging.getLogger("regproxy")
@@ -40,6 +42,16 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
     if not config.access_log:
         logger.setLevel(logging.WARNING)
     return {"access_log_class": AccessLogger, "access_log": logger}
+
+
+def _run_worker(config: Config, **extra: Any) -> None:
+    """A worker process: serve, or say in one line why it cannot start and exit with
+    :data:`EXIT_STARTUP_FAILED`, which tells the parent not to restart it."""
+    try:
+        _run_app(config, clean=False, reuse_port=True, **extra)
+    except (StartupError, LayoutError) as exc:
+        print(f"regproxy: worker {os.getpid()}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STARTUP_FAILED)
 
 
 def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> None:
@@ -65,27 +77,27 @@ def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> 
     )
 
 
-def run(config: Config, **extra: Any) -> None:
+def run(config: Config, **extra: Any) -> int:
     """Serve until SIGTERM/SIGINT; ``extra`` are connection settings (aiohttp's
-    ``RequestHandler`` arguments), as for :func:`aiohttp.web.run_app`."""
+    ``RequestHandler`` arguments), as for :func:`aiohttp.web.run_app`. The store was
+    prepared (:func:`proxy.startup.prepare_store`). The exit status: 1 when the workers
+    could not start (each said why)."""
     if config.workers <= 1:
-        _run_app(config, clean=True, reuse_port=False, **extra)
-        return
-    FilesystemStore(config.storage_root).open(clean=True)
+        _run_app(config, clean=False, reuse_port=False, **extra)
+        return 0
     asyncio.run(layout.upgrade_before_workers(config))
     metrics.share_between_processes(config.storage_root / METRICS_DIR)
     ctx = multiprocessing.get_context("fork")
-    stopping = False
+    stopping = failed = False
 
     def spawn() -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(target=_run_app, args=(config,),
-                           kwargs={"clean": False, "reuse_port": True, **extra}, daemon=False)
+        proc = ctx.Process(target=_run_worker, args=(config,), kwargs=extra, daemon=False)
         proc.start()
         return proc
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
-        if not stopping:
+        if not stopping and not failed:
             log.info("%s: stopping %d workers (they get %g s to finish their requests)",
                      signal.Signals(signum).name, len(workers), config.shutdown_grace)
         stopping = True
@@ -107,6 +119,10 @@ def run(config: Config, **extra: Any) -> None:
     while True:
         for i, proc in enumerate(workers):
             if not proc.is_alive() and not stopping:
+                if proc.exitcode == EXIT_STARTUP_FAILED:  # it would fail again: give up
+                    failed = True
+                    stop(signal.SIGTERM, None)
+                    break
                 log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
                 if proc.pid is not None:
                     metrics.forget_process(proc.pid)
@@ -120,5 +136,5 @@ def run(config: Config, **extra: Any) -> None:
                     log.error("worker %s did not stop in time; killing it", proc.pid)
                     proc.kill()
                     proc.join()
-            return
+            return 1 if failed else 0
         time.sleep(0.2)

@@ -1,0 +1,74 @@
+"""Start-up checks whose failure is one line naming the resource, and an exit status of 1.
+
+What a server needs from its host (a port it may bind, a data directory it may write) is
+checked before anything starts, in the process that forks the workers too, so an operator
+sees ``regproxy: cannot listen on 0.0.0.0:80 (server.listen): permission denied ...``
+instead of a traceback, and workers are not restarted forever for a port they cannot get.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+
+from proxy.storage.filesystem import FilesystemStore
+
+#: Exit status of a worker process that could not start (it printed why).
+EXIT_STARTUP_FAILED = 3
+
+
+class StartupError(Exception):
+    """The server cannot start on this host as configured; the message says why."""
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "address already in use (another process listens on it)",
+    errno.EADDRNOTAVAIL: "not an address of this host",
+}
+
+
+def listen_error(key: str, host: str, port: int, exc: OSError) -> StartupError:
+    """The one-line error for a failed ``bind`` of ``host:port`` (configured as ``key``)."""
+    if isinstance(exc, socket.gaierror):
+        reason = f"cannot resolve {host!r} ({exc.strerror})"
+    elif exc.errno == errno.EACCES and 0 < port < 1024:
+        reason = "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    else:
+        reason = _BIND_REASONS.get(exc.errno or 0) or str(exc.strerror or exc).lower()
+    shown = f"[{host}]" if ":" in host else host
+    return StartupError(f"cannot listen on {shown}:{port} ({key}): {reason}")
+
+
+def check_listen(host: str, port: int, *, reuse_port: bool, key: str = "server.listen") -> None:
+    """Bind ``host:port`` once (as the server will) and let go: a port in use, an address
+    not on this host or a privileged port fail here, before anything has started."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+    except OSError as exc:
+        raise listen_error(key, host, port, exc) from None
+
+
+def prepare_store(root: Path) -> None:
+    """Create the local store's layout and clean what killed writers left in ``tmp/``
+    (once, before any worker starts), and check that it can be written."""
+    store = FilesystemStore(root)
+    try:
+        store.open(clean=True)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            raise StartupError(f"storage.root {root}: not a directory (or below a file)") from None
+        raise _unwritable(root, str(exc.strerror or exc)) from None
+    problem = store.probe_writable()
+    if problem is not None:
+        raise _unwritable(root, problem)
+
+
+def _unwritable(root: Path, reason: str) -> StartupError:
+    return StartupError(f"storage.root {root}: not writable: {reason[:1].lower()}{reason[1:]}")
