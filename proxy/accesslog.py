@@ -1,27 +1,82 @@
-"""Per-request bookkeeping: one logfmt access-log line and the request metrics.
+"""Per-request bookkeeping: one access-log line (logfmt, or JSON fields) and the request
+metrics.
 
 Both run in aiohttp's access-log hook, which is cheaper than a middleware. A request only
 bumps one tally entry (its latency as a count in its histogram bucket); the metrics and
 the status page's statistics get the tally at the metrics' next flush (each second, and
 before ``/metrics`` or the status page renders): five counter updates per request cost
 ~7 % of a cached manifest GET.
+What only the log line needs (a request id, upstream notes) is gathered only while
+the access log is on.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
+import os
+import re
+import secrets
+from typing import Any
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, ResponseKey, StreamResponse
+from aiohttp.web import BaseRequest, Request, RequestKey, ResponseKey, StreamResponse
+from multidict import CIMultiDict, istr
 
-from proxy import metrics
-from proxy.handlers.common import CACHE_OUTCOME, HOSTED_READ, REPO
+from proxy import metrics, requestnotes
+from proxy.handlers.common import CACHE_OUTCOME, ERROR, HOSTED_READ, REPO, USER
+from proxy.logsetup import FIELDS
+from proxy.requestnotes import UpstreamNotes
 from proxy.stats import CACHE_OUTCOMES, STATS
 
 #: Set on a response whose request gets no access-log line (it is counted in the metrics):
 #: requests aiohttp could not parse, which are reported rate-limited instead.
 UNLOGGED = ResponseKey("unlogged", bool)
+
+#: The request's id, sent back to the client and logged: the client's own when it is a
+#: safe token (a proxy in front may have assigned it), else a fresh one.
+REQUEST_ID = istr("X-Request-Id")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
+#: Notes of the layers below the handler (the upstream's answer), when the log is on.
+NOTES = RequestKey("regproxy.notes", UpstreamNotes)
+
+
+class _Ids:
+    """Request ids unique across processes and restarts: a random prefix per process (new
+    after a fork: workers) and a counter, cheaper than random bytes per request."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(6)
+        self.counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self.prefix}-{next(self.counter):x}"
+
+
+_IDS = _Ids()
+
+
+def set_request_id(request: Request, headers: CIMultiDict[str]) -> None:
+    """The ``X-Request-Id`` header of a response (set with the access log on)."""
+    rid = request.headers.get(REQUEST_ID)
+    headers[REQUEST_ID] = rid if rid is not None and _SAFE_ID(rid) else _IDS.new()
+
+
+def start_request(request: BaseRequest) -> BaseRequest:
+    """Request-factory hook (with the access log on): the request's upstream notes."""
+    request[NOTES] = requestnotes.begin()
+    return request
+
+
+def _quoted(value: str, limit: int) -> str:
+    """A logfmt value: within quotes, without quotes or line breaks of its own."""
+    return '"' + value[:limit].replace('"', "'").replace("\n", " ").replace("\r", " ") + '"'
+
 
 #: Handlers whose requests are cache reads, and the kind they count as.
 _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
@@ -79,8 +134,11 @@ def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``method= path= status= bytes= duration_ms= cache= remote= ua=`` per request, logged
-    when the ``regproxy.access`` logger is enabled for INFO; metrics are always recorded."""
+    """One line per request, logged when the ``regproxy.access`` logger is enabled for
+    INFO; metrics are always recorded. ``log_format`` is ``"json"`` for JSON fields (see
+    :mod:`proxy.logsetup`), anything else for a logfmt line (``method= path= status= bytes=
+    duration_ms= cache= remote= ua= request_id=`` and, when known, ``user=
+    upstream_status= upstream_ms= upstream_error= error=``)."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         try:
@@ -101,18 +159,47 @@ class AccessLogger(AbstractAccessLogger):
         pending[2] += time
         pending[3 + _bucket(_LATENCY_BOUNDS, time)] += 1
         if self.logger.isEnabledFor(logging.INFO) and not response.get(UNLOGGED, False):
-            ua = request.headers.get("User-Agent", "-").replace('"', "'")[:120]
-            self.logger.info(
-                'method=%s path="%s" status=%d bytes=%d duration_ms=%.1f cache=%s remote=%s ua="%s"',
-                request.method,
-                request.path_qs[:300].replace('"', "%22"),
-                response.status,
-                sent if cache_read else _bytes_sent(request, response),
-                time * 1000,
-                outcome,
-                request.remote,
-                ua,
-            )
+            self._line(request, response, time, outcome,
+                       sent if cache_read else _bytes_sent(request, response))
+
+    def _line(self, request: BaseRequest, response: StreamResponse, time: float, outcome: str,
+              sent: int) -> None:
+        notes = request.get(NOTES)
+        upstream_ms = None if notes is None or notes.ms is None else round(notes.ms, 1)
+        if self.log_format == "json":
+            fields: dict[str, Any] = {
+                "method": request.method, "path": request.path_qs[:2000],
+                "status": response.status, "bytes": sent, "duration_ms": round(time * 1000, 1),
+                "cache": outcome, "remote": request.remote,
+                "ua": request.headers.get("User-Agent", "")[:300],
+                "request_id": response.headers.get(REQUEST_ID), "user": request.get(USER),
+                "upstream_status": None if notes is None else notes.status,
+                "upstream_ms": upstream_ms,
+                "upstream_error": None if notes is None else notes.error,
+                "error": request.get(ERROR),
+            }
+            self.logger.info("%s %s %d", request.method, fields["path"], response.status,
+                             extra={FIELDS: fields})
+            return
+        line = (f'method={request.method} path="{request.path_qs[:300].replace(chr(34), "%22")}" '
+                f"status={response.status} bytes={sent} duration_ms={time * 1000:.1f} "
+                f"cache={outcome} remote={request.remote} "
+                f"ua={_quoted(request.headers.get('User-Agent', '-'), 120)} "
+                f"request_id={response.headers.get(REQUEST_ID, '-')}")
+        user = request.get(USER)
+        if user is not None:
+            line += f" user={_quoted(user, 100)}"
+        if notes is not None:
+            if notes.status is not None:
+                line += f" upstream_status={notes.status}"
+            if upstream_ms is not None:
+                line += f" upstream_ms={upstream_ms:.1f}"
+            if notes.error is not None:
+                line += f" upstream_error={_quoted(notes.error, 300)}"
+        error = request.get(ERROR)
+        if error is not None:
+            line += f" error={_quoted(error, 300)}"
+        self.logger.info(line)
 
     @property
     def enabled(self) -> bool:

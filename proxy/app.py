@@ -12,6 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy import debuglisten, layout, metrics, tls
+from proxy.accesslog import set_request_id
 from proxy.auth import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
@@ -58,13 +59,22 @@ CSP = istr("Content-Security-Policy")
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; sandbox"
 
 
-async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
-    headers = response.headers
+def _add_common_headers(request: web.Request, headers: CIMultiDict[str]) -> None:
     headers.update(COMMON_HEADERS)
     if CSP not in headers:
         headers[CSP] = DEFAULT_CSP
     if request.secure:
         headers["Strict-Transport-Security"] = "max-age=31536000"
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    _add_common_headers(request, response.headers)
+
+
+async def _common_headers_and_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """:func:`_common_headers` and the ``X-Request-Id`` (access log on): one hook, not two."""
+    _add_common_headers(request, response.headers)
+    set_request_id(request, response.headers)
 
 
 CLEAN_TMP = web.AppKey("clean_tmp", bool)
@@ -81,7 +91,9 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[CLEAN_TMP] = clean_tmp
-    app.on_response_prepare.append(_common_headers)
+    # request ids only with the access log on: they are there to correlate its lines
+    app.on_response_prepare.append(_common_headers_and_request_id if config.access_log
+                                   else _common_headers)
     app.cleanup_ctx.append(_services)
     # with a debug listener, the status pages and metrics are served there only
     debuglisten.install(app, config, on_prepare=_common_headers, limits=SERVER_LIMITS)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
-from proxy import __version__, clientconfig, edgecli, healthcheck
+from proxy import __version__, clientconfig, edgecli, healthcheck, logsetup
 from proxy.config import Config, ConfigError, load, parse_duration
+from proxy.logsetup import LEVELS
 from proxy.storage.backend import open_store
 from proxy.storage.gc import GCReport, collect
 from proxy.tools import commands as tool_commands
@@ -30,7 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", metavar="N", help="override server.workers (a number or auto)")
     serve.add_argument("--hosted", metavar="PATTERN", action="append",
                        help="hosted (push-enabled) repository pattern, e.g. 'team/*' (repeatable)")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument("--log-level", type=str.upper, choices=LEVELS,
+                       help="override server.log_level (default INFO)")
     gc = sub.add_parser("gc", help="remove unreferenced blobs and manifests (safe while serving)")
     gc.add_argument("--config", type=Path, help="config.toml (default: embedded defaults)")
     gc.add_argument("--data-dir", metavar="DIR", help="override storage.root")
@@ -95,11 +96,7 @@ def serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(args.log_level or "INFO")
     if args.command in ("certs", "htpasswd"):
         return edgecli.run(args)
     if args.command == "client-config":
@@ -114,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"regproxy: config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        logsetup.configure(args.log_level or config.log_level, config.log_format)
         return serve(config)
     elif args.command == "gc":
         return run_gc(config, args)

@@ -6,6 +6,7 @@ reading code; unknown keys are errors too (a typo must not silently fall back to
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from proxy.defaults import with_defaults
+from proxy.logsetup import FORMATS, LEVELS
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE
 from proxy.untrusted import parse_digits
@@ -109,6 +111,10 @@ class Config:
     #: ``server.shutdown_grace``: seconds in-flight requests get after SIGTERM/SIGINT before
     #: their connections are cut (one deadline, for one process and for workers alike).
     shutdown_grace: float = 30.0
+    log_level: str = "INFO"  #: ``server.log_level`` (``--log-level`` overrides it)
+    log_format: str = "text"  #: ``server.log_format``: ``"text"`` or ``"json"`` (one object a line)
+    #: ``server.trusted_proxies``: peers whose ``Forwarded``/``X-Forwarded-For`` is believed.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: ``server.debug_listen``: (host, port) of a plain-HTTP listener, without auth, for the
     #: status pages, metrics and probes; the main listener then no longer serves the pages.
     debug_listen: tuple[str, int] | None = None
@@ -343,6 +349,28 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
+def parse_networks(key: str, value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses or networks: ``["10.0.0.0/8", "192.0.2.7", "fd00::/8"]``."""
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list such as [\"10.0.0.0/8\"], got {value!r}")
+    networks = []
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise TypeError(item)
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"expected an address or network such as \"10.0.0.0/8\", "
+                                   f"got {item!r}") from None
+    return tuple(networks)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
 def _positive_int(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(key, f"expected a positive integer, got {value!r}")
@@ -466,7 +494,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
     server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen",
-                                                   "shutdown_grace"})
+                                                   "shutdown_grace", "log_level", "log_format",
+                                                   "trusted_proxies"})
     storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3", "min_free"})
     min_free, min_free_percent = parse_min_free("storage.min_free",
                                                 storage["min_free"])
@@ -521,6 +550,9 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         access_log=_bool("server.access_log", server["access_log"]),
         workers=parse_workers("server.workers", server["workers"]),
         shutdown_grace=parse_duration("server.shutdown_grace", server["shutdown_grace"]),
+        log_level=_choice("server.log_level", str(server["log_level"]).upper(), LEVELS),
+        log_format=_choice("server.log_format", server["log_format"], FORMATS),
+        trusted_proxies=parse_networks("server.trusted_proxies", server["trusted_proxies"]),
         debug_listen=(parse_listen("server.debug_listen", server["debug_listen"])
                       if "debug_listen" in server else None),
         storage_root=root,

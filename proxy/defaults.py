@@ -15,7 +15,8 @@ from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "server": {"listen": "127.0.0.1:5000", "access_log": True, "workers": 1,
-               "shutdown_grace": "30s"},
+               "shutdown_grace": "30s", "log_level": "INFO", "log_format": "text",
+               "trusted_proxies": []},
     "storage": {"root": "./data", "backend": "filesystem", "min_free": "1GiB"},
     "cache": {
         "tag_ttl": "5m", "tag_stale_while_revalidate": "30s", "manifest_memory": "64MiB",

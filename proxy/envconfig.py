@@ -100,8 +100,9 @@ _INSTEAD = {
     "REGISTRY_PROXY_TTL": "cached content is kept by cache.max_size/cache.max_age, and tags "
                           "are revalidated after cache.tag_ttl",
     "REGISTRY_STORAGE_DELETE_ENABLED": "hosted.delete_enabled (default true)",
-    "REGISTRY_LOG_LEVEL": "--log-level",
-    "REGISTRY_LOGLEVEL": "--log-level",
+    "REGISTRY_LOG_LEVEL": "server.log_level (REGPROXY_SERVER_LOG_LEVEL) or --log-level",
+    "REGISTRY_LOGLEVEL": "server.log_level (REGPROXY_SERVER_LOG_LEVEL) or --log-level",
+    "REGISTRY_LOG_FORMATTER": "server.log_format = \"json\" (REGPROXY_SERVER_LOG_FORMAT=json)",
     "REGISTRY_HTTP_SECRET": "not needed: upload state is kept in the store",
     "REGISTRY_REDIS_ADDR": "cache.backend = \"redis\" with cache.url",
 }

@@ -117,11 +117,25 @@ class EdgeRequestHandler(web.RequestHandler):
         return resp
 
 
-class EdgeServer(web.Server):
-    """aiohttp's low-level server, making :class:`EdgeRequestHandler` connections."""
+#: Called with each new request before it is handled (in the connection's context); may
+#: return a replacement (another ``remote``).
+PrepareRequest = Callable[[web.BaseRequest], web.BaseRequest]
 
-    def __init__(self, app_server: web.Server, reports: ParseErrorReports, **protocol_kwargs: Any) -> None:
-        super().__init__(app_server.request_handler, request_factory=app_server.request_factory,
+
+class EdgeServer(web.Server):
+    """aiohttp's low-level server, making :class:`EdgeRequestHandler` connections; with
+    ``prepare_request``, every request goes through it first (none: no cost per request)."""
+
+    def __init__(self, app_server: web.Server, reports: ParseErrorReports,
+                 prepare_request: PrepareRequest | None = None, **protocol_kwargs: Any) -> None:
+        factory = app_server.request_factory
+        if prepare_request is not None:
+            make = factory
+
+            def factory(*args: Any) -> web.BaseRequest:
+                return prepare_request(make(*args))
+
+        super().__init__(app_server.request_handler, request_factory=factory,
                          handler_cancellation=app_server.handler_cancellation, **protocol_kwargs)
         self.reports = reports
         self.protocol_kwargs = protocol_kwargs
@@ -149,19 +163,20 @@ class EdgeRunner(web.AppRunner):
     connection settings (limits, access log) as for ``web.run_app``."""
 
     def __init__(self, app: web.Application, *, shutdown_timeout: float = 60.0,
-                 **protocol_kwargs: Any) -> None:
+                 prepare_request: PrepareRequest | None = None, **protocol_kwargs: Any) -> None:
         super().__init__(app, shutdown_timeout=shutdown_timeout, **protocol_kwargs)
         self.protocol_kwargs = protocol_kwargs
+        self.prepare_request = prepare_request
         self.reports = ParseErrorReports()
 
     async def _make_server(self) -> web.Server:
         app_server = await super()._make_server()  # starts the application, as AppRunner does
-        return EdgeServer(app_server, self.reports, **self.protocol_kwargs)
+        return EdgeServer(app_server, self.reports, self.prepare_request, **self.protocol_kwargs)
 
 
 def serve(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext | None,
           reuse_port: bool, on_listening: Callable[[], None], shutdown_timeout: float,
-          **protocol_kwargs: Any) -> None:
+          prepare_request: PrepareRequest | None = None, **protocol_kwargs: Any) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully: the listener closes
     and in-flight requests get ``shutdown_timeout`` seconds before the app's cleanup."""
 
@@ -175,7 +190,8 @@ def serve(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLCon
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
-        runner = EdgeRunner(app, shutdown_timeout=shutdown_timeout, **protocol_kwargs)
+        runner = EdgeRunner(app, shutdown_timeout=shutdown_timeout, prepare_request=prepare_request,
+                            **protocol_kwargs)
         await runner.setup()
         try:
             try:

@@ -17,13 +17,16 @@ import sys
 import time
 from typing import Any
 
+from aiohttp import web
+
 from proxy import layout, metrics
-from proxy.accesslog import AccessLogger
+from proxy.accesslog import AccessLogger, start_request
 from proxy.app import SERVER_LIMITS, create_app
 from proxy.config import Config
-from proxy.httpserver import serve
+from proxy.forwarded import ClientAddresses
+from proxy.httpserver import PrepareRequest, serve
 from proxy.layout import LayoutError
-from proxy.startup import EXIT_STARTUP_FAILED, StartupError
+from proxy.startup import EXIT_STARTUP_FAILED, StartupError, summary
 from proxy.tls import SSL_CONTEXT
 
 log = logging.getLogger("regproxy")
@@ -41,7 +44,26 @@ def runner_kwargs(config: Config) -> dict[str, Any]:
     logger = logging.getLogger("regproxy.access")
     if not config.access_log:
         logger.setLevel(logging.WARNING)
-    return {"access_log_class": AccessLogger, "access_log": logger}
+    return {"access_log_class": AccessLogger, "access_log": logger,
+            "access_log_format": config.log_format}
+
+
+def request_preparation(config: Config) -> PrepareRequest | None:
+    """What every request goes through before its handler: the client address behind
+    trusted proxies, and the access log's notes; ``None`` when neither is configured."""
+    steps: list[PrepareRequest] = []
+    if config.trusted_proxies:
+        steps.append(ClientAddresses(config.trusted_proxies).resolve)
+    if config.access_log:
+        steps.append(start_request)
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+    first, second = steps
+
+    def both(request: web.BaseRequest) -> web.BaseRequest:
+        return second(first(request))
+
+    return both
 
 
 def _run_worker(config: Config, **extra: Any) -> None:
@@ -68,13 +90,21 @@ def _run_app(config: Config, *, clean: bool, reuse_port: bool, **extra: Any) -> 
         port=config.listen_port,
         reuse_port=reuse_port,
         ssl_context=ssl_context,
-        on_listening=lambda: log.info("listening on %s://%s:%d (pid %d), data in %s", scheme,
-                                      config.listen_host, config.listen_port, os.getpid(),
-                                      config.storage_root),
+        on_listening=lambda: _listening(config, scheme, worker=reuse_port),
         shutdown_timeout=config.shutdown_grace,
+        prepare_request=request_preparation(config),
         **runner_kwargs(config),
         **{**SERVER_LIMITS, **extra},
     )
+
+
+def _listening(config: Config, scheme: str, *, worker: bool) -> None:
+    """Where it listens, after the summary of what it serves (one process; with workers
+    the parent logs that once), now that it could start."""
+    if not worker:
+        log.info("%s", summary(config))
+    log.info("listening on %s://%s:%d (pid %d), data in %s", scheme, config.listen_host,
+             config.listen_port, os.getpid(), config.storage_root)
 
 
 def run(config: Config, **extra: Any) -> int:
@@ -87,6 +117,7 @@ def run(config: Config, **extra: Any) -> int:
         return 0
     asyncio.run(layout.upgrade_before_workers(config))
     metrics.share_between_processes(config.storage_root / METRICS_DIR)
+    log.info("%s", summary(config))  # (once, not per worker, and only when it can start)
     ctx = multiprocessing.get_context("fork")
     stopping = failed = False
 

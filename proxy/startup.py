@@ -12,6 +12,8 @@ import errno
 import socket
 from pathlib import Path
 
+from proxy import __version__
+from proxy.config import Config
 from proxy.storage.filesystem import FilesystemStore
 
 #: Exit status of a worker process that could not start (it printed why).
@@ -72,3 +74,41 @@ def prepare_store(root: Path) -> None:
 
 def _unwritable(root: Path, reason: str) -> StartupError:
     return StartupError(f"storage.root {root}: not writable: {reason[:1].lower()}{reason[1:]}")
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.4g} {unit}"
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{seconds / factor:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def summary(config: Config) -> str:
+    """One line saying what this server is about to be: where it listens, with how many
+    workers, which upstreams (the default first), hosted patterns, the cache budget, the
+    auth mode and the store (no credentials: URLs are credential-free by validation)."""
+    scheme = "https" if config.tls is not None else "http"
+    host = f"[{config.listen_host}]" if ":" in config.listen_host else config.listen_host
+    ups = sorted(config.upstreams.values(), key=lambda u: u.name != config.default_upstream)
+    upstreams = ", ".join(f"{u.name}{' (default)' if u.name == config.default_upstream else ''}"
+                          f" {u.url}" for u in ups) or "none"
+    budget = ", ".join([f"max_size {_size(config.max_size)}" if config.max_size else "no size limit",
+                        f"max_age {_duration(config.max_age)}" if config.max_age else "no age limit"])
+    if config.auth is None:
+        auth = "none (anyone may pull and push)" if config.hosted else "none"
+    else:
+        auth = config.auth.mode + (f", anonymous pull of {', '.join(config.auth.anonymous_pull)}"
+                                   if config.auth.anonymous_pull else "")
+    storage = (f"s3 bucket {config.s3.bucket}, scratch in {config.storage_root}" if config.s3
+               else str(config.storage_root))
+    return (f"regproxy {__version__}: {scheme}://{host}:{config.listen_port}, "
+            f"{config.workers} worker{'s' if config.workers != 1 else ''}; upstreams: {upstreams}; "
+            f"hosted: {', '.join(config.hosted) or 'none'}; cache budget: {budget}; "
+            f"auth: {auth}; storage: {storage}")

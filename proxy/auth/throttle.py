@@ -13,8 +13,10 @@ share one bcrypt computation, so a CI burst costs one attempt.
 Lock-out: anyone can spend a user's budget. The per-user budget is therefore larger than the
 per-address one, and it is not applied to an address the user signed in from during the last
 :data:`TRUST_PERIOD`: an attacker can keep a user from signing in from new addresses for a
-window, not stop the clients they already use. Clients behind one NAT or reverse proxy share
-an address budget; set it to 0 (off) when every client arrives through one proxy.
+window, not stop the clients they already use. Clients behind one NAT share an address
+budget, and so do clients behind a reverse proxy unless it is in ``server.trusted_proxies``
+(then the forwarded address counts; otherwise set the budget to 0 when every client arrives
+through one proxy).
 """
 
 from __future__ import annotations

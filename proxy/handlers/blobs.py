@@ -13,7 +13,7 @@ from aiohttp import ClientConnectionResetError, web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.errors import BadGateway, RegistryError, StorageFailed, Unavailable
-from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
+from proxy.handlers.common import CACHE_OUTCOME, ERROR, head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
 from proxy.pullthrough.fill import FileSpan, FillReader, TailReader, read_spans
 from proxy.pullthrough.service import BlobResult
@@ -176,6 +176,8 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
                 # (a full disk is this proxy's trouble, not the upstream's)
                 request[CACHE_OUTCOME] = ("error" if isinstance(exc, StorageFailed)
                                           else "upstream_error")
+                request[ERROR] = "transfer cut: " + (exc.message if isinstance(exc, RegistryError)
+                                                     else f"{type(exc).__name__}: {exc}")
             if request.transport is not None:
                 request.transport.close()
             return resp

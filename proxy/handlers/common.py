@@ -31,6 +31,8 @@ EVICTOR = web.AppKey("evictor", Evictor)
 WORKER_STATUS = web.AppKey("worker_status", WorkerStatus)
 #: Set by the auth layer for a signed-in client: whom its uploads count against.
 USER = web.RequestKey("regproxy.user", str)
+#: Why the request failed (its OCI error, or why its transfer was cut), for the access log.
+ERROR = web.RequestKey("regproxy.error", str)
 
 def upstream_ns(request: web.Request) -> str | None:
     """The upstream a request names: containerd's ``?ns=`` or a mirror path prefix."""
@@ -132,10 +134,12 @@ def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, RegistryError):
         if CACHE_OUTCOME not in request:
             request[CACHE_OUTCOME] = error_outcome(exc.status)
+        request[ERROR] = f"{exc.code}: {exc.message}"
         return error_response(exc)
     failed = storage_failure(exc)  # a full disk: one line that says so, not a traceback
     if failed is not None:
         log.error("%s %s: %s", request.method, request.path[:200], failed.message)
+        request[ERROR] = f"{failed.code}: {failed.message}"
         if request.get(CACHE_OUTCOME) != HOSTED_READ:  # (a hosted read is no cache read)
             request[CACHE_OUTCOME] = "error"
         return error_response(failed)
@@ -146,4 +150,5 @@ def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, web.HTTPException | ConnectionError):
         raise exc
     log.error("unhandled error for %s %s", request.method, request.path[:200], exc_info=exc)
+    request[ERROR] = f"internal error: {type(exc).__name__}: {exc}"
     return error_response(RegistryError("internal error; see the proxy's log"))

@@ -670,6 +670,9 @@ class PullThrough:
             work.cancel()
         if upstream_work:
             await asyncio.wait(upstream_work, timeout=5)
+        if self._fill_tasks:
+            log.info("cancelling %d blob fill(s) from upstreams still running (their temp files "
+                     "are removed; verified ones get 5 s to publish first)", len(self._fill_tasks))
         if self._fill_tasks and any(f.verified for f in self._fills.values()):
             await asyncio.wait(list(self._fill_tasks), timeout=5)
         for task in list(self._fill_tasks):

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
+
+log = logging.getLogger("regproxy.upstream")
 
 
 class BreakerState(Enum):
@@ -28,7 +31,9 @@ class CircuitBreaker:
     """Opens after ``threshold`` consecutive failures; lets one probe through after ``cooldown``."""
 
     def __init__(self, threshold: int, cooldown: float,
-                 clock: Callable[[], float] = time.time, path: Path | None = None) -> None:
+                 clock: Callable[[], float] = time.time, path: Path | None = None, *,
+                 name: str = "upstream") -> None:
+        self.name = name  #: the upstream's, for the log lines when it opens and closes
         self.threshold = threshold
         self.cooldown = cooldown
         self._clock = clock  #: wall-clock time: the file's mtime is compared with it
@@ -92,6 +97,8 @@ class CircuitBreaker:
         return False
 
     def success(self) -> None:
+        if self._probing:  # (a request that found it closed says nothing)
+            log.warning("upstream %s: circuit breaker closed (a probe request succeeded)", self.name)
         self._failures = 0
         self._opened_at = None
         if self._path is not None:
@@ -101,7 +108,16 @@ class CircuitBreaker:
 
     def failure(self) -> None:
         self._failures += 1
-        if self._failures >= self.threshold or self._probing or self._opened() is not None:
+        if self._probing:
+            log.info("upstream %s: circuit breaker stays open (the probe request failed); "
+                     "next probe in %g s", self.name, self.cooldown)
+            self._open()
+        elif self._opened() is not None:  # opened by another worker, which said so
+            self._open()
+        elif self._failures >= self.threshold:
+            log.warning("upstream %s: circuit breaker open after %d consecutive failure(s); "
+                        "requests fail fast (or are served stale) for %g s, then one probes",
+                        self.name, self._failures, self.cooldown)
             self._open()
         self._end_probe()
 

@@ -25,6 +25,7 @@ from proxy import metrics
 from proxy.config import UpstreamConfig
 from proxy.errors import BadGateway, RegistryError, TooManyRequests, Unavailable
 from proxy.reference import Digest
+from proxy.requestnotes import note_upstream
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
@@ -54,6 +55,29 @@ def upstream_error(resp: UpstreamResponse, upstream: UpstreamClient, what: str,
         return TooManyRequests(f"upstream {upstream.name} rate-limited the request",
                                headers={"Retry-After": resp.headers.get("Retry-After", "60")})
     return Unavailable(f"upstream {upstream.name} answered {resp.status} for {what}")
+
+
+def describe_failure(exc: BaseException, timeout: aiohttp.ClientTimeout,
+                     header_timeout: float | None = None) -> str:
+    """What went wrong, for logs: the exception's class and message (which names the host
+    and the OS error: ``ClientConnectorDNSError: Cannot connect to host ghcr.io:443 ssl:default
+    [Name or service not known]``), or which timeouts applied when the message is empty."""
+    message = str(exc).strip()
+    if message:
+        return f"{type(exc).__name__}: {message}"[:500]
+    if isinstance(exc, TimeoutError):
+        waited = (f"header timeout {header_timeout:g} s" if header_timeout
+                  else f"read timeout {timeout.sock_read} s")
+        return (f"{type(exc).__name__}: no answer in time (connect timeout {timeout.sock_connect} s, "
+                f"{waited})")
+    return type(exc).__name__
+
+
+def _ratelimit(resp: UpstreamResponse) -> str:
+    remaining = resp.headers.get("ratelimit-remaining")
+    retry = resp.headers.get("Retry-After")
+    return "".join([f", ratelimit-remaining {remaining}" if remaining else "",
+                    f", Retry-After {retry}" if retry else ""])
 
 
 async def read_capped(resp: UpstreamResponse, cap: int) -> bytes:
@@ -92,7 +116,7 @@ class UpstreamClient:
         self._challenge: Challenge | None = None
         #: ``breaker_file``: one breaker for every worker of the host (see the breaker)
         self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown,
-                                      path=breaker_file)
+                                      path=breaker_file, name=config.name)
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=config.connect_timeout,
@@ -142,14 +166,20 @@ class UpstreamClient:
             async with asyncio.timeout(first_byte):
                 resp = await self._send_authorized(method, url, base_headers, scope)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            error = self._unavailable(method, url, exc, started, first_byte)  # (logged first)
             await self._failed()
-            raise self._unavailable(method, url, exc) from None
+            raise error from None
         except BaseException:
             self.breaker.abandon()  # (cancelled: a probe without an answer)
             raise
         try:
-            metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(time.monotonic() - started)
+            latency = time.monotonic() - started
+            metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(latency)
             metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
+            note_upstream(resp.status, latency)  # (for the access line)
+            if resp.status >= 500 or resp.status == 429:
+                log.warning("upstream %s: %s %s%s answered %d%s", self.name, method, resp.url.host,
+                            resp.url.path, resp.status, _ratelimit(resp))
             if resp.status >= 500:
                 await self._failed()
             else:
@@ -163,15 +193,19 @@ class UpstreamClient:
                         int(remaining.split(";")[0]))
             yield resp
         except (TimeoutError, aiohttp.ClientError) as exc:  # reading the body failed
-            raise self._unavailable(method, url, exc) from None
+            raise self._unavailable(method, url, exc, started, None) from None
         finally:
             resp.release()
 
-    def _unavailable(self, method: str, url: URL, exc: BaseException) -> Unavailable:
-        """Count and log a request that got no (complete) answer; the error to raise."""
+    def _unavailable(self, method: str, url: URL, exc: BaseException, started: float,
+                     header_timeout: float | None) -> Unavailable:
+        """Count and log a request that got no (complete) answer, saying what happened
+        (also in the access line's notes); the error to raise (its class name only: the
+        message may name internal hosts and addresses)."""
         metrics.child(metrics.UPSTREAM_ERRORS, self.name, type(exc).__name__).inc()
-        log.warning("upstream %s: %s %s failed: %s", self.name, method, url.path,
-                    type(exc).__name__)
+        what = describe_failure(exc, self.timeout, header_timeout)
+        note_upstream(None, time.monotonic() - started, what)
+        log.warning("upstream %s: %s %s%s failed: %s", self.name, method, url.host, url.path, what)
         return Unavailable(f"upstream {self.name} failed: {type(exc).__name__}")
 
     async def _failed(self) -> None:
