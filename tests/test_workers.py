@@ -75,7 +75,19 @@ async def test_joiners_on_another_worker_tail_the_fill(two_workers):
     assert len(rest) + 128 * 1024 == len(blob)
     assert range_part == blob[100:200]
     assert fake.count("GET", f"/blobs/{d}") == 1
-    assert os.listdir(data / "tmp") == []
+    # clients get their last byte once the digest checked out; the rename comes after
+    assert await tmp_emptied(data), os.listdir(data / "tmp")
+    assert (data / "blobs" / "sha256" / d[7:9] / d[7:]).read_bytes() == blob
+
+
+async def tmp_emptied(data, patience: float = 10.0) -> bool:
+    """Wait until ``tmp/`` is empty (a fill publishes or aborts just after its clients)."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while os.listdir(data / "tmp"):
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def test_a_failed_fill_aborts_joiners_on_other_workers(two_workers):
@@ -91,9 +103,8 @@ async def test_a_failed_fill_aborts_joiners_on_other_workers(two_workers):
                 await r.read()
         with pytest.raises(aiohttp.ClientPayloadError):
             await first.read()
-    await asyncio.sleep(0.1)
+    assert await tmp_emptied(data), os.listdir(data / "tmp")
     assert not (data / "blobs" / "sha256" / d[7:9] / d[7:]).exists()
-    assert os.listdir(data / "tmp") == []
 
 
 async def test_two_worker_processes_make_one_upstream_transfer(
