@@ -144,7 +144,7 @@ def unused_distribution_vars(env: Mapping[str, str]) -> list[str]:
         if (var == section or var in honoured or var in _NOT_DISTRIBUTION
                 or section not in _DISTRIBUTION_SECTIONS):
             continue
-        hint = _INSTEAD.get(var, "see README.md, \"Configuration\", for what is supported")
+        hint = _INSTEAD.get(var, "see docs/configuration.md for what is supported")
         out.append(f"{var} is a registry:2 setting that regproxy does not use ({hint})")
     return out
 

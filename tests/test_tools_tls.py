@@ -64,7 +64,7 @@ async def test_tools_verify_the_proxy_with_its_private_ca(tls_proxy, upstream_re
     assert await run("warm", "tls/tool:v1", *common, "--insecure") == 0
     capsys.readouterr()
 
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # what the README documents for every tool
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # what docs/operations.md documents for every tool
     out = tmp_path / "tool.tar"
     assert await run("export", "tls/tool:v1", "-o", str(out), *common) == 0
     monkeypatch.delenv("SSL_CERT_FILE")
@@ -84,6 +84,6 @@ async def test_tools_verify_the_proxy_with_its_private_ca(tls_proxy, upstream_re
         main(["warm", "x", "--ca-file", str(ca), "--insecure"])
 
 
-def test_the_readme_documents_ssl_cert_file():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_operations_docs_document_ssl_cert_file():
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     assert "SSL_CERT_FILE" in readme and "--ca-file" in readme and "--insecure" in readme

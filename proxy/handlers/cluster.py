@@ -1,7 +1,7 @@
 """What crosses between replicas: ``/_regproxy/fills/<digest>`` (another replica streams a
 blob this one is filling) and forwarded upload requests.
 
-Internal to a cluster of replicas (README, "Several replicas"): requests must carry the
+Internal to a cluster of replicas (docs/operations.md, "Several replicas"): requests must carry the
 cluster secret, and anything else, including "no such fill", is a plain 404 so the
 endpoint reveals nothing to strangers. The body follows the fill as bytes arrive, with the
 same rule as for every client: the last byte only once the digest checked out.

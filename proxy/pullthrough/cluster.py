@@ -1,7 +1,7 @@
 """Single flight across replicas: a lease per digest in Redis, and joiners that stream
 from the filling replica.
 
-Design (README, "Several replicas"): a replica about to fill a cold blob takes the lease
+Design (docs/operations.md, "Several replicas"): a replica about to fill a cold blob takes the lease
 ``regproxy:fill:<digest>`` with ``SET NX PX``; its value is ``<fencing token>|<internal
 URL>``, the token a fresh ``INCR`` per attempt. The filler renews the lease every third of
 its length and, right before it makes the object visible, checks with a compare-and-extend

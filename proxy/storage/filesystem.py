@@ -1,6 +1,6 @@
 """Content-addressed store on a local filesystem.
 
-Layout under the root (documented in README.md, "On-disk layout")::
+Layout under the root (documented in docs/architecture.md, "On-disk layout")::
 
     blobs/<alg>/<hex[:2]>/<hex>                  bytes of every blob and manifest, stored once
     manifests/<alg>/<hex[:2]>/<hex>              media type of a stored manifest (bytes in blobs/)

@@ -228,8 +228,8 @@ async def test_passwords_bcrypt_would_truncate_are_refused(aiohttp_client, tmp_p
         assert r.status == 200
 
 
-def test_readme_says_why_long_passwords_are_refused():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_the_security_docs_say_why_long_passwords_are_refused():
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     assert "72 bytes or more" in readme and "htpasswd -B" in readme
 
 
