@@ -177,6 +177,22 @@ def _kill_and_wait(pids: Sequence[int], sig: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
+async def run_bounded(args: list[str], env: dict[str, str], time_limit: float) -> Result:
+    """Run a client command with its output captured, killed after ``time_limit`` s."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env)
+    try:
+        async with asyncio.timeout(time_limit):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    rc = proc.returncode if proc.returncode is not None else -1
+    return Result(args, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
 def _check(res: subprocess.CompletedProcess[str], what: str, log: str) -> Result:
     if res.returncode != 0:
         raise DaemonError(
@@ -295,22 +311,7 @@ class _Daemon:
 
     # client helpers -----------------------------------------------------------
     async def _arun(self, args: list[str], time_limit: float, check: bool) -> Result:
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env,
-        )
-        try:
-            async with asyncio.timeout(time_limit):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        rc = proc.returncode if proc.returncode is not None else -1
-        res = Result(args, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+        res = await run_bounded(args, self.env, time_limit)
         return _check(res, " ".join(args), self.log_tail()) if check else res
 
 
@@ -524,18 +525,7 @@ class Podman:
 
     async def apodman(self, *args: str, time_limit: float = 120, check: bool = False) -> Result:
         """Run podman with this storage and registries.conf (asyncio)."""
-        proc = await asyncio.create_subprocess_exec(
-            *self._args(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=self.env)
-        try:
-            async with asyncio.timeout(time_limit):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        rc = proc.returncode if proc.returncode is not None else -1
-        res = Result(self._args(args), rc, out.decode(errors="replace"), err.decode(errors="replace"))
+        res = await run_bounded(self._args(args), self.env, time_limit)
         return _check(res, " ".join(res.args), "") if check else res
 
     async def apull(self, ref: str, time_limit: float = 120, check: bool = False) -> Result:
