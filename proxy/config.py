@@ -328,7 +328,9 @@ def check_hosted(cfg: Config) -> None:
                               "(an unused upstream goes with \"<name>\" = false under [upstreams])")
 
 
-def _take(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
+def take_keys(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
+    """A config table, refused when it is not one or holds a key outside ``allowed`` (a typo
+    must not be ignored silently); shared by the [tls] and [auth] parsers."""
     if not isinstance(table, dict):
         raise ConfigError(prefix, "expected a table")
     for key in table:
@@ -337,7 +339,8 @@ def _take(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, An
     return table
 
 
-def _str(key: str, value: Any) -> str:
+def str_value(key: str, value: Any) -> str:
+    """A non-empty string setting, or a ConfigError naming ``key``."""
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"expected a non-empty string, got {value!r}")
     return value
@@ -401,7 +404,7 @@ UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "co
 
 def _upstream(name: str, raw: Any) -> UpstreamConfig:
     key = f"upstreams.{name}"
-    t = _take(raw, key, set(UPSTREAM_KEYS))
+    t = take_keys(raw, key, set(UPSTREAM_KEYS))
     check_upstream_name(key, name)
     if "url" not in t:
         raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
@@ -417,8 +420,8 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         name=name,
         url=parse_url(f"{key}.url", t["url"]),
         aliases=tuple(a.lower() for a in aliases),
-        username=_str(f"{key}.username", username) if username is not None else None,
-        password=_str(f"{key}.password", password) if password is not None else None,
+        username=str_value(f"{key}.username", username) if username is not None else None,
+        password=str_value(f"{key}.password", password) if password is not None else None,
         library_prefix=_bool(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
         connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
         read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
@@ -438,7 +441,7 @@ def _s3(storage: dict[str, Any]) -> S3Config | None:
         if "s3" in storage:
             raise ConfigError("storage.s3", "only used with storage.backend = \"s3\"")
         return None
-    t = _take(storage.get("s3", {}), "storage.s3", {
+    t = take_keys(storage.get("s3", {}), "storage.s3", {
         "bucket", "endpoint", "region", "prefix", "access_key", "secret_key",
         "addressing_style", "part_size", "redirect"})
     if "bucket" not in t:
@@ -452,14 +455,14 @@ def _s3(storage: dict[str, Any]) -> S3Config | None:
     part_size = parse_size("storage.s3.part_size", t.get("part_size", 8 << 20))
     if part_size < 5 << 20:
         raise ConfigError("storage.s3.part_size", "S3 needs parts of at least 5 MiB")
-    keys = {k: _str(f"storage.s3.{k}", t[k]) for k in ("access_key", "secret_key") if k in t}
+    keys = {k: str_value(f"storage.s3.{k}", t[k]) for k in ("access_key", "secret_key") if k in t}
     if len(keys) == 1:
         raise ConfigError("storage.s3.secret_key" if "access_key" in keys else "storage.s3.access_key",
                           "set both keys, or neither (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
     return S3Config(
-        bucket=_str("storage.s3.bucket", t["bucket"]), endpoint_url=endpoint,
-        region=_str("storage.s3.region", t.get("region", "us-east-1")),
-        prefix=_str("storage.s3.prefix", t["prefix"]) if "prefix" in t else "",
+        bucket=str_value("storage.s3.bucket", t["bucket"]), endpoint_url=endpoint,
+        region=str_value("storage.s3.region", t.get("region", "us-east-1")),
+        prefix=str_value("storage.s3.prefix", t["prefix"]) if "prefix" in t else "",
         addressing_style=style,
         part_size=part_size, redirect=_bool("storage.s3.redirect", t.get("redirect", False)),
         **keys)
@@ -468,11 +471,11 @@ def _s3(storage: dict[str, Any]) -> S3Config | None:
 def _cluster(raw: Any) -> ClusterConfig | None:
     if raw is None:
         return None
-    t = _take(raw, "cluster", {"advertise_url", "secret", "lease"})
+    t = take_keys(raw, "cluster", {"advertise_url", "secret", "lease"})
     for key in ("advertise_url", "secret"):
         if key not in t:
             raise ConfigError(f"cluster.{key}", "required in [cluster]")
-    secret = _str("cluster.secret", t["secret"])
+    secret = str_value("cluster.secret", t["secret"])
     if len(secret) < 16:
         raise ConfigError("cluster.secret", "use at least 16 random characters")
     lease = parse_duration("cluster.lease", t.get("lease", 15))
@@ -485,21 +488,21 @@ def _cluster(raw: Any) -> ClusterConfig | None:
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Build a :class:`Config` from parsed TOML merged over :data:`proxy.defaults.DEFAULTS`
     (the one source of defaults); relative paths resolve against ``base_dir``."""
-    top = _take(with_defaults(data), "config", {
+    top = take_keys(with_defaults(data), "config", {
         "server", "storage", "cache", "proxy", "upstreams", "hosted", "tls", "auth", "cluster"})
-    hosted = _take(top.get("hosted", {}), "hosted",
+    hosted = take_keys(top.get("hosted", {}), "hosted",
                    {"repositories", "delete_enabled", "upload_max_age",
                     "max_uploads_per_repository", "max_uploads_per_user"})
     patterns = hosted["repositories"]
     if not isinstance(patterns, list):
         raise ConfigError("hosted.repositories", "expected a list of patterns such as [\"team/*\"]")
-    server = _take(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen",
+    server = take_keys(top.get("server", {}), "server", {"listen", "access_log", "workers", "debug_listen",
                                                    "shutdown_grace", "log_level", "log_format",
                                                    "trusted_proxies"})
-    storage = _take(top.get("storage", {}), "storage", {"root", "backend", "s3", "min_free"})
+    storage = take_keys(top.get("storage", {}), "storage", {"root", "backend", "s3", "min_free"})
     min_free, min_free_percent = parse_min_free("storage.min_free",
                                                 storage["min_free"])
-    cache = _take(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
+    cache = take_keys(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
                                                   "manifest_memory", "max_manifest_size",
                                                   "max_size", "max_age", "backend", "url"})
     backend = cache["backend"]
@@ -512,11 +515,11 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         raise ConfigError("cache.url", f"expected redis://[:password@]host:port/db, got {shown!r}")
     if backend == "redis" and cache_url is None:
         raise ConfigError("cache.url", "required with backend = \"redis\"")
-    proxy = _take(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
-    upstreams_raw = _take(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
+    proxy = take_keys(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
+    upstreams_raw = take_keys(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
 
     host, port = parse_listen("server.listen", server["listen"])
-    root = Path(_str("storage.root", storage["root"]))
+    root = Path(str_value("storage.root", storage["root"]))
     if not root.is_absolute():
         root = base_dir / root
 
@@ -531,11 +534,11 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
 
     default = proxy.get("default_upstream")
     if default is not None:
-        default = _str("proxy.default_upstream", default)
+        default = str_value("proxy.default_upstream", default)
         if default not in upstreams:
             raise ConfigError("proxy.default_upstream",
                               f"{default!r} is not one of the [upstreams] ({', '.join(upstreams) or 'none'})")
-    platform = _str("proxy.default_platform", proxy["default_platform"])
+    platform = str_value("proxy.default_platform", proxy["default_platform"])
     if not re.fullmatch(r"[a-z0-9]+/[a-z0-9]+", platform):
         raise ConfigError("proxy.default_platform", f"expected OS/ARCH such as linux/amd64, got {platform!r}")
     os_name, arch = platform.split("/")

@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import ConfigError, _str, _take, parse_duration
+from proxy.config import ConfigError, parse_duration, str_value, take_keys
 
 log = logging.getLogger("regproxy.tls")
 
@@ -46,10 +46,10 @@ class TLSConfig:
 
 def parse_tls(raw: Any, base_dir: Path) -> TLSConfig:
     """``[tls] cert, key, client_ca, reload_interval``; paths relative to the config file."""
-    t = _take(raw, "tls", {"cert", "key", "client_ca", "reload_interval"})
+    t = take_keys(raw, "tls", {"cert", "key", "client_ca", "reload_interval"})
 
     def path(key: str) -> Path:
-        p = Path(_str(f"tls.{key}", t[key])).expanduser()
+        p = Path(str_value(f"tls.{key}", t[key])).expanduser()
         return p if p.is_absolute() else base_dir / p
 
     for key in ("cert", "key"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.config import ConfigError, _str, _take, parse_duration, parse_url
+from proxy.config import ConfigError, parse_duration, parse_url, str_value, take_keys
 
 ACTIONS = ("pull", "push", "delete")
 #: The right to see the operational pages (``/``, ``/status``, ``/status.json``, ``/metrics``):
@@ -96,13 +96,13 @@ def _budget(key: str, value: Any) -> int:
 
 def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
     """Validate ``[auth]``; the htpasswd file is read here so bad entries stop start-up."""
-    t = _take(raw, "auth", {"htpasswd", "realm", "anonymous_pull", "anonymous_networks", "groups",
+    t = take_keys(raw, "auth", {"htpasswd", "realm", "anonymous_pull", "anonymous_networks", "groups",
                             "rules", "mode", "token_key", "token_ttl", "token_realm", "service",
                             "cache_ttl", "login_failures_per_address", "login_failures_per_user",
                             "login_window"})
 
     def path(key: str, value: Any) -> Path:
-        p = Path(_str(key, value)).expanduser()
+        p = Path(str_value(key, value)).expanduser()
         return p if p.is_absolute() else base_dir / p
 
     htpasswd = path("auth.htpasswd", t["htpasswd"]) if "htpasswd" in t else None
@@ -110,11 +110,11 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
         from proxy.auth.htpasswd import read_htpasswd
 
         read_htpasswd(htpasswd)  # raises ConfigError naming the file and line
-    realm = _str("auth.realm", t.get("realm", "regproxy"))
+    realm = str_value("auth.realm", t.get("realm", "regproxy"))
     if '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "may not contain quotes or backslashes")
 
-    groups_raw = _take(t.get("groups", {}), "auth.groups", set(t.get("groups", {}) or {}))
+    groups_raw = take_keys(t.get("groups", {}), "auth.groups", set(t.get("groups", {}) or {}))
     groups = {g: _str_list(f"auth.groups.{g}", members, _user) for g, members in groups_raw.items()}
 
     rules_raw = t.get("rules", [])
@@ -123,7 +123,7 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
     rules = []
     for i, r in enumerate(rules_raw):
         key = f"auth.rules[{i}]"
-        r = _take(r, key, {"users", "groups", "repositories", "actions"})
+        r = take_keys(r, key, {"users", "groups", "repositories", "actions"})
         users = _str_list(f"{key}.users", r.get("users", []))
         rule_groups = _str_list(f"{key}.groups", r.get("groups", []))
         for g in rule_groups:
@@ -154,7 +154,7 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
     token_realm = t.get("token_realm")
     if token_realm is not None:
         token_realm = parse_url("auth.token_realm", token_realm)
-    service = _str("auth.service", t.get("service", "regproxy"))
+    service = str_value("auth.service", t.get("service", "regproxy"))
     if '"' in service or "\\" in service:
         raise ConfigError("auth.service", "may not contain quotes or backslashes")
     budgets = {k: _budget(f"auth.{k}", t.get(k, default)) for k, default in
