@@ -149,6 +149,14 @@ async def test_warm_reports_each_failure_once_and_what_was_cached(
     assert "bytes" not in summary and UNITS.search(summary) and "MiB/s" in summary
     assert "0 B already cached" in summary, summary
 
+    # a fill publishes just after its client's last byte: wait until both blobs are stored
+    stored = [tmp_path / "d" / "blobs" / "sha256" / d.digest[7:9] / d.digest[7:]
+              for d in [img.config, *img.layers]]
+    for _ in range(500):
+        if all(p.exists() for p in stored):
+            break
+        await asyncio.sleep(0.01)
+    assert all(p.exists() for p in stored)
     again = await warm(["cut/warm:v1"], base)
     total = sum(d.size for d in [img.config, *img.layers])
     assert again.cached_bytes == total and again.bytes == total
