@@ -18,8 +18,8 @@
 #   2. module mode with the environment's GOPROXY / module cache (needs network or a warm cache).
 #   3. offline GOPATH assembled from Debian's golang-*-dev packages (/usr/share/gocode) plus the
 #      four modules Debian lacks or has too old (ginkgo v2.11.0, gomega v1.27.8, slim-sprig,
-#      reggie v0.6.1), taken from bare git mirrors under CONFORMANCE_MIRROR (default
-#      /work/.mirror, layout <owner>+<name>/repo).
+#      reggie v0.6.1), taken from bare git mirrors under CONFORMANCE_MIRROR (no default:
+#      the developer's own mirror directory, layout <owner>+<name>/repo).
 # The binary is cached in CONFORMANCE_BUILD (default /tmp/regproxy-conformance); delete it to rebuild.
 #
 # Other knobs: OCI_NAMESPACE (default conformance/test), OCI_CROSSMOUNT_NAMESPACE
@@ -33,7 +33,7 @@ repo_root=$(pwd)
 : "${CONFORMANCE_SRC:?set CONFORMANCE_SRC to a distribution-spec checkout or bare git dir}"
 ref=${CONFORMANCE_REF:-v1.1.1}
 build=${CONFORMANCE_BUILD:-/tmp/regproxy-conformance}
-mirror=${CONFORMANCE_MIRROR:-/work/.mirror}
+mirror=${CONFORMANCE_MIRROR:-}
 bin=$build/conformance.test
 mkdir -p "$build"
 
@@ -80,6 +80,7 @@ place_source() {
 # Extract <owner>+<name> at <rev> from the mirror into GOPATH $1 at import path <path>.
 from_mirror() {
     local gopath=$1 repo=$2 rev=$3 path=$4 gd=$mirror/$2/repo
+    [[ -n $mirror ]] || { echo "set CONFORMANCE_MIRROR to build offline (needs github.com/${repo/+//} at $rev)" >&2; return 1; }
     [[ -d $gd ]] || { echo "missing mirror $gd (github.com/${repo/+//} at $rev)" >&2; return 1; }
     mkdir -p "$gopath/src/$path"
     git --git-dir="$gd" archive "$rev" | tar -x -C "$gopath/src/$path"
