@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "regproxy.service"
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "regproxy.service"
 INSTALLED = "/opt/regproxy/bin/regproxy"  # where docs/deployment.md installs the venv
 
 

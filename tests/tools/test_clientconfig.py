@@ -1,5 +1,5 @@
 """``regproxy client-config``: each generated file parses as its client reads it (JSON, TOML,
-YAML) with the entries the client needs. The end-to-end tests (test_e2e_clients.py) prove the
+YAML) with the entries the client needs. The end-to-end tests (tests/e2e/test_clients.py) prove the
 docker, containerd and podman output with the real clients; k3s is checked here only."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 from proxy.clientconfig import ClientConfigError, generate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_docker_mirrors_docker_hub_and_trusts_plain_http_only_when_told(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_serve_stops_with_one_line_when_the_store_cannot_be_upgraded(tmp_path: P
     proc = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--data-dir", str(tmp_path / "data"),
          "--listen", f"127.0.0.1:{port}", "--workers", workers],
-        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "team/foo" in lines[0] and "hosted.repositories" in lines[0], lines

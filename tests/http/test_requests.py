@@ -173,7 +173,7 @@ def test_breaker_opens_and_probes():
 
 
 def test_config_defaults_and_errors(tmp_path: Path):
-    cfg = load(Path(__file__).parent.parent / "config.toml")
+    cfg = load(Path(__file__).resolve().parents[2] / "config.toml")
     assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 5000)
     assert cfg.default_upstream == "docker.io" and cfg.upstreams["docker.io"].library_prefix
     assert cfg.tag_ttl == 300

@@ -85,5 +85,5 @@ async def test_tools_verify_the_proxy_with_its_private_ca(tls_proxy, upstream_re
 
 
 def test_the_operations_docs_document_ssl_cert_file():
-    readme = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     assert "SSL_CERT_FILE" in readme and "--ca-file" in readme and "--insecure" in readme

@@ -21,7 +21,7 @@ from tests.support.proxyproc import ProxyProcess
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import skopeo_inspect
 
-SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
+SHIPPED = Path(__file__).resolve().parents[2] / "config.toml"
 
 # -- item 3: --upstream re-points the default upstream for every way of naming it -----------
 

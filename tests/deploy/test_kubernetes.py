@@ -18,7 +18,7 @@ import yaml
 from proxy.config import Config, load
 from proxy.handlers import PROBES
 
-KUBE = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+KUBE = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 POD_IP = "10.0.0.7"
 
 

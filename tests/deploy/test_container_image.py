@@ -25,7 +25,7 @@ from tests.support.registry import RegistryProcess, free_port, upstream_gets
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TAG = "regproxy:0.1.0"  # the default tags: regproxy:<version> (deploy/kubernetes names it) and :latest
 LAYER = make_tar_layer({"hello.txt": b"pulled through the regproxy container\n"}, seed=1616)
 

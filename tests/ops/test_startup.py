@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.registry import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _without(*capabilities: str) -> list[str]:

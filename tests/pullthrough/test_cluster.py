@@ -37,7 +37,7 @@ from tests.support.seaweed import SeaweedFS
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 
 MiB = 1 << 20
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import yaml
 
 from proxy.config import load
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "compose"
 SECRETS = {"REGPROXY_CLUSTER_SECRET": "compose-test-secret-0123456789",
            "S3_ACCESS_KEY": "regproxy", "S3_SECRET_KEY": "compose-test-s3-secret"}

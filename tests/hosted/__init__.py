@@ -1,0 +1,1 @@
+"""Hosted repositories: uploads, manifest push and delete, referrers, garbage collection."""

@@ -1,0 +1,2 @@
+"""Operating regproxy: metrics, logs, health checks, start-up, shutdown, operator
+configuration."""

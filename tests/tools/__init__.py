@@ -1,0 +1,1 @@
+"""The command-line tools: warm, export, import, cache commands, client-config."""
