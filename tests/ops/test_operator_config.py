@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config import ConfigError, load
+from proxy.config import ConfigError, from_dict, load, parse_duration, parse_size
 from proxy.defaults import DEFAULTS
 from proxy.routing import Namespaces
 from tests.support.edge import write_htpasswd
@@ -242,3 +242,65 @@ async def test_a_registry_2_environment_pulls_from_an_authenticated_upstream(htt
                     assert r.status == 200, await r.text()
                     assert r.headers["Docker-Content-Digest"] == img.digest
         assert (tmp_path / "data" / "blobs").is_dir()
+
+
+def test_config_defaults_and_errors(tmp_path: Path):
+    cfg = load(SHIPPED)
+    assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 5000)
+    assert cfg.default_upstream == "docker.io" and cfg.upstreams["docker.io"].library_prefix
+    assert cfg.tag_ttl == 300
+    assert parse_size("x", "4MiB") == 4 << 20 and parse_duration("x", "1h") == 3600
+    cases = [
+        ({"server": {"listen": "nope"}}, "server.listen"),
+        ({"server": {"lisen": "1:2"}}, "server.lisen"),
+        ({"cache": {"tag_ttl": "soon"}}, "cache.tag_ttl"),
+        ({"upstreams": {"x.io": {}}}, "upstreams.x.io.url"),
+        ({"upstreams": {"x.io": {"url": "ftp://x"}}}, "upstreams.x.io.url"),
+        ({"upstreams": {"x.io": {"url": "http://x", "username": "u"}}}, "upstreams.x.io.password"),
+        ({"proxy": {"default_upstream": "y.io"}}, "proxy.default_upstream"),
+        ({"storage": {"backend": "tape"}}, "storage.backend"),
+        ({"storage": {"backend": "s3"}}, "storage.s3.bucket"),
+        ({"storage": {"s3": {"bucket": "b"}}}, "storage.s3"),
+        ({"storage": {"backend": "s3", "s3": {"bucket": "b", "part_size": "1MiB"}}},
+         "storage.s3.part_size"),
+        ({"storage": {"backend": "s3", "s3": {"bucket": "b", "access_key": "k"}}},
+         "storage.s3.secret_key"),
+        ({"storage": {"backend": "s3", "s3": {"bucket": "b", "endpoint": "minio:9000"}}},
+         "storage.s3.endpoint"),
+        ({"cluster": {"advertise_url": "http://10.0.0.1:5000", "secret": "x" * 20}}, "cluster"),
+        ({"cache": {"backend": "redis", "url": "redis://r:6379/0"},
+          "cluster": {"advertise_url": "http://10.0.0.1:5000"}}, "cluster.secret"),
+        ({"cache": {"backend": "redis", "url": "redis://r:6379/0"},
+          "cluster": {"advertise_url": "http://10.0.0.1:5000", "secret": "short"}}, "cluster.secret"),
+    ]
+    for data, key in cases:
+        with pytest.raises(ConfigError) as info:
+            from_dict(data)
+        assert info.value.key == key
+    cfg = from_dict({"storage": {"backend": "s3", "s3": {
+                        "bucket": "cache", "endpoint": "http://minio:9000/", "prefix": "rp/",
+                        "access_key": "AK", "secret_key": "SK", "redirect": True}},
+                     "cache": {"backend": "redis", "url": "redis://r:6379/0"},
+                     "cluster": {"advertise_url": "http://10.0.0.1:5000/", "secret": "s" * 32,
+                                 "lease": "5s"}})
+    assert cfg.s3 is not None and cfg.cluster is not None
+    assert (cfg.s3.bucket, cfg.s3.endpoint_url, cfg.s3.prefix, cfg.s3.redirect) == (
+        "cache", "http://minio:9000", "rp/", True)
+    assert (cfg.cluster.advertise_url, cfg.cluster.lease) == ("http://10.0.0.1:5000", 5.0)
+    assert "s" * 32 not in repr(cfg) and "SK" not in repr(cfg.s3)  # secrets stay out of logs
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+
+
+def test_upstream_flag_overrides():
+    cfg = load(None).with_overrides(upstream="http://127.0.0.1:5001", listen="[::1]:6000",
+                                    data_dir="/tmp/x")
+    assert cfg.default_upstream == "127.0.0.1:5001"
+    assert cfg.upstreams["127.0.0.1:5001"].url == "http://127.0.0.1:5001"
+    assert not cfg.upstreams["127.0.0.1:5001"].library_prefix
+    assert "docker.io" in cfg.upstreams["127.0.0.1:5001"].aliases  # it took the default's names
+    assert (cfg.listen_host, cfg.listen_port, str(cfg.storage_root)) == ("::1", 6000, "/tmp/x")
+    hub = load(None).with_overrides(upstream="https://registry-1.docker.io")
+    assert hub.default_upstream == "docker.io"
