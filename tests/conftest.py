@@ -1,5 +1,5 @@
 """Shared fixtures: real docker-registry upstreams, an S3 server (SeaweedFS), Redis, HTTP
-sessions, layer scratch dirs."""
+sessions, layer scratch dirs. Shared helpers are in tests/support/."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain aiohttp session (no proxy env, generous timeouts) for pushing test content."""
     timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+        yield session
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A session for talking to an in-process proxy; bodies come as the proxy sent them
+    (no decompression), as a registry client reads blobs."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
 
 

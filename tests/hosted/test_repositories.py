@@ -18,6 +18,7 @@ from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import make_tar_layer
 from tests.support.proxyfix import make_config
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
+from tests.support.store import blob_path
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -38,12 +39,6 @@ async def registry(aiohttp_server, tmp_path):
         return str(server.make_url("")).rstrip("/")
 
     return await start(), data, start, fake
-
-
-@pytest.fixture
-async def client():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def push_blob(client, base: str, repo: str, data: bytes) -> str:
@@ -98,7 +93,7 @@ async def test_chunked_upload_with_status_resume_and_out_of_order_chunk(registry
         assert r.status == 202
     async with client.put(f"{base2}{loc}?digest={digest_of(b'wrong')}", data=blob[200_000:]) as r:
         assert r.status == 400 and (await r.json())["errors"][0]["code"] == "DIGEST_INVALID"
-    assert not (data / "blobs" / "sha256" / d[7:9] / d[7:]).exists()
+    assert not blob_path(data, d).exists()
     async with client.get(base2 + loc) as r:  # the failed PUT kept the bytes for a retry
         assert r.headers["Range"] == "0-299999"
     async with client.put(f"{base2}{loc}?digest={d}") as r:
@@ -291,7 +286,7 @@ async def test_gc_sweeps_unreferenced_content_and_respects_grace(registry, clien
     assert young.blobs == []  # everything is younger than the grace period
     dry = await collect(store, dry_run=True, grace=0)
     assert digest_of(b"orphan blob") in {str(d) for d, _ in dry.blobs}
-    assert (data / "blobs" / "sha256" / orphan[7:9] / orphan[7:]).exists()  # dry run
+    assert blob_path(data, orphan).exists()  # dry run
     assert (await collect(store, grace=0)).blobs == dry.blobs  # untagged manifest kept: its blobs too
     assert await store.get_manifest(await store.get_tag("team/app", "keep")) is not None
     removed = {str(d) for d, _ in (await collect(store, grace=0, delete_untagged=True)).blobs}

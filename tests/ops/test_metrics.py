@@ -13,6 +13,7 @@ from proxy.server import runner_kwargs
 from proxy.stats import STATS
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
+from tests.support.store import blob_path
 
 
 def sample(name: str, **labels: str) -> float:
@@ -42,7 +43,7 @@ async def test_metrics_follow_cache_outcomes(aiohttp_server, tmp_path):
                 return await r.read()
 
         await asyncio.gather(*(get(f"/v2/app/blobs/{d}") for _ in range(3)))  # 1 miss, 2 joined
-        stored = tmp_path / "d" / "blobs" / "sha256" / d[7:9] / d[7:]
+        stored = blob_path(tmp_path / "d", d)
         for _ in range(100):  # clients finish at verification; the rename follows
             if stored.exists():
                 break

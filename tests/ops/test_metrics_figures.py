@@ -24,6 +24,7 @@ from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import blob_exists, push_image, sha256_digest
 from tests.support.proxyfix import make_config
+from tests.support.store import blob_path, stored_blobs
 
 OUTCOMES = ("hit", "miss", "coalesced", "stale", "revalidated", "refreshing", "not_found",
             "error", "upstream_error", "hosted", "-")
@@ -85,7 +86,7 @@ async def test_build_latency_fills_in_flight_saved_bytes_and_disk(aiohttp_server
             assert await r.read() == blob[64 * 1024:]
         await wait_until("the fill done", lambda: fills("ok") == before["ok"] + 1)
         assert in_flight() == before["in_flight"]
-        stored = tmp_path / "d" / "blobs" / "sha256" / d[7:9] / d[7:]
+        stored = blob_path(tmp_path / "d", d)
         await wait_until("the blob stored", stored.exists)
         async with client.get(f"{base}/v2/fig/app/blobs/{d}") as r:  # a hit
             assert await r.read() == blob
@@ -121,8 +122,8 @@ async def test_build_latency_fills_in_flight_saved_bytes_and_disk(aiohttp_server
         assert name in text
 
 
-def blob_bytes_on_disk(data) -> int:
-    return sum(p.stat().st_size for p in (data / "blobs").rglob("*") if p.is_file())
+async def blob_bytes_on_disk(data) -> int:
+    return sum((await stored_blobs(data)).values())
 
 
 async def test_cache_size_counts_content_shared_with_hosted_images(
@@ -160,7 +161,7 @@ async def test_cache_size_counts_content_shared_with_hosted_images(
     assert kinds["shared"] == sum(len(x) for x in layers)
     assert kinds["hosted"] == len(hosted.manifest) + len(hosted.config_bytes) + len(hosted_only)
     assert cached == kinds["cached"] + kinds["shared"]
-    assert sum(kinds.values()) == blob_bytes_on_disk(data)
+    assert sum(kinds.values()) == await blob_bytes_on_disk(data)
 
 
 async def test_only_cache_reads_count_as_cache_outcomes(

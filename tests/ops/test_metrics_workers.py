@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.images import push_image
 from tests.support.proxyproc import ProxyProcess
+from tests.support.store import blob_path
 
 MANIFEST_GETS = 30
 BLOB_GETS = 20
@@ -70,7 +71,7 @@ async def test_metrics_and_status_count_every_workers_requests(
         base = f"{proxy.url}/v2/it/twoworkers"
         await fresh_get(f"{base}/manifests/v1")  # the misses: then every other read is a hit
         await fresh_get(f"{base}/blobs/{layer.digest}")
-        stored = data / "blobs" / "sha256" / layer.digest[7:9] / layer.digest[7:]
+        stored = blob_path(data, layer.digest)
 
         async def blob_stored() -> bool:
             return stored.exists()

@@ -20,6 +20,7 @@ from tests.support.images import make_tar_layer, push_image
 from tests.support.proxyproc import ProxyProcess
 from tests.support.registry import RegistryProcess
 from tests.support.skopeo import skopeo_inspect
+from tests.support.store import is_manifest_stored
 
 SHIPPED = Path(__file__).resolve().parents[2] / "config.toml"
 
@@ -241,7 +242,7 @@ async def test_a_registry_2_environment_pulls_from_an_authenticated_upstream(htt
                 async with http_session.get(proxy.url + path, headers={"Accept": img.media_type}) as r:
                     assert r.status == 200, await r.text()
                     assert r.headers["Docker-Content-Digest"] == img.digest
-        assert (tmp_path / "data" / "blobs").is_dir()
+        assert await is_manifest_stored(tmp_path / "data", img.digest)  # where the variable said
 
 
 def test_config_defaults_and_errors(tmp_path: Path):

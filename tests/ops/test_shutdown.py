@@ -19,6 +19,7 @@ from proxy.reference import Digest
 from proxy.storage import FilesystemStore
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyproc import ProxyProcess
+from tests.support.store import blob_path, tmp_files
 
 MiB = 1 << 20
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -44,8 +45,8 @@ async def test_sigterm_finishes_in_flight_transfers(aiohttp_server, tmp_path):
         assert await asyncio.to_thread(proxy.proc.wait, 40) == 0
     finally:
         proxy.stop()
-    assert os.listdir(data / "tmp") == []
-    stored = data / "blobs" / "sha256" / d[7:9] / d[7:]
+    assert tmp_files(data) == []
+    stored = blob_path(data, d)
     assert not stored.exists() or stored.read_bytes() == blob
 
 
@@ -67,8 +68,8 @@ async def test_sigterm_mid_fill_without_clients_leaves_no_partial_object(aiohttp
             assert await asyncio.to_thread(proxy.proc.wait, 40) == 0
     finally:
         proxy.stop()
-    assert os.listdir(data / "tmp") == []
-    assert not (data / "blobs" / "sha256" / d[7:9] / d[7:]).exists()
+    assert tmp_files(data) == []
+    assert not blob_path(data, d).exists()
 
 
 async def test_sigkill_mid_fill_leaves_nothing_visible_and_restart_cleans_up(aiohttp_server,
@@ -79,7 +80,7 @@ async def test_sigkill_mid_fill_leaves_nothing_visible_and_restart_cleans_up(aio
     blob = os.urandom(4 * MiB)
     d = fake.add_blob(blob)
     data = tmp_path / "data"
-    stored = data / "blobs" / "sha256" / d[7:9] / d[7:]
+    stored = blob_path(data, d)
     proxy = ProxyProcess(tmp_path / "p", "--upstream", up, "--data-dir", str(data)).start()
     try:
         async with aiohttp.ClientSession() as client:
@@ -92,10 +93,10 @@ async def test_sigkill_mid_fill_leaves_nothing_visible_and_restart_cleans_up(aio
     finally:
         proxy.stop()
     assert not stored.exists()  # nothing partial became visible
-    assert os.listdir(data / "tmp")  # the half-written fill file is still there...
+    assert tmp_files(data)  # the half-written fill file is still there...
     proxy = ProxyProcess(tmp_path / "p2", "--upstream", up, "--data-dir", str(data)).start()
     try:
-        assert os.listdir(data / "tmp") == []  # ...until the next start cleans it
+        assert tmp_files(data) == []  # ...until the next start cleans it
         fake.chunk_delay = 0
         async with aiohttp.ClientSession() as client, client.get(
                 f"{proxy.url}/v2/x/blobs/{d}") as r:
@@ -215,7 +216,7 @@ def test_start_up_removes_writer_leftovers_nobody_holds_and_keeps_live_ones(tmp_
     data = tmp_path / "data"
     store = FilesystemStore(data)
     store.open()
-    tmp = data / "tmp"
+    tmp = store.tmp_dir
     dead = Digest.of(b"dead fill")
     leftovers = [tmp / f"{dead.algorithm}-{dead.hex}.size.0badc0de",  # announce_size's temp
                  tmp / f"{dead.algorithm}-{dead.hex}.size",
@@ -262,7 +263,7 @@ def test_size_hint_and_readiness_probe_leave_nothing_when_the_disk_is_full(tmp_p
         fill.announce_size(1)
     assert store.probe_writable() == os.strerror(errno.ENOSPC)
     monkeypatch.undo()
-    assert os.listdir(tmp_path / "tmp") == [store.fill_path(Digest.of(b"x")).name]
+    assert os.listdir(store.tmp_dir) == [store.fill_path(Digest.of(b"x")).name]
     assert store.probe_writable() is None
     fill.abort()
-    assert os.listdir(tmp_path / "tmp") == []
+    assert os.listdir(store.tmp_dir) == []

@@ -35,6 +35,7 @@ from tests.support.proxyfix import make_config
 from tests.support.registry import free_port, upstream_gets
 from tests.support.seaweed import SeaweedFS
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
+from tests.support.store import stored_blobs, tmp_files
 
 MiB = 1 << 20
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,8 +125,8 @@ async def test_30_cold_clients_on_3_replicas_make_one_upstream_transfer_per_blob
     assert await _keys(bucket, "_uploads/") == []
     for proc in replicas.procs:  # objects live in the bucket only; scratch space is empty
         data = proc.workdir / "data"
-        assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []
-        assert [p.name for p in (data / "tmp").iterdir()] == []
+        assert await stored_blobs(data) == {}
+        assert tmp_files(data) == []
 
 
 async def test_replica_killed_mid_fill_others_take_over(

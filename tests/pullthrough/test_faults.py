@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,6 +15,7 @@ from yarl import URL
 from proxy.app import create_app
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.proxyfix import make_config
+from tests.support.store import blob_path, is_stored, stored_tag, tmp_files, wait_stored
 
 MiB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -42,31 +42,6 @@ async def proxy(aiohttp_server, upstream_url, tmp_path):
     return str(server.make_url("")).rstrip("/"), data
 
 
-@pytest.fixture
-async def client():
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
-
-
-def stored_blobs(data: Path) -> set[str]:
-    base = data / "blobs" / "sha256"
-    return {f"sha256:{p.name}" for p in base.glob("*/*")} if base.exists() else set()
-
-
-async def wait_stored(data: Path, digest: str) -> bool:
-    """The client has its last byte once the digest is verified; the fsync and rename
-    into the store follow right after."""
-    for _ in range(100):
-        if digest in stored_blobs(data):
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
-def tmp_files(data: Path) -> list[str]:
-    return os.listdir(data / "tmp")
-
-
 # -- blobs -------------------------------------------------------------------------------
 
 
@@ -78,7 +53,7 @@ async def test_blob_miss_is_streamed_cached_and_then_served_locally(fake, proxy,
         assert r.status == 200
         assert r.headers["Docker-Content-Digest"] == d
         assert await r.read() == blob
-    assert await wait_stored(data, d)
+    await wait_stored(data, d)
     async with client.get(f"{base}/v2/other/repo/blobs/{d}") as r:  # dedup across repos
         assert r.status == 200 and await r.read() == blob
     assert fake.count("GET", f"/blobs/{d}") == 1
@@ -99,7 +74,7 @@ async def test_twenty_concurrent_clients_cause_one_upstream_transfer(fake, proxy
     bodies = await asyncio.gather(*(pull(i) for i in range(20)))
     assert all(b == blob for b in bodies)
     assert fake.count("GET", f"/blobs/{d}") == 1
-    assert await wait_stored(data, d)
+    await wait_stored(data, d)
 
 
 async def test_slow_clients_of_a_fill_get_every_byte_in_order(fake, proxy):
@@ -145,7 +120,7 @@ async def test_a_blob_sent_chunked_without_a_length_is_verified_and_cached(fake,
     async with client.get(f"{base}/v2/chunky/blobs/{d}") as r:
         assert r.status == 200
         assert await r.read() == blob
-    assert await wait_stored(data, d)
+    await wait_stored(data, d)
     async with client.get(f"{base}/v2/chunky/blobs/{d}") as r:  # from the cache now
         assert await r.read() == blob
     assert fake.count("GET", f"/blobs/{d}") == 1
@@ -196,8 +171,8 @@ async def test_fill_continues_after_the_client_disconnects(fake, proxy, client):
     r = await client.get(f"{base}/v2/a/blobs/{d}")
     await r.content.readexactly(64 * 1024)
     r.close()  # hang up mid-transfer
-    assert await wait_stored(data, d)
-    assert (data / "blobs" / "sha256" / d[7:9] / d[7:]).read_bytes() == blob
+    await wait_stored(data, d)
+    assert blob_path(data, d).read_bytes() == blob
     assert fake.count("GET", f"/blobs/{d}") == 1
 
 
@@ -211,12 +186,12 @@ async def test_upstream_dying_mid_blob_aborts_the_client_and_caches_nothing(fake
             assert r.status == 200
             await r.read()
     await asyncio.sleep(0.1)
-    assert d not in stored_blobs(data)
+    assert not is_stored(data, d)
     assert tmp_files(data) == []
     fake.die_after = None  # the upstream recovers: the next pull fills the cache
     async with client.get(f"{base}/v2/a/blobs/{d}") as r:
         assert await r.read() == blob
-    assert await wait_stored(data, d)
+    await wait_stored(data, d)
 
 
 async def test_upstream_lying_about_a_digest_is_never_cached(fake, proxy, client):
@@ -228,7 +203,7 @@ async def test_upstream_lying_about_a_digest_is_never_cached(fake, proxy, client
         async with client.get(f"{base}/v2/a/blobs/{d}") as r:
             await r.read()
     await asyncio.sleep(0.05)
-    assert d not in stored_blobs(data)
+    assert not is_stored(data, d)
     assert tmp_files(data) == []
 
 
@@ -264,7 +239,7 @@ async def test_head_on_an_uncached_blob_never_downloads_it(fake, proxy, client):
         assert r.headers["Docker-Content-Digest"] == d
     assert fake.count("HEAD", f"/blobs/{d}") == 1
     assert fake.count("GET", f"/blobs/{d}") == 0
-    assert d not in stored_blobs(data)
+    assert not is_stored(data, d)
     missing = digest_of(b"nope")
     async with client.head(f"{base}/v2/a/blobs/{missing}") as r:
         assert r.status == 404
@@ -416,7 +391,7 @@ async def test_last_known_tag_is_served_when_the_upstream_fails(aiohttp_server, 
         assert r.status == 200
         assert r.headers["Docker-Content-Digest"] == d
     assert len(fake.requests) > requests_before  # the upstream was asked, and failed
-    assert (tmp_path / "d" / "repositories" / "fake.io" / "app" / "_tags" / "stable").read_text() == d
+    assert await stored_tag(tmp_path / "d", "fake.io/app", "stable") == d
 
 
 async def test_uncached_content_during_an_outage_is_a_fast_error(fake, proxy, client):

@@ -16,6 +16,7 @@ from proxy.app import create_app
 from proxy.storage import BlobWriter
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
+from tests.support.store import tmp_files
 
 MiB = 1 << 20
 RANGES = ["bytes=0-100000", "bytes=1000000-1999999", "bytes=5-5"]
@@ -124,7 +125,7 @@ async def test_a_fill_on_a_full_disk_is_a_503_not_an_upstream_failure(
         async with client.get(f"{a}/v2/app/blobs/{digests[3]}") as r:
             assert r.status == 200 and await r.read() == blobs[3]
     _check_logs(caplog, 3)
-    left = os.listdir(tmp_path / "data" / "tmp")  # (the last fill may still be publishing)
+    left = tmp_files(tmp_path / "data")  # (the last fill may still be publishing)
     assert not [name for name in left for d in digests[:3] if d[7:] in name]
 
 

@@ -22,6 +22,7 @@ from proxy.config import ConfigError, load
 from proxy.envconfig import apply_env
 from tests.support.edge import htpasswd_line, write_htpasswd
 from tests.support.proxyfix import make_config
+from tests.support.store import put_tag
 
 DEAD_UPSTREAM = "http://127.0.0.1:9"  # nothing listens: requests that pass auth fail fast (503)
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
@@ -159,7 +160,7 @@ async def test_catalog_lists_only_pullable_repositories(aiohttp_client, tmp_path
     client = await make_client(aiohttp_client, tmp_path)
     for name in ("docker.io/library/alpine", "docker.io/team/app", "docker.io/secret/x",
                  "ghcr.io/org/tool"):  # (storage keys: cached ones under their upstream)
-        (tmp_path / "data" / "repositories" / name / "_tags").mkdir(parents=True)
+        await put_tag(tmp_path / "data", name, "v1", "sha256:" + "ab" * 32)
     async with client.get("/v2/_catalog") as r:
         assert r.status == 200
         assert (await r.json())["repositories"] == ["ghcr.io/org/tool", "library/alpine"]

@@ -27,6 +27,7 @@ from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import push_blob, push_image
 from tests.support.proxyfix import make_config
+from tests.support.store import wait_stored
 
 PUSHER = {"Authorization": aiohttp.encode_basic_auth("pusher", "pw")}
 RULES = {
@@ -75,16 +76,6 @@ async def env_of(aiohttp_server, tmp_path):
     anonymous = aiohttp.ClientSession()
     pusher = aiohttp.ClientSession(headers=PUSHER)
     return Env(hub, ghcr, base, anonymous, pusher)
-
-
-async def wait_stored(data: Path, digest: str) -> None:
-    hexdigest = digest.split(":")[1]
-    path = data / "blobs" / "sha256" / hexdigest[:2] / hexdigest
-    for _ in range(500):
-        if path.exists():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{digest} was never stored")
 
 
 async def status_and_body(session: aiohttp.ClientSession, method: str, url: str):

@@ -14,6 +14,7 @@ from proxy.handlers.common import EVICTOR, PULLTHROUGH, ROUTER
 from proxy.storage.eviction import EvictionReport
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.proxyfix import make_config
+from tests.support.store import blob_path, stored_blobs, wait_stored
 
 MiB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -36,10 +37,6 @@ def fake_url(app) -> str:
     return str(app[ROUTER].default.base)
 
 
-def blob_file(data, digest: str):
-    return data / "blobs" / "sha256" / digest[7:9] / digest[7:]
-
-
 async def pull(client, base: str, repo: str, tag: str) -> list[str]:
     """Pull an image through the proxy; returns every digest it consists of."""
     async with client.get(f"{base}/v2/{repo}/manifests/{tag}") as r:
@@ -57,14 +54,7 @@ async def pull(client, base: str, repo: str, tag: str) -> list[str]:
 def age(data, digests: list[str], seconds: float) -> None:
     when = time.time() - seconds
     for d in digests:
-        os.utime(blob_file(data, d), (when, when))
-
-
-async def wait_stored(data, digests: list[str]) -> None:
-    for _ in range(100):
-        if all(blob_file(data, d).exists() for d in digests):
-            return
-        await asyncio.sleep(0.02)
+        os.utime(blob_path(data, d), (when, when))
 
 
 async def cache_blob(env, size: int) -> tuple[str, bytes]:
@@ -74,7 +64,7 @@ async def cache_blob(env, size: int) -> tuple[str, bytes]:
     d = fake.add_blob(layer)
     async with client.get(f"{base}/v2/x/blobs/{d}") as r:
         assert await r.read() == layer
-    await wait_stored(data, [d])
+    await wait_stored(data, d)
     return d, layer
 
 
@@ -95,7 +85,7 @@ async def test_tiny_budget_keeps_recent_and_hosted_drops_old(env):
     fake.add_image("new", "v1", [os.urandom(MiB // 2), shared])
     old = await pull(client, base, "old", "v1")
     new = await pull(client, base, "new", "v1")
-    await wait_stored(data, old + new)
+    await wait_stored(data, *old, *new)
     # a hosted image, older than everything, bigger than the budget allows
     hosted_layer = os.urandom(2 * MiB)
     hd = digest_of(hosted_layer)
@@ -111,7 +101,7 @@ async def test_tiny_budget_keeps_recent_and_hosted_drops_old(env):
     assert evicted <= set(old) - {digest_of(shared)}  # only the old image's own content went
     assert digest_of(shared) not in evicted           # the shared layer is still needed
     assert not evicted & set(new)
-    assert hd not in evicted and blob_file(data, hd).exists()
+    assert hd not in evicted and blob_path(data, hd).exists()
     assert report.remaining_bytes <= 2 * MiB
     gets = fake.count("GET", "/old/blobs/")
     assert await pull(client, base, "old", "v1") == old  # evicted parts come from upstream again
@@ -124,16 +114,16 @@ async def test_heads_count_as_use_and_max_age(env):
     d = fake.add_blob(layer)
     async with client.get(f"{base}/v2/x/blobs/{d}") as r:
         await r.read()
-    await wait_stored(data, [d])
+    await wait_stored(data, d)
     age(data, [d], 3600)
     async with client.head(f"{base}/v2/x/blobs/{d}") as r:
         assert r.status == 200
-    assert time.time() - blob_file(data, d).stat().st_mtime < 60  # recency updated by HEAD
+    assert time.time() - blob_path(data, d).stat().st_mtime < 60  # recency updated by HEAD
     app[EVICTOR].max_age = 1800
     age(data, [d], 3600)
     report = await run_pass(app[EVICTOR])
     assert report is not None and [str(x) for x, _ in report.evicted] == [d]
-    assert not blob_file(data, d).exists()
+    assert not blob_path(data, d).exists()
 
 
 async def test_eviction_never_breaks_a_concurrent_read(env):
@@ -142,7 +132,7 @@ async def test_eviction_never_breaks_a_concurrent_read(env):
     d = fake.add_blob(big)
     async with client.get(f"{base}/v2/x/blobs/{d}") as r:
         await r.read()
-    await wait_stored(data, [d])
+    await wait_stored(data, d)
     age(data, [d], 3600)
     async with client.get(f"{base}/v2/x/blobs/{d}") as r:  # a slow reader of a cached blob
         first = await r.content.readexactly(64 * 1024)
@@ -171,16 +161,16 @@ async def test_budget_is_enforced_after_fills_in_the_background(aiohttp_server, 
     total = 0
     recent = server.app[EVICTOR].recent  # (time, digest, bytes) of each eviction
     for _ in range(100):  # the evictor runs shortly after the fills (and records after)
-        total = sum(f.stat().st_size for f in (data / "blobs").rglob("*") if f.is_file())
+        total = sum((await stored_blobs(data)).values())
         if total <= 2 * MiB and len(recent) >= 3:
             break
         await asyncio.sleep(0.1)
     assert total <= 2 * MiB
     assert len(recent) >= 3
-    stored = {p.name for p in (data / "blobs").rglob("*") if p.is_file()}
+    stored = await stored_blobs(data)
     for _when, digest, size in recent:
         assert digest in digests and size == MiB
-        assert digest.split(":")[1] not in stored
+        assert digest not in stored
 
 
 async def test_cache_ls_and_purge_commands(env):
@@ -193,7 +183,7 @@ async def test_cache_ls_and_purge_commands(env):
     fake.add_image("lib/b", "v1", [shared])
     a = await pull(client, base, "lib/a", "v1")
     b = await pull(client, base, "lib/b", "v1")
-    await wait_stored(data, a + b)
+    await wait_stored(data, *a, *b)
 
     config = data.parent / "cli.toml"  # the server's upstreams: they name the cached keys
     config.write_text(f'[proxy]\ndefault_upstream = "fake.io"\n'
@@ -212,7 +202,7 @@ async def test_cache_ls_and_purge_commands(env):
     assert "lib/a" in listing and "lib/b" in listing and a[0][:19] in listing
     out = await cli("purge", "lib/a:v1")
     assert "purged lib/a:v1: 3 objects" in out  # manifest, config, own layer; not the shared one
-    assert not blob_file(data, a[0]).exists() and blob_file(data, digest_of(shared)).exists()
+    assert not blob_path(data, a[0]).exists() and blob_path(data, digest_of(shared)).exists()
     assert "lib/a" not in await cli("ls")
 
 
@@ -220,7 +210,7 @@ async def test_evicting_a_manifest_invalidates_the_in_memory_caches(env):
     fake, base, data, app, client = env
     fake.add_image("m", "v1", [os.urandom(1000)])
     digests = await pull(client, base, "m", "v1")
-    await wait_stored(data, digests)
+    await wait_stored(data, *digests)
     age(data, digests[:1], 7200)  # the manifest is old...
     age(data, digests[1:], 60)    # ...its blobs were used recently
     app[EVICTOR].max_age = 3600
@@ -241,7 +231,7 @@ async def test_passes_reuse_what_manifests_reference(env, monkeypatch):
     fake.add_image("drop", "v1", [os.urandom(MiB), shared])
     keep = await pull(client, base, "keep", "v1")
     drop = await pull(client, base, "drop", "v1")
-    await wait_stored(data, keep + drop)
+    await wait_stored(data, *keep, *drop)
     evictor = app[EVICTOR]
     store = app[PULLTHROUGH].store
     reads: list[str] = []
@@ -262,8 +252,8 @@ async def test_passes_reuse_what_manifests_reference(env, monkeypatch):
     age(data, keep, 60)
     evictor.max_age = 1800  # all of "drop" goes; the shared layer is used by "keep"
     await run_pass(evictor)  # (the app's background pass may be the one that evicts)
-    assert not any(blob_file(data, d).exists() for d in drop if d != digest_of(shared))
-    assert all(blob_file(data, d).exists() for d in keep)
+    assert not any(blob_path(data, d).exists() for d in drop if d != digest_of(shared))
+    assert all(blob_path(data, d).exists() for d in keep)
     assert {str(d) for d in evictor._refs} == {keep[0]}  # the evicted manifest is forgotten
 
 

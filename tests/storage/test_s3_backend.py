@@ -38,6 +38,7 @@ from tests.support.proxyfix import make_config
 from tests.support.registry import RegistryProcess
 from tests.support.seaweed import SeaweedFS, ensure_bucket, list_keys, list_multipart_uploads
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
+from tests.support.store import tmp_files
 
 pytestmark = pytest.mark.timeout(120)
 #: for raw requests: a short body must fail the test quickly, not hang it until the timeout
@@ -204,7 +205,7 @@ async def test_cold_pull_stores_every_object_in_the_bucket(
     # nothing lives outside the test's prefix of the bucket... and nothing locally
     assert all(k.startswith(bucket.prefix) for k in await bucket.keys())
     assert local_files(proxy.root) == []
-    assert os.listdir(proxy.root / "tmp") == []
+    assert tmp_files(proxy.root) == []
 
 
 # -- b. warm pull with the upstream down: served from S3 -----------------------------------
@@ -258,7 +259,7 @@ async def test_warm_pull_is_served_from_the_bucket_with_the_upstream_down(
         assert r.status == 200 and await r.read() == img.manifest
     # served from S3 without landing on the replica's disk
     assert local_files(second.root) == []
-    assert os.listdir(second.root / "tmp") == []
+    assert tmp_files(second.root) == []
 
 
 # -- c. redirects to presigned URLs ---------------------------------------------------------
@@ -333,7 +334,7 @@ async def test_hosted_push_pull_delete_and_gc_on_the_bucket(
         assert await bucket.read(bucket.config.key(f"repositories/team/app/_tags/{img.tag}")) \
             == img.digest.encode()
     assert local_files(proxy.root) == []  # uploads were published to S3 and removed
-    assert os.listdir(proxy.root / "tmp") == []
+    assert tmp_files(proxy.root) == []
 
     out = tmp_path / "out"
     await skopeo_copy(f"docker://{proxy.host}/team/app:1", f"oci:{out}", "--preserve-digests")
@@ -403,7 +404,7 @@ async def test_a_fill_with_a_bad_digest_leaves_nothing_in_the_bucket(
         assert await eventually(cleaned_up), await bucket.multipart_uploads()
         assert await bucket.keys("blobs/") == []
         assert await bucket.size(bucket.blob_key(digest)) is None
-        assert os.listdir(proxy.root / "tmp") == []
+        assert tmp_files(proxy.root) == []
 
         # the same fill with honest bytes does reach the bucket (so the above is no accident)
         fake.corrupt, fake.chunk_delay = False, 0.0

@@ -24,6 +24,7 @@ from tests.support.images import make_random_bytes, make_tar_layer, push_image
 from tests.support.proxyfix import make_config
 from tests.support.proxyproc import ProxyProcess
 from tests.support.registry import RegistryProcess
+from tests.support.store import blob_path
 
 UNITS = re.compile(r"\d(?:\.\d)? (?:B|KiB|MiB|GiB)\b")
 
@@ -150,7 +151,7 @@ async def test_warm_reports_each_failure_once_and_what_was_cached(
     assert "0 B already cached" in summary, summary
 
     # a fill publishes just after its client's last byte: wait until both blobs are stored
-    stored = [tmp_path / "d" / "blobs" / "sha256" / d.digest[7:9] / d.digest[7:]
+    stored = [blob_path(tmp_path / "d", d.digest)
               for d in [img.config, *img.layers]]
     for _ in range(500):
         if all(p.exists() for p in stored):

@@ -36,6 +36,7 @@ from tests.support.images import (
 from tests.support.proxyfix import make_config
 from tests.support.registry import RegistryProcess, upstream_gets
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
+from tests.support.store import is_stored
 
 
 async def start_proxy(aiohttp_server, data: Path, reg: RegistryProcess) -> str:
@@ -45,8 +46,7 @@ async def start_proxy(aiohttp_server, data: Path, reg: RegistryProcess) -> str:
 
 
 def cached(data: Path, digest: str) -> bool:
-    hex_ = digest.split(":", 1)[1]
-    return (data / "blobs" / "sha256" / hex_[:2] / hex_).is_file()
+    return is_stored(data, digest)
 
 
 async def all_cached(data: Path, digests: list[str]) -> bool:
