@@ -18,6 +18,7 @@ from tests.support.images import make_layer_file, push_image
 from tests.support.proxyfix import make_config
 from tests.support.proxyproc import ProxyProcess
 from tests.support.registry import upstream_gets
+from tests.support.store import blob_path, is_stored, wait_stored, wait_tmp_empty
 
 MiB = 1 << 20
 
@@ -75,19 +76,11 @@ async def test_joiners_on_another_worker_tail_the_fill(two_workers):
     assert len(rest) + 128 * 1024 == len(blob)
     assert range_part == blob[100:200]
     assert fake.count("GET", f"/blobs/{d}") == 1
-    # clients get their last byte once the digest checked out; the rename comes after
-    assert await tmp_emptied(data), os.listdir(data / "tmp")
-    assert (data / "blobs" / "sha256" / d[7:9] / d[7:]).read_bytes() == blob
-
-
-async def tmp_emptied(data, patience: float = 10.0) -> bool:
-    """Wait until ``tmp/`` is empty (a fill publishes or aborts just after its clients)."""
-    deadline = asyncio.get_running_loop().time() + patience
-    while os.listdir(data / "tmp"):
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
+    # clients get their last byte once the digest checked out; the publish (fsync, rename,
+    # then the fill's .size/.ok hints go) comes after: wait for it, then for tmp/ to empty
+    await wait_stored(data, d)
+    await wait_tmp_empty(data)
+    assert blob_path(data, d).read_bytes() == blob
 
 
 async def test_a_failed_fill_aborts_joiners_on_other_workers(two_workers):
@@ -103,8 +96,8 @@ async def test_a_failed_fill_aborts_joiners_on_other_workers(two_workers):
                 await r.read()
         with pytest.raises(aiohttp.ClientPayloadError):
             await first.read()
-    assert await tmp_emptied(data), os.listdir(data / "tmp")
-    assert not (data / "blobs" / "sha256" / d[7:9] / d[7:]).exists()
+    await wait_tmp_empty(data)  # the aborting fill drops its file and hints just after
+    assert not is_stored(data, d)
 
 
 async def test_two_worker_processes_make_one_upstream_transfer(
