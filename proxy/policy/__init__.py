@@ -3,6 +3,7 @@
 cosign signature checks (:mod:`proxy.policy.signatures`) and the tag names of attached
 artifacts (:mod:`proxy.policy.referrers`).
 
-Pure building blocks below the pull-through layer: they import only the grammar, the error
-types, the config error and ``cryptography``, never a handler, a service or a store.
+Building blocks below the pull-through layer: they import only the grammar, the error types,
+the config error and parsers of :mod:`proxy.config`, and ``cryptography``; never a handler,
+a service, a store or an upstream client.
 """
