@@ -20,20 +20,26 @@ from proxy.defaults import with_defaults
 from proxy.logsetup import FORMATS, LEVELS
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE
-from proxy.untrusted import parse_digits
+from proxy.settings.fields import (
+    ConfigError,
+    bool_value,
+    choice_value,
+    count_value,
+    parse_duration,
+    parse_listen,
+    parse_min_free,
+    parse_networks,
+    parse_size,
+    parse_url,
+    parse_workers,
+    positive_int,
+    str_value,
+    take_keys,
+)
 
 if TYPE_CHECKING:
     from proxy.auth.settings import AuthConfig
     from proxy.tls import TLSConfig
-
-
-class ConfigError(Exception):
-    """A configuration problem, naming the key at fault."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{key}: {problem}")
 
 
 DOCKER_HUB = "docker.io"
@@ -210,79 +216,6 @@ def check_upstream_name(key: str, name: str) -> None:
                                f"got {name[:100]!r}")
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6,
-               "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12,
-               "tb": 10**12, "tib": 1 << 40}
-_DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_size(key: str, value: Any) -> int:
-    """``4194304``, ``"4MiB"``, ``"50GiB"`` -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise ConfigError(key, f"expected a size such as 4194304 or \"4MiB\", got {value!r}")
-
-
-def parse_duration(key: str, value: Any) -> float:
-    """``300``, ``"5m"``, ``"1h"``, ``"250ms"`` -> seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", value)
-        if m and m.group(2) in _DURATION_UNITS:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ConfigError(key, f"expected a duration such as 300 or \"5m\", got {value!r}")
-
-
-def parse_listen(key: str, value: Any) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[v6]:PORT`` -> (host, port)."""
-    if isinstance(value, str):
-        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
-        if m:
-            host = m.group(1) if m.group(1) is not None else m.group(3)
-            port = int(m.group(2) or m.group(4))
-            if 0 <= port <= 65535:
-                return host or "0.0.0.0", port
-    raise ConfigError(key, f"expected HOST:PORT such as \"127.0.0.1:5000\", got {value!r}")
-
-
-def parse_workers(key: str, value: Any) -> int:
-    """A worker count: a positive integer, or ``"auto"`` for one per CPU."""
-    if value == "auto":
-        return os.cpu_count() or 1
-    if isinstance(value, str) and (number := parse_digits(value.strip(), 2)) is not None:
-        value = number
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64:
-        return value
-    raise ConfigError(key, f"expected a number of worker processes (1-64) or \"auto\", got {value!r}")
-
-
-def parse_url(key: str, value: Any) -> str:
-    """An http(s) base URL without query, fragment or credentials, trailing slash removed.
-
-    Any userinfo is refused (``http://:pw@host`` too): a URL is shown on the status page and
-    in logs, so credentials belong in their own keys. Errors never echo the secret."""
-    if isinstance(value, str):
-        try:
-            parts = urlsplit(value)
-            port_ok = parts.port is None or parts.port > 0
-        except ValueError:
-            parts, port_ok = None, False
-        if parts is not None and "@" in parts.netloc:
-            raise ConfigError(key, f"credentials in the URL are not accepted ({redact_url(value)!r}); "
-                                   "use the username/password keys")
-        if (parts is not None and port_ok and parts.scheme in ("http", "https") and parts.hostname
-                and not parts.query and not parts.fragment):
-            return value.rstrip("/")
-        value = redact_url(value)
-    raise ConfigError(key, f"expected an http(s) URL without credentials, query or fragment, "
-                           f"got {value!r}")
-
-
 def check_debug_listen(cfg: Config) -> None:
     """The debug listener needs its own port, and a fixed one when workers share it."""
     if cfg.debug_listen is None:
@@ -328,74 +261,6 @@ def check_hosted(cfg: Config) -> None:
                               "(an unused upstream goes with \"<name>\" = false under [upstreams])")
 
 
-def take_keys(table: dict[str, Any], prefix: str, allowed: set[str]) -> dict[str, Any]:
-    """A config table, refused when it is not one or holds a key outside ``allowed`` (a typo
-    must not be ignored silently); shared by the [tls] and [auth] parsers."""
-    if not isinstance(table, dict):
-        raise ConfigError(prefix, "expected a table")
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(f"{prefix}.{key}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
-    return table
-
-
-def str_value(key: str, value: Any) -> str:
-    """A non-empty string setting, or a ConfigError naming ``key``."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    return value
-
-
-def parse_networks(key: str, value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """A list of addresses or networks: ``["10.0.0.0/8", "192.0.2.7", "fd00::/8"]``."""
-    if not isinstance(value, list):
-        raise ConfigError(key, f"expected a list such as [\"10.0.0.0/8\"], got {value!r}")
-    networks = []
-    for item in value:
-        try:
-            if not isinstance(item, str):
-                raise TypeError(item)
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"expected an address or network such as \"10.0.0.0/8\", "
-                                   f"got {item!r}") from None
-    return tuple(networks)
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
-    return str(value)
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(key, f"expected a positive integer, got {value!r}")
-    return value
-
-
-def _count(key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(key, f"expected a number (0 for no limit), got {value!r}")
-    return value
-
-
-def parse_min_free(key: str, value: Any) -> tuple[int, float]:
-    """``"1GiB"`` (bytes) or ``"5%"`` (of the disk) -> (bytes, percent)."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
-        if m and float(m.group(1)) <= 100:
-            return 0, float(m.group(1))
-        raise ConfigError(key, f"expected a percentage from 0% to 100%, got {value!r}")
-    return parse_size(key, value), 0.0
-
-
 #: The keys of an ``[upstreams."<host>"]`` table.
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
                  "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
@@ -422,11 +287,11 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         aliases=tuple(a.lower() for a in aliases),
         username=str_value(f"{key}.username", username) if username is not None else None,
         password=str_value(f"{key}.password", password) if password is not None else None,
-        library_prefix=_bool(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
+        library_prefix=bool_value(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
         connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
         read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
         header_timeout=parse_duration(f"{key}.header_timeout", t.get("header_timeout", 5)),
-        breaker_threshold=_positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
+        breaker_threshold=positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
         breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
         proxy=(None if "proxy" not in t else "" if t["proxy"] == ""
                else parse_url(f"{key}.proxy", t["proxy"])),
@@ -464,7 +329,7 @@ def _s3(storage: dict[str, Any]) -> S3Config | None:
         region=str_value("storage.s3.region", t.get("region", "us-east-1")),
         prefix=str_value("storage.s3.prefix", t["prefix"]) if "prefix" in t else "",
         addressing_style=style,
-        part_size=part_size, redirect=_bool("storage.s3.redirect", t.get("redirect", False)),
+        part_size=part_size, redirect=bool_value("storage.s3.redirect", t.get("redirect", False)),
         **keys)
 
 
@@ -550,11 +415,11 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     cfg = Config(
         listen_host=host,
         listen_port=port,
-        access_log=_bool("server.access_log", server["access_log"]),
+        access_log=bool_value("server.access_log", server["access_log"]),
         workers=parse_workers("server.workers", server["workers"]),
         shutdown_grace=parse_duration("server.shutdown_grace", server["shutdown_grace"]),
-        log_level=_choice("server.log_level", str(server["log_level"]).upper(), LEVELS),
-        log_format=_choice("server.log_format", server["log_format"], FORMATS),
+        log_level=choice_value("server.log_level", str(server["log_level"]).upper(), LEVELS),
+        log_format=choice_value("server.log_format", server["log_format"], FORMATS),
         trusted_proxies=parse_networks("server.trusted_proxies", server["trusted_proxies"]),
         debug_listen=(parse_listen("server.debug_listen", server["debug_listen"])
                       if "debug_listen" in server else None),
@@ -574,11 +439,11 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         default_platform=(os_name, arch),
         upstreams=upstreams,
         hosted=tuple(parse_hosted_pattern("hosted.repositories", p) for p in patterns),
-        delete_enabled=_bool("hosted.delete_enabled", hosted["delete_enabled"]),
+        delete_enabled=bool_value("hosted.delete_enabled", hosted["delete_enabled"]),
         upload_max_age=parse_duration("hosted.upload_max_age", hosted["upload_max_age"]),
-        max_uploads_per_repository=_count("hosted.max_uploads_per_repository",
+        max_uploads_per_repository=count_value("hosted.max_uploads_per_repository",
                                           hosted["max_uploads_per_repository"]),
-        max_uploads_per_user=_count("hosted.max_uploads_per_user",
+        max_uploads_per_user=count_value("hosted.max_uploads_per_user",
                                     hosted["max_uploads_per_user"]),
         min_free=min_free,
         min_free_percent=min_free_percent,

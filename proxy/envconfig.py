@@ -44,16 +44,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from proxy.config import (
-    UPSTREAM_KEYS,
-    Config,
-    ConfigError,
-    check_hosted,
-    from_dict,
-    parse_url,
-    repoint_default,
-)
+from proxy.config import UPSTREAM_KEYS, Config, check_hosted, from_dict, repoint_default
 from proxy.defaults import DEFAULTS
+from proxy.settings.fields import ConfigError, parse_url
 
 log = logging.getLogger("regproxy.config")
 

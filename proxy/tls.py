@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.config import ConfigError, parse_duration, str_value, take_keys
+from proxy.settings.fields import ConfigError, parse_duration, str_value, take_keys
 
 log = logging.getLogger("regproxy.tls")
 

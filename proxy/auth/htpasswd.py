@@ -31,7 +31,7 @@ from pathlib import Path
 import bcrypt
 
 from proxy.atomicfile import write_atomic
-from proxy.config import ConfigError
+from proxy.settings.fields import ConfigError
 
 log = logging.getLogger("regproxy.auth")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.config import ConfigError, parse_duration, parse_url, str_value, take_keys
+from proxy.settings.fields import ConfigError, parse_duration, parse_url, str_value, take_keys
 
 ACTIONS = ("pull", "push", "delete")
 #: The right to see the operational pages (``/``, ``/status``, ``/status.json``, ``/metrics``):
