@@ -13,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy import debuglisten, layout, metrics, tls
 from proxy.accesslog import set_request_id
-from proxy.auth import install as install_auth
+from proxy.auth.middleware import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
 from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER, WORKER_STATUS

@@ -1,4 +1,10 @@
-"""Configuration: ``config.toml`` parsed into typed, validated settings.
+"""Configuration: ``config.toml`` composed into one :class:`Config`.
+
+The sections are parsed by :mod:`proxy.settings` (one module each, sharing the field parsers
+of :mod:`proxy.settings.fields`); this module parses the flat ``[server]``, ``[storage]``,
+``[cache]``, ``[proxy]`` and ``[hosted]`` keys, checks what spans sections (hosted patterns
+against upstream prefixes, the debug port) and applies the command line. It is the
+settings' public face: the rest of the code imports its settings from here.
 
 Every problem is reported as ``<key>: <problem>`` so an operator can fix the file without
 reading code; unknown keys are errors too (a typo must not silently fall back to a default).
@@ -13,13 +19,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.defaults import with_defaults
 from proxy.logsetup import FORMATS, LEVELS
 from proxy.redact import redact_url
-from proxy.reference import NAME_RE
+from proxy.settings.auth import AuthConfig, parse_auth
+from proxy.settings.cluster import ClusterConfig, parse_cluster
 from proxy.settings.fields import (
     ConfigError,
     bool_value,
@@ -32,78 +39,25 @@ from proxy.settings.fields import (
     parse_size,
     parse_url,
     parse_workers,
-    positive_int,
     str_value,
     take_keys,
 )
+from proxy.settings.storage import S3Config, parse_s3
+from proxy.settings.tls import TLSConfig, parse_tls
+from proxy.settings.upstreams import (
+    DOCKER_HUB,
+    DOCKER_HUB_ALIASES,
+    UpstreamConfig,
+    check_upstream_name,
+    parse_upstreams,
+    path_form,
+)
 
-if TYPE_CHECKING:
-    from proxy.auth.settings import AuthConfig
-    from proxy.tls import TLSConfig
-
-
-DOCKER_HUB = "docker.io"
-#: Names under which clients refer to Docker Hub (containerd's ``ns`` uses ``docker.io``).
-DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    """One upstream registry that the proxy caches."""
-
-    name: str
-    url: str
-    aliases: tuple[str, ...] = ()
-    username: str | None = None
-    password: str | None = None
-    library_prefix: bool = False
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    #: time to the response headers of manifest, tag and HEAD requests (a hung upstream)
-    header_timeout: float = 5.0
-    breaker_threshold: int = 3
-    breaker_cooldown: float = 30.0
-    #: forward proxy for its requests: ``None`` = HTTPS_PROXY/NO_PROXY..., ``""`` = direct
-    proxy: str | None = None
-
-    def __repr__(self) -> str:  # never print the password
-        return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class S3Config:
-    """Where the blobs live. ``access_key``/``secret_key`` left ``None`` fall back to
-    botocore's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, IAM
-    roles). ``endpoint_url`` ``None`` means AWS itself; custom endpoints (MinIO, SeaweedFS)
-    get path-style addressing unless ``addressing_style`` says otherwise."""
-
-    bucket: str
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    prefix: str = ""
-    access_key: str | None = None
-    secret_key: str | None = field(default=None, repr=False)
-    addressing_style: str | None = None  # "path" | "virtual" | "auto"
-    part_size: int = 8 << 20
-    #: answer blob GETs with a 307 to a presigned URL instead of streaming the bytes
-    redirect: bool = False
-
-    def key(self, rest: str) -> str:
-        prefix = self.prefix.strip("/")
-        return f"{prefix}/{rest}" if prefix else rest
-
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterConfig:
-    """How replicas find each other for single flight across replicas (needs Redis)."""
-
-    advertise_url: str  #: how the other replicas reach this one (its internal address)
-    secret: str  #: shared by all replicas; authenticates their internal requests
-    lease: float = 15.0  #: seconds a dead filler keeps its lease before another takes over
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"ClusterConfig(advertise_url={redact_url(self.advertise_url)!r})"
+__all__ = [
+    "DOCKER_HUB", "DOCKER_HUB_ALIASES", "AuthConfig", "ClusterConfig", "Config", "ConfigError",
+    "S3Config", "TLSConfig", "UpstreamConfig", "check_hosted", "from_dict", "load",
+    "parse_duration", "parse_size", "path_form", "repoint_default",
+]
 
 
 @dataclass(frozen=True)
@@ -207,15 +161,6 @@ def repoint_default(cfg: Config, url: str) -> Config:
     return replace(cfg, upstreams=ups, default_upstream=owner.name)
 
 
-def check_upstream_name(key: str, name: str) -> None:
-    """An upstream's name is a host name, optionally with a port: a path prefix and an
-    ``ns`` value."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*(:\d+)?", name) or NAME_RE.fullmatch(
-            name.partition(":")[0]) is None:
-        raise ConfigError(key, f"an upstream name must be a lower-case host name such as ghcr.io, "
-                               f"got {name[:100]!r}")
-
-
 def check_debug_listen(cfg: Config) -> None:
     """The debug listener needs its own port, and a fixed one when workers share it."""
     if cfg.debug_listen is None:
@@ -240,14 +185,6 @@ def parse_hosted_pattern(key: str, value: Any) -> str:
     return value
 
 
-def path_form(host: str) -> str:
-    """An upstream name (or alias) as a repository name's first component: ``host:port``
-    becomes ``host_port`` (``:`` is outside the name grammar). Upstream names never contain
-    ``_``, so the form can equal no other upstream's name, and hosted patterns may not begin
-    with it (:func:`check_hosted`)."""
-    return host.replace(":", "_")
-
-
 def check_hosted(cfg: Config) -> None:
     """A name is either hosted or cached, never both: hosted patterns may not start with an
     upstream's name, nor with its name's path form (both route by path prefix)."""
@@ -259,95 +196,6 @@ def check_hosted(cfg: Config) -> None:
             raise ConfigError("hosted.repositories",
                               f"pattern {pattern!r} overlaps the upstream path prefix {first!r} "
                               "(an unused upstream goes with \"<name>\" = false under [upstreams])")
-
-
-#: The keys of an ``[upstreams."<host>"]`` table.
-UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
-                 "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
-                 "proxy")
-
-
-def _upstream(name: str, raw: Any) -> UpstreamConfig:
-    key = f"upstreams.{name}"
-    t = take_keys(raw, key, set(UPSTREAM_KEYS))
-    check_upstream_name(key, name)
-    if "url" not in t:
-        raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
-    aliases = t.get("aliases", [])
-    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
-        raise ConfigError(f"{key}.aliases", "expected a list of host names")
-    username = t.get("username")
-    password = t.get("password")
-    if (username is None) != (password is None):
-        raise ConfigError(f"{key}.password" if password is None else f"{key}.username",
-                          "username and password must be given together")
-    return UpstreamConfig(
-        name=name,
-        url=parse_url(f"{key}.url", t["url"]),
-        aliases=tuple(a.lower() for a in aliases),
-        username=str_value(f"{key}.username", username) if username is not None else None,
-        password=str_value(f"{key}.password", password) if password is not None else None,
-        library_prefix=bool_value(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
-        connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
-        read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
-        header_timeout=parse_duration(f"{key}.header_timeout", t.get("header_timeout", 5)),
-        breaker_threshold=positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
-        breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
-        proxy=(None if "proxy" not in t else "" if t["proxy"] == ""
-               else parse_url(f"{key}.proxy", t["proxy"])),
-    )
-
-
-def _s3(storage: dict[str, Any]) -> S3Config | None:
-    backend = storage.get("backend", "filesystem")
-    if backend not in ("filesystem", "s3"):
-        raise ConfigError("storage.backend", f"expected \"filesystem\" or \"s3\", got {backend!r}")
-    if backend == "filesystem":
-        if "s3" in storage:
-            raise ConfigError("storage.s3", "only used with storage.backend = \"s3\"")
-        return None
-    t = take_keys(storage.get("s3", {}), "storage.s3", {
-        "bucket", "endpoint", "region", "prefix", "access_key", "secret_key",
-        "addressing_style", "part_size", "redirect"})
-    if "bucket" not in t:
-        raise ConfigError("storage.s3.bucket", "required with storage.backend = \"s3\"")
-    endpoint = t.get("endpoint")
-    if endpoint is not None:
-        endpoint = parse_url("storage.s3.endpoint", endpoint)
-    style = t.get("addressing_style")
-    if style is not None and style not in ("path", "virtual", "auto"):
-        raise ConfigError("storage.s3.addressing_style", f"expected path, virtual or auto, got {style!r}")
-    part_size = parse_size("storage.s3.part_size", t.get("part_size", 8 << 20))
-    if part_size < 5 << 20:
-        raise ConfigError("storage.s3.part_size", "S3 needs parts of at least 5 MiB")
-    keys = {k: str_value(f"storage.s3.{k}", t[k]) for k in ("access_key", "secret_key") if k in t}
-    if len(keys) == 1:
-        raise ConfigError("storage.s3.secret_key" if "access_key" in keys else "storage.s3.access_key",
-                          "set both keys, or neither (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-    return S3Config(
-        bucket=str_value("storage.s3.bucket", t["bucket"]), endpoint_url=endpoint,
-        region=str_value("storage.s3.region", t.get("region", "us-east-1")),
-        prefix=str_value("storage.s3.prefix", t["prefix"]) if "prefix" in t else "",
-        addressing_style=style,
-        part_size=part_size, redirect=bool_value("storage.s3.redirect", t.get("redirect", False)),
-        **keys)
-
-
-def _cluster(raw: Any) -> ClusterConfig | None:
-    if raw is None:
-        return None
-    t = take_keys(raw, "cluster", {"advertise_url", "secret", "lease"})
-    for key in ("advertise_url", "secret"):
-        if key not in t:
-            raise ConfigError(f"cluster.{key}", "required in [cluster]")
-    secret = str_value("cluster.secret", t["secret"])
-    if len(secret) < 16:
-        raise ConfigError("cluster.secret", "use at least 16 random characters")
-    lease = parse_duration("cluster.lease", t.get("lease", 15))
-    if lease < 1:
-        raise ConfigError("cluster.lease", "must be at least 1s")
-    return ClusterConfig(advertise_url=parse_url("cluster.advertise_url", t["advertise_url"]).rstrip("/"),
-                         secret=secret, lease=lease)
 
 
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
@@ -381,21 +229,13 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     if backend == "redis" and cache_url is None:
         raise ConfigError("cache.url", "required with backend = \"redis\"")
     proxy = take_keys(top.get("proxy", {}), "proxy", {"default_upstream", "default_platform"})
-    upstreams_raw = take_keys(top.get("upstreams", {}), "upstreams", set(top.get("upstreams", {})))
 
     host, port = parse_listen("server.listen", server["listen"])
     root = Path(str_value("storage.root", storage["root"]))
     if not root.is_absolute():
         root = base_dir / root
 
-    upstreams = {name: _upstream(name, raw) for name, raw in upstreams_raw.items()}
-    seen: dict[str, str] = {}
-    for up in upstreams.values():
-        for alias in (up.name, *up.aliases):
-            if alias in seen and seen[alias] != up.name:
-                raise ConfigError(f"upstreams.{up.name}.aliases",
-                                  f"{alias!r} is already used by upstream {seen[alias]!r}")
-            seen[alias] = up.name
+    upstreams = parse_upstreams(top.get("upstreams", {}))
 
     default = proxy.get("default_upstream")
     if default is not None:
@@ -408,8 +248,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         raise ConfigError("proxy.default_platform", f"expected OS/ARCH such as linux/amd64, got {platform!r}")
     os_name, arch = platform.split("/")
 
-    s3 = _s3(storage)
-    cluster = _cluster(top.get("cluster"))
+    s3 = parse_s3(storage)
+    cluster = parse_cluster(top.get("cluster"))
     if cluster is not None and backend != "redis":
         raise ConfigError("cluster", "replicas coordinate through Redis: set cache.backend = \"redis\"")
     cfg = Config(
@@ -442,21 +282,16 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         delete_enabled=bool_value("hosted.delete_enabled", hosted["delete_enabled"]),
         upload_max_age=parse_duration("hosted.upload_max_age", hosted["upload_max_age"]),
         max_uploads_per_repository=count_value("hosted.max_uploads_per_repository",
-                                          hosted["max_uploads_per_repository"]),
+                                               hosted["max_uploads_per_repository"]),
         max_uploads_per_user=count_value("hosted.max_uploads_per_user",
-                                    hosted["max_uploads_per_user"]),
+                                         hosted["max_uploads_per_user"]),
         min_free=min_free,
         min_free_percent=min_free_percent,
     )
     check_hosted(cfg)
     check_debug_listen(cfg)
-    if "tls" in top or "auth" in top:  # the edge modules import this one: import them late
-        from proxy.auth.settings import parse_auth
-        from proxy.tls import parse_tls
-
-        cfg = replace(cfg, tls=parse_tls(top["tls"], base_dir) if "tls" in top else None,
-                      auth=parse_auth(top["auth"], base_dir) if "auth" in top else None)
-    return cfg
+    return replace(cfg, tls=parse_tls(top["tls"], base_dir) if "tls" in top else None,
+                   auth=parse_auth(top["auth"], base_dir) if "auth" in top else None)
 
 
 def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:

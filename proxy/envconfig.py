@@ -44,9 +44,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from proxy.config import UPSTREAM_KEYS, Config, check_hosted, from_dict, repoint_default
+from proxy.config import Config, check_hosted, from_dict, repoint_default
 from proxy.defaults import DEFAULTS
 from proxy.settings.fields import ConfigError, parse_url
+from proxy.settings.upstreams import UPSTREAM_KEYS
 
 log = logging.getLogger("regproxy.config")
 

@@ -22,45 +22,16 @@ import logging
 import signal
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from proxy.settings.fields import ConfigError, parse_duration, str_value, take_keys
+from proxy.settings.fields import ConfigError
+from proxy.settings.tls import TLSConfig, load_files
 
 log = logging.getLogger("regproxy.tls")
 
 #: TLS 1.2 suites: forward secrecy and AEAD only. TLS 1.3 suites are fixed by OpenSSL.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-    reload_interval: float = 10.0
-
-
-def parse_tls(raw: Any, base_dir: Path) -> TLSConfig:
-    """``[tls] cert, key, client_ca, reload_interval``; paths relative to the config file."""
-    t = take_keys(raw, "tls", {"cert", "key", "client_ca", "reload_interval"})
-
-    def path(key: str) -> Path:
-        p = Path(str_value(f"tls.{key}", t[key])).expanduser()
-        return p if p.is_absolute() else base_dir / p
-
-    for key in ("cert", "key"):
-        if key not in t:
-            raise ConfigError(f"tls.{key}", "missing: [tls] needs both cert and key "
-                                            "(create them with `regproxy certs init`)")
-    cfg = TLSConfig(cert=path("cert"), key=path("key"),
-                    client_ca=path("client_ca") if "client_ca" in t else None,
-                    reload_interval=parse_duration("tls.reload_interval", t.get("reload_interval", 10)))
-    server_context(cfg)  # unreadable or mismatched files stop start-up with a clear message
-    return cfg
 
 
 def server_context(cfg: TLSConfig) -> ssl.SSLContext:
@@ -70,24 +41,8 @@ def server_context(cfg: TLSConfig) -> ssl.SSLContext:
     ctx.set_ciphers(CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
-    _load_chain(ctx, cfg)
-    if cfg.client_ca is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(cfg.client_ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("tls.client_ca", f"cannot load {cfg.client_ca}: {exc}") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
+    load_files(ctx, cfg)
     return ctx
-
-
-def _load_chain(ctx: ssl.SSLContext, cfg: TLSConfig) -> None:
-    for key, p in (("tls.cert", cfg.cert), ("tls.key", cfg.key)):
-        if not p.is_file():
-            raise ConfigError(key, f"file not found: {p}")
-    try:
-        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("tls.cert", f"cannot use {cfg.cert} with {cfg.key}: {exc}") from None
 
 
 class CertReloader:

@@ -1,5 +1,3 @@
-"""The edge: htpasswd users, per-repository access rules, bearer tokens (see ``middleware``)."""
-
-from proxy.auth.middleware import CATALOG_FILTER, install
-
-__all__ = ["CATALOG_FILTER", "install"]
+"""The edge: htpasswd users, per-repository access rules, bearer tokens, and the middleware
+that checks them (:func:`proxy.auth.middleware.install`). Their settings are
+:mod:`proxy.settings.auth`."""

@@ -21,8 +21,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from proxy.auth.settings import ACTIONS, OPS, AuthConfig
 from proxy.routing import compile_patterns
+from proxy.settings.auth import ACTIONS, OPS, AuthConfig
 
 ALL = frozenset(ACTIONS)
 NONE: frozenset[str] = frozenset()

@@ -32,13 +32,13 @@ from multidict import MultiDict
 
 from proxy.auth.access import ALL, NONE, AccessControl
 from proxy.auth.htpasswd import PasswordChecker
-from proxy.auth.settings import AuthConfig
 from proxy.auth.throttle import LoginThrottle, Throttled
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
 from proxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from proxy.handlers import OPS_PAGES
 from proxy.handlers.common import CATALOG_FILTER, ROUTER, USER, upstream_ns
 from proxy.reference import validate_name
+from proxy.settings.auth import AuthConfig
 
 log = logging.getLogger("regproxy.auth")
 

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.reference import Digest
+from proxy.settings.auth import parse_auth
 from proxy.storage import FilesystemStore
 from tests.support.edge import write_htpasswd
 from tests.support.proxyfix import make_config

@@ -15,10 +15,10 @@ from prometheus_client import REGISTRY
 
 from proxy import __version__, metrics
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.handlers.common import EVICTOR, PULLTHROUGH
 from proxy.reference import Digest
 from proxy.server import runner_kwargs
+from proxy.settings.auth import parse_auth
 from proxy.storage.gc import image_size
 from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream

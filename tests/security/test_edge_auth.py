@@ -15,11 +15,11 @@ from proxy import certs
 from proxy.app import create_app
 from proxy.auth.htpasswd import PasswordChecker, parse_htpasswd, update_htpasswd
 from proxy.auth.middleware import EDGE
-from proxy.auth.settings import parse_auth
 from proxy.auth.tokens import TokenAuthority, TokenError, b64url, parse_scopes
 from proxy.cli import main
 from proxy.config import ConfigError, load
 from proxy.envconfig import apply_env
+from proxy.settings.auth import parse_auth
 from tests.support.edge import htpasswd_line, write_htpasswd
 from tests.support.proxyfix import make_config
 from tests.support.store import put_tag

@@ -207,7 +207,8 @@ async def test_certificate_reload_keeps_running_transfer(upstream_registry, http
 async def test_mutual_tls_and_mtime_reload(aiohttp_server, tmp_path):
     """``client_ca``: no client certificate, no connection; the watcher picks up new files."""
     from proxy.app import create_app
-    from proxy.tls import SSL_CONTEXT, CertReloader, TLSConfig
+    from proxy.settings.tls import TLSConfig
+    from proxy.tls import SSL_CONTEXT, CertReloader
     from tests.support.proxyfix import make_config
 
     certdir = tmp_path / "certs"

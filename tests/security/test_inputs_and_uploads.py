@@ -14,8 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.config import ClusterConfig, ConfigError, from_dict
+from proxy.settings.auth import parse_auth
 from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config

@@ -15,10 +15,10 @@ import pytest
 from proxy.app import create_app
 from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.middleware import EDGE
-from proxy.auth.settings import parse_auth
 from proxy.auth.throttle import LoginThrottle, Throttled, address_key
 from proxy.config import ConfigError, from_dict
 from proxy.redact import redact_url
+from proxy.settings.auth import parse_auth
 from tests.support.proxyfix import make_config
 
 DEAD_UPSTREAM = "http://127.0.0.1:9"  # requests that pass the edge fail fast (503)

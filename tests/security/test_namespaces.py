@@ -14,11 +14,11 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.config import UpstreamConfig
 from proxy.errors import NameUnknown
 from proxy.layout import LAYOUT_VERSION
 from proxy.routing import Namespaces
+from proxy.settings.auth import parse_auth
 from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import push_image

@@ -16,11 +16,11 @@ import pytest
 
 from proxy.app import create_app
 from proxy.auth.access import AccessControl
-from proxy.auth.settings import parse_auth
 from proxy.config import ConfigError, from_dict
 from proxy.debuglisten import DEBUG_ADDRESS
 from proxy.envconfig import apply_env
 from proxy.server import runner_kwargs
+from proxy.settings.auth import parse_auth
 from tests.support.edge import EdgeProxy, write_htpasswd
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.proxyfix import make_config

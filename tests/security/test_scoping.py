@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.config import Config
+from proxy.settings.auth import parse_auth
 from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import push_blob, push_image

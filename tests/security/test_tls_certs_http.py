@@ -28,7 +28,8 @@ from proxy.app import create_app
 from proxy.auth.htpasswd import update_htpasswd
 from proxy.auth.tokens import load_or_create_key
 from proxy.cli import main
-from proxy.tls import SSL_CONTEXT, TLSConfig
+from proxy.settings.tls import TLSConfig
+from proxy.tls import SSL_CONTEXT
 from tests.support.edge import client_context
 from tests.support.proxyfix import make_config
 from tests.support.proxyproc import ProxyProcess

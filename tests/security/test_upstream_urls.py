@@ -12,9 +12,9 @@ import pytest
 from yarl import URL
 
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.errors import RegistryError
 from proxy.reference import Digest
+from proxy.settings.auth import parse_auth
 from proxy.upstream.urls import Endpoint, v2_url
 from tests.support.edge import write_htpasswd
 from tests.support.fake_upstream import FakeUpstream

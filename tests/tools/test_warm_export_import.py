@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.auth.settings import parse_auth
 from proxy.cli import _build_parser, main
+from proxy.settings.auth import parse_auth
 from proxy.tools import commands
 from proxy.tools.archive import export_images, import_archive
 from proxy.tools.client import ImageRef, Platform, ToolError

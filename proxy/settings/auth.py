@@ -1,6 +1,7 @@
 """``[auth]`` of ``config.toml``: who may do what, and how clients prove who they are.
 
-Imported lazily by :mod:`proxy.config` (it needs :class:`~proxy.config.ConfigError`).
+The htpasswd file is read here once (:func:`proxy.auth.htpasswd.read_htpasswd`, which
+imports nothing but the field module's error), so a bad entry stops start-up.
 """
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.settings.fields import ConfigError, parse_duration, parse_url, str_value, take_keys
+from proxy.auth.htpasswd import read_htpasswd
+from proxy.settings.fields import (
+    ConfigError,
+    IPNetwork,
+    parse_duration,
+    parse_url,
+    path_value,
+    str_value,
+    take_keys,
+)
 
 ACTIONS = ("pull", "push", "delete")
 #: The right to see the operational pages (``/``, ``/status``, ``/status.json``, ``/metrics``):
@@ -21,8 +31,6 @@ OPS = "ops"
 #: and ``**`` (a whole component) any number of components. ``:`` for ``host:port`` prefixes.
 _PATTERN_RE = re.compile(r"[a-z0-9._*:-]+(?:/[a-z0-9._*:-]+)*")
 _USER_RE = re.compile(r"[^:\s]+")
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -101,14 +109,8 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
                             "cache_ttl", "login_failures_per_address", "login_failures_per_user",
                             "login_window"})
 
-    def path(key: str, value: Any) -> Path:
-        p = Path(str_value(key, value)).expanduser()
-        return p if p.is_absolute() else base_dir / p
-
-    htpasswd = path("auth.htpasswd", t["htpasswd"]) if "htpasswd" in t else None
+    htpasswd = path_value("auth.htpasswd", t["htpasswd"], base_dir) if "htpasswd" in t else None
     if htpasswd is not None:
-        from proxy.auth.htpasswd import read_htpasswd
-
         read_htpasswd(htpasswd)  # raises ConfigError naming the file and line
     realm = str_value("auth.realm", t.get("realm", "regproxy"))
     if '"' in realm or "\\" in realm:
@@ -175,7 +177,7 @@ def parse_auth(raw: Any, base_dir: Path) -> AuthConfig:
         groups=groups,
         rules=tuple(rules),
         mode=mode,
-        token_key=path("auth.token_key", t.get("token_key", "certs/token.key")),
+        token_key=path_value("auth.token_key", t.get("token_key", "certs/token.key"), base_dir),
         token_ttl=ttl,
         token_realm=token_realm,
         service=service,

@@ -1,0 +1,115 @@
+"""``[upstreams."<host>"]`` of ``config.toml``: the registries the proxy caches."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.redact import redact_url
+from proxy.reference import NAME_RE
+from proxy.settings.fields import (
+    ConfigError,
+    bool_value,
+    parse_duration,
+    parse_url,
+    positive_int,
+    str_value,
+    take_keys,
+)
+
+DOCKER_HUB = "docker.io"
+#: Names under which clients refer to Docker Hub (containerd's ``ns`` uses ``docker.io``).
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry that the proxy caches."""
+
+    name: str
+    url: str
+    aliases: tuple[str, ...] = ()
+    username: str | None = None
+    password: str | None = None
+    library_prefix: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    #: time to the response headers of manifest, tag and HEAD requests (a hung upstream)
+    header_timeout: float = 5.0
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 30.0
+    #: forward proxy for its requests: ``None`` = HTTPS_PROXY/NO_PROXY..., ``""`` = direct
+    proxy: str | None = None
+
+    def __repr__(self) -> str:  # never print the password
+        return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
+
+
+#: The keys of an ``[upstreams."<host>"]`` table.
+UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
+                 "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
+                 "proxy")
+
+
+def check_upstream_name(key: str, name: str) -> None:
+    """An upstream's name is a host name, optionally with a port: a path prefix and an
+    ``ns`` value."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*(:\d+)?", name) or NAME_RE.fullmatch(
+            name.partition(":")[0]) is None:
+        raise ConfigError(key, f"an upstream name must be a lower-case host name such as ghcr.io, "
+                               f"got {name[:100]!r}")
+
+
+def path_form(host: str) -> str:
+    """An upstream name (or alias) as a repository name's first component: ``host:port``
+    becomes ``host_port`` (``:`` is outside the name grammar). Upstream names never contain
+    ``_``, so the form can equal no other upstream's name, and hosted patterns may not begin
+    with it (:func:`proxy.config.check_hosted`)."""
+    return host.replace(":", "_")
+
+
+def parse_upstream(name: str, raw: Any) -> UpstreamConfig:
+    """One ``[upstreams."<name>"]`` table."""
+    key = f"upstreams.{name}"
+    t = take_keys(raw, key, set(UPSTREAM_KEYS))
+    check_upstream_name(key, name)
+    if "url" not in t:
+        raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
+    aliases = t.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise ConfigError(f"{key}.aliases", "expected a list of host names")
+    username = t.get("username")
+    password = t.get("password")
+    if (username is None) != (password is None):
+        raise ConfigError(f"{key}.password" if password is None else f"{key}.username",
+                          "username and password must be given together")
+    return UpstreamConfig(
+        name=name,
+        url=parse_url(f"{key}.url", t["url"]),
+        aliases=tuple(a.lower() for a in aliases),
+        username=str_value(f"{key}.username", username) if username is not None else None,
+        password=str_value(f"{key}.password", password) if password is not None else None,
+        library_prefix=bool_value(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
+        connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
+        read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
+        header_timeout=parse_duration(f"{key}.header_timeout", t.get("header_timeout", 5)),
+        breaker_threshold=positive_int(f"{key}.breaker_threshold", t.get("breaker_threshold", 3)),
+        breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
+        proxy=(None if "proxy" not in t else "" if t["proxy"] == ""
+               else parse_url(f"{key}.proxy", t["proxy"])),
+    )
+
+
+def parse_upstreams(raw: Any) -> dict[str, UpstreamConfig]:
+    """``[upstreams]``: name -> upstream; no name or alias may stand for two upstreams."""
+    tables = take_keys(raw, "upstreams", set(raw) if isinstance(raw, dict) else set())
+    upstreams = {name: parse_upstream(name, t) for name, t in tables.items()}
+    seen: dict[str, str] = {}
+    for up in upstreams.values():
+        for alias in (up.name, *up.aliases):
+            if alias in seen and seen[alias] != up.name:
+                raise ConfigError(f"upstreams.{up.name}.aliases",
+                                  f"{alias!r} is already used by upstream {seen[alias]!r}")
+            seen[alias] = up.name
+    return upstreams
