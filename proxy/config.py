@@ -1,10 +1,11 @@
-"""Configuration: ``config.toml`` composed into one :class:`Config`.
+"""Configuration: ``config.toml`` and the environment composed into one :class:`Config`.
 
 The sections are parsed by :mod:`proxy.settings` (one module each, sharing the field parsers
 of :mod:`proxy.settings.fields`); this module parses the flat ``[server]``, ``[storage]``,
 ``[cache]``, ``[proxy]`` and ``[hosted]`` keys, checks what spans sections (hosted patterns
-against upstream prefixes, the debug port) and applies the command line. It is the
-settings' public face: the rest of the code imports its settings from here.
+against upstream prefixes, the debug port) and applies the environment
+(:mod:`proxy.envconfig`, on the raw tables) and the command line. It is the settings'
+public face: the rest of the code imports its settings from here.
 
 Every problem is reported as ``<key>: <problem>`` so an operator can fix the file without
 reading code; unknown keys are errors too (a typo must not silently fall back to a default).
@@ -13,6 +14,7 @@ reading code; unknown keys are errors too (a typo must not silently fall back to
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import tomllib
@@ -23,6 +25,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from proxy.defaults import with_defaults
+from proxy.envconfig import (
+    PROXY_URL,
+    PROXY_USER,
+    ProxyRemote,
+    apply_env,
+    proxy_remote,
+    resolve_files,
+    unused_distribution_vars,
+)
 from proxy.logsetup import FORMATS, LEVELS
 from proxy.redact import redact_url
 from proxy.settings.auth import AuthConfig, parse_auth
@@ -58,6 +69,8 @@ __all__ = [
     "S3Config", "TLSConfig", "UpstreamConfig", "check_hosted", "from_dict", "load",
     "parse_duration", "parse_size", "path_form", "repoint_default",
 ]
+
+log = logging.getLogger("regproxy.config")
 
 
 @dataclass(frozen=True)
@@ -294,20 +307,38 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
                    auth=parse_auth(top["auth"], base_dir) if "auth" in top else None)
 
 
+def with_remote(cfg: Config, remote: ProxyRemote) -> Config:
+    """distribution's ``REGISTRY_PROXY_*``: the URL re-points the default upstream as
+    ``--upstream`` does; the credentials are the default upstream's."""
+    if remote.url is not None:
+        cfg = repoint_default(cfg, remote.url)
+    if remote.username is not None and remote.password is not None:
+        if cfg.default_upstream is None:
+            raise ConfigError(PROXY_USER, f"no default upstream to use it for; set {PROXY_URL}")
+        up = cfg.upstreams[cfg.default_upstream]
+        cfg = replace(cfg, upstreams={**cfg.upstreams, up.name: replace(
+            up, username=remote.username, password=remote.password)})
+    check_hosted(cfg)
+    return cfg
+
+
 def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Load ``path`` (or the embedded defaults when ``None``), then apply the environment's
     ``REGISTRY_*``/``REGPROXY_*`` overrides (:mod:`proxy.envconfig`; ``env`` defaults to
-    ``os.environ``)."""
-    from proxy.envconfig import with_env
-
-    env = os.environ if env is None else env
-    if path is None:
-        return with_env({}, env, Path("."))
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(str(path), "file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    return with_env(data, env, path.resolve().parent)
+    ``os.environ``); warns about the variables of a ``registry:2`` deployment that are not
+    used."""
+    data: dict[str, Any] = {}
+    base_dir = Path(".")
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(str(path), "file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+        base_dir = path.resolve().parent
+    env = resolve_files(os.environ if env is None else env)
+    for warning in unused_distribution_vars(env):
+        log.warning("%s", warning)
+    return with_remote(from_dict(apply_env(data, env), base_dir=base_dir), proxy_remote(env))

@@ -1,5 +1,9 @@
 """Environment overrides, applied to the parsed ``config.toml`` before validation.
 
+They work on the raw tables (:func:`apply_env`), below the parsers; only distribution's
+``REGISTRY_PROXY_*`` need the parsed upstreams (:func:`proxy_remote`, applied by
+:func:`proxy.config.load`).
+
 Precedence: built-in defaults < ``config.toml`` < environment < command-line flags.
 
 * The distribution registry's variables, so a ``registry:2`` deployment keeps working:
@@ -36,20 +40,16 @@ Paths given in the environment are relative to the working directory, not the co
 from __future__ import annotations
 
 import copy
-import logging
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, check_hosted, from_dict, repoint_default
 from proxy.defaults import DEFAULTS
 from proxy.settings.fields import ConfigError, parse_url
 from proxy.settings.upstreams import UPSTREAM_KEYS
-
-log = logging.getLogger("regproxy.config")
 
 DISTRIBUTION_VARS: dict[str, tuple[str, ...]] = {
     "REGISTRY_AUTH_HTPASSWD_REALM": ("auth", "realm"),
@@ -69,7 +69,7 @@ DISTRIBUTION_VARS: dict[str, tuple[str, ...]] = {
     "REGISTRY_STORAGE_S3_ROOTDIRECTORY": ("storage", "s3", "prefix"),
 }
 #: distribution's proxy section: the default upstream and its credentials (applied to the
-#: validated configuration, as ``--upstream`` is).
+#: parsed configuration, as ``--upstream`` is: :class:`ProxyRemote`).
 PROXY_URL, PROXY_USER, PROXY_PASSWORD = (
     "REGISTRY_PROXY_REMOTEURL", "REGISTRY_PROXY_USERNAME", "REGISTRY_PROXY_PASSWORD")
 SECTIONS = ("server", "storage", "cache", "proxy", "hosted", "tls", "auth", "cluster")
@@ -233,32 +233,26 @@ def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def apply_proxy_env(cfg: Config, env: Mapping[str, str]) -> Config:
-    """distribution's ``REGISTRY_PROXY_*``: the URL re-points the default upstream as
-    ``--upstream`` does; the credentials are the default upstream's."""
+@dataclass(frozen=True)
+class ProxyRemote:
+    """distribution's ``REGISTRY_PROXY_*``: a URL for the default upstream (applied as
+    ``--upstream`` is) and that upstream's credentials; ``None`` where not set. They need
+    the parsed upstreams, so :func:`proxy.config.load` applies them after parsing."""
+
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+def proxy_remote(env: Mapping[str, str]) -> ProxyRemote:
+    """The ``REGISTRY_PROXY_*`` variables of ``env``, checked: the URL is an http(s) URL and
+    the credentials come as a non-empty pair."""
     env = resolve_files(env)
     user, password = env.get(PROXY_USER), env.get(PROXY_PASSWORD)
     if (user is None) != (password is None):
         raise ConfigError(PROXY_PASSWORD if password is None else PROXY_USER,
                           f"{PROXY_USER} and {PROXY_PASSWORD} must be given together")
-    if PROXY_URL in env:
-        cfg = repoint_default(cfg, parse_url(PROXY_URL, env[PROXY_URL]))
-    if user is not None and password is not None:
-        if not user or not password:
-            raise ConfigError(PROXY_USER if not user else PROXY_PASSWORD, "empty")
-        if cfg.default_upstream is None:
-            raise ConfigError(PROXY_USER, f"no default upstream to use it for; set {PROXY_URL}")
-        up = cfg.upstreams[cfg.default_upstream]
-        cfg = replace(cfg, upstreams={**cfg.upstreams,
-                                      up.name: replace(up, username=user, password=password)})
-    check_hosted(cfg)
-    return cfg
-
-
-def with_env(data: dict[str, Any], env: Mapping[str, str], base_dir: Path) -> Config:
-    """Parsed TOML with the environment applied, validated; warns about the variables of a
-    ``registry:2`` deployment that are not used."""
-    env = resolve_files(env)
-    for warning in unused_distribution_vars(env):
-        log.warning("%s", warning)
-    return apply_proxy_env(from_dict(apply_env(data, env), base_dir=base_dir), env)
+    url = parse_url(PROXY_URL, env[PROXY_URL]) if PROXY_URL in env else None
+    if user is not None and password is not None and (not user or not password):
+        raise ConfigError(PROXY_USER if not user else PROXY_PASSWORD, "empty")
+    return ProxyRemote(url=url, username=user, password=password)
