@@ -82,8 +82,10 @@ def scope_actions(action: str) -> str:
     return "pull,push" if action == "push" else action
 
 
-class Edge:
-    """Everything the middleware and the token endpoint need, built once per application."""
+class AuthGate:
+    """The edge's authentication and authorization state (users, access rules, login
+    budgets, token authority): everything the middleware and the token endpoint need,
+    built once per application."""
 
     def __init__(self, auth: AuthConfig, upstream_names: tuple[str, ...]) -> None:
         self.auth = auth
@@ -224,7 +226,7 @@ class Edge:
         return value
 
 
-EDGE = web.AppKey("edge", Edge)
+AUTH_GATE = web.AppKey("auth_gate", AuthGate)
 
 
 def _scope_name(name: str) -> str:
@@ -239,50 +241,50 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
         return await handler(request)
     resource = request.match_info.route.resource
     if resource is not None and resource.canonical in OPS_PAGES:
-        await request.app[EDGE].check_operator(request)
+        await request.app[AUTH_GATE].check_operator(request)
         return await handler(request)
     api = request.path.startswith("/v2") or "prefix" in request.match_info  # /<upstream>/v2/...
     if not api:
         return await handler(request)
-    edge = request.app[EDGE]
+    gate = request.app[AUTH_GATE]
     remote = request.remote
     name = request.match_info.get("name")
     if name is not None:  # before any header is built from it (CR/LF, quotes: NAME_INVALID)
         validate_name(name)
-    ident = await edge.authenticate(request)
+    ident = await gate.authenticate(request)
     if ident.user is not None:
         request[USER] = ident.user
     if name is None:  # /v2/ and /v2/_catalog
         catalog = request.path.endswith("/v2/_catalog")
-        if ident.anonymous and not edge.acl.anonymous_allowed_from(remote):
-            raise edge.challenge(request, scope="registry:catalog:*" if catalog else None)
+        if ident.anonymous and not gate.acl.anonymous_allowed_from(remote):
+            raise gate.challenge(request, scope="registry:catalog:*" if catalog else None)
         if catalog:
-            request[CATALOG_FILTER] = lambda local: "pull" in edge.acl.actions(ident.user, local, remote)
+            request[CATALOG_FILTER] = lambda local: "pull" in gate.acl.actions(ident.user, local, remote)
             return await handler(request)
         response = await handler(request)
         if ident.anonymous:
             # 200 because anonymous pull exists (dockerd mirrors must not be challenged,
             # moby#42022), but still announce the challenge: podman/skopeo read it from the
             # ping and then send their credentials
-            response.headers["WWW-Authenticate"] = edge.challenge_value(request)
+            response.headers["WWW-Authenticate"] = gate.challenge_value(request)
         return response
 
     action = action_of(request)
-    local = edge.local_name(request, name)
-    granted = edge.allowed(ident, name, local, remote)
+    local = gate.local_name(request, name)
+    granted = gate.allowed(ident, name, local, remote)
     if action not in granted:
         scope = f"repository:{_scope_name(name)}:{scope_actions(action)}"
         if ident.user is None:  # anonymous, with or without an (anonymous) token
-            raise edge.challenge(request, scope=scope)
-        if ident.claims is not None and action in edge.acl.actions(ident.user, local, remote):
+            raise gate.challenge(request, scope=scope)
+        if ident.claims is not None and action in gate.acl.actions(ident.user, local, remote):
             # the user may, but this token does not say so: ask for a token with that scope
-            raise edge.challenge(request, scope=scope, error="insufficient_scope",
+            raise gate.challenge(request, scope=scope, error="insufficient_scope",
                                  message="the token does not grant this access")
         raise Denied(f"{ident.user or 'anonymous'} may not {action} {local}")
     if request.method == "POST" and "from" in request.query and "mount" in request.query:
         source = request.query["from"]
-        src_local = edge.local_name(request, source)
-        if "pull" not in edge.allowed(ident, source, src_local, remote):
+        src_local = gate.local_name(request, source)
+        if "pull" not in gate.allowed(ident, source, src_local, remote):
             # no right to read the source: a plain upload instead of a mount, as if absent
             query = MultiDict(request.query)
             query.popall("mount", None)
@@ -294,8 +296,8 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
 async def token_endpoint(request: web.Request) -> web.Response:
     """``GET /auth/token?service=...&scope=repository:NAME:pull,push``: an ES256 token whose
     access is the requested scope intersected with what the client may do."""
-    edge = request.app[EDGE]
-    authority = edge.authority
+    gate = request.app[AUTH_GATE]
+    authority = gate.authority
     if authority is None:
         raise web.HTTPNotFound()
     service = request.query.get("service")
@@ -307,11 +309,11 @@ async def token_endpoint(request: web.Request) -> web.Response:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "basic":
             raise Unauthorized("the token endpoint accepts Basic credentials only", headers={
-                "WWW-Authenticate": f'Basic realm="{edge.auth.realm}", charset="UTF-8"'})
-        user, password = edge._basic(request, value.strip())
-        if not await edge.login(request, user, password):
+                "WWW-Authenticate": f'Basic realm="{gate.auth.realm}", charset="UTF-8"'})
+        user, password = gate._basic(request, value.strip())
+        if not await gate.login(request, user, password):
             raise Unauthorized("invalid username or password", headers={
-                "WWW-Authenticate": f'Basic realm="{edge.auth.realm}", charset="UTF-8"'})
+                "WWW-Authenticate": f'Basic realm="{gate.auth.realm}", charset="UTF-8"'})
         ident = Identity(user)
     remote = request.remote
     access: dict[str, frozenset[str]] = {}
@@ -319,8 +321,8 @@ async def token_endpoint(request: web.Request) -> web.Response:
         if typ != "repository" or len(name) > 512:
             continue
         wanted = ALL if "*" in actions else actions & ALL
-        allowed = frozenset().union(*(edge.acl.actions(ident.user, local, remote)
-                                      for local in edge.candidate_names(request, name)))
+        allowed = frozenset().union(*(gate.acl.actions(ident.user, local, remote)
+                                      for local in gate.candidate_names(request, name)))
         access[name] = access.get(name, NONE) | (wanted & allowed)
     token, expires_in, issued = authority.issue(ident.user, access)
     body = {"token": token, "access_token": token, "expires_in": expires_in,
@@ -334,14 +336,14 @@ def install(app: web.Application, auth: AuthConfig | None, upstream_names: tuple
     Call before the application starts (middlewares and routes freeze then)."""
     if auth is None:
         return
-    edge = Edge(auth, upstream_names)
-    app[EDGE] = edge
+    gate = AuthGate(auth, upstream_names)
+    app[AUTH_GATE] = gate
     app.middlewares.append(edge_auth)
-    if edge.authority is not None:
+    if gate.authority is not None:
         app.router.add_get(TOKEN_PATH, token_endpoint)
 
     async def _close(_app: web.Application) -> None:
-        if edge.passwords is not None:
-            edge.passwords.close()
+        if gate.passwords is not None:
+            gate.passwords.close()
 
     app.on_cleanup.append(_close)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from proxy import certs
 from proxy.app import create_app
 from proxy.auth.htpasswd import PasswordChecker, parse_htpasswd, update_htpasswd
-from proxy.auth.middleware import EDGE
+from proxy.auth.middleware import AUTH_GATE
 from proxy.auth.tokens import TokenAuthority, TokenError, b64url, parse_scopes
 from proxy.cli import main
 from proxy.config import ConfigError, load
@@ -173,7 +173,7 @@ async def test_catalog_lists_only_pullable_repositories(aiohttp_client, tmp_path
 
 async def test_bcrypt_runs_once_for_many_requests(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path)
-    checker = client.app[EDGE].passwords
+    checker = client.app[AUTH_GATE].passwords
     import asyncio
 
     async def one() -> int:
@@ -268,7 +268,7 @@ async def test_token_flow(aiohttp_client, tmp_path):
 
 async def test_expired_foreign_and_forged_tokens_are_refused(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path, mode="token")
-    authority = client.app[EDGE].authority
+    authority = client.app[AUTH_GATE].authority
     access = {"team/app": frozenset({"pull"})}
     expired, _, _ = authority.issue("alice", access, now=time.time() - 3600)
     foreign, _, _ = TokenAuthority(ec.generate_private_key(ec.SECP256R1()), "regproxy", 300).issue(

@@ -14,7 +14,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.auth.htpasswd import PasswordChecker
-from proxy.auth.middleware import EDGE
+from proxy.auth.middleware import AUTH_GATE
 from proxy.auth.throttle import LoginThrottle, Throttled, address_key
 from proxy.config import ConfigError, from_dict
 from proxy.redact import redact_url
@@ -96,7 +96,7 @@ async def test_dummy_cost_follows_the_file_on_reload(tmp_path):
 async def test_failed_login_budget_per_address_then_429_then_recovery(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path, USERS, login_failures_per_address=3,
                                login_failures_per_user=100, login_window="1m")
-    edge = client.app[EDGE]
+    edge = client.app[AUTH_GATE]
     clock = Clock()
     edge.throttle.clock = clock
     for password in ("a", "b", "c"):
@@ -128,7 +128,7 @@ async def test_failed_login_budget_per_address_then_429_then_recovery(aiohttp_cl
 async def test_per_user_budget_spares_addresses_the_user_signed_in_from(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path, USERS, login_failures_per_address=100,
                                login_failures_per_user=3, login_window="10m")
-    edge = client.app[EDGE]
+    edge = client.app[AUTH_GATE]
     edge.throttle.clock = Clock()
     async with client.get("/v2/", headers=basic("alice", "alice-pw")) as r:
         assert r.status == 200
@@ -149,7 +149,7 @@ async def test_per_user_budget_spares_addresses_the_user_signed_in_from(aiohttp_
 
 async def test_concurrent_guesses_cannot_outrun_the_budget(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path, USERS, login_failures_per_address=3)
-    edge = client.app[EDGE]
+    edge = client.app[AUTH_GATE]
 
     async def attempt(password: str) -> int:
         async with client.get("/v2/", headers=basic("alice", password)) as r:
@@ -166,7 +166,7 @@ async def test_token_endpoint_is_throttled(aiohttp_client, tmp_path):
     client = await make_client(aiohttp_client, tmp_path, USERS, mode="token",
                                login_failures_per_address=2, login_window="30s")
     clock = Clock()
-    client.app[EDGE].throttle.clock = clock
+    client.app[AUTH_GATE].throttle.clock = clock
     url = "/auth/token?service=regproxy&scope=repository:team/app:pull"
     for password in ("a", "b"):
         async with client.get(url, headers=basic("alice", password)) as r:
