@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.config import ConfigError, parse_duration, parse_size, take_keys
+from proxy.settings.fields import ConfigError, parse_duration, parse_size, take_keys
 from proxy.errors import Unavailable
 
 #: What slow-down mode multiplies the rate by.

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.config import ConfigError, take_keys
+from proxy.settings.fields import ConfigError, take_keys
 from proxy.errors import Denied
 from proxy.policy.referrers import is_attached_tag
 

@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.config import ConfigError
+from proxy.settings.fields import ConfigError
 from proxy.errors import BlobUnknown, Denied, DigestInvalid, TagInvalid
 from proxy.policy.referrers import cosign_tag
 from proxy.reference import Digest
