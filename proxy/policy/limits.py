@@ -29,8 +29,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxy.settings.fields import ConfigError, parse_duration, parse_size, take_keys
 from proxy.errors import Unavailable
+from proxy.settings.fields import ConfigError, parse_duration, parse_size, take_keys
 
 #: What slow-down mode multiplies the rate by.
 SLOW_FACTOR = 0.5

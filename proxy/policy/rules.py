@@ -46,9 +46,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.settings.fields import ConfigError, take_keys
 from proxy.errors import Denied
 from proxy.policy.referrers import is_attached_tag
+from proxy.settings.fields import ConfigError, take_keys
 
 ALLOW, DENY = "allow", "deny"
 RULE_KEYS = frozenset({"action", "repositories", "tags", "tag_regex", "name"})

@@ -46,10 +46,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.settings.fields import ConfigError
 from proxy.errors import BlobUnknown, Denied, DigestInvalid, TagInvalid
 from proxy.policy.referrers import cosign_tag
 from proxy.reference import Digest
+from proxy.settings.fields import ConfigError
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
