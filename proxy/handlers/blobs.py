@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractStreamWriter
 from proxy.errors import BadGateway, RegistryError, StorageFailed, Unavailable
 from proxy.handlers.common import CACHE_OUTCOME, ERROR, head_response, hosted_only, reader_of, route_of
 from proxy.handlers.ranges import parse_range
-from proxy.pullthrough.fill import FileSpan, FillReader, TailReader, read_spans
+from proxy.pullthrough.fill import FillReader, LocalSpan, TailReader, read_spans
 from proxy.pullthrough.service import BlobResult
 from proxy.reference import Digest
 
@@ -77,10 +77,10 @@ async def send_file(request: web.Request, headers: dict[str, str], fd: int, size
     """Send a stored blob from its open file, with ``sendfile`` on plain TCP. (aiohttp's
     ``FileResponse`` opens and closes the file in threads: those two thread hops made a
     warm 4 KiB blob cost ~0.7 ms of CPU, ~0.25 ms without them.)"""
-    async def spans(start: int, end: int | None) -> AsyncIterator[FileSpan]:
+    async def spans(start: int, end: int | None) -> AsyncIterator[LocalSpan]:
         stop = size if end is None else end
         if stop > start:
-            yield FileSpan(fd, start, stop - start)
+            yield LocalSpan(fd, start, stop - start)
 
     sock = _plain_socket(request)
     if sock is None:  # TLS: read and written
@@ -107,7 +107,7 @@ async def stream_reader(request: web.Request, headers: dict[str, str], result: B
     try:
         rng = None if result.size is None else parse_range(request.headers.get("Range"),
                                                            result.size)
-        source: Callable[[int, int | None], AsyncIterator[bytes | FileSpan]] = reader.stream
+        source: Callable[[int, int | None], AsyncIterator[bytes | LocalSpan]] = reader.stream
         if (result.size is not None  # (a chunked body needs framing: stream it)
                 and isinstance(reader, FillReader | TailReader)
                 and _plain_socket(request) is not None):
@@ -128,7 +128,7 @@ def _plain_socket(request: web.Request) -> socket.socket | None:
 
 async def stream_body(request: web.Request, headers: dict[str, str], size: int | None,
                       rng: tuple[int, int] | None,
-                      source: Callable[[int, int | None], AsyncIterator[bytes | FileSpan]],
+                      source: Callable[[int, int | None], AsyncIterator[bytes | LocalSpan]],
                       ) -> web.StreamResponse:
     """Send ``source(start, end)`` as the body (206 for a range): bytes, or spans of a file
     (see :func:`_send_span`). An error once the headers are out cuts the connection: the
@@ -147,7 +147,7 @@ async def stream_body(request: web.Request, headers: dict[str, str], size: int |
         out: int | None = None  #: the client's socket, once the first span is to be sent
         try:
             async for item in source(start, end):
-                if not isinstance(item, FileSpan):
+                if not isinstance(item, LocalSpan):
                     await resp.write(item)
                     continue
                 if out is None:
@@ -193,7 +193,7 @@ _SENDFILE_MAX = 4 << 20
 
 
 async def _send_span(request: web.Request, resp: web.StreamResponse,
-                     writer: AbstractStreamWriter, out: int, span: FileSpan) -> None:
+                     writer: AbstractStreamWriter, out: int, span: LocalSpan) -> None:
     """Send a span of a fill file with ``sendfile`` straight from the page cache: no copy
     through Python, so the clients tailing one fill cost little more than one. asyncio's
     ``loop.sendfile`` costs too much per call for spans of a chunk or two, so this calls

@@ -56,7 +56,7 @@ PIPELINE_MAX_BATCH = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
-class FileSpan(NamedTuple):
+class LocalSpan(NamedTuple):
     """Bytes ``[offset, offset + length)`` of an open file, ready to be sent as they are
     (``sendfile``) or read."""
 
@@ -65,7 +65,7 @@ class FileSpan(NamedTuple):
     length: int
 
 
-async def read_spans(spans: AsyncIterator[FileSpan]) -> AsyncIterator[bytes]:
+async def read_spans(spans: AsyncIterator[LocalSpan]) -> AsyncIterator[bytes]:
     """The bytes of ``spans``, read in chunks of at most :data:`READ_CHUNK` (for clients
     that cannot take ``sendfile``: TLS, chunked bodies, peers)."""
     async for span in spans:
@@ -360,7 +360,7 @@ class FillReader:
         """
         return read_spans(self.spans(start, end))
 
-    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileSpan]:
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[LocalSpan]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
         arrive (for ``sendfile``; :meth:`stream` reads them)."""
         fill, pos = self.fill, start
@@ -377,7 +377,7 @@ class FillReader:
             if avail > 0 and limit is not None and not fill.verified and pos + avail >= limit:
                 avail -= 1  # keep the range's last byte back until the digest is checked
             if avail > 0:
-                yield FileSpan(self._fd, pos, avail)
+                yield LocalSpan(self._fd, pos, avail)
                 pos += avail
                 continue
             if fill.size is None and fill.verified and (fill.done or fill.error is not None):
@@ -434,7 +434,7 @@ class TailReader:
         """Yield bytes ``[start, end)`` of the blob as the other process writes them."""
         return read_spans(self.spans(start, end))
 
-    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[FileSpan]:
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[LocalSpan]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent."""
         pos, delay = start, 0.001
         while True:
@@ -448,7 +448,7 @@ class TailReader:
             if avail > 0 and limit is not None and not verified and pos + avail >= limit:
                 avail -= 1  # (as FillReader does)
             if avail > 0:
-                yield FileSpan(self._fd, pos, avail)
+                yield LocalSpan(self._fd, pos, avail)
                 pos += avail
                 delay = 0.001
                 continue
