@@ -240,6 +240,9 @@ class RemoteReader:
         self.size = resp.content_length
         self._reopen = reopen
 
+    #: (no local file: the bytes come over HTTP)
+    local_spans: None = None
+
     def close(self) -> None:
         if self._resp is not None:
             self._resp.release()

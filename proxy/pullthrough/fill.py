@@ -78,6 +78,24 @@ async def read_spans(spans: AsyncIterator[LocalSpan]) -> AsyncIterator[bytes]:
             yield data
 
 
+#: ``source(start, end)``: the spans of bytes ``[start, end)`` of a local file, as they may
+#: be sent.
+SpanSource = Callable[[int, int | None], AsyncIterator[LocalSpan]]
+
+
+class BlobReader(Protocol):
+    """A client's view of a blob still arriving, as the HTTP layer takes it: its bytes, and
+    for readers of a local file their spans, to be sent without a copy (``sendfile``)."""
+
+    @property
+    def local_spans(self) -> SpanSource | None:
+        """The spans of the file being read; ``None`` when there is no local file."""
+        ...
+
+    def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
+
+
 class FillSink(Protocol):
     """Where a fill's bytes go besides the local temp file, on backends whose objects do
     not live on the local disk (S3: a multipart upload). ``commit`` verifies again and
@@ -353,6 +371,10 @@ class FillReader:
             os.close(self._fd)
             self._fd = None
 
+    @property
+    def local_spans(self) -> SpanSource:
+        return self.spans
+
     def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob as they arrive.
 
@@ -429,6 +451,10 @@ class TailReader:
         # temp file once the object is published elsewhere
         self._seen_ok = self._seen_ok or self._staging.fill_verified(self._digest)
         return self._seen_ok
+
+    @property
+    def local_spans(self) -> SpanSource:
+        return self.spans
 
     def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob as the other process writes them."""

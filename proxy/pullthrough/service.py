@@ -36,7 +36,7 @@ from proxy.mediatypes import (
     sniff_media_type,
 )
 from proxy.pullthrough.cluster import Cluster, FillLease, Holder, RemoteReader
-from proxy.pullthrough.fill import BlobFill, FillReader, TailReader
+from proxy.pullthrough.fill import BlobFill, BlobReader, TailReader
 from proxy.pullthrough.links import RepositoryLinks
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
@@ -76,7 +76,7 @@ class BlobResult:
     size: int | None
     outcome: str
     stored: bool = False
-    reader: FillReader | TailReader | RemoteReader | None = None
+    reader: BlobReader | None = None
 
 
 class PullThrough:
@@ -711,7 +711,7 @@ class PullThrough:
             return paginate(local, n, last)
 
 
-async def _closing(reader: FillReader | TailReader | RemoteReader, start: int, end: int | None
+async def _closing(reader: BlobReader, start: int, end: int | None
                    ) -> AsyncIterator[bytes]:
     try:
         async for chunk in reader.stream(start, end):
