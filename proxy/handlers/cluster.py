@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.errors import BlobUnknown, Unavailable
-from proxy.handlers.blobs import stream_reader
+from proxy.handlers.blobs import send_reader
 from proxy.handlers.common import CACHE_OUTCOME, PULLTHROUGH
 from proxy.pullthrough.cluster import SECRET_HEADER
 from proxy.reference import Digest
@@ -47,7 +47,7 @@ async def serve_fill(request: web.Request) -> web.StreamResponse:
         raise BlobUnknown(f"no fill of {digest} here")
     request[CACHE_OUTCOME] = "peer"
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
-    return await stream_reader(request, headers, result)
+    return await send_reader(request, headers, result.size, result.reader)
 
 
 #: Marks a request one replica forwarded to another, which must then answer it itself.
