@@ -13,6 +13,8 @@ Kinds:
 * ``throughput``: ``clients`` connections GET the same blob back to back for ``duration``
   seconds; aggregate bytes per second.
 * ``pull``: a manifest GET, then every blob it names, ``concurrency`` at a time.
+* ``image``: a pull as the real clients do it (:func:`image_pull`): manifest, config, then
+  layers 3 at a time on pooled connections, following redirects.
 * ``requests``: a list of (method, path) sent one after the other (warm-up).
 """
 
@@ -31,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 MANIFEST_ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -293,6 +295,148 @@ def pull(base: str, repo: str, ref: str, concurrency: int) -> dict[str, Any]:
             "errors": errors[:5], "error_count": len(errors)}
 
 
+REDIRECTS = (301, 302, 303, 307, 308)
+PLATFORM = ("linux", "amd64")
+
+
+class Pool:
+    """Idle keep-alive connections per origin (``scheme://host:port``), shared by one pull's
+    downloads the way Go's and containerd's HTTP transports keep them."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[Connection]] = {}
+        self.lock = threading.Lock()
+        self.opened = 0
+
+    def get(self, base: str) -> tuple[Connection, bool]:
+        """A connection to ``base`` and whether it was reused."""
+        with self.lock:
+            idle = self.idle.get(base)
+            if idle:
+                return idle.pop(), True
+        return self.new(base), False
+
+    def new(self, base: str) -> Connection:
+        with self.lock:
+            self.opened += 1
+        return Connection(base)
+
+    def put(self, base: str, conn: Connection) -> None:
+        with self.lock:
+            self.idle.setdefault(base, []).append(conn)
+
+    def close(self) -> None:
+        with self.lock:
+            for conns in self.idle.values():
+                for conn in conns:
+                    conn.close()
+            self.idle.clear()
+
+
+def fetch(pool: Pool, url: str, headers: dict[str, str] | None = None, *, keep_body: bool = False,
+          max_redirects: int = 5) -> tuple[Result, int]:
+    """GET ``url`` through the pool, following redirects (a registry may send blobs to a CDN):
+    the final response and the number of redirects. A reused connection that the server
+    had closed is retried once on a new one, as HTTP clients do."""
+    for redirects in range(max_redirects + 1):
+        base, path = _path(url)
+        conn, reused = pool.get(base)
+        try:
+            conn.send("GET", path, headers)
+            res = conn.receive("GET", keep_body=keep_body)
+        except (OSError, HTTPError, ValueError):
+            conn.close()
+            if not reused:
+                raise
+            conn = pool.new(base)
+            conn.send("GET", path, headers)
+            res = conn.receive("GET", keep_body=keep_body)
+        if res.keep_alive:
+            pool.put(base, conn)
+        else:
+            conn.close()
+        location = res.headers.get("location")
+        if res.status not in REDIRECTS or not location:
+            return res, redirects
+        url = urljoin(url, location)
+    raise HTTPError(f"more than {max_redirects} redirects from {url}")
+
+
+def image_pull(base: str, repo: str, ref: str, concurrency: int) -> dict[str, Any]:
+    """Pull an image as docker and containerd do: the manifest (and, for an index, the
+    linux/amd64 one), then the config, then the layers ``concurrency`` at a time (their
+    default ``max-concurrent-downloads`` is 3), on pooled keep-alive connections, following
+    redirects. Sizes are checked, digests are not (a client's hashing would cost the
+    shared CPUs, the same for every system)."""
+    start = time.perf_counter()
+    pool = Pool()
+    errors: list[str] = []
+    got = [0] * concurrency
+    redirects = [0] * concurrency
+    try:
+        accept = {"Accept": MANIFEST_ACCEPT}
+        res, manifest_redirects = fetch(pool, f"{base}/v2/{repo}/manifests/{ref}", accept, keep_body=True)
+        manifest_bytes = res.bytes
+        if res.status != 200:
+            return {"error": f"manifest status {res.status}", "seconds": time.perf_counter() - start}
+        manifest = json.loads(res.body)
+        if "manifests" in manifest:  # an index: the platform's manifest
+            children = manifest["manifests"]
+            child = next((m for m in children if (m.get("platform", {}).get("os"),
+                                                  m.get("platform", {}).get("architecture")) == PLATFORM),
+                         children[0])
+            res, more = fetch(pool, f"{base}/v2/{repo}/manifests/{child['digest']}", accept, keep_body=True)
+            manifest_redirects += more
+            manifest_bytes += res.bytes
+            if res.status != 200:
+                return {"error": f"platform manifest status {res.status}",
+                        "seconds": time.perf_counter() - start}
+            manifest = json.loads(res.body)
+        manifest_done = time.perf_counter()
+        config = manifest["config"]
+        res, config_redirects = fetch(pool, f"{base}/v2/{repo}/blobs/{config['digest']}")
+        if res.status != 200 or res.bytes != config["size"]:
+            errors.append(f"config: status {res.status}, {res.bytes}/{config['size']} B")
+        config_bytes = res.bytes
+        config_done = time.perf_counter()
+        todo: queue.Queue[dict[str, Any]] = queue.Queue()
+        for layer in manifest["layers"]:
+            todo.put(layer)
+
+        def worker(i: int) -> None:
+            while True:
+                try:
+                    layer = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    r, n = fetch(pool, f"{base}/v2/{repo}/blobs/{layer['digest']}")
+                except (OSError, HTTPError, ValueError) as exc:
+                    errors.append(f"{layer['digest'][:19]}: {exc!r}")
+                    continue
+                if r.status != 200 or r.bytes != layer["size"]:
+                    errors.append(f"{layer['digest'][:19]}: status {r.status}, {r.bytes}/{layer['size']} B")
+                got[i] += r.bytes
+                redirects[i] += n
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except (OSError, HTTPError, ValueError, KeyError) as exc:
+        return {"error": repr(exc), "seconds": time.perf_counter() - start}
+    finally:
+        pool.close()
+    end = time.perf_counter()
+    return {"seconds": end - start, "manifest_s": manifest_done - start,
+            "config_s": config_done - manifest_done, "layers_s": end - config_done,
+            "blobs": 1 + len(manifest["layers"]),
+            "bytes": manifest_bytes + config_bytes + sum(got),
+            "connections": pool.opened, "redirects": manifest_redirects + config_redirects + sum(redirects),
+            "errors": errors[:5], "error_count": len(errors)}
+
+
 def requests(base: str, items: list[tuple[str, str]], accept: str | None) -> dict[str, Any]:
     """Send ``(method, path)`` requests one after the other on one connection."""
     conn = Connection(base)
@@ -316,6 +460,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         return throughput(spec["url"], spec["clients"], spec["duration"])
     if kind == "pull":
         return pull(spec["base"], spec["repo"], spec["ref"], spec["concurrency"])
+    if kind == "image":
+        return image_pull(spec["base"], spec["repo"], spec["ref"], spec.get("concurrency", 3))
     if kind == "requests":
         return requests(spec["base"], [tuple(x) for x in spec["items"]], spec.get("accept"))
     raise ValueError(f"unknown kind {kind!r}")
