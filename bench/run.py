@@ -1,6 +1,7 @@
 """Side-by-side benchmark: regproxy vs distribution (proxy mode) vs nginx proxy_cache.
 
     python bench/run.py [--quick] [--systems regproxy,distribution,nginx] [--out FILE] [--keep]
+    python bench/run.py --scenarios wan     # image pulls through a WAN-shaped hop
 
 See bench/README.md for what is measured and how each system is configured.
 """
@@ -29,18 +30,26 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.load import MANIFEST_ACCEPT, run_ab, run_load, run_wrk  # noqa: E402
-from bench.seed import MiB, Seeded, Sizes, seed  # noqa: E402
+from bench.seed import MiB, Seeded, Sizes, WanImage, seed, seed_wan  # noqa: E402
 from bench.systems import (  # noqa: E402
     CountingHop,
     Distribution,
     Managed,
     NginxCache,
     Regproxy,
+    UpstreamCounter,
+    WanHop,
 )
 from tests.support.registry import RegistryProcess  # noqa: E402
 
 SYSTEMS = ("regproxy", "distribution", "nginx")
-SCENARIOS = ("burst", "single", "pull", "warm", "manifests")
+SCENARIOS = ("burst", "single", "pull", "warm", "manifests")  # on loopback: the default
+WAN = "wan"  # image pulls through the WAN hop (bench/wanhop.py)
+ALL_SCENARIOS = (*SCENARIOS, WAN)
+DIRECT = "direct"  # the WAN hop's port for the client pulling straight from the origin
+WAN_CONCURRENCY = 3  # docker's and containerd's max-concurrent-downloads
+WAN_WARM_PULLS = 3
+WAN_QUIET_WAIT = 5.0  # the WAN pulls are bound by the modelled link, less by the CPUs
 ORIGIN = "origin"
 GiB = 1 << 30
 BURST_CLIENTS = 16
@@ -68,6 +77,7 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    legend: list[str] = field(default_factory=list)  # how to read some rows
 
     def row(self, key: str, label: str, spec: str) -> None:
         if all(r.key != key for r in self.rows):
@@ -149,7 +159,7 @@ def wait_quiet(res: Results, label: str, max_wait: float = 20.0, limit: float = 
 
 
 @contextlib.contextmanager
-def counted(hop: CountingHop, system: str) -> Iterator[dict[str, Any]]:
+def counted(hop: UpstreamCounter, system: str) -> Iterator[dict[str, Any]]:
     """Upstream traffic (through ``system``'s hop) of the block, background fills included."""
     hop.wait_idle()
     mark = hop.mark(system)
@@ -401,44 +411,174 @@ def define_rows(res: Results, sizes: Sizes) -> None:
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
-def make_system(name: str, work: Path, hop: CountingHop, regproxy_args: list[str]) -> Managed:
-    upstream = hop.hop_url(name)
+def make_system(name: str, workdir: Path, upstream: str, regproxy_args: list[str]) -> Managed:
     factories: dict[str, Callable[[], Managed]] = {
-        "regproxy": lambda: Regproxy(work / name, upstream, extra_args=regproxy_args),
-        "distribution": lambda: Distribution(work / name, upstream),
-        "nginx": lambda: NginxCache(work / name, upstream),
+        "regproxy": lambda: Regproxy(workdir, upstream, extra_args=regproxy_args),
+        "distribution": lambda: Distribution(workdir, upstream),
+        "nginx": lambda: NginxCache(workdir, upstream),
     }
     return factories[name]()
 
 
+@contextlib.contextmanager
+def running(name: str, sut: Managed, res: Results) -> Iterator[None]:
+    """Run a system for the block: a failed scenario and the system's warnings become notes."""
+    sut.start()
+    try:
+        yield
+    except (RuntimeError, OSError, KeyError, ValueError, TypeError):
+        res.note(f"{name}: scenario failed: {traceback.format_exc(limit=3)}")
+    finally:
+        problems = log_problems(sut)
+        sut.stop()
+    if problems:
+        res.note(f"{name}: {len(problems)} warning/error log lines, e.g.: "
+                 + " || ".join(p[:300] for p in problems[:3]))
+
+
 def run(systems: list[str], sizes: Sizes, work: Path, res: Results, regproxy_args: list[str],
-        scenarios: set[str]) -> None:
+        scenarios: set[str], wan_shape: dict[str, float], quick: bool) -> None:
     define_rows(res, sizes)
     with contextlib.ExitStack() as stack:
         origin = RegistryProcess(work / "origin")
         origin.start()
         stack.callback(origin.stop)
-        t = time.monotonic()
-        seeded = seed(origin.url, work, sizes, systems)
-        print(f"seeded the origin in {time.monotonic() - t:.1f}s", flush=True)
-        hop = CountingHop(work / "hop", origin.port, [*systems, ORIGIN])
-        hop.start()
-        stack.callback(hop.stop)
-        origin_baseline(origin, hop, seeded, sizes, res, work, scenarios)
-        for name in systems:
-            print(f"== {name}", flush=True)
-            sut = make_system(name, work, hop, regproxy_args)
-            sut.start()
-            try:
-                bench_system(name, sut, hop, seeded, sizes, res, work, scenarios)
-            except (RuntimeError, OSError, KeyError, ValueError, TypeError):
-                res.note(f"{name}: scenario failed: {traceback.format_exc(limit=3)}")
-            finally:
-                problems = log_problems(sut)
-                sut.stop()
-            if problems:
-                res.note(f"{name}: {len(problems)} warning/error log lines, e.g.: "
-                         + " || ".join(p[:300] for p in problems[:3]))
+        if scenarios & set(SCENARIOS):
+            t = time.monotonic()
+            seeded = seed(origin.url, work, sizes, systems)
+            print(f"seeded the origin in {time.monotonic() - t:.1f}s", flush=True)
+            hop = CountingHop(work / "hop", origin.port, [*systems, ORIGIN])
+            hop.start()
+            stack.callback(hop.stop)
+            origin_baseline(origin, hop, seeded, sizes, res, work, scenarios)
+            for name in systems:
+                print(f"== {name}", flush=True)
+                sut = make_system(name, work / name, hop.hop_url(name), regproxy_args)
+                with running(name, sut, res):
+                    bench_system(name, sut, hop, seeded, sizes, res, work, scenarios)
+        if WAN in scenarios:
+            run_wan(systems, origin, quick, wan_shape, res, work, regproxy_args, stack)
+
+
+# ---------------------------------------------------------------------------------------
+# WAN scenarios: image pulls through the WAN hop
+# ---------------------------------------------------------------------------------------
+def run_wan(systems: list[str], origin: RegistryProcess, quick: bool, shape: dict[str, float], res: Results,
+            work: Path, regproxy_args: list[str], stack: contextlib.ExitStack) -> None:
+    """Cold and warm pulls of each WAN image through each system, which reaches the origin
+    through the WAN hop, and the same pulls straight through the hop (direct)."""
+    columns = [*systems, DIRECT]
+    t = time.monotonic()
+    images = seed_wan(origin.url, work, quick, columns)
+    print(f"seeded the WAN images in {time.monotonic() - t:.1f}s", flush=True)
+    define_wan_rows(res, images)
+    hop = WanHop(work / "wanhop", origin.port, columns, **shape)
+    hop.start()
+    stack.callback(hop.stop)
+    print(f"== WAN hop: {hop.shape}\n== direct (through the WAN hop)", flush=True)
+    for image in images:
+        wan_direct(hop, image, res, work)
+    for name in systems:
+        print(f"== {name} (WAN)", flush=True)
+        sut = make_system(name, work / f"wan-{name}", hop.hop_url(name), regproxy_args)
+        with running(name, sut, res):
+            for image in images:
+                wan_system(name, sut.url, hop, image, res, work)
+    status = hop.status()
+    relayed = sum(lst["bytes"] for lst in status["listeners"].values())
+    res.legend.append(
+        f"WAN rows: client -> system -> WAN hop ({hop.shape}) -> origin; in them the 'origin (direct)' "
+        f"column is the same pull straight through the same hop (median of 3 pulls; 1 for images "
+        f"over 256 MiB), and '÷ direct' divides by it. Pulls as docker and containerd do them: "
+        f"manifest, config, then layers {WAN_CONCURRENCY} at a time on pooled connections. Cold: "
+        f"one pull of the system's own fresh copy of the image; warm: {WAN_WARM_PULLS} pulls right "
+        f"after it, median time, most upstream requests, bytes and connections. Upstream requests and body "
+        f"bytes are counted at the hop. The hop relayed {relayed / GiB:.1f} GiB of bodies on "
+        f"{status['cpu_s']:.1f} s of CPU.")
+
+
+def define_wan_rows(res: Results, images: list[WanImage]) -> None:
+    for image in images:
+        label = f"WAN {image.label}"
+        for phase, what in (("cold", "cold pull"), ("warm", "warm pull")):
+            res.row(f"wan.{image.key}.{phase}.time", f"{label}: {what}, s ↓", ".2f")
+            res.row(f"wan.{image.key}.{phase}.vs", f"{label}: {what} ÷ direct ↓", ".2f")
+            res.row(f"wan.{image.key}.{phase}.upreq", f"{label}: {what}: upstream requests ↓", "d")
+            res.row(f"wan.{image.key}.{phase}.upbytes", f"{label}: {what}: upstream bytes ÷ image size ↓",
+                    ".2f")
+            res.row(f"wan.{image.key}.{phase}.upconn", f"{label}: {what}: upstream connections opened ↓",
+                    "d")
+
+
+@contextlib.contextmanager
+def wan_counted(hop: WanHop, column: str) -> Iterator[dict[str, Any]]:
+    """:func:`counted`, plus the connections the column opened to the hop (each costs a
+    round trip before it carries anything)."""
+    before = hop.status()["listeners"][column]["connections"]
+    with counted(hop, column) as up:
+        yield up
+    up["connections"] = hop.status()["listeners"][column]["connections"] - before
+
+
+def wan_pull(base: str, image: WanImage, column: str, res: Results, what: str) -> float:
+    """One pull of the column's copy of ``image`` from ``base``: its time."""
+    copy = image.copies[column]
+    r = run_load({"kind": "image", "base": base, "repo": copy.repo, "ref": copy.tag,
+                  "concurrency": WAN_CONCURRENCY}, timeout=900)
+    if r.get("error") or r.get("error_count"):
+        res.note(f"{what}: pull errors: {r.get('error') or r['errors']}")
+    elif r["bytes"] != image.size(column):
+        res.note(f"{what}: pulled {r['bytes']} bytes of {image.size(column)}")
+    seconds: float = r["seconds"]
+    return seconds
+
+
+def wan_direct(hop: WanHop, image: WanImage, res: Results, work: Path) -> None:
+    """The reference: the same pull straight from the origin through the hop."""
+    size = image.size(DIRECT)
+    times, requests, ratios, conns = [], [], [], []
+    wait_quiet(res, f"direct WAN pulls {image.key}", max_wait=WAN_QUIET_WAIT)
+    for _ in range(1 if size > 256 * MiB else 3):
+        with wan_counted(hop, DIRECT) as up:
+            times.append(wan_pull(hop.hop_url(DIRECT), image, DIRECT, res, f"direct {image.key}"))
+        requests.append(up["count"].requests)
+        ratios.append(up["count"].bytes / size)
+        conns.append(up["connections"])
+    for phase in ("cold", "warm"):
+        res.set(f"wan.{image.key}.{phase}.time", ORIGIN, statistics.median(times))
+        res.set(f"wan.{image.key}.{phase}.upreq", ORIGIN, max(requests))
+        res.set(f"wan.{image.key}.{phase}.upbytes", ORIGIN, max(ratios))
+        res.set(f"wan.{image.key}.{phase}.upconn", ORIGIN, max(conns))
+    print(f"  {image.label}: {' / '.join(f'{t:.2f}' for t in times)} s, {max(requests)} requests, "
+          f"{max(conns)} connections", flush=True)
+
+
+def wan_system(name: str, base: str, hop: WanHop, image: WanImage, res: Results, work: Path) -> None:
+    """A cold pull of the system's own copy, then warm pulls of it."""
+    size = image.size(name)
+    direct = res.values.get(f"wan.{image.key}.cold.time", {}).get(ORIGIN)
+    wait_quiet(res, f"{name} WAN cold pull {image.key}", max_wait=WAN_QUIET_WAIT)
+    scratch(work, max(64 * MiB, size + size // 8))
+    runs: dict[str, list[tuple[float, int, float, int]]] = {"cold": [], "warm": []}
+    for phase in ["cold"] + ["warm"] * WAN_WARM_PULLS:
+        with wan_counted(hop, name) as up:
+            seconds = wan_pull(base, image, name, res, f"{name} {phase} {image.key}")
+        if up.get("busy"):
+            res.note(f"{name} {phase} {image.key}: upstream requests still in flight after 120 s")
+        runs[phase].append((seconds, up["count"].requests, up["count"].bytes / size, up["connections"]))
+    for phase, values in runs.items():
+        seconds = statistics.median(v[0] for v in values)
+        res.set(f"wan.{image.key}.{phase}.time", name, seconds)
+        res.set(f"wan.{image.key}.{phase}.upreq", name, max(v[1] for v in values))
+        res.set(f"wan.{image.key}.{phase}.upbytes", name, max(v[2] for v in values))
+        res.set(f"wan.{image.key}.{phase}.upconn", name, max(v[3] for v in values))
+        if direct:
+            res.set(f"wan.{image.key}.{phase}.vs", name, seconds / direct)
+    cold, warm = runs["cold"][0], runs["warm"]
+    print(f"  {image.label}: cold {cold[0]:.2f} s ({cold[1]} upstream requests, {cold[2]:.2f}x bytes, "
+          f"{cold[3]} connections), "
+          f"warm {' / '.join(f'{w[0]:.2f}' for w in warm)} s ({max(w[1] for w in warm)} upstream requests)",
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,16 +591,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regproxy-args", default="", metavar="ARGS",
                         help="extra arguments for 'python -m proxy serve', e.g. '--workers 2'")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help="comma-separated subset of %(default)s")
+                        help=f"comma-separated subset of %(default)s (on loopback), and/or {WAN} "
+                             f"(image pulls through the WAN hop), or 'all'")
+    parser.add_argument("--wan-rtt-ms", type=float, default=40.0, help="WAN hop round trip (%(default)s)")
+    parser.add_argument("--wan-conn-mibs", type=float, default=25.0,
+                        help="WAN hop throughput per connection, MiB/s (%(default)s; 0: no cap)")
+    parser.add_argument("--wan-total-mibs", type=float, default=200.0,
+                        help="WAN hop throughput in all, MiB/s (%(default)s; 0: no cap)")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         parser.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
     scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
-    if not scenarios or scenarios - set(SCENARIOS):
-        parser.error(f"unknown scenario(s) {sorted(scenarios - set(SCENARIOS))}; choose from "
-                     f"{', '.join(SCENARIOS)}")
+    if "all" in scenarios:
+        scenarios = (scenarios - {"all"}) | set(ALL_SCENARIOS)
+    if not scenarios or scenarios - set(ALL_SCENARIOS):
+        parser.error(f"unknown scenario(s) {sorted(scenarios - set(ALL_SCENARIOS))}; choose from "
+                     f"{', '.join(ALL_SCENARIOS)}, all")
+    wan_shape = {"rtt_ms": args.wan_rtt_ms, "conn_mibs": args.wan_conn_mibs,
+                 "total_mibs": args.wan_total_mibs}
     sizes = Sizes.quick() if args.quick else Sizes.full()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -470,14 +620,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm(6 * 60 if args.quick else 25 * 60)
+    signal.alarm((6 if args.quick else 25) * 60 + (5 if args.quick else 10) * 60 * (WAN in scenarios))
 
     work = Path(tempfile.mkdtemp(prefix="regproxy-bench-"))
     res = Results()
     started = time.monotonic()
     status = 0
     try:
-        run(systems, sizes, work, res, shlex.split(args.regproxy_args), scenarios)
+        run(systems, sizes, work, res, shlex.split(args.regproxy_args), scenarios, wan_shape, args.quick)
     except (KeyboardInterrupt, Deadline) as exc:
         res.note(f"run aborted: {exc!r}")
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
@@ -490,11 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     if args.regproxy_args:
         mode += f" (regproxy {args.regproxy_args})"
-    text = (f"{res.table(systems)}\n\n{mode} run, {time.monotonic() - started:.0f} s; warm, manifest and "
-            f"cold-pull figures are the median of {sizes.windows} window(s) (cold pulls: one "
-            f"cold copy of the image each; upstream counts: the most of them), the others one "
-            f"run each; "
-            f"↑/↓: higher/lower is better; ratios are regproxy ÷ other.\n")
+    text = f"{res.table(systems)}\n\n{mode} run, {time.monotonic() - started:.0f} s; "
+    if scenarios & set(SCENARIOS):
+        text += (f"warm, manifest and cold-pull figures are the median of {sizes.windows} window(s) "
+                 f"(cold pulls: one cold copy of the image each; upstream counts: the most of "
+                 f"them), the others one run each; ")
+    text += "↑/↓: higher/lower is better; ratios are regproxy ÷ other.\n"
+    text += "".join(f"\n{line}\n" for line in res.legend)
     if res.notes:
         text += "\nNotes:\n" + "".join(f"- {n}\n" for n in res.notes)
     print("\n" + text)

@@ -85,3 +85,65 @@ async def _seed(base: str, workdir: Path, sizes: Sizes, systems: list[str]) -> S
 def seed(base: str, workdir: Path, sizes: Sizes, systems: list[str]) -> Seeded:
     """Push the benchmark's images to the registry at ``base``."""
     return asyncio.run(_seed(base, workdir, sizes, systems))
+
+
+# ---------------------------------------------------------------------------------------
+# the WAN scenarios' images
+# ---------------------------------------------------------------------------------------
+KiB = 1 << 10
+
+
+@dataclass(frozen=True)
+class WanImage:
+    """One WAN scenario's image: its layers, and one copy with its own random layers per
+    column (each system's cold pull is truly cold)."""
+
+    key: str
+    label: str
+    layer_sizes: tuple[int, ...]
+    copies: dict[str, PushedImage]
+
+    def size(self, column: str) -> int:
+        """Manifest + config + layers of the column's copy."""
+        image = self.copies[column]
+        return len(image.manifest) + image.config.size + sum(layer.size for layer in image.layers)
+
+
+def wan_layer_sizes(quick: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(key, label, layer sizes) of the three WAN images: (a) many small layers, (b) one big
+    layer, (c) a realistic mix (a few tiny metadata layers, a base OS, runtimes, the app)."""
+    if quick:
+        return [("layers", "(a) 10 x 1 MiB", (MiB,) * 10),
+                ("big", "(b) 1 x 64 MiB", (64 * MiB,)),
+                ("mix", "(c) mix, 8 layers 2 KiB-16 MiB",
+                 (2 * KiB, 48 * KiB, 512 * KiB, MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB))]
+    return [("layers", "(a) 50 x 1 MiB", (MiB,) * 50),
+            ("big", "(b) 1 x 512 MiB", (512 * MiB,)),
+            ("mix", "(c) mix, 8 layers 2 KiB-80 MiB",
+             (2 * KiB, 48 * KiB, 512 * KiB, 2 * MiB, 6 * MiB, 14 * MiB, 30 * MiB, 80 * MiB))]
+
+
+async def _seed_wan(base: str, workdir: Path, quick: bool, columns: list[str]) -> list[WanImage]:
+    layers_dir = workdir / "wan-layers"
+    layers_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for k, (key, label, sizes) in enumerate(wan_layer_sizes(quick)):
+            copies = {}
+            for c, column in enumerate(columns):
+                paths = []
+                for i, size in enumerate(sizes):
+                    path = layers_dir / f"{key}-{column}-{i}"
+                    await asyncio.to_thread(make_layer_file, path, size, 10_000 * (k + 1) + 100 * c + i)
+                    paths.append(path)
+                copies[column] = await push_image(session, base, f"wan/{key}", column, paths)
+                for path in paths:
+                    os.unlink(path)
+            out.append(WanImage(key, label, sizes, copies))
+    return out
+
+
+def seed_wan(base: str, workdir: Path, quick: bool, columns: list[str]) -> list[WanImage]:
+    """Push the WAN images (one copy per column: each system and the direct client)."""
+    return asyncio.run(_seed_wan(base, workdir, quick, columns))

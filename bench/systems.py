@@ -8,6 +8,7 @@ stopped by :meth:`Managed.stop` (SIGTERM, then SIGKILL), which the caller runs f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,9 +16,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol
 
 from tests.support.registry import REGISTRY_BINARY, free_port
 
@@ -210,6 +212,50 @@ class HopCount:
     statuses: dict[int, int]
 
 
+class UpstreamCounter(Protocol):
+    """A hop that counts each system's upstream traffic (:class:`CountingHop`, :class:`WanHop`)."""
+
+    def wait_idle(self, timeout: float = 60.0) -> bool: ...
+    def mark(self, system: str) -> int: ...
+    def count_since(self, system: str, offset: int) -> HopCount: ...
+
+
+def log_mark(path: Path) -> int:
+    """Current end of a hop log."""
+    return path.stat().st_size if path.exists() else 0
+
+
+def log_count(path: Path, offset: int) -> HopCount:
+    """Requests and body bytes in a hop log (``METHOD path status bytes`` lines) after ``offset``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    lines = []
+    for raw in text.splitlines():
+        parts = raw.split()
+        if len(parts) == 4:
+            lines.append(HopLine(parts[0], parts[1], int(parts[2]), int(parts[3])))
+    statuses: dict[int, int] = {}
+    for line in lines:
+        statuses[line.status] = statuses.get(line.status, 0) + 1
+    return HopCount(
+        requests=len(lines),
+        blob_gets=sum(1 for line in lines if line.method == "GET" and "/blobs/" in line.path),
+        bytes=sum(line.bytes for line in lines),
+        statuses=statuses,
+    )
+
+
+def wait_idle(active: Callable[[], int], timeout: float) -> bool:
+    """Wait until ``active()`` (requests in flight through a hop) is 0."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if active() <= 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class CountingHop(Nginx):
     """One nginx relay in front of the origin, one ``server`` (port + access log) per system.
 
@@ -251,8 +297,7 @@ class CountingHop(Nginx):
 
     def mark(self, system: str) -> int:
         """Current end of the system's hop log."""
-        path = self.log_path_of(system)
-        return path.stat().st_size if path.exists() else 0
+        return log_mark(self.log_path_of(system))
 
     def active_requests(self) -> int:
         """Requests in flight through any hop server (``Writing`` minus the status request)."""
@@ -264,32 +309,57 @@ class CountingHop(Nginx):
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until nothing is in flight through the hop (background fills included)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.active_requests() <= 0:
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_idle(self.active_requests, timeout)
 
     def count_since(self, system: str, offset: int) -> HopCount:
         """Requests and bytes the system pulled through its hop since ``offset``."""
-        with open(self.log_path_of(system), "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        lines = []
-        for raw in text.splitlines():
-            parts = raw.split()
-            if len(parts) == 4:
-                lines.append(HopLine(parts[0], parts[1], int(parts[2]), int(parts[3])))
-        statuses: dict[int, int] = {}
-        for line in lines:
-            statuses[line.status] = statuses.get(line.status, 0) + 1
-        return HopCount(
-            requests=len(lines),
-            blob_gets=sum(1 for line in lines if line.method == "GET" and "/blobs/" in line.path),
-            bytes=sum(line.bytes for line in lines),
-            statuses=statuses,
-        )
+        return log_count(self.log_path_of(system), offset)
+
+
+class WanHop(Managed):
+    """The WAN hop (``bench/wanhop.py``, its own process) in front of the origin: one
+    listening port per system and one for the direct client, all sharing the modelled
+    link; it logs each response as the counting hop does and answers ``/status``."""
+
+    name = "WAN hop"
+
+    def __init__(self, workdir: Path, origin_port: int, columns: list[str], *, rtt_ms: float = 40.0,
+                 conn_mibs: float = 25.0, total_mibs: float = 200.0) -> None:
+        super().__init__(workdir)
+        self.ports = {name: free_port() for name in columns}
+        self.origin_port = origin_port
+        self.rtt_ms, self.conn_mibs, self.total_mibs = rtt_ms, conn_mibs, total_mibs
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.wanhop", "--control", f"127.0.0.1:{self.port}",
+                "--log-dir", str(self.workdir), "--rtt-ms", f"{self.rtt_ms:g}",
+                "--conn-mibs", f"{self.conn_mibs:g}", "--total-mibs", f"{self.total_mibs:g}",
+                *(f"--listen={name}={port}:127.0.0.1:{self.origin_port}"
+                  for name, port in self.ports.items())]
+
+    @property
+    def shape(self) -> str:
+        return (f"RTT {self.rtt_ms:g} ms, {self.conn_mibs:g} MiB/s per connection, "
+                f"{self.total_mibs:g} MiB/s in all")
+
+    def hop_url(self, system: str) -> str:
+        return f"http://127.0.0.1:{self.ports[system]}"
+
+    def log_path_of(self, system: str) -> Path:
+        return self.workdir / f"hop-{system}.log"
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(http_text(f"{self.url}/status"))
+        return result
+
+    def mark(self, system: str) -> int:
+        return log_mark(self.log_path_of(system))
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        return wait_idle(lambda: int(self.status()["active"]), timeout)
+
+    def count_since(self, system: str, offset: int) -> HopCount:
+        return log_count(self.log_path_of(system), offset)
 
 
 class NginxCache(Nginx):
