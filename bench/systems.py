@@ -339,8 +339,10 @@ class WanHop(Managed):
 
     @property
     def shape(self) -> str:
-        return (f"RTT {self.rtt_ms:g} ms, {self.conn_mibs:g} MiB/s per connection, "
-                f"{self.total_mibs:g} MiB/s in all")
+        def cap(mibs: float) -> str:
+            return f"{mibs:g} MiB/s" if mibs else "no cap"
+
+        return f"RTT {self.rtt_ms:g} ms, {cap(self.conn_mibs)} per connection, {cap(self.total_mibs)} in all"
 
     def hop_url(self, system: str) -> str:
         return f"http://127.0.0.1:{self.ports[system]}"
