@@ -25,9 +25,10 @@ from aiohttp.web import BaseRequest, Request, RequestKey, ResponseKey, StreamRes
 from multidict import CIMultiDict, istr
 
 from proxy import metrics, requestnotes
-from proxy.handlers.common import CACHE_OUTCOME, ERROR, HOSTED_READ, REPO, USER
+from proxy.handlers.common import CACHE_OUTCOME, ERROR, REPO, USER
 from proxy.logsetup import FIELDS
 from proxy.requestnotes import UpstreamNotes
+from proxy.results import CacheOutcome
 from proxy.stats import CACHE_OUTCOMES, STATS
 
 #: Set on a response whose request gets no access-log line (it is counted in the metrics):
@@ -81,7 +82,7 @@ def _quoted(value: str, limit: int) -> str:
 #: Handlers whose requests are cache reads, and the kind they count as.
 _CACHE_KINDS = {"get_manifest": "manifest", "get_blob": "blob"}
 #: Cache outcomes whose bytes needed no upstream transfer of their own ("saved").
-_SAVED = frozenset((*CACHE_OUTCOMES, "stale", "coalesced"))
+_SAVED = frozenset((*CACHE_OUTCOMES, CacheOutcome.STALE, CacheOutcome.COALESCED))
 #: Where the fields of a pending entry are: requests, body bytes sent, seconds, then one
 #: count per latency bucket.
 _REQUESTS, _SENT, _SECONDS, _BUCKETS = 0, 1, 2, 3
@@ -92,7 +93,7 @@ _bucket = bisect.bisect_left  # the index of a latency's bucket (as metrics.late
 
 #: Requests not yet counted, by (handler, method, status, cache outcome, repository):
 #: see the fields above. The repository is kept for cache and hosted reads only.
-_PENDING: dict[tuple[str, str, int, str, str | None], list[float]] = {}
+_PENDING: dict[tuple[str, str, int, CacheOutcome, str | None], list[float]] = {}
 
 
 def fold() -> None:
@@ -104,10 +105,10 @@ def fold() -> None:
         buckets = [int(n) for n in entry[_BUCKETS:]]
         metrics.child(metrics.REQUEST_LATENCY, handler, outcome).add(buckets, entry[_SECONDS])
         kind = _CACHE_KINDS.get(handler)
-        if kind is None or outcome == "-":
+        if kind is None or outcome == CacheOutcome.NONE:
             continue
         body = method == "GET" and status in (200, 206)
-        if outcome == HOSTED_READ:  # served from the store, but no cache read
+        if outcome == CacheOutcome.HOSTED:  # served from the store, but no cache read
             STATS.record(repo, None, sent, requests=requests)
             if kind == "blob" and body:
                 metrics.count(metrics.BYTES_SERVED, "hosted", amount=sent)
@@ -117,7 +118,7 @@ def fold() -> None:
         if body and outcome in _SAVED:
             metrics.count(metrics.BYTES_SAVED, kind, amount=sent)
         if kind == "blob" and body:
-            source = "cache" if outcome == "hit" else "upstream"
+            source = "cache" if outcome == CacheOutcome.HIT else "upstream"
             metrics.count(metrics.BYTES_SERVED, source, amount=sent)
 
 
@@ -145,8 +146,8 @@ class AccessLogger(AbstractAccessLogger):
             handler: str = request.match_info.route.handler.__name__  # type: ignore[attr-defined]
         except (AttributeError, AssertionError):  # failed before routing (bad request line)
             handler = "none"
-        outcome = request.get(CACHE_OUTCOME, "-")
-        cache_read = outcome != "-" and handler in _CACHE_KINDS
+        outcome = request.get(CACHE_OUTCOME, CacheOutcome.NONE)
+        cache_read = outcome != CacheOutcome.NONE and handler in _CACHE_KINDS
         sent = _bytes_sent(request, response) if cache_read else 0
         key = (handler, request.method, response.status, outcome,
                request.get(REPO) if cache_read else None)
@@ -162,7 +163,7 @@ class AccessLogger(AbstractAccessLogger):
             self._line(request, response, time, outcome,
                        sent if cache_read else _bytes_sent(request, response))
 
-    def _line(self, request: BaseRequest, response: StreamResponse, time: float, outcome: str,
+    def _line(self, request: BaseRequest, response: StreamResponse, time: float, outcome: CacheOutcome,
               sent: int) -> None:
         notes = request.get(NOTES)
         upstream_ms = None if notes is None or notes.ms is None else round(notes.ms, 1)

@@ -9,6 +9,8 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
 
+from proxy.results import CacheOutcome
+
 #: Minutes of hit-ratio history kept.
 HISTORY_MINUTES = 6 * 60
 #: Repositories kept by :meth:`Stats.export` (the page shows the top ten).
@@ -16,9 +18,9 @@ EXPORTED_REPOSITORIES = 200
 
 
 #: Outcomes answered from the cache (a revalidated or refreshing tag included).
-CACHE_OUTCOMES = ("hit", "revalidated", "refreshing")
+CACHE_OUTCOMES = (CacheOutcome.HIT, CacheOutcome.REVALIDATED, CacheOutcome.REFRESHING)
 #: Outcomes left out of the hit ratio: a name that exists nowhere is no cache read.
-UNCOUNTED_OUTCOMES = ("not_found",)
+UNCOUNTED_OUTCOMES = (CacheOutcome.NOT_FOUND,)
 
 
 def served_from_cache(outcomes: Counter[str]) -> int:

@@ -1,6 +1,6 @@
 """The answer to a blob GET or HEAD: handlers describe the body, :class:`BlobResponse` sends it.
 
-A body is a :class:`~proxy.pullthrough.fill.LocalSpan` of a stored file, the
+A body is a :class:`~proxy.results.LocalSpan` of a stored file, the
 :class:`LocalSpans` of a file still being written, a :class:`ByteStream`, or a
 :class:`Redirect`. The response owns everything between that description and the socket,
 as aiohttp's ``FileResponse`` does in its ``prepare`` (which is not used: it opens and closes
@@ -24,14 +24,15 @@ from aiohttp.abc import AbstractStreamWriter
 from proxy.errors import BadGateway, RegistryError, StorageFailed
 from proxy.handlers.common import CACHE_OUTCOME, ERROR
 from proxy.handlers.ranges import parse_range
-from proxy.pullthrough.fill import LocalSpan, SpanSource, read_spans
+from proxy.pullthrough.fill import read_spans
+from proxy.results import CacheOutcome, LocalSpan, SpanSource
 
 log = logging.getLogger("regproxy.http")
 
 
 class LocalSpans(NamedTuple):
     """A local file still being written: ``source(start, end)`` yields its spans as they
-    may be sent (a fill reader's :attr:`~proxy.pullthrough.fill.BlobReader.local_spans`)."""
+    may be sent (a fill reader's :attr:`~proxy.results.BlobReader.local_spans`)."""
 
     source: SpanSource
 
@@ -236,8 +237,8 @@ class BlobResponse(web.StreamResponse):
             else:
                 log.exception("aborting %s for %s", request.path, request.remote)
             # (a full disk is this proxy's trouble, not the upstream's)
-            request[CACHE_OUTCOME] = ("error" if isinstance(exc, StorageFailed)
-                                      else "upstream_error")
+            request[CACHE_OUTCOME] = (CacheOutcome.ERROR if isinstance(exc, StorageFailed)
+                                      else CacheOutcome.UPSTREAM_ERROR)
             request[ERROR] = "transfer cut: " + (exc.message if isinstance(exc, RegistryError)
                                                  else f"{type(exc).__name__}: {exc}")
         if request.transport is not None:

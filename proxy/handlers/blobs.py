@@ -11,8 +11,8 @@ from aiohttp import web
 from proxy.errors import Unavailable
 from proxy.handlers.blobresponse import BlobResponse, ByteStream, LocalSpans, Redirect
 from proxy.handlers.common import CACHE_OUTCOME, hosted_only, reader_of, route_of
-from proxy.pullthrough.fill import BlobReader, LocalSpan
 from proxy.reference import Digest
+from proxy.results import BlobReader, CacheOutcome, FillingBlob, LocalSpan, StoredBlob, UpstreamHead
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -32,12 +32,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         result = await service.blob(route, digest, head=head)
         request[CACHE_OUTCOME] = result.outcome
         # whether the bytes come off the store or from the upstream (`regproxy warm` counts it)
-        headers["X-Cache"] = "hit" if result.stored else "miss"
-        if result.reader is not None:
-            return await send_reader(request, headers, result.size, result.reader)
-        if head or not result.stored:  # (a GET of a blob not stored has a reader)
+        headers["X-Cache"] = "hit" if isinstance(result, StoredBlob) else "miss"
+        match result:
+            case FillingBlob():
+                return await send_reader(request, headers, result.size, result.reader)
+            case UpstreamHead():
+                return await BlobResponse(headers, result.size, None).send(request)
+        if head:
             return await BlobResponse(headers, result.size, None).send(request)
-        assert result.size is not None
         path = store.local_path(digest)
         if path is None:
             url = await store.redirect_url(digest)
@@ -53,7 +55,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
                                       ).send(request)
         finally:
             os.close(fd)
-    request[CACHE_OUTCOME] = "error"
+    request[CACHE_OUTCOME] = CacheOutcome.ERROR
     raise Unavailable(f"blob {digest} was evicted while being served; retry")
 
 

@@ -17,6 +17,7 @@ from proxy.handlers.blobs import send_reader
 from proxy.handlers.common import CACHE_OUTCOME, PULLTHROUGH
 from proxy.pullthrough.cluster import SECRET_HEADER
 from proxy.reference import Digest
+from proxy.results import CacheOutcome
 
 
 def is_utf8(value: str) -> bool:
@@ -45,7 +46,7 @@ async def serve_fill(request: web.Request) -> web.StreamResponse:
     result = await pullthrough.local_fill(digest)
     if result is None or result.reader is None:
         raise BlobUnknown(f"no fill of {digest} here")
-    request[CACHE_OUTCOME] = "peer"
+    request[CACHE_OUTCOME] = CacheOutcome.PEER
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
     return await send_reader(request, headers, result.size, result.reader)
 

@@ -12,7 +12,7 @@ from proxy.errors import RegistryError, Unsupported
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.evictor import Evictor
-from proxy.pullthrough.service import HOSTED as HOSTED_READ
+from proxy.results import CacheOutcome
 from proxy.routing import Route, Router
 from proxy.storage.failures import storage_failure
 from proxy.workerstatus import WorkerStatus
@@ -23,7 +23,7 @@ ROUTER = web.AppKey("router", Router)
 PULLTHROUGH = web.AppKey("pullthrough", PullThrough)
 HOSTED = web.AppKey("hosted", Hosted)
 #: Per-request notes for the access log and metrics: the cache outcome and the local name.
-CACHE_OUTCOME = web.RequestKey("regproxy.cache", str)
+CACHE_OUTCOME = web.RequestKey("regproxy.cache", CacheOutcome)
 REPO = web.RequestKey("regproxy.repo", str)
 #: Set by the auth layer: which local names ``_catalog`` may list for this client.
 CATALOG_FILTER: web.RequestKey[Callable[[str], bool]] = web.RequestKey("regproxy.catalog_filter")
@@ -52,7 +52,7 @@ def reader_of(request: web.Request, route: Route) -> Hosted | PullThrough:
     """The service that answers reads of ``route``: the store alone, or the pull-through.
     Reads of hosted repositories are no cache reads, whatever their answer."""
     if route.hosted:
-        request[CACHE_OUTCOME] = HOSTED_READ
+        request[CACHE_OUTCOME] = CacheOutcome.HOSTED
         return request.app[HOSTED]
     return request.app[PULLTHROUGH]
 
@@ -119,13 +119,13 @@ async def oci_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return _answer_error(request, exc)
 
 
-def error_outcome(status: int) -> str:
+def error_outcome(status: int) -> CacheOutcome:
     """The cache outcome of a read that failed with ``status`` before it had one: a name
     that exists nowhere is ``not_found``, a failure to serve it ``error``; a refused
     request (bad name, no credentials, no right) is no cache read at all (``-``)."""
     if status == 404:
-        return "not_found"
-    return "error" if status >= 500 else "-"
+        return CacheOutcome.NOT_FOUND
+    return CacheOutcome.ERROR if status >= 500 else CacheOutcome.NONE
 
 
 def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
@@ -140,8 +140,8 @@ def _answer_error(request: web.Request, exc: Exception) -> web.StreamResponse:
     if failed is not None:
         log.error("%s %s: %s", request.method, request.path[:200], failed.message)
         request[ERROR] = f"{failed.code}: {failed.message}"
-        if request.get(CACHE_OUTCOME) != HOSTED_READ:  # (a hosted read is no cache read)
-            request[CACHE_OUTCOME] = "error"
+        if request.get(CACHE_OUTCOME) != CacheOutcome.HOSTED:  # (no cache read)
+            request[CACHE_OUTCOME] = CacheOutcome.ERROR
         return error_response(failed)
     if isinstance(exc, web.HTTPNotFound):
         return error_response(EndpointUnknown(f"no API endpoint at {request.path[:200]}"))

@@ -10,8 +10,8 @@ from aiohttp import web
 
 from proxy.errors import RegistryError, TagInvalid
 from proxy.handlers.common import CATALOG_FILTER, PULLTHROUGH, ROUTER, reader_of, route_of
-from proxy.pullthrough.service import paginate
 from proxy.reference import is_tag, validate_name
+from proxy.results import paginate
 
 #: Upper bound on ``n`` so one request cannot ask for an unbounded page.
 MAX_PAGE = 10_000

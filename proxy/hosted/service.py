@@ -36,8 +36,8 @@ from proxy.mediatypes import (
     references,
     sniff_media_type,
 )
-from proxy.pullthrough.service import HOSTED, BlobResult, ManifestResult, paginate
 from proxy.reference import Digest
+from proxy.results import CacheOutcome, ManifestResult, StoredBlob, paginate
 from proxy.routing import Route
 from proxy.singleflight import KeyedLocks
 from proxy.storage import Store, Upload, UploadStore
@@ -85,16 +85,17 @@ class Hosted:
         item = await self.store.get_manifest(digest)
         if item is None:
             raise ManifestUnknown(f"manifest {digest} unknown")
-        return ManifestResult(digest, item.media_type, len(item.data), item.data, HOSTED)
+        return ManifestResult(digest, item.media_type, len(item.data), item.data,
+                              CacheOutcome.HOSTED)
 
-    async def blob(self, route: Route, digest: Digest, *, head: bool) -> BlobResult:
+    async def blob(self, route: Route, digest: Digest, *, head: bool) -> StoredBlob:
         """A blob linked to the repository (pushed, mounted, or a manifest of it)."""
         size = await self.store.blob_size(digest)
         linked = await self.store.has_blob_link(route.key, digest) or await self.store.has_manifest_link(
             route.key, digest)
         if size is None or not linked:
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
-        return BlobResult(digest, size, HOSTED, stored=True)
+        return StoredBlob(digest, size, CacheOutcome.HOSTED)
 
     async def tags(self, route: Route, n: int | None, last: str | None) -> tuple[list[str], bool]:
         tags = await self.store.list_tags(route.key)

@@ -1,6 +1,5 @@
 """Pull-through caching: serve from the store, fill it from the upstream on a miss."""
 
-from proxy.pullthrough.fill import BlobFill
-from proxy.pullthrough.service import BlobResult, ManifestResult, PullThrough
+from proxy.pullthrough.service import PullThrough
 
-__all__ = ["BlobFill", "BlobResult", "ManifestResult", "PullThrough"]
+__all__ = ["PullThrough"]

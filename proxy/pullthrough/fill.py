@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from proxy import metrics
 from proxy.errors import (
@@ -34,6 +34,7 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.reference import Digest
+from proxy.results import LocalSpan, SpanSource
 from proxy.storage import BlobWriter, FilesystemStore, Store
 from proxy.storage.failures import storage_failure
 from proxy.upstream import Endpoint, UpstreamClient, upstream_error
@@ -56,15 +57,6 @@ PIPELINE_MAX_BATCH = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 
 
-class LocalSpan(NamedTuple):
-    """Bytes ``[offset, offset + length)`` of an open file, ready to be sent as they are
-    (``sendfile``) or read."""
-
-    fd: int
-    offset: int
-    length: int
-
-
 async def read_spans(spans: AsyncIterator[LocalSpan]) -> AsyncIterator[bytes]:
     """The bytes of ``spans``, read in chunks of at most :data:`READ_CHUNK` (for clients
     that cannot take ``sendfile``: TLS, chunked bodies, peers)."""
@@ -76,24 +68,6 @@ async def read_spans(spans: AsyncIterator[LocalSpan]) -> AsyncIterator[bytes]:
                 raise BadGateway("blob file shrank while being read")
             pos += len(data)
             yield data
-
-
-#: ``source(start, end)``: the spans of bytes ``[start, end)`` of a local file, as they may
-#: be sent.
-SpanSource = Callable[[int, int | None], AsyncIterator[LocalSpan]]
-
-
-class BlobReader(Protocol):
-    """A client's view of a blob still arriving, as the HTTP layer takes it: its bytes, and
-    for readers of a local file their spans, to be sent without a copy (``sendfile``)."""
-
-    @property
-    def local_spans(self) -> SpanSource | None:
-        """The spans of the file being read; ``None`` when there is no local file."""
-        ...
-
-    def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]: ...
-    def close(self) -> None: ...
 
 
 class FillSink(Protocol):

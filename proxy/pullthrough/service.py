@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from proxy.errors import (
@@ -36,10 +36,20 @@ from proxy.mediatypes import (
     sniff_media_type,
 )
 from proxy.pullthrough.cluster import Cluster, FillLease, Holder, RemoteReader
-from proxy.pullthrough.fill import BlobFill, BlobReader, TailReader
+from proxy.pullthrough.fill import BlobFill, TailReader
 from proxy.pullthrough.links import RepositoryLinks
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
+from proxy.results import (
+    BlobReader,
+    BlobResult,
+    CacheOutcome,
+    FillingBlob,
+    ManifestResult,
+    StoredBlob,
+    UpstreamHead,
+    paginate,
+)
 from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import KeyedLocks, SingleFlight
@@ -48,36 +58,6 @@ from proxy.storage.failures import storage_failure
 from proxy.upstream import BreakerState, Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")
-
-HIT, MISS, COALESCED, STALE, REVALIDATED = "hit", "miss", "coalesced", "stale", "revalidated"
-#: A tag just past its TTL, answered at once while it is revalidated in the background.
-REFRESHING = "refreshing"
-#: A read of a hosted repository: answered from the store, but no cache read.
-HOSTED = "hosted"
-
-
-@dataclass(slots=True)
-class ManifestResult:
-    """A manifest to answer with; ``data`` is ``None`` for a HEAD answered from upstream."""
-
-    digest: Digest
-    media_type: str
-    size: int
-    data: bytes | None
-    outcome: str
-
-
-@dataclass(slots=True)
-class BlobResult:
-    """A blob to answer with: stored, or a running fill to tail (GET only), or neither
-    (a HEAD answered from upstream)."""
-
-    digest: Digest
-    size: int | None
-    outcome: str
-    stored: bool = False
-    reader: BlobReader | None = None
-
 
 class PullThrough:
     """Reads of cached repositories, backed by the store and the upstreams."""
@@ -213,7 +193,7 @@ class PullThrough:
         item = self._memory.get(str(digest))
         if item is None or (digest is not reference and not accepts(accepted, item.media_type)):
             return None
-        return _result(item, HIT)
+        return _result(item, CacheOutcome.HIT)
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> ManifestResult:
         local = await self.local_manifest(digest)
@@ -222,7 +202,7 @@ class PullThrough:
             if not linked:
                 await self._confirm(route, digest, manifest=True)
                 await self.links.add_manifest(route.key, local)
-            return _result(local, HIT)
+            return _result(local, CacheOutcome.HIT)
         try:
             if head:
                 return await self._head_manifest(route, str(digest), expect=digest)
@@ -232,14 +212,14 @@ class PullThrough:
             if linked:
                 raise
             raise _not_vouched(exc, route, digest, manifest=True) from None
-        return replace(result, outcome=COALESCED if shared else result.outcome)
+        return replace(result, outcome=CacheOutcome.COALESCED if shared else result.outcome)
 
     async def _fetch_by_digest(self, route: Route, digest: Digest) -> ManifestResult:
         async def stored() -> ManifestResult | None:
             item = await self.local_manifest(digest)  # (the peer linked it: same repository)
             if item is None or not await self.links.holds_manifest(route.key, digest):
                 return None
-            return _result(item, COALESCED)
+            return _result(item, CacheOutcome.COALESCED)
 
         peer = await self._from_peer(f"manifest:{route.key}@{digest}", stored)
         return peer if peer is not None else await self._fetch_manifest(route, str(digest), digest)
@@ -268,8 +248,8 @@ class PullThrough:
             if local is not None:
                 if stale:
                     self._refresh_in_background(route, tag, key)
-                    return _result(local, REFRESHING)
-                return _result(local, HIT)
+                    return _result(local, CacheOutcome.REFRESHING)
+                return _result(local, CacheOutcome.HIT)
         outage = await self._stale_in_outage(route, tag, key)
         if outage is not None:
             return outage
@@ -277,7 +257,7 @@ class PullThrough:
         result, shared = await self._flight.do(
             flight_key, lambda: self._refresh_tag(route, tag, key, want_body=not head)
         )
-        return replace(result, outcome=COALESCED if shared else result.outcome)
+        return replace(result, outcome=CacheOutcome.COALESCED if shared else result.outcome)
 
     async def _fresh_tag(self, route: Route, tag: str, key: str) -> tuple[Digest | None, bool]:
         """The digest of a tag confirmed upstream less than ``tag_ttl`` ago, if any, and
@@ -323,7 +303,7 @@ class PullThrough:
             return None
         if state is BreakerState.HALF_OPEN:
             self._refresh_in_background(route, tag, key)
-        return _result(local, STALE)
+        return _result(local, CacheOutcome.STALE)
 
     def _refresh_in_background(self, route: Route, tag: str, key: str) -> None:
         """Revalidate a stale tag once, off the request path (joined by any foreground
@@ -371,27 +351,27 @@ class PullThrough:
         try:
             if previous is None and want_body:
                 result = await self._fetch_manifest(route, tag, None)
-                outcome = MISS
+                outcome = CacheOutcome.MISS
             else:
                 head = await self._head_manifest(route, tag, expect=None)
                 local = await self.local_manifest(head.digest)
                 if local is not None:  # the tag is confirmed below, in one write
                     await self.links.add_manifest(route.key, local)  # (the upstream vouched)
-                    result, outcome = _result(local, HIT), (
-                        REVALIDATED if previous is not None else HIT)
+                    result, outcome = _result(local, CacheOutcome.HIT), (
+                        CacheOutcome.REVALIDATED if previous is not None else CacheOutcome.HIT)
                 else:
                     await self.store.set_tag(route.key, tag, head.digest)
                     if not want_body and head.media_type not in INDEXES:
                         return head  # HEAD never downloads a body, except an index's
                     result = await self._fetch_manifest(route, str(head.digest), head.digest)
-                    outcome = MISS
+                    outcome = CacheOutcome.MISS
         except (Unavailable, TooManyRequests, BadGateway, ManifestUnknown, NameUnknown) as exc:
             stale = await self.local_manifest(previous) if previous is not None else None
             if stale is None:
                 raise
             log.warning("serving stale %s:%s (%s) because upstream %s failed: %s", route.name,
                         tag, previous, route.upstream_client.name, exc.message)
-            return _result(stale, STALE)
+            return _result(stale, CacheOutcome.STALE)
         await self.store.set_tag(route.key, tag, result.digest, confirmed=True)
         if self.tag_ttl > 0:  # aiocache reads a ttl of 0 as "forever"; 0 means "always ask"
             self._remember_tag(key, result.digest, time.monotonic() + self.tag_ttl)
@@ -407,7 +387,7 @@ class PullThrough:
             if local is None:
                 return None
             self._remember_tag(key, local.digest, time.monotonic() + min(self.tag_ttl, 1.0))
-            return _result(local, COALESCED)
+            return _result(local, CacheOutcome.COALESCED)
 
         return await self._from_peer(f"tag:{key}", shared)
 
@@ -430,7 +410,7 @@ class PullThrough:
             raise BadGateway(f"upstream {upstream.name} sent a bad digest header") from None
         if expect is not None and digest != expect:
             raise BadGateway(f"upstream {upstream.name} answered {digest} for {expect}")
-        return ManifestResult(digest, media_type, size, None, MISS)
+        return ManifestResult(digest, media_type, size, None, CacheOutcome.MISS)
 
     async def _fetch_manifest(self, route: Route, ref: str, expect: Digest | None
                               ) -> ManifestResult:
@@ -462,7 +442,7 @@ class PullThrough:
         await self.store.put_manifest(item.digest, item.data, item.media_type)
         await self.links.add_manifest(route.key, item)
         self._memory.put(item)
-        return _result(item, MISS)
+        return _result(item, CacheOutcome.MISS)
 
     async def _negotiate(self, route: Route, result: ManifestResult, accepted: AbstractSet[str], *,
                          head: bool) -> ManifestResult:
@@ -489,21 +469,22 @@ class PullThrough:
         linked = await self.links.holds_blob(route.key, digest)
         if size is not None and linked:
             await self.touch(digest)
-            return BlobResult(digest, size, HIT, stored=True)
+            return StoredBlob(digest, size, CacheOutcome.HIT)
         key = str(digest)
         fill = self._fills.get(key)
         if head and linked and fill is not None and fill.size is not None:
-            return BlobResult(digest, fill.size, COALESCED)
+            return UpstreamHead(digest, fill.size, CacheOutcome.COALESCED)
         if head or not linked:
             upstream_size, shared = await self._confirm(route, digest, manifest=False)
             await self.links.add_blob(route.key, digest)
             if size is not None:
                 await self.touch(digest)
-                return BlobResult(digest, size, HIT, stored=True)
+                return StoredBlob(digest, size, CacheOutcome.HIT)
             if head:
-                return BlobResult(digest, upstream_size, COALESCED if shared else MISS)
+                return UpstreamHead(digest, upstream_size,
+                                    CacheOutcome.COALESCED if shared else CacheOutcome.MISS)
         if fill is not None:
-            return await self._join(fill, COALESCED)
+            return await self._join(fill, CacheOutcome.COALESCED)
         if self.before_fill is not None:
             self.before_fill()
         # a dead replica's lease blocks the blob until it expires: wait that long, not more
@@ -512,7 +493,7 @@ class PullThrough:
         while True:
             async with self._claiming.hold(key):
                 found = await self._claim_or_join(route, digest)
-            if isinstance(found, BlobResult):
+            if not isinstance(found, Holder):
                 return found
             remote = await self._remote(route, digest, found)  # outside the lock: in parallel
             if remote is not None:
@@ -520,7 +501,7 @@ class PullThrough:
             self._holders.pop(key, None)  # it finished, or died: look again
             size = await self.store.blob_size(digest)
             if size is not None:
-                return BlobResult(digest, size, HIT, stored=True)
+                return StoredBlob(digest, size, CacheOutcome.HIT)
             if time.monotonic() > deadline:
                 # a live holder (it keeps renewing its lease) that this replica cannot
                 # reach: a wrong cluster.advertise_url, or a network split. Serving the
@@ -530,10 +511,11 @@ class PullThrough:
                     raise Unavailable(f"could not start or join a fill of {digest}")
                 log.warning("fill holder %s of %s unreachable for %.0f s; filling here too",
                             found.url, digest, patience)
-                return await self._join(self._start_fill(route, digest, writer, None), MISS)
+                return await self._join(self._start_fill(route, digest, writer, None), CacheOutcome.MISS)
             await asyncio.sleep(0.1)
 
-    async def _claim_or_join(self, route: Route, digest: Digest) -> BlobResult | Holder:
+    async def _claim_or_join(self, route: Route, digest: Digest
+                             ) -> StoredBlob | FillingBlob | Holder:
         """Start the fill, or join whoever runs it: this process, a sibling worker on this
         host, or (returned) another replica. Retried a few times: a fill can end between
         two looks."""
@@ -541,7 +523,7 @@ class PullThrough:
         for _ in range(8):
             fill = self._fills.get(key)
             if fill is not None:
-                return await self._join(fill, COALESCED)
+                return await self._join(fill, CacheOutcome.COALESCED)
             known = self._holders.get(key)
             if known is not None and known[1] > time.monotonic():
                 return known[0]  # learnt by an earlier client: no Redis round trip
@@ -550,7 +532,7 @@ class PullThrough:
                 size = await self.store.blob_size(digest)
                 if size is not None:  # a sibling published it just before our claim
                     writer.abort()
-                    return BlobResult(digest, size, HIT, stored=True)
+                    return StoredBlob(digest, size, CacheOutcome.HIT)
                 lease = await self.cluster.claim(digest) if self.cluster is not None else None
                 if isinstance(lease, Holder):  # another replica is filling it
                     writer.abort()
@@ -563,29 +545,29 @@ class PullThrough:
                     if size is not None:
                         writer.abort()
                         await lease.release()
-                        return BlobResult(digest, size, HIT, stored=True)
+                        return StoredBlob(digest, size, CacheOutcome.HIT)
                 fill = self._start_fill(route, digest, writer, lease)
-                return await self._join(fill, MISS)
+                return await self._join(fill, CacheOutcome.MISS)
             tail = await TailReader.open(self.staging, self.store, digest)  # a sibling worker
             if tail is not None:
-                return BlobResult(digest, tail.size, COALESCED, reader=tail)
+                return FillingBlob(digest, tail.size, tail, CacheOutcome.COALESCED)
             size = await self.store.blob_size(digest)
             if size is not None:  # it finished meanwhile
-                return BlobResult(digest, size, HIT, stored=True)
+                return StoredBlob(digest, size, CacheOutcome.HIT)
             await asyncio.sleep(delay)
             delay *= 2
         raise Unavailable(f"could not start or join a fill of {digest}")
 
-    async def local_fill(self, digest: Digest) -> BlobResult | None:
+    async def local_fill(self, digest: Digest) -> FillingBlob | None:
         """A fill of ``digest`` running in this process or a sibling worker, to serve
         another replica from (the cluster's internal endpoint)."""
         fill = self._fills.get(str(digest))
         if fill is not None:
-            return await self._join(fill, COALESCED)
+            return await self._join(fill, CacheOutcome.COALESCED)
         tail = await TailReader.open(self.staging, self.store, digest)
-        return None if tail is None else BlobResult(digest, tail.size, COALESCED, reader=tail)
+        return None if tail is None else FillingBlob(digest, tail.size, tail, CacheOutcome.COALESCED)
 
-    async def _remote(self, route: Route, digest: Digest, holder: Holder) -> BlobResult | None:
+    async def _remote(self, route: Route, digest: Digest, holder: Holder) -> FillingBlob | None:
         assert self.cluster is not None
         resp = await self.cluster.open_remote(holder, digest)
         if resp is None:
@@ -593,22 +575,21 @@ class PullThrough:
 
         async def reopen(start: int, end: int | None) -> AsyncIterator[bytes]:
             result = await self.blob(route, digest, head=False)
-            if result.stored:
-                return self.store.open_blob(digest, start, end)
-            assert result.reader is not None
-            return _closing(result.reader, start, end)
+            if isinstance(result, FillingBlob):
+                return _closing(result.reader, start, end)
+            return self.store.open_blob(digest, start, end)
 
         reader = RemoteReader(self.cluster, holder, digest, resp, reopen)
-        return BlobResult(digest, reader.size, COALESCED, reader=reader)
+        return FillingBlob(digest, reader.size, reader, CacheOutcome.COALESCED)
 
-    async def _join(self, fill: BlobFill, outcome: str) -> BlobResult:
+    async def _join(self, fill: BlobFill, outcome: CacheOutcome) -> FillingBlob:
         reader = fill.reader()
         try:
             size = await fill.wait_headers()
         except BaseException:
             reader.close()
             raise
-        return BlobResult(fill.digest, size, outcome, reader=reader)
+        return FillingBlob(fill.digest, size, reader, outcome)
 
     def _start_fill(self, route: Route, digest: Digest, writer: BlobWriter,
                     lease: FillLease | None) -> BlobFill:
@@ -711,8 +692,7 @@ class PullThrough:
             return paginate(local, n, last)
 
 
-async def _closing(reader: BlobReader, start: int, end: int | None
-                   ) -> AsyncIterator[bytes]:
+async def _closing(reader: BlobReader, start: int, end: int | None) -> AsyncIterator[bytes]:
     try:
         async for chunk in reader.stream(start, end):
             yield chunk
@@ -733,15 +713,6 @@ def _not_vouched(exc: RegistryError, route: Route, digest: Digest, *, manifest: 
                    f"(the upstream could not confirm it: {exc.message})")
 
 
-def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
-    """The spec's ``n``/``last`` pagination over a sorted list: ``(page, more)``."""
-    if last is not None:
-        items = [i for i in items if i > last]
-    if n is None:
-        return items, False
-    return items[:n], len(items) > n
-
-
 def tag_key(repository: str, tag: str) -> str:
     """A tag's key (``repository`` is the storage key) in this process's memory and in the
     shared tag cache."""
@@ -752,6 +723,6 @@ def _tag_key(route: Route, tag: str) -> str:
     return tag_key(route.key, tag)
 
 
-def _result(item: StoredManifest, outcome: str) -> ManifestResult:
+def _result(item: StoredManifest, outcome: CacheOutcome) -> ManifestResult:
     return ManifestResult(item.digest, item.media_type, len(item.data), item.data, outcome)
 

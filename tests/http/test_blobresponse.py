@@ -19,7 +19,7 @@ from proxy.errors import BadGateway
 from proxy.handlers import blobresponse
 from proxy.handlers.blobresponse import BlobResponse, Body, ByteStream, LocalSpans, Redirect
 from proxy.handlers.common import CACHE_OUTCOME, ERROR, oci
-from proxy.pullthrough.fill import LocalSpan
+from proxy.results import LocalSpan
 from tests.support.edge import client_context
 
 ETAG = '"sha256:' + "ab" * 32 + '"'

@@ -19,8 +19,8 @@ from proxy.errors import (
 )
 from proxy.handlers.ranges import parse_range
 from proxy.mediatypes import accepts, parse_accept, platform_child
-from proxy.pullthrough.service import paginate
 from proxy.reference import Digest, parse_reference, validate_name
+from proxy.results import paginate
 
 SHA = "sha256:" + "ab" * 32
 
