@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 
+from proxy.bounded import BoundedDict
 from proxy.errors import RegistryError
 from proxy.reference import Digest
 from proxy.untrusted import loads_json
@@ -31,7 +32,7 @@ UPSTREAM_ACCEPT = ", ".join(ALL_MANIFESTS)
 
 
 #: Parsed ``Accept`` headers: a client sends the same ones on every request.
-_ACCEPT_MEMO: dict[tuple[str, ...], frozenset[str]] = {}
+_ACCEPT_MEMO: BoundedDict[tuple[str, ...], frozenset[str]] = BoundedDict(1000)
 
 
 def parse_accept(values: Iterable[str]) -> frozenset[str]:
@@ -45,8 +46,6 @@ def parse_accept(values: Iterable[str]) -> frozenset[str]:
         if (media := item.split(";", 1)[0].strip().lower())
     )
     if sum(map(len, key)) <= 4096:  # bounded: odd or huge headers do not pile up
-        if len(_ACCEPT_MEMO) >= 1000:
-            _ACCEPT_MEMO.clear()
         _ACCEPT_MEMO[key] = types
     return types
 

@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 
 from proxy import __version__
+from proxy.bounded import BoundedDict
 
 log = logging.getLogger("regproxy.metrics")
 
@@ -219,7 +220,7 @@ def render() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-_CHILDREN: dict[tuple[object, ...], Any] = {}
+_CHILDREN: BoundedDict[tuple[object, ...], Any] = BoundedDict(10_000)
 
 
 def child(metric: Any, *labels: object) -> Any:
@@ -227,8 +228,6 @@ def child(metric: Any, *labels: object) -> Any:
     key = (metric, *labels)
     found = _CHILDREN.get(key)
     if found is None:
-        if len(_CHILDREN) > 10_000:
-            _CHILDREN.clear()
         found = _CHILDREN[key] = metric.labels(*(str(x) for x in labels))
     return found
 

@@ -29,6 +29,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.bounded import BoundedDict
 from proxy.config import UpstreamConfig, path_form
 from proxy.errors import NameInvalid, NameUnknown
 from proxy.reference import validate_name
@@ -173,7 +174,7 @@ class Router:
     def __init__(self, names: Namespaces, upstreams: Mapping[str, UpstreamClient]) -> None:
         self.names = names
         self._clients = dict(upstreams)
-        self._memo: dict[tuple[str, str | None], Route] = {}
+        self._memo: BoundedDict[tuple[str, str | None], Route] = BoundedDict(10_000)
 
     def route(self, name: str, ns: str | None = None) -> Route:
         """Resolve a repository name (see :meth:`Namespaces.place`). Results are memoised:
@@ -185,8 +186,6 @@ class Router:
         place = self.names.place(name, ns)
         upstream = None if place.upstream is None else self._clients[place.upstream]
         route = Route(name=place.name, key=place.key, remote=place.remote, upstream=upstream)
-        if len(self._memo) >= 10_000:
-            self._memo.clear()
         self._memo[key] = route
         return route
 

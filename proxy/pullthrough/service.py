@@ -17,6 +17,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
+from proxy.bounded import BoundedDict
 from proxy.errors import (
     BadGateway,
     BlobUnknown,
@@ -89,15 +90,16 @@ class PullThrough:
         self._head_flight: SingleFlight[int] = SingleFlight()  #: per repository and blob
         self._fills: dict[str, BlobFill] = {}
         self._claiming = KeyedLocks()  #: one claim at a time per blob
-        self._holders: dict[str, tuple[Holder, float]] = {}  #: fills other replicas run
+        #: fills other replicas run (holder, until when to believe it)
+        self._holders: BoundedDict[str, tuple[Holder, float]] = BoundedDict(10_000)
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._refreshing: dict[str, asyncio.Task[None]] = {}  #: background tag revalidations
         #: Background revalidations at a time: tags warmed together expire together, and
         #: hundreds of HEADs at once would stall this process's clients (within the grace
         #: a revalidation may as well wait its turn).
         self._refresh_slots = asyncio.Semaphore(8)
-        self._touched: dict[Digest, float] = {}
-        self._tag_l1: dict[str, tuple[Digest, float]] = {}
+        self._touched: BoundedDict[Digest, float] = BoundedDict(200_000)
+        self._tag_l1: BoundedDict[str, tuple[Digest, float]] = BoundedDict(100_000)
         #: Seconds between two recency updates of one object by this process.
         self.touch_interval = 30.0
         #: Called after each successful fill (the evictor checks the budget).
@@ -117,8 +119,6 @@ class PullThrough:
         last = self._touched.get(digest)
         if last is not None and now - last < self.touch_interval:
             return False
-        if len(self._touched) > 200_000:
-            self._touched.clear()
         self._touched[digest] = now
         return True
 
@@ -337,8 +337,6 @@ class PullThrough:
 
     def _remember_tag(self, key: str, digest: Digest, expires: float) -> None:
         """This process's memory of a tag's digest, until ``expires`` (monotonic)."""
-        if len(self._tag_l1) > 100_000:
-            self._tag_l1.clear()
         self._tag_l1[key] = (digest, expires)
 
     async def _refresh_tag(self, route: Route, tag: str, key: str, *, want_body: bool
@@ -536,8 +534,6 @@ class PullThrough:
                 lease = await self.cluster.claim(digest) if self.cluster is not None else None
                 if isinstance(lease, Holder):  # another replica is filling it
                     writer.abort()
-                    if len(self._holders) > 10_000:
-                        self._holders.clear()
                     self._holders[key] = (lease, time.monotonic() + 1.0)
                     return lease
                 if lease is not None:  # a filler publishes before it lets go of the lease,
