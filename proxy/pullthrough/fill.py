@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
@@ -80,6 +81,30 @@ class FillSink(Protocol):
     async def abort(self) -> None: ...
 
 
+class FillState(Enum):
+    """Where a fill stands. Readers only ask three questions of it: may the bytes be
+    trusted (:attr:`BlobFill.verified`), did it fail before that (``FAILED``: its error
+    goes to every reader), and has it ended (no more bytes will come)."""
+
+    RECEIVING = "receiving"  #: the upstream's bytes are arriving; none trusted yet
+    VERIFIED = "verified"  #: every byte is in and matches the digest; being published
+    PUBLISHED = "published"  #: in the store
+    FAILED = "failed"  #: failed before verification: nothing it wrote may be served
+    UNPUBLISHED = "unpublished"  #: verified, but publishing failed: the bytes stay good
+
+
+#: The legal transitions (a fill is created ``RECEIVING``).
+TRANSITIONS: dict[FillState, frozenset[FillState]] = {
+    FillState.RECEIVING: frozenset({FillState.VERIFIED, FillState.FAILED}),
+    FillState.VERIFIED: frozenset({FillState.PUBLISHED, FillState.UNPUBLISHED}),
+    FillState.PUBLISHED: frozenset(),
+    FillState.FAILED: frozenset(),
+    FillState.UNPUBLISHED: frozenset(),
+}
+_TRUSTED = frozenset({FillState.VERIFIED, FillState.PUBLISHED, FillState.UNPUBLISHED})
+_ENDED = frozenset({FillState.PUBLISHED, FillState.FAILED, FillState.UNPUBLISHED})
+
+
 class BlobFill:
     """A running upstream download of one blob into the store."""
 
@@ -91,9 +116,8 @@ class BlobFill:
         self._guard = guard  #: the fencing check (cluster lease) before publishing
         self.size: int | None = None
         self.written = 0
-        self.verified = False
-        self.done = False
-        self.error: RegistryError | None = None
+        self.state = FillState.RECEIVING
+        self.error: RegistryError | None = None  #: why it failed (``FAILED``, ``UNPUBLISHED``)
         self._headers = asyncio.Event()
         self._progress = asyncio.Event()
         self._tee: _Tee | None = None
@@ -101,6 +125,31 @@ class BlobFill:
         self._announced = 0  #: ``written`` when readers were last woken
         self._announced_at = 0.0  #: and when (monotonic)
         self._deferred: asyncio.TimerHandle | None = None  #: a wake-up still to come
+
+    @property
+    def verified(self) -> bool:
+        """Whether every byte is in and matches the digest (publishing may still fail:
+        the bytes stay good)."""
+        return self.state in _TRUSTED
+
+    @property
+    def ended(self) -> bool:
+        """Whether no more bytes will come (published, or failed)."""
+        return self.state in _ENDED
+
+    def _enter(self, state: FillState) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise AssertionError(f"fill of {self.digest}: {self.state.value} -> {state.value}")
+        self.state = state
+
+    def _fail(self, error: RegistryError) -> None:
+        """Record why the fill ends here: a failure before verification, or of publishing
+        (a fill already published keeps that state; its late error changes nothing)."""
+        self.error = error
+        if self.state is FillState.RECEIVING:
+            self._enter(FillState.FAILED)
+        elif self.state is FillState.VERIFIED:
+            self._enter(FillState.UNPUBLISHED)
 
     # -- reader side -------------------------------------------------------------------
 
@@ -118,12 +167,15 @@ class BlobFill:
         failed unverified raises its error, so a client that got nothing yet gets a status
         (a full disk: 503), not a cut connection."""
         await self._headers.wait()
-        while (self.written == 0 and self.error is None and not self.verified
-               and not self.done):
+        while self.written == 0 and self.state is FillState.RECEIVING:
             await self.wait_progress()
-        if self.error is not None and not self.verified:
-            raise self.error
+        if self.state is FillState.FAILED:
+            raise self._failure()
         return self.size
+
+    def _failure(self) -> RegistryError:
+        assert self.error is not None
+        return self.error
 
     async def wait_progress(self) -> None:
         """Wait for the next chunk, the verification, or the end of the fill."""
@@ -184,7 +236,7 @@ class BlobFill:
                 log.error("upstream %s sent bad content for %s: %s", upstream.name,
                           self.digest, exc.message)
                 raise BadGateway(f"upstream content failed verification: {exc.message}") from None
-            self.verified = True
+            self._enter(FillState.VERIFIED)
             writer.announce_verified()
             metrics.child(metrics.UPSTREAM_BYTES, upstream.name).inc(self.written)
             self._notify()
@@ -192,9 +244,9 @@ class BlobFill:
                 raise Unavailable("lost the fill lease to another replica; not publishing")
             if self._sink is not None:  # the object lives elsewhere: the temp file goes
                 await self._sink.commit(self.digest, self.size)
+                self._enter(FillState.PUBLISHED)
                 on_settled(self)
                 writer.abort()
-                self.done = True
                 metrics.child(metrics.FILLS, upstream.name, "ok").inc()
                 return
             # fsync, rename and directory fsync in one thread hop (a hop costs context
@@ -203,8 +255,8 @@ class BlobFill:
             self._publishing = asyncio.get_running_loop().run_in_executor(
                 None, writer.publish, self.digest)
             await asyncio.shield(self._publishing)
+            self._enter(FillState.PUBLISHED)
             on_settled(self)  # once the blob is in the store: no moment where it is nowhere
-            self.done = True
             metrics.child(metrics.FILLS, upstream.name, "ok").inc()
         except BaseException as exc:
             metrics.child(metrics.FILLS, upstream.name, "cancelled" if isinstance(
@@ -212,10 +264,8 @@ class BlobFill:
             failed = storage_failure(exc)  # the disk's fault, not the upstream's
             if failed is not None:
                 log.error("blob fill %s failed: %s", self.digest, failed.message)
-                self.error = failed
-            else:
-                self.error = exc if isinstance(exc, RegistryError) else Unavailable(
-                    f"blob fill failed: {type(exc).__name__}")
+            self._fail(failed or (exc if isinstance(exc, RegistryError) else Unavailable(
+                f"blob fill failed: {type(exc).__name__}")))
             if failed is None and not isinstance(exc, RegistryError | asyncio.CancelledError):
                 log.exception("blob fill %s failed", self.digest)
             if self._tee is not None:  # let the thread finish before the file goes
@@ -365,8 +415,8 @@ class FillReader:
             limit = end if end is not None else fill.size
             if limit is not None and pos >= limit:
                 return
-            if fill.error is not None and not fill.verified:
-                raise fill.error  # (verified bytes stay good even if publishing failed)
+            if fill.state is FillState.FAILED:
+                raise fill._failure()  # (verified bytes stay good even if publishing failed)
             avail = fill.written - pos
             if limit is not None:
                 avail = min(avail, limit - pos)
@@ -376,7 +426,7 @@ class FillReader:
                 yield LocalSpan(self._fd, pos, avail)
                 pos += avail
                 continue
-            if fill.size is None and fill.verified and (fill.done or fill.error is not None):
+            if fill.size is None and fill.verified and fill.ended:
                 return  # chunked upstream body: everything was written and verified
             await fill.wait_progress()
 
