@@ -16,11 +16,23 @@ from proxy.accesslog import set_request_id
 from proxy.auth.middleware import install as install_auth
 from proxy.config import Config
 from proxy.handlers import add_catch_all, oci_errors, setup_routes
-from proxy.handlers.common import EVICTOR, HOSTED, PULLTHROUGH, ROUTER, WORKER_STATUS
+from proxy.handlers.common import (
+    CLUSTER,
+    EVICTOR,
+    FILLS,
+    HOSTED,
+    PULLTHROUGH,
+    ROUTER,
+    STAGING_PROBLEM,
+    STORE,
+    WORKER_STATUS,
+)
 from proxy.hosted import Hosted, UploadLimits
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
+from proxy.pullthrough.coordination import HostOnly
 from proxy.pullthrough.evictor import Evictor
+from proxy.pullthrough.fills import Fills
 from proxy.routing import Namespaces, Router
 from proxy.sharedcache import make_cache
 from proxy.storage import UploadStore
@@ -129,7 +141,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # a breaker opened by another replica matters only when replicas share a backend
     breakers = (make_cache(config.cache_backend, config.cache_url, "breaker")
                 if config.cache_backend != "memory" else None)
-    cluster = None
+    # who else may do the same work: this host's workers only, or other replicas too
+    cluster: Cluster | HostOnly = HostOnly(staging.try_lock)
     if config.cluster is not None:
         assert config.cache_url is not None  # config: [cluster] requires the redis backend
         cluster = Cluster(config.cluster, config.cache_url, session)
@@ -139,29 +152,34 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                              breaker_file=staging.lock_path(f"breaker:{name}"))
         for name, cfg in config.upstreams.items()
     }
+    space = FreeSpace(config.storage_root, config.min_free, config.min_free_percent)
+    fills = Fills(store, staging, cluster, before_fill=space.check_fill)
     pullthrough = PullThrough(
         store,
-        staging,
+        fills,
+        cluster,
         tags,
+        staging.try_lock,
         tag_ttl=config.tag_ttl,
         tag_grace=config.tag_stale_while_revalidate,
         max_manifest_size=config.max_manifest_size,
         manifest_memory=config.manifest_memory,
         default_platform=config.default_platform,
-        cluster=cluster,
     )
     app[ROUTER] = Router(names, upstreams)
     app[PULLTHROUGH] = pullthrough
-    space = FreeSpace(config.storage_root, config.min_free, config.min_free_percent)
-    pullthrough.before_fill = space.check_fill
+    app[STORE] = store
+    app[STAGING_PROBLEM] = staging.probe_writable
+    app[FILLS] = fills
+    app[CLUSTER] = cluster
     hosted = Hosted(store, UploadStore(staging), max_manifest_size=config.max_manifest_size,
                     delete_enabled=config.delete_enabled, upload_max_age=config.upload_max_age,
                     limits=UploadLimits(config.max_uploads_per_repository,
                                         config.max_uploads_per_user), space=space)
     app[HOSTED] = hosted
-    evictor = Evictor(pullthrough, names.is_hosted_key, max_size=config.max_size,
-                      max_age=config.max_age)
-    pullthrough.after_fill = evictor.kick
+    evictor = Evictor(store, names.is_hosted_key, cluster, in_thread=store is staging,
+                      forget=pullthrough.forget, max_size=config.max_size, max_age=config.max_age)
+    fills.on_filled = evictor.kick
     app[EVICTOR] = evictor
     workers = WorkerStatus(metrics.shared_directory(), app[ROUTER], evictor,
                            data_root=config.storage_root)
@@ -191,6 +209,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         for task in stuck:  # never let a background task hold up the shutdown
             log.error("background task %s did not stop; leaving it", task.get_coro())
         await pullthrough.close()
+        await fills.close()
         await session.close()
         for cache in (tokens, tags, breakers):
             if cache is not None:

@@ -14,7 +14,7 @@ import time
 
 from proxy.config import Config
 from proxy.errors import RegistryError
-from proxy.pullthrough.service import tag_key
+from proxy.pullthrough.tags import tag_key
 from proxy.reference import Digest, parse_reference, validate_name
 from proxy.routing import Namespaces
 from proxy.sharedcache import make_cache

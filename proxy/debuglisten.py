@@ -22,8 +22,9 @@ from proxy.config import Config
 from proxy.handlers import OPS_PAGES, PROBES, add_catch_all
 from proxy.handlers.common import (
     EVICTOR,
-    PULLTHROUGH,
     ROUTER,
+    STAGING_PROBLEM,
+    STORE,
     WORKER_STATUS,
     method_unsupported,
     oci,
@@ -45,8 +46,8 @@ PrepareHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 def debug_app(main: web.Application, on_prepare: PrepareHook) -> web.Application:
     """The application of the debug listener, sharing the started ``main`` one's services."""
     app = web.Application()
-    app[ROUTER], app[EVICTOR], app[PULLTHROUGH] = main[ROUTER], main[EVICTOR], main[PULLTHROUGH]
-    app[WORKER_STATUS] = main[WORKER_STATUS]
+    app[ROUTER], app[EVICTOR], app[WORKER_STATUS] = main[ROUTER], main[EVICTOR], main[WORKER_STATUS]
+    app[STORE], app[STAGING_PROBLEM] = main[STORE], main[STAGING_PROBLEM]
     for path, handler in DEBUG_PATHS.items():
         app.router.add_get(path, oci(handler))
         app.router.add_route("*", path, oci(method_unsupported))

@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from proxy.reference import Digest
+
+if TYPE_CHECKING:
+    from proxy.storage import StoredManifest
 
 
 class CacheOutcome(StrEnum):
@@ -43,6 +46,11 @@ class ManifestResult:
     size: int
     data: bytes | None
     outcome: CacheOutcome
+
+    @classmethod
+    def of(cls, item: StoredManifest, outcome: CacheOutcome) -> ManifestResult:
+        """A stored manifest, answered with its body."""
+        return cls(item.digest, item.media_type, len(item.data), item.data, outcome)
 
 
 class LocalSpan(NamedTuple):

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.errors import Unavailable
 from proxy.handlers.blobresponse import BlobResponse, ByteStream, LocalSpans, Redirect
-from proxy.handlers.common import CACHE_OUTCOME, hosted_only, reader_of, route_of
+from proxy.handlers.common import CACHE_OUTCOME, STORE, hosted_only, route_of, service_for
 from proxy.reference import Digest
 from proxy.results import BlobReader, CacheOutcome, FillingBlob, LocalSpan, StoredBlob, UpstreamHead
 
@@ -20,14 +20,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     route = route_of(request)
     digest = Digest.parse(request.match_info["digest"])
     head = request.method == "HEAD"
-    service = reader_of(request, route)
+    service = service_for(request, route)
     headers = {
         "Docker-Content-Digest": str(digest),
         "Content-Type": "application/octet-stream",
         "Accept-Ranges": "bytes",
         "ETag": f'"{digest}"',  # content-addressed: the digest is the strongest validator
     }
-    store = service.store
+    store = request.app[STORE]
     for _ in range(3):  # a blob evicted between the lookup and the open is a miss: look again
         result = await service.blob(route, digest, head=head)
         request[CACHE_OUTCOME] = result.outcome

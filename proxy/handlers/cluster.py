@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.errors import BlobUnknown, Unavailable
 from proxy.handlers.blobs import send_reader
-from proxy.handlers.common import CACHE_OUTCOME, PULLTHROUGH
+from proxy.handlers.common import CACHE_OUTCOME, CLUSTER, FILLS
 from proxy.pullthrough.cluster import SECRET_HEADER
 from proxy.reference import Digest
 from proxy.results import CacheOutcome
@@ -38,13 +38,11 @@ def presented_secret(request: web.Request) -> str | None:
 
 
 async def serve_fill(request: web.Request) -> web.StreamResponse:
-    pullthrough = request.app[PULLTHROUGH]
-    cluster = pullthrough.cluster
-    if cluster is None or not cluster.authorized(presented_secret(request)):
+    if not request.app[CLUSTER].authorized(presented_secret(request)):
         raise BlobUnknown("no such fill")
     digest = Digest.parse(request.match_info["digest"])
-    result = await pullthrough.local_fill(digest)
-    if result is None or result.reader is None:
+    result = await request.app[FILLS].local(digest)
+    if result is None:
         raise BlobUnknown(f"no fill of {digest} here")
     request[CACHE_OUTCOME] = CacheOutcome.PEER
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
@@ -61,8 +59,8 @@ async def forward_upload(request: web.Request, uid: str) -> web.StreamResponse |
     """An upload started on another replica lives on that replica's disk: relay the request
     there (body streamed) and its answer back, so pushes need no sticky load balancing.
     ``None`` when the upload is not another replica's."""
-    cluster = request.app[PULLTHROUGH].cluster
-    if cluster is None or request.headers.get(FORWARDED):
+    cluster = request.app[CLUSTER]
+    if request.headers.get(FORWARDED):
         return None
     owner = await cluster.upload_owner(uid)
     if owner is None or cluster.session is None:

@@ -11,9 +11,12 @@ from aiohttp import web
 from proxy.errors import RegistryError, Unsupported
 from proxy.hosted import Hosted
 from proxy.pullthrough import PullThrough
+from proxy.pullthrough.coordination import ClusterEndpoint
 from proxy.pullthrough.evictor import Evictor
+from proxy.pullthrough.fills import Fills
 from proxy.results import CacheOutcome
 from proxy.routing import Route, Router
+from proxy.storage import Store
 from proxy.storage.failures import storage_failure
 from proxy.workerstatus import WorkerStatus
 
@@ -22,6 +25,14 @@ log = logging.getLogger("regproxy.http")
 ROUTER = web.AppKey("router", Router)
 PULLTHROUGH = web.AppKey("pullthrough", PullThrough)
 HOSTED = web.AppKey("hosted", Hosted)
+#: The store both services read (the catalog, readiness, stored blobs' bytes).
+STORE = web.AppKey("store", Store)
+#: What is wrong with the local staging area (``tmp/``, ``uploads/``), ``None`` if nothing.
+STAGING_PROBLEM: web.AppKey[Callable[[], str | None]] = web.AppKey("staging_problem")
+#: The fills of this process, for other replicas to stream from.
+FILLS = web.AppKey("fills", Fills)
+#: Other replicas (the internal fill endpoint, forwarded uploads); none without a cluster.
+CLUSTER: web.AppKey[ClusterEndpoint] = web.AppKey("cluster")
 #: Per-request notes for the access log and metrics: the cache outcome and the local name.
 CACHE_OUTCOME = web.RequestKey("regproxy.cache", CacheOutcome)
 REPO = web.RequestKey("regproxy.repo", str)
@@ -48,7 +59,7 @@ def route_of(request: web.Request) -> Route:
     return route
 
 
-def reader_of(request: web.Request, route: Route) -> Hosted | PullThrough:
+def service_for(request: web.Request, route: Route) -> Hosted | PullThrough:
     """The service that answers reads of ``route``: the store alone, or the pull-through.
     Reads of hosted repositories are no cache reads, whatever their answer."""
     if route.hosted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.errors import ManifestUnknown, PayloadTooLarge, TagInvalid
-from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, reader_of, route_of
+from proxy.handlers.common import CACHE_OUTCOME, head_response, hosted_only, route_of, service_for
 from proxy.mediatypes import parse_accept
 from proxy.reference import Digest, parse_reference
 
@@ -25,7 +25,7 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     reference = _existing_reference(request.match_info["reference"])
     head = request.method == "HEAD"
     accepted = parse_accept(request.headers.getall("Accept", ()))
-    result = await reader_of(request, route).manifest(route, reference, accepted, head=head)
+    result = await service_for(request, route).manifest(route, reference, accepted, head=head)
     request[CACHE_OUTCOME] = result.outcome
     etag = f'"{result.digest}"'
     headers = {

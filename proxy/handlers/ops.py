@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy import metrics
-from proxy.handlers.common import PULLTHROUGH
+from proxy.handlers.common import STAGING_PROBLEM, STORE
 
 #: (``nosniff`` and the other common headers come from the app's response hook)
 _SECURITY_HEADERS = {"Cache-Control": "no-store"}
@@ -24,12 +24,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready to serve: the configuration is loaded, the local store is writable and the
     object store (S3 backend) answers."""
-    pullthrough = request.app[PULLTHROUGH]
-    problem = pullthrough.staging.probe_writable()
+    problem = request.app[STAGING_PROBLEM]()
     if problem is not None:
         return web.json_response({"status": "unavailable", "storage": problem},
                                  status=503, headers=_SECURITY_HEADERS)
-    problem = await pullthrough.store.check()
+    problem = await request.app[STORE].check()
     if problem is not None:
         return web.json_response({"status": "unavailable", "storage": problem},
                                  status=503, headers=_SECURITY_HEADERS)

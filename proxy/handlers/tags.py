@@ -9,7 +9,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proxy.errors import RegistryError, TagInvalid
-from proxy.handlers.common import CATALOG_FILTER, PULLTHROUGH, ROUTER, reader_of, route_of
+from proxy.handlers.common import CATALOG_FILTER, ROUTER, STORE, route_of, service_for
 from proxy.reference import is_tag, validate_name
 from proxy.results import paginate
 
@@ -60,7 +60,7 @@ async def list_tags(request: web.Request) -> web.Response:
     n, last = _page_params(request, _tag)
     if n == 0:
         return web.json_response({"name": request.match_info["name"], "tags": []})
-    tags, more = await reader_of(request, route).tags(route, n, last)
+    tags, more = await service_for(request, route).tags(route, n, last)
     ns = request.query.get("ns")
     extra = f"&ns={quote(ns, safe='')}" if ns else ""
     headers = _link(request.path, n, tags, extra) if more else {}
@@ -70,7 +70,7 @@ async def list_tags(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
     n, last = _page_params(request, validate_name)
-    keys = await request.app[PULLTHROUGH].store.list_repositories()
+    keys = await request.app[STORE].list_repositories()
     namespaces = request.app[ROUTER].names
     names = sorted({name for key in keys if (name := namespaces.name_of_key(key)) is not None})
     visible = request.get(CATALOG_FILTER)  # set by proxy.auth: what this client may pull

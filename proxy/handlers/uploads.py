@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.errors import BlobUploadInvalid, RegistryError
 from proxy.handlers.cluster import forward_upload
-from proxy.handlers.common import PULLTHROUGH, ROUTER, USER, Handler, hosted_only, route_of
+from proxy.handlers.common import CLUSTER, ROUTER, USER, Handler, hosted_only, route_of
 from proxy.hosted.service import upload_headers
 from proxy.reference import Digest, validate_name
 
@@ -52,9 +52,8 @@ async def start_upload(request: web.Request) -> web.Response:
         await service.monolithic(route, whole, request.content.readany, _owner(request))
         return _created(route.name, whole)
     upload = await service.start_upload(route, _owner(request))
-    cluster = request.app[PULLTHROUGH].cluster
-    if cluster is not None:  # so the other replicas can forward this upload's requests here
-        await cluster.register_upload(upload.uuid, service.upload_max_age)
+    # so that other replicas can forward this upload's requests here
+    await request.app[CLUSTER].register_upload(upload.uuid, service.upload_max_age)
     return web.Response(status=202, headers=upload_headers(route.name, upload))
 
 

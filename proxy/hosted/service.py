@@ -85,8 +85,7 @@ class Hosted:
         item = await self.store.get_manifest(digest)
         if item is None:
             raise ManifestUnknown(f"manifest {digest} unknown")
-        return ManifestResult(digest, item.media_type, len(item.data), item.data,
-                              CacheOutcome.HOSTED)
+        return ManifestResult.of(item, CacheOutcome.HOSTED)
 
     async def blob(self, route: Route, digest: Digest, *, head: bool) -> StoredBlob:
         """A blob linked to the repository (pushed, mounted, or a manifest of it)."""

@@ -26,13 +26,15 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import aiohttp
 
 from proxy.config import ClusterConfig
 from proxy.errors import Unavailable
+from proxy.pullthrough.coordination import SOLE, Holder, Lease, Reopen
 from proxy.reference import Digest
 
 log = logging.getLogger("regproxy.cluster")
@@ -55,6 +57,9 @@ def _text(value: bytes | str) -> str:
 @dataclass(slots=True)
 class FillLease:
     """This replica's right to fill one digest, until it stops renewing it."""
+
+    #: (the replica that held it before may have published just before letting go)
+    look_again: ClassVar[bool] = True
 
     cluster: Cluster
     key: str
@@ -109,16 +114,10 @@ class FillLease:
                 log.warning("could not renew %s: %s", self.key, type(exc).__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Holder:
-    """Another replica holds the fill of a digest; it serves it at ``url``."""
-
-    url: str
-    token: int
-
-
 class Cluster:
-    """This replica's membership: its Redis connection, internal URL and secret."""
+    """This replica's membership: its Redis connection, internal URL and secret. It is the
+    :class:`~proxy.pullthrough.coordination.Coordination` and the
+    :class:`~proxy.pullthrough.coordination.ClusterEndpoint` of a replica among others."""
 
     def __init__(self, config: ClusterConfig, redis_url: str,
                  session: aiohttp.ClientSession | None = None) -> None:
@@ -140,9 +139,14 @@ class Cluster:
         """Whether an internal request carries the cluster secret (constant-time)."""
         return header is not None and hmac.compare_digest(header.encode(), self._secret.encode())
 
-    async def claim(self, digest: Digest) -> FillLease | Holder | None:
-        """Take the fill lease of ``digest``, or name its holder; ``None`` when Redis is
-        unreachable (the caller fills on its own)."""
+    @property
+    def patience(self) -> float:
+        """A dead replica's lease blocks the blob until it expires: wait that long, not more."""
+        return self.lease + 5.0
+
+    async def claim_fill(self, digest: Digest) -> Lease | Holder:
+        """Take the fill lease of ``digest``, or name its holder; the sole lease when Redis
+        is unreachable (the caller fills on its own)."""
         key = f"regproxy:fill:{digest}"
         try:
             for _ in range(3):
@@ -157,7 +161,12 @@ class Cluster:
         except Exception as exc:
             log.warning("Redis unavailable for the fill lease of %s (%s); filling alone",
                         digest, type(exc).__name__)
-        return None
+        return SOLE
+
+    async def join(self, holder: Holder, digest: Digest, reopen: Reopen) -> RemoteReader | None:
+        """Stream ``holder``'s fill of ``digest``; ``None`` if it has none or is unreachable."""
+        resp = await self.open_remote(holder, digest)
+        return None if resp is None else RemoteReader(self, holder, digest, resp, reopen)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
@@ -172,10 +181,14 @@ class Cluster:
         async with lease.kept():
             yield True
 
-    async def first(self, name: str, seconds: float) -> bool:
-        """Whether this replica should do job ``name`` now: True if it took the short lock
-        ``regproxy:lock:<name>`` (it expires by itself) or Redis is down; False if another
-        replica took it less than ``seconds`` ago."""
+    def maintenance(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """GC and eviction: one pass at a time across the replicas."""
+        return self.exclusive("maintenance")
+
+    async def claim_job(self, name: str, seconds: float) -> bool:
+        """Take the short lock ``regproxy:lock:<name>`` (it expires by itself): True if this
+        replica took it, or Redis is down; False if another replica took it less than
+        ``seconds`` ago."""
         try:
             return bool(await self._redis.set(f"regproxy:lock:{name}", self.url, nx=True,
                                               px=int(seconds * 1000)))
@@ -221,10 +234,6 @@ class Cluster:
             resp.release()
             return None
         return resp
-
-
-#: Re-reads the situation for a digest: returns a reader positioned for ``(start, end)``.
-Reopen = Callable[[int, int | None], Awaitable[AsyncIterator[bytes]]]
 
 
 class RemoteReader:

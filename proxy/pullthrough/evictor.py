@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 
 from proxy import metrics
-from proxy.pullthrough.service import PullThrough
+from proxy.pullthrough.coordination import Coordination
+from proxy.reference import Digest
+from proxy.storage import Store
 from proxy.storage.eviction import EvictionReport, References, evict
 
 log = logging.getLogger("regproxy.eviction")
@@ -27,13 +29,21 @@ PASS_SPACING = 10.0
 
 
 class Evictor:
-    """Keeps the cached content of ``pullthrough.store`` within ``max_size`` / ``max_age``."""
+    """Keeps the cached content of ``store`` within ``max_size`` / ``max_age``.
 
-    def __init__(self, pullthrough: PullThrough, is_hosted: Callable[[str], bool], *,
-                 max_size: int, max_age: float, interval: float = 60.0) -> None:
-        self.pullthrough = pullthrough
-        self.store = pullthrough.store
+    ``in_thread``: the store's objects are local files, walked in a thread; an object
+    store is walked on this loop's connections. ``forget`` drops evicted objects from the
+    in-memory caches of this process."""
+
+    def __init__(self, store: Store, is_hosted: Callable[[str], bool],
+                 coordination: Coordination, *, in_thread: bool,
+                 forget: Callable[[list[Digest]], None], max_size: int, max_age: float,
+                 interval: float = 60.0) -> None:
+        self.store = store
         self.is_hosted = is_hosted
+        self._coordination = coordination
+        self._in_thread = in_thread
+        self._forget = forget
         self.max_size = max_size
         self.max_age = max_age
         self.interval = interval
@@ -72,20 +82,15 @@ class Evictor:
 
     async def run_once(self) -> EvictionReport | None:
         """One pass, unless another process (or replica) is running one right now."""
-        cluster = self.pullthrough.cluster
-        if cluster is not None:
-            async with cluster.exclusive("maintenance") as held:
-                report = await self._pass() if held else None
-        elif self.store is self.pullthrough.staging:  # local files: walk them in a thread
-            report = await asyncio.get_running_loop().run_in_executor(None, self._thread_pass)
-        else:  # an object store, on this loop's connections
-            with self.pullthrough.staging.try_lock("evict") as held:
-                report = await self._pass() if held else None
-        if report is None:
-            return None
+        async with self._coordination.maintenance() as held:
+            if not held:
+                return None
+            if self._in_thread:
+                report = await asyncio.get_running_loop().run_in_executor(None, self._thread_pass)
+            else:
+                report = await self._pass()
         self.last_report, self.reported_at = report, time.time()
-        digests = [d for d, _ in report.evicted]
-        self.pullthrough.forget(digests)
+        self._forget([d for d, _ in report.evicted])
         metrics.CACHE_SIZE.set(report.cache_bytes)
         for kind, size in (("cached", report.remaining_bytes), ("shared", report.shared_bytes),
                            ("hosted", report.hosted_bytes)):
@@ -105,12 +110,9 @@ class Evictor:
         return await evict(self.store, max_size=self.max_size, max_age=self.max_age,
                            is_hosted=self.is_hosted, known_refs=self._refs)
 
-    def _thread_pass(self) -> EvictionReport | None:
-        with self.pullthrough.staging.try_lock("evict") as held:
-            if not held:
-                return None
-            started = time.thread_time()
-            try:
-                return asyncio.run(self._pass())
-            finally:
-                self._pass_cpu = time.thread_time() - started
+    def _thread_pass(self) -> EvictionReport:
+        started = time.thread_time()
+        try:
+            return asyncio.run(self._pass())
+        finally:
+            self._pass_cpu = time.thread_time() - started

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from proxy import __version__, metrics
 from proxy.app import create_app
-from proxy.handlers.common import EVICTOR, PULLTHROUGH
+from proxy.handlers.common import EVICTOR, STORE
 from proxy.reference import Digest
 from proxy.server import runner_kwargs
 from proxy.settings.auth import parse_auth
@@ -152,7 +152,7 @@ async def test_cache_size_counts_content_shared_with_hosted_images(
     app = server.app
     report = await app[EVICTOR].run_once()
     assert report is not None
-    store = app[PULLTHROUGH].store
+    store = app[STORE]
     cached = await image_size(store, Digest.parse(img.digest))  # what `cache ls` lists
     assert sample("regproxy_cache_size_bytes") == cached
     kinds = {k: sample("regproxy_store_size_bytes", kind=k) for k in ("cached", "shared", "hosted")}

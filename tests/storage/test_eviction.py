@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.handlers.common import EVICTOR, PULLTHROUGH, ROUTER
+from proxy.handlers.common import EVICTOR, PULLTHROUGH, ROUTER, STORE
 from proxy.storage.eviction import EvictionReport
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.proxyfix import make_config
@@ -28,7 +28,7 @@ async def env(aiohttp_server, tmp_path):
     cfg = make_config(data, {"fake.io": up}, hosted=("team/*",), max_size=1 << 40)
     server = await aiohttp_server(create_app(cfg))
     app = server.app
-    app[PULLTHROUGH].touch_interval = 0
+    app[PULLTHROUGH].recency.interval = 0
     async with aiohttp.ClientSession() as client:
         yield fake, str(server.make_url("")).rstrip("/"), data, app, client
 
@@ -137,7 +137,7 @@ async def test_eviction_never_breaks_a_concurrent_read(env):
     async with client.get(f"{base}/v2/x/blobs/{d}") as r:  # a slow reader of a cached blob
         first = await r.content.readexactly(64 * 1024)
         app[EVICTOR].max_size = 1
-        app[PULLTHROUGH].touch_interval = 3600
+        app[PULLTHROUGH].recency.interval = 3600
         age(data, [d], 3600)
         report = await run_pass(app[EVICTOR])
         assert report is not None and d in {str(x) for x, _ in report.evicted}
@@ -233,7 +233,7 @@ async def test_passes_reuse_what_manifests_reference(env, monkeypatch):
     drop = await pull(client, base, "drop", "v1")
     await wait_stored(data, *keep, *drop)
     evictor = app[EVICTOR]
-    store = app[PULLTHROUGH].store
+    store = app[STORE]
     reads: list[str] = []
     real_get = store.get_manifest
 
@@ -262,7 +262,7 @@ async def test_a_blob_gone_between_lookup_and_open_is_looked_up_again(env, monke
     the file: the request looks again (here: finds it) instead of failing."""
     _fake, base, data, app, client = env
     d, layer = await cache_blob(env, 3000)
-    store = app[PULLTHROUGH].store
+    store = app[STORE]
     real = store.local_path
     calls = []
 
