@@ -4,7 +4,6 @@ table of the hot paths."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from proxy.storage import FilesystemStore
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
 from tests.support.registry import free_port
+from tests.support.store import wait_stored
 
 D = Digest.parse("sha256:" + "ab" * 32)
 
@@ -112,11 +112,8 @@ async def test_a_blob_answer_is_one_of_three_shapes(aiohttp_server, tmp_path: Pa
         assert b"".join([chunk async for chunk in filling.reader.stream()]) == data
     finally:
         filling.reader.close()
+    await wait_stored(tmp_path / "data", str(digest))  # published just after the last byte
     store = app[STORE]
-    for _ in range(250):  # a fill publishes just after its readers' last byte
-        if await store.blob_size(digest) is not None:
-            break
-        await asyncio.sleep(0.02)
     assert await pullthrough.blob(route, digest, head=False) == StoredBlob(
         digest, len(data), CacheOutcome.HIT)
     hosted = app[ROUTER].route("team/app")
