@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from proxy.reference import Digest
-
-if TYPE_CHECKING:
-    from proxy.storage import StoredManifest
 
 
 class CacheOutcome(StrEnum):
@@ -37,6 +34,17 @@ class CacheOutcome(StrEnum):
     NONE = "-"  #: refused before any read (a bad name, no credentials)
 
 
+class Manifest(Protocol):
+    """A manifest's exact bytes and the media type they were served with (a stored one)."""
+
+    @property
+    def digest(self) -> Digest: ...
+    @property
+    def media_type(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+
+
 @dataclass(slots=True)
 class ManifestResult:
     """A manifest to answer with; ``data`` is ``None`` for a HEAD answered from upstream."""
@@ -48,7 +56,7 @@ class ManifestResult:
     outcome: CacheOutcome
 
     @classmethod
-    def of(cls, item: StoredManifest, outcome: CacheOutcome) -> ManifestResult:
+    def of(cls, item: Manifest, outcome: CacheOutcome) -> ManifestResult:
         """A stored manifest, answered with its body."""
         return cls(item.digest, item.media_type, len(item.data), item.data, outcome)
 
