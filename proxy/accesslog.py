@@ -28,7 +28,7 @@ from proxy import metrics, requestnotes
 from proxy.handlers.common import CACHE_OUTCOME, ERROR, REPO, USER
 from proxy.logsetup import FIELDS
 from proxy.requestnotes import UpstreamNotes
-from proxy.results import CacheOutcome
+from proxy.results import NO_OUTCOME, CacheOutcome
 from proxy.stats import CACHE_OUTCOMES, STATS
 
 #: Set on a response whose request gets no access-log line (it is counted in the metrics):
@@ -146,8 +146,8 @@ class AccessLogger(AbstractAccessLogger):
             handler: str = request.match_info.route.handler.__name__  # type: ignore[attr-defined]
         except (AttributeError, AssertionError):  # failed before routing (bad request line)
             handler = "none"
-        outcome = request.get(CACHE_OUTCOME, CacheOutcome.NONE)
-        cache_read = outcome != CacheOutcome.NONE and handler in _CACHE_KINDS
+        outcome = request.get(CACHE_OUTCOME, NO_OUTCOME)
+        cache_read = outcome != NO_OUTCOME and handler in _CACHE_KINDS
         sent = _bytes_sent(request, response) if cache_read else 0
         key = (handler, request.method, response.status, outcome,
                request.get(REPO) if cache_read else None)

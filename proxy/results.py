@@ -34,6 +34,12 @@ class CacheOutcome(StrEnum):
     NONE = "-"  #: refused before any read (a bad name, no credentials)
 
 
+#: The outcomes every request reads, as plain module globals: looking up an enum member
+#: costs ~0.1 µs on Python 3.11, a noticeable share of a cached manifest's CPU.
+HIT = CacheOutcome.HIT
+NO_OUTCOME = CacheOutcome.NONE
+
+
 class Manifest(Protocol):
     """A manifest's exact bytes and the media type they were served with (a stored one)."""
 

@@ -36,6 +36,7 @@ from proxy.pullthrough.recency import Recency
 from proxy.pullthrough.tags import Tags
 from proxy.reference import Digest
 from proxy.results import (
+    HIT,
     BlobResult,
     CacheOutcome,
     ManifestResult,
@@ -139,7 +140,7 @@ class PullThrough:
         item = self._manifests.in_memory(digest)
         if item is None or (digest is not reference and not accepts(accepted, item.media_type)):
             return None
-        return ManifestResult.of(item, CacheOutcome.HIT)
+        return ManifestResult.of(item, HIT)
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool
                                   ) -> ManifestResult:
@@ -196,7 +197,7 @@ class PullThrough:
         linked = await self.links.holds_blob(route.key, digest)
         if size is not None and linked:
             await self.recency.touch(digest)
-            return StoredBlob(digest, size, CacheOutcome.HIT)
+            return StoredBlob(digest, size, HIT)
         filling = self._fills.running_size(digest)
         if head and linked and filling is not None:
             return UpstreamHead(digest, filling, CacheOutcome.COALESCED)
