@@ -1,0 +1,1 @@
+"""Storage drivers: bytes under keys, one module per backend (see :mod:`.base`)."""
