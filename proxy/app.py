@@ -177,7 +177,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                     limits=UploadLimits(config.max_uploads_per_repository,
                                         config.max_uploads_per_user), space=space)
     app[HOSTED] = hosted
-    evictor = Evictor(store, names.is_hosted_key, cluster, in_thread=store is staging,
+    evictor = Evictor(store, names.is_hosted_key, cluster, in_thread=store.local,
                       forget=pullthrough.forget, max_size=config.max_size, max_age=config.max_age)
     fills.on_filled = evictor.kick
     app[EVICTOR] = evictor

@@ -20,7 +20,7 @@ import logging
 from proxy.config import Config, path_form
 from proxy.pullthrough.links import RepositoryLinks
 from proxy.routing import Namespaces
-from proxy.storage import FilesystemStore, Store
+from proxy.storage import Staging, Store
 from proxy.storage.backend import open_store
 
 log = logging.getLogger("regproxy.layout")
@@ -90,7 +90,7 @@ async def upgrade(store: Store, names: Namespaces) -> list[tuple[str, str]]:
 
 
 
-async def ensure(store: Store, staging: FilesystemStore, names: Namespaces,
+async def ensure(store: Store, staging: Staging, names: Namespaces,
                  retry: float = 5.0) -> asyncio.Task[None] | None:
     """Upgrade before serving, one process of the host at a time (sibling workers wait
     for the lock, then find the version recorded). When the store cannot be reached (an
@@ -120,7 +120,7 @@ async def ensure(store: Store, staging: FilesystemStore, names: Namespaces,
     return asyncio.create_task(keep_trying())
 
 
-async def _upgrade_locked(store: Store, staging: FilesystemStore, names: Namespaces) -> None:
+async def _upgrade_locked(store: Store, staging: Staging, names: Namespaces) -> None:
     while True:
         with staging.try_lock("layout-upgrade") as mine:
             if mine:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.config import Config
-from proxy.storage.filesystem import FilesystemStore
+from proxy.storage.staging import Staging
 
 #: Exit status of a worker process that could not start (it printed why).
 EXIT_STARTUP_FAILED = 3
@@ -60,7 +60,7 @@ def check_listen(host: str, port: int, *, reuse_port: bool, key: str = "server.l
 def prepare_store(root: Path) -> None:
     """Create the local store's layout and clean what killed writers left in ``tmp/``
     (once, before any worker starts), and check that it can be written."""
-    store = FilesystemStore(root)
+    store = Staging(root)
     try:
         store.open(clean=True)
     except OSError as exc:

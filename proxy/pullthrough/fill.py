@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
 
 from proxy import metrics
 from proxy.errors import (
@@ -36,7 +35,7 @@ from proxy.errors import (
 )
 from proxy.reference import Digest
 from proxy.results import LocalSpan, SpanSource
-from proxy.storage import BlobWriter, FilesystemStore, Store
+from proxy.storage import BlobWriter, ObjectWriter, Staging, Store
 from proxy.storage.failures import storage_failure
 from proxy.upstream import Endpoint, UpstreamClient, upstream_error
 
@@ -71,16 +70,6 @@ async def read_spans(spans: AsyncIterator[LocalSpan]) -> AsyncIterator[bytes]:
             yield data
 
 
-class FillSink(Protocol):
-    """Where a fill's bytes go besides the local temp file, on backends whose objects do
-    not live on the local disk (S3: a multipart upload). ``commit`` verifies again and
-    makes the object visible; ``abort`` leaves nothing behind."""
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None: ...
-    async def commit(self, expected: Digest, expected_size: int | None = None) -> None: ...
-    async def abort(self) -> None: ...
-
-
 class FillState(Enum):
     """Where a fill stands. Readers only ask three questions of it: may the bytes be
     trusted (:attr:`BlobFill.verified`), did it fail before that (``FAILED``: its error
@@ -108,7 +97,7 @@ _ENDED = frozenset({FillState.PUBLISHED, FillState.FAILED, FillState.UNPUBLISHED
 class BlobFill:
     """A running upstream download of one blob into the store."""
 
-    def __init__(self, digest: Digest, writer: BlobWriter, sink: FillSink | None = None, *,
+    def __init__(self, digest: Digest, writer: BlobWriter, sink: ObjectWriter | None = None, *,
                  guard: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.digest = digest
         self._writer = writer  # its file exists from now on
@@ -439,7 +428,7 @@ class TailReader:
     the file is gone without a final blob or its filler no longer holds the lock.
     """
 
-    def __init__(self, staging: FilesystemStore, store: Store, digest: Digest, fd: int,
+    def __init__(self, staging: Staging, store: Store, digest: Digest, fd: int,
                  size: int | None) -> None:
         self._staging = staging
         self._store = store
@@ -449,7 +438,7 @@ class TailReader:
         self.size = size
 
     @classmethod
-    async def open(cls, staging: FilesystemStore, store: Store, digest: Digest,
+    async def open(cls, staging: Staging, store: Store, digest: Digest,
                    max_wait: float = 30.0) -> TailReader | None:
         """Join another process's fill; ``None`` when there is none (or it just ended)."""
         fd = staging.open_fill(digest)

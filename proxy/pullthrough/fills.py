@@ -24,7 +24,7 @@ from proxy.reference import Digest
 from proxy.results import BlobReader, CacheOutcome, FillingBlob, StoredBlob
 from proxy.routing import Route
 from proxy.singleflight import KeyedLocks
-from proxy.storage import BlobWriter, FilesystemStore, Store
+from proxy.storage import BlobWriter, Staging, Store
 
 log = logging.getLogger("regproxy.pullthrough")
 
@@ -32,7 +32,7 @@ log = logging.getLogger("regproxy.pullthrough")
 class Fills:
     """The fills of ``store``, staged in ``staging``'s ``tmp/``."""
 
-    def __init__(self, store: Store, staging: FilesystemStore, coordination: Coordination, *,
+    def __init__(self, store: Store, staging: Staging, coordination: Coordination, *,
                  before_fill: Callable[[], None] | None = None) -> None:
         self._store = store
         self._staging = staging

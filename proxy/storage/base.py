@@ -1,11 +1,11 @@
-"""What every storage backend offers the services: the :class:`Store` protocol.
+"""What the services get from storage: the :class:`Store` protocol.
 
-Two backends implement it: :class:`~proxy.storage.filesystem.FilesystemStore` (the
-default, one host or a shared POSIX filesystem) and :class:`~proxy.storage.s3.S3Store`
-(S3-compatible object storage, for several replicas). Services only ``await`` these
-methods, so they run unchanged on either. Writing blobs is backend-specific (a fill tees
-into a local temp file on both; the S3 backend also streams it into a multipart upload),
-see :mod:`proxy.pullthrough.fill`.
+One class implements it, :class:`~proxy.storage.registry.RegistryStore`, over a storage
+driver (:mod:`proxy.storage.driver`): the filesystem (the default, one host or a shared
+POSIX filesystem) or S3-compatible object storage (for several replicas). Services only
+``await`` these methods, so they run unchanged on either. A fill tees into a local temp
+file of the staging area (:mod:`proxy.storage.staging`) on both; where objects are not
+local files it also streams into the driver's writer (:meth:`Store.fill_sink`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from proxy.reference import Digest
-
-if TYPE_CHECKING:
-    from proxy.pullthrough.fill import FillSink
+from proxy.storage.driver.base import ObjectWriter
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +40,10 @@ class BlobStat:
 class Store(Protocol):
     """Content-addressed objects, manifests, tags and repository links."""
 
+    #: Whether objects are files on this host (a GC or eviction pass is then cheap
+    #: syscalls, best run in a thread; an object store's uses this loop's connections).
+    local: bool
+
     async def purge_incomplete(self, older_than: float) -> int:
         """Remove writes abandoned before ``older_than`` (a killed process's temp data)."""
 
@@ -52,7 +54,7 @@ class Store(Protocol):
     async def blob_size(self, digest: Digest) -> int | None:
         """Size of a stored object, ``None`` when absent."""
 
-    def local_path(self, digest: Digest) -> Path | None:
+    def local_path(self, digest: Digest) -> str | None:
         """A local file to ``sendfile`` the object from, when the backend has one."""
 
     def open_blob(self, digest: Digest, start: int = 0, end: int | None = None
@@ -62,7 +64,7 @@ class Store(Protocol):
     async def redirect_url(self, digest: Digest) -> str | None:
         """A URL clients may fetch the object from directly (presigned), if configured."""
 
-    def fill_sink(self, digest: Digest) -> FillSink | None:
+    def fill_sink(self, digest: Digest) -> ObjectWriter | None:
         """Where an upstream fill streams besides its local temp file (``None``: the temp
         file itself becomes the object)."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from proxy.errors import BlobUploadUnknown, DigestInvalid
 from proxy.reference import Digest
-from proxy.storage.filesystem import FilesystemStore
+from proxy.storage.staging import Staging
 
 _UUID_RE = re.compile(r"[0-9a-f]{32}")
 
@@ -40,9 +40,8 @@ class Upload:
 class UploadStore:
     """Creates, appends to, completes and purges uploads under ``<root>/uploads``."""
 
-    def __init__(self, store: FilesystemStore) -> None:
-        self.store = store
-        self.root = store.root / "uploads"
+    def __init__(self, staging: Staging) -> None:
+        self.root = staging.root / "uploads"
         self._hashers: dict[str, hashlib._Hash] = {}
 
     def create(self, repo: str, owner: str = "") -> Upload:

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.storage import FilesystemStore
+from proxy.storage.backend import open_filesystem
 from proxy.storage.gc import collect
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import make_tar_layer
@@ -131,9 +131,8 @@ def test_purge_spares_an_upload_being_created(tmp_path):
     the upload under the client (a 500 on the very next write)."""
     from proxy.storage import UploadStore
 
-    store = FilesystemStore(tmp_path)
-    store.open()
-    uploads = UploadStore(store)
+    _, staging = open_filesystem(tmp_path)
+    uploads = UploadStore(staging)
     young = tmp_path / "uploads" / ("a" * 32)
     young.mkdir()  # the state right after create()'s mkdir
     writing = uploads.create("team/app")
@@ -281,7 +280,7 @@ async def test_gc_sweeps_unreferenced_content_and_respects_grace(registry, clien
     async with client.delete(f"{base}/v2/team/app/manifests/gone") as r:
         assert r.status == 202
     orphan = await push_blob(client, base, "team/app", b"orphan blob")
-    store = FilesystemStore(data)
+    store, _ = open_filesystem(data, clean=False)
     young = await collect(store, dry_run=True, grace=3600)
     assert young.blobs == []  # everything is younger than the grace period
     dry = await collect(store, dry_run=True, grace=0)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from proxy.app import create_app
 from proxy.reference import Digest
 from proxy.settings.auth import parse_auth
-from proxy.storage import FilesystemStore
+from proxy.storage.backend import open_filesystem
 from tests.support.edge import write_htpasswd
 from tests.support.proxyfix import make_config
 
@@ -41,9 +41,8 @@ class Harness:
                            "rules": [{"users": ["alice"], "repositories": ["**"], "actions": ["*"]}],
                            "login_failures_per_address": 0, "login_failures_per_user": 0},
                           tmp)
-        store = FilesystemStore(tmp / "data")
-        store.open()
-        store.put_bytes(Digest.parse(BLOB_DIGEST), BLOB)
+        store, _ = open_filesystem(tmp / "data")
+        asyncio.run(store.put_small(Digest.parse(BLOB_DIGEST), BLOB))
         # linked to the cached repository the requests name (the pool alone serves nobody)
         asyncio.run(store.link_blob("docker.io/library/x", Digest.parse(BLOB_DIGEST)))
         cfg = make_config(tmp / "data", {"docker.io": "http://127.0.0.1:9"}, auth=auth)

@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from proxy.reference import Digest
-from proxy.storage import FilesystemStore
+from proxy.storage import BlobWriter
+from proxy.storage.backend import open_filesystem
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyproc import ProxyProcess
 from tests.support.store import blob_path, tmp_files
@@ -214,8 +215,7 @@ def test_start_up_removes_writer_leftovers_nobody_holds_and_keeps_live_ones(tmp_
     is writing stays: fill files, size hints, readiness probes and object temp files are
     held by their writer's ``flock`` (or belong to a fill that is)."""
     data = tmp_path / "data"
-    store = FilesystemStore(data)
-    store.open()
+    _, store = open_filesystem(data)
     tmp = store.tmp_dir
     dead = Digest.of(b"dead fill")
     leftovers = [tmp / f"{dead.algorithm}-{dead.hex}.size.0badc0de",  # announce_size's temp
@@ -230,7 +230,7 @@ def test_start_up_removes_writer_leftovers_nobody_holds_and_keeps_live_ones(tmp_
     fill.announce_size(123)
     live_size_temp = tmp / f"{live.algorithm}-{live.hex}.size.feedf00d"
     live_size_temp.write_bytes(b"")
-    writer = store.new_writer()  # an object being written by the live sibling
+    writer = BlobWriter(store.tmp_dir)  # an object being written by the live sibling
     probe = tmp / "ready-5ca1ab1e0000"  # and a readiness probe it is writing (held as
     probe_fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # probe_writable does)
     fcntl.flock(probe_fd, fcntl.LOCK_EX)
@@ -250,8 +250,7 @@ def test_start_up_removes_writer_leftovers_nobody_holds_and_keeps_live_ones(tmp_
 
 
 def test_size_hint_and_readiness_probe_leave_nothing_when_the_disk_is_full(tmp_path, monkeypatch):
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     fill = store.claim_fill(Digest.of(b"x"))
     assert fill is not None
 

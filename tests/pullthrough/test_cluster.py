@@ -27,7 +27,8 @@ from proxy.app import create_app
 from proxy.config import ClusterConfig, S3Config
 from proxy.pullthrough.cluster import Cluster
 from proxy.reference import Digest
-from proxy.storage.s3 import S3Store
+from proxy.storage import RegistryStore
+from proxy.storage.backend import open_s3
 from tests.support.cluster import Replicas, _config
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import make_random_bytes, make_tar_layer, push_image
@@ -47,13 +48,13 @@ def s3_prefix(seaweedfs: SeaweedFS) -> S3Config:
 
 
 @pytest.fixture
-async def bucket(s3_prefix: S3Config) -> AsyncIterator[S3Store]:
-    async with S3Store(s3_prefix) as store:
+async def bucket(s3_prefix: S3Config) -> AsyncIterator[RegistryStore]:
+    async with open_s3(s3_prefix) as store:
         yield store
 
 
-async def _keys(store: S3Store, under: str) -> list[str]:
-    return [key async for key, _, _ in store._list(under)]
+async def _keys(store: RegistryStore, under: str) -> list[str]:
+    return [key async for key, _, _ in store.driver._list(under)]
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ async def _get_blob(session: aiohttp.ClientSession, base: str, repo: str, digest
 
 
 async def test_30_cold_clients_on_3_replicas_make_one_upstream_transfer_per_blob(
-        replicas: Replicas, upstream_registry, http_session, bucket: S3Store, tmp_path: Path):
+        replicas: Replicas, upstream_registry, http_session, bucket: RegistryStore, tmp_path: Path):
     reg = upstream_registry
     repo = f"cluster/burst{secrets.token_hex(3)}"
     # seeds no other module uses: the upstream registry (and its access log) is shared
@@ -130,7 +131,7 @@ async def test_30_cold_clients_on_3_replicas_make_one_upstream_transfer_per_blob
 
 
 async def test_replica_killed_mid_fill_others_take_over(
-        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: RegistryStore):
     fake = FakeUpstream(chunk_delay=0.004)  # 24 MiB in 64 KiB chunks: ~1.5 s per transfer
     data = make_random_bytes(24 * MiB, seed=81)
     digest = fake.add_blob(data)
@@ -209,7 +210,7 @@ async def test_skopeo_pulls_through_every_replica(
 
 
 async def test_a_push_spread_over_replicas_lands_once(
-        tmp_path: Path, upstream_registry, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+        tmp_path: Path, upstream_registry, s3_prefix: S3Config, redis_url: str, bucket: RegistryStore):
     """A load balancer without session affinity: each request of one push goes to another
     replica. The upload lives on the replica that started it; the others forward to it."""
     group = Replicas(tmp_path, upstream_registry.url, s3_prefix, redis_url,
@@ -300,7 +301,7 @@ async def test_readyz_reports_an_unreachable_object_store(aiohttp_server, tmp_pa
 
 
 async def test_a_filler_that_lost_its_lease_does_not_publish(
-        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: RegistryStore):
     """Fencing: the lease changed hands mid-fill (this filler was paused past it, say), so
     the filler must not publish, though its own clients still get the verified bytes."""
 
@@ -393,7 +394,7 @@ async def test_a_range_from_a_replica_that_is_not_filling(
 
 
 async def test_a_holder_this_replica_cannot_reach_does_not_starve_its_clients(
-        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: S3Store):
+        aiohttp_server, tmp_path: Path, s3_prefix: S3Config, redis_url: str, bucket: RegistryStore):
     """A lease held by a replica whose advertise_url is wrong (or across a network split):
     after the lease period plus a margin the client is served from a fill of its own."""
 
@@ -417,7 +418,7 @@ async def test_a_holder_this_replica_cannot_reach_does_not_starve_its_clients(
 
 
 async def test_gc_command_on_the_bucket_waits_its_turn(tmp_path: Path, s3_prefix: S3Config,
-                                                       redis_url: str, bucket: S3Store):
+                                                       redis_url: str, bucket: RegistryStore):
     """``regproxy gc`` on an S3 replica: it removes an unreferenced object from the bucket,
     and refuses (exit 1) while another replica holds the maintenance lease."""
     import sys

@@ -15,14 +15,13 @@ from proxy.pullthrough import fill as fill_mod
 from proxy.pullthrough.fill import NOTIFY_DELAY, BlobFill
 from proxy.reference import Digest
 from proxy.singleflight import KeyedLocks
-from proxy.storage import FilesystemStore
+from proxy.storage.backend import open_filesystem
 
 
 async def test_fill_readers_are_woken_soon_after_bytes_arrive_even_between_steps(tmp_path):
     """Readers are woken per MiB, or NOTIFY_DELAY after the last wake-up: bytes that arrive
     just after one and are followed by a pause must not wait for the next chunk."""
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     digest = Digest.parse("sha256:" + "ab" * 32)
     writer = store.claim_fill(digest)
     assert writer is not None
@@ -44,8 +43,7 @@ def test_the_fill_pipeline_settles_a_batch_whose_callback_is_still_queued(tmp_pa
     behind the fill task: awaiting the done future returns without yielding, so the fill
     must settle it itself (it spun forever once). Run in a thread: a spinning loop would
     never reach a timeout."""
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     chunk = os.urandom(fill_mod.PIPELINE_MAX_BATCH)
     digest = Digest("sha256", hashlib.sha256(chunk * 3).hexdigest())
     writer = store.claim_fill(digest)

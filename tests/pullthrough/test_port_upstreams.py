@@ -110,10 +110,9 @@ async def test_layout_upgrade_moves_keys_of_ported_upstreams(tmp_path):
     """Layout 2 kept `--upstream http://host:port` content under `host:port/...`: moved once."""
     from proxy.layout import LAYOUT_VERSION, upgrade
     from proxy.reference import Digest
-    from proxy.storage import FilesystemStore
+    from proxy.storage.backend import open_filesystem
 
-    store = FilesystemStore(tmp_path / "data")
-    store.open()
+    store, _ = open_filesystem(tmp_path / "data")
     digest = Digest.of(b"m")
     await store.set_layout_version(2)
     await store.set_tag("127.0.0.1:5001/library/a", "v1", digest)

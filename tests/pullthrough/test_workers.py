@@ -12,7 +12,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.reference import Digest
-from proxy.storage import FilesystemStore
+from proxy.storage import BlobWriter
+from proxy.storage.backend import open_filesystem
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import make_layer_file, push_image
 from tests.support.proxyfix import make_config
@@ -24,8 +25,7 @@ MiB = 1 << 20
 
 
 def test_claim_fill_is_exclusive_and_takes_over_abandoned_fills(tmp_path):
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     d = Digest.of(b"x")
     first = store.claim_fill(d)
     assert first is not None
@@ -121,15 +121,14 @@ async def test_two_worker_processes_make_one_upstream_transfer(
 
 
 def test_start_up_cleaning_spares_what_live_processes_are_writing(tmp_path):
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     live = store.claim_fill(Digest.of(b"live"))  # another worker, still filling
     assert live is not None
     live.announce_size(123)
     dead = store.fill_path(Digest.of(b"dead"))
     dead.write_bytes(b"half")  # a crashed filler: nobody holds its lock
     (store.tmp_dir / "x.part").write_bytes(b"left by a dead writer")  # young, lock free
-    writing = store.new_writer()  # another worker's object temp file: its lock is held
+    writing = BlobWriter(store.tmp_dir)  # another worker's object temp file: its lock is held
     writing.write(b"being written")
     old_unknown = store.tmp_dir / "older-version.tmp"  # not known to be held: by age
     old_unknown.write_bytes(b"old")

@@ -1,5 +1,5 @@
-"""The filesystem store's own mechanics: writing many buffers, reading a fill around its
-publication, lock files and their clean-up at start-up."""
+"""The filesystem backend's staging mechanics: writing many buffers, reading a fill around
+its publication, lock files and their clean-up at start-up."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import os
 import pytest
 
 from proxy.reference import Digest
-from proxy.storage import FilesystemStore
-from proxy.storage.filesystem import _same_file
+from proxy.storage.backend import open_filesystem
+from proxy.storage.localfs import same_file
 
 
 def test_write_many_takes_more_buffers_than_one_writev_allows(tmp_path):
     """A batch of many small socket reads (a slow network) is more than IOV_MAX buffers."""
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     chunks = [os.urandom(1 + i % 1500) for i in range(3000)]
     data = b"".join(chunks)
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
@@ -31,8 +30,7 @@ def test_write_many_takes_more_buffers_than_one_writev_allows(tmp_path):
 def test_a_fill_file_is_readable_at_either_path_around_its_publication(tmp_path):
     """Joiners open a fill's file by its temp path; publishing (a thread) may have renamed
     it into the store a moment before: the same bytes are then read from there."""
-    store = FilesystemStore(tmp_path)
-    store.open()
+    objects, store = open_filesystem(tmp_path)
     data = os.urandom(5000)
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
     writer = store.claim_fill(digest)
@@ -49,14 +47,13 @@ def test_a_fill_file_is_readable_at_either_path_around_its_publication(tmp_path)
         os.close(before)
         os.close(after)
     writer.path.unlink()
-    store.blob_path(digest).unlink()
+    os.unlink(objects.local_path(digest))
     with pytest.raises(FileNotFoundError):
         writer.open_reader(digest)
 
 
 def test_try_lock_is_exclusive_and_a_lock_on_a_removed_file_does_not_count(tmp_path):
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     with store.try_lock("tag:a") as first:
         assert first
         (path,) = (tmp_path / "locks").iterdir()
@@ -66,7 +63,7 @@ def test_try_lock_is_exclusive_and_a_lock_on_a_removed_file_does_not_count(tmp_p
     try:
         assert not list((tmp_path / "locks").iterdir())
         fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free, but on a removed file
-        assert not _same_file(late, path)
+        assert not same_file(late, path)
         with store.try_lock("tag:a") as third:
             assert third  # the next one takes a new file
     finally:
@@ -74,8 +71,7 @@ def test_try_lock_is_exclusive_and_a_lock_on_a_removed_file_does_not_count(tmp_p
 
 
 def test_start_up_cleaning_removes_free_lock_files_only(tmp_path):
-    store = FilesystemStore(tmp_path)
-    store.open()
+    _, store = open_filesystem(tmp_path)
     (tmp_path / "locks" / "left-by-a-killed-process").touch()
     with store.try_lock("evict") as held:
         assert held

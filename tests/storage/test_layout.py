@@ -13,8 +13,8 @@ from proxy.config import UpstreamConfig
 from proxy.layout import LayoutError, upgrade
 from proxy.reference import Digest
 from proxy.routing import Namespaces
-from proxy.storage import FilesystemStore, Store
-from proxy.storage.s3 import S3Store
+from proxy.storage import Store
+from proxy.storage.backend import open_filesystem, open_s3
 from tests.support.registry import free_port
 from tests.support.seaweed import SeaweedFS, ensure_bucket
 
@@ -24,13 +24,11 @@ D1, D2 = Digest.of(b"one"), Digest.of(b"two")
 @pytest.fixture(params=["filesystem", "s3"])
 async def store(request, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "filesystem":
-        fs = FilesystemStore(tmp_path / "data")
-        fs.open()
-        yield fs
+        yield open_filesystem(tmp_path / "data")[0]
         return
     seaweed: SeaweedFS = request.getfixturevalue("seaweedfs")
-    async with S3Store(seaweed.s3_config()) as s3:
-        await ensure_bucket(s3.client)
+    async with open_s3(seaweed.s3_config()) as s3:
+        await ensure_bucket(s3.driver.client)
         yield s3
 
 

@@ -2,7 +2,7 @@
 the session's SeaweedFS bucket, each test under its own key prefix, and skopeo pulls and
 pushes through it.
 
-Every check looks at the bucket itself (through an :class:`S3Store` of the same settings,
+Every check looks at the bucket itself (through a store of the same settings,
 as ``regproxy gc`` would open it) or compares bytes with what was pushed upstream. The
 local storage root only holds temp files with S3, so the tests also check that it ends up
 without any object and with an empty ``tmp/``.
@@ -23,8 +23,11 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config import S3Config
 from proxy.reference import Digest
+from proxy.storage import RegistryStore
+from proxy.storage.backend import open_s3
+from proxy.storage.driver.s3 import MiB, S3Driver
 from proxy.storage.gc import collect
-from proxy.storage.s3 import MiB, S3Store
+from proxy.storage.registry import blob_key
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import (
     OCI_MANIFEST,
@@ -53,33 +56,33 @@ class Bucket:
     """The test's slice of the bucket: its settings and a store to look into it."""
 
     config: S3Config
-    store: S3Store
+    store: RegistryStore[S3Driver]
 
     @property
     def prefix(self) -> str:
         return self.config.key("")
 
     def blob_key(self, digest: str) -> str:
-        return self.store.blob_key(Digest.parse(digest))
+        return self.config.key(blob_key(Digest.parse(digest)))
 
     def media_type_key(self, digest: str) -> str:
         d = Digest.parse(digest)
         return self.config.key(f"manifests/{d.algorithm}/{d.hex[:2]}/{d.hex}")
 
     async def keys(self, under: str = "") -> list[str]:
-        return await list_keys(self.store.client, self.config.key(under))
+        return await list_keys(self.store.driver.client, self.config.key(under))
 
     async def multipart_uploads(self) -> list[str]:
-        return await list_multipart_uploads(self.store.client, self.prefix)
+        return await list_multipart_uploads(self.store.driver.client, self.prefix)
 
     async def read(self, key: str) -> bytes:
-        resp = await self.store.client.get_object(Bucket=self.config.bucket, Key=key)
+        resp = await self.store.driver.client.get_object(Bucket=self.config.bucket, Key=key)
         async with resp["Body"] as body:
             return bytes(await body.read())
 
     async def size(self, key: str) -> int | None:
         try:
-            head = await self.store.client.head_object(Bucket=self.config.bucket, Key=key)
+            head = await self.store.driver.client.head_object(Bucket=self.config.bucket, Key=key)
         except Exception:
             return None
         return int(head["ContentLength"])
@@ -89,8 +92,8 @@ class Bucket:
 async def bucket(seaweedfs: SeaweedFS) -> AsyncIterator[Bucket]:
     """A fresh prefix (part size 8 MiB, the default) and a store on it for inspection."""
     config = seaweedfs.s3_config(part_size=8 * MiB)
-    async with S3Store(config) as store:
-        await ensure_bucket(store.client)
+    async with open_s3(config) as store:
+        await ensure_bucket(store.driver.client)
         yield Bucket(config, store)
 
 
@@ -351,7 +354,7 @@ async def test_hosted_push_pull_delete_and_gc_on_the_bucket(
         assert r.status == 404
 
     # GC over the bucket, with a store of its own (as ``regproxy gc`` opens it)
-    async with S3Store(bucket.config) as store:
+    async with open_s3(bucket.config) as store:
         report = await collect(store, grace=0)
     only_two = {two.digest, two.config.digest, two.layers[1].digest}
     assert {str(d) for d, _ in report.blobs} == only_two
@@ -440,7 +443,8 @@ async def test_storage_s3_settings_open_a_store_on_the_bucket(seaweedfs: Seaweed
     d = Digest.of(data)
     (tmp_path / "blob").write_bytes(data)
     async with open_store(cfg) as (store, staging):
-        assert isinstance(store, S3Store) and staging.root == tmp_path / "scratch"
+        assert isinstance(store, RegistryStore) and isinstance(store.driver, S3Driver)
+        assert staging.root == tmp_path / "scratch"
         await store.import_file(tmp_path / "blob", d, len(data))
         assert await store.blob_size(d) == len(data)
         assert (await store.redirect_url(d) or "").startswith(seaweedfs.endpoint)
@@ -480,7 +484,7 @@ async def test_eviction_on_the_bucket_drops_the_least_recently_used_image(
         await asyncio.sleep(1.5)
         await pull("a")  # hits: 'a' is the most recently used now (access markers)
         await asyncio.sleep(0.5)  # the markers are written in the background
-    async with S3Store(s3) as store:
+    async with open_s3(s3) as store:
         dry = await evict(store, max_size=4 * MiB, max_age=0, is_hosted=lambda _: False,
                           dry_run=True)
         b_digests = {str(Digest.of(d)) for d in layers["b"]}

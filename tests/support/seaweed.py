@@ -159,7 +159,7 @@ def ensure_bucket_sync(endpoint: str, bucket: str = BUCKET, timeout: float = 20.
 
 
 async def ensure_bucket(client: Any, bucket: str = BUCKET, wait: float = 20.0) -> None:
-    """:func:`ensure_bucket_sync` with an aiobotocore client (e.g. ``S3Store.client``)."""
+    """:func:`ensure_bucket_sync` with an aiobotocore client (e.g. ``S3Driver.client``)."""
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -10,17 +10,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from proxy.reference import Digest
-from proxy.storage import FilesystemStore
+from proxy.storage import RegistryStore, Staging
+from proxy.storage.driver.filesystem import FilesystemDriver
 
 
-def local_store(data: Path) -> FilesystemStore:
+def local_store(data: Path) -> RegistryStore[FilesystemDriver]:
     """The filesystem store at ``data`` (a proxy's data directory), not opened."""
-    return FilesystemStore(data)
+    return RegistryStore(FilesystemDriver(data))
 
 
 def blob_path(data: Path, digest: str) -> Path:
     """Where the store at ``data`` keeps (or would keep) the blob ``digest``."""
-    return local_store(data).blob_path(Digest.parse(digest))
+    path = local_store(data).local_path(Digest.parse(digest))
+    assert path is not None  # (a filesystem store's objects are local files)
+    return Path(path)
 
 
 def is_stored(data: Path, digest: str) -> bool:
@@ -34,7 +37,7 @@ async def stored_blobs(data: Path) -> dict[str, int]:
 
 def tmp_files(data: Path) -> list[str]:
     """What is in the store's scratch directory (fills in progress, their hints)."""
-    return os.listdir(local_store(data).tmp_dir)
+    return os.listdir(Staging(data).tmp_dir)
 
 
 async def stored_tag(data: Path, repo: str, tag: str) -> str | None:
