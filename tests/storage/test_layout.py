@@ -1,6 +1,6 @@
-"""The layout upgrade's store operations, on both backends: renaming a repository (nested
-ones stay), recording the layout version, and the upgrade's refusal when it cannot tell
-where bare names belong."""
+"""The layout upgrade on both backends: its refusal when it cannot tell where bare names
+belong. (The store operations it uses, renames and the layout version, are in the store
+contract: tests/storage/test_store.py.)"""
 
 from __future__ import annotations
 
@@ -30,31 +30,6 @@ async def store(request, tmp_path: Path) -> AsyncIterator[Store]:
     async with open_s3(seaweed.s3_config()) as s3:
         await ensure_bucket(s3.driver.client)
         yield s3
-
-
-async def test_rename_moves_a_repository_and_leaves_nested_ones(store: Store):
-    await store.set_tag("library/a", "v1", D1)
-    await store.link_manifest("library/a", D1)
-    await store.link_blob("library/a", D2)
-    await store.add_referrer("library/a", D1, D2)
-    await store.set_tag("library/a/nested", "v2", D2)
-    await store.set_tag("docker.io/library/a", "old", D2)  # already there: merged with
-    await store.rename_repository("library/a", "docker.io/library/a")
-    assert await store.get_tag("docker.io/library/a", "v1") == D1
-    assert await store.get_tag("docker.io/library/a", "old") == D2
-    assert await store.has_manifest_link("docker.io/library/a", D1)
-    assert await store.has_blob_link("docker.io/library/a", D2)
-    assert await store.list_referrers("docker.io/library/a", D1) == [D2]
-    assert await store.get_tag("library/a", "v1") is None
-    assert not await store.has_manifest_link("library/a", D1)
-    assert await store.get_tag("library/a/nested", "v2") == D2
-    assert "library/a" not in await store.list_repositories()
-
-
-async def test_layout_version_is_recorded(store: Store):
-    assert await store.layout_version() is None
-    await store.set_layout_version(2)
-    assert await store.layout_version() == 2
 
 
 async def test_bare_names_without_a_default_upstream_refuse_to_start(store: Store):
