@@ -1,1 +1,2 @@
-"""Storage: the filesystem and S3 stores, the on-disk layout and its upgrade, eviction."""
+"""Storage: the driver contract and each driver, the Store contract on both backends, the
+on-disk layout and its upgrade, eviction."""
