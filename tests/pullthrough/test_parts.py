@@ -21,7 +21,7 @@ from proxy.pullthrough.coordination import SOLE, Holder, HostOnly
 from proxy.pullthrough.fill import TRANSITIONS, BlobFill, FillState
 from proxy.reference import Digest
 from proxy.results import CacheOutcome, FillingBlob, StoredBlob, UpstreamHead
-from proxy.storage import FilesystemStore
+from proxy.storage import Staging
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
 from tests.support.registry import free_port
@@ -35,7 +35,7 @@ async def no_reopen(start: int, end: int | None) -> AsyncIterator[bytes]:
 
 
 async def test_host_only_fills_alone_and_takes_turns_at_maintenance(tmp_path: Path):
-    staging = FilesystemStore(tmp_path)
+    staging = Staging(tmp_path)
     staging.open()
     a, b = HostOnly(staging.try_lock), HostOnly(staging.try_lock)  # two workers of a host
     lease = await a.claim_fill(D)
@@ -123,7 +123,7 @@ async def test_a_blob_answer_is_one_of_three_shapes(aiohttp_server, tmp_path: Pa
 
 
 async def test_a_fill_moves_only_forward(tmp_path: Path):
-    store = FilesystemStore(tmp_path)
+    store = Staging(tmp_path)
     store.open()
     assert not any(TRANSITIONS[s] for s in (FillState.PUBLISHED, FillState.FAILED,
                                             FillState.UNPUBLISHED)), "ends are final"
