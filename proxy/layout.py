@@ -18,10 +18,10 @@ import asyncio
 import logging
 
 from proxy.config import Config, path_form
-from proxy.pullthrough.links import RepositoryLinks
 from proxy.routing import Namespaces
 from proxy.storage import Staging, Store
 from proxy.storage.backend import open_store
+from proxy.storage.links import RepositoryLinks
 
 log = logging.getLogger("regproxy.layout")
 

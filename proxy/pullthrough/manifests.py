@@ -7,12 +7,12 @@ import logging
 
 from proxy.errors import BadGateway, ManifestUnknown, RegistryError
 from proxy.mediatypes import GENERIC_TYPES, UPSTREAM_ACCEPT, sniff_media_type
-from proxy.pullthrough.links import RepositoryLinks
 from proxy.pullthrough.lru import ManifestLRU
 from proxy.reference import Digest
 from proxy.results import CacheOutcome, ManifestResult
 from proxy.routing import Route
 from proxy.storage import Store, StoredManifest
+from proxy.storage.links import RepositoryLinks
 from proxy.upstream import Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")

@@ -4,7 +4,7 @@ Data flows one way: handlers call this service, which reads the store and, on a 
 the upstream. Its parts each have one job: :mod:`~proxy.pullthrough.tags` (how long a tag
 is trusted, and its revalidation), :mod:`~proxy.pullthrough.manifests` (stored manifests
 and their upstream requests), :mod:`~proxy.pullthrough.fills` (single flight of blob
-downloads, given at wiring), :mod:`~proxy.pullthrough.links` (what a repository may
+downloads, given at wiring), :mod:`~proxy.storage.links` (what a repository may
 serve) and :mod:`~proxy.pullthrough.recency` (uses, for eviction). Manifests by digest
 are immutable and kept forever.
 """
@@ -30,7 +30,6 @@ from proxy.errors import (
 from proxy.mediatypes import IMAGE_MANIFESTS, INDEXES, accepts, platform_child
 from proxy.pullthrough.coordination import Coordination, HostLock, from_peer
 from proxy.pullthrough.fills import Fills
-from proxy.pullthrough.links import RepositoryLinks
 from proxy.pullthrough.manifests import Manifests
 from proxy.pullthrough.recency import Recency
 from proxy.pullthrough.tags import Tags
@@ -48,6 +47,7 @@ from proxy.routing import Route
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.storage import Store
+from proxy.storage.links import RepositoryLinks
 from proxy.upstream import Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")

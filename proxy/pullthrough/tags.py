@@ -28,7 +28,6 @@ from proxy.errors import (
 )
 from proxy.mediatypes import INDEXES
 from proxy.pullthrough.coordination import Coordination, HostLock, from_peer
-from proxy.pullthrough.links import RepositoryLinks
 from proxy.pullthrough.manifests import Manifests
 from proxy.reference import Digest
 from proxy.results import CacheOutcome, ManifestResult
@@ -37,6 +36,7 @@ from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.storage import Store
 from proxy.storage.failures import storage_failure
+from proxy.storage.links import RepositoryLinks
 from proxy.upstream import BreakerState
 
 log = logging.getLogger("regproxy.pullthrough")

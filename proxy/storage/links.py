@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from proxy.mediatypes import references
 from proxy.reference import Digest
-from proxy.storage import Store, StoredManifest
+from proxy.storage.base import Store, StoredManifest
 
 
 class RepositoryLinks:
