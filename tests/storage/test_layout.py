@@ -6,7 +6,6 @@ in the store contract: tests/storage/test_store.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,22 +15,9 @@ from proxy.layout import LayoutError, upgrade
 from proxy.reference import Digest
 from proxy.routing import Namespaces
 from proxy.storage import RegistryStore, Store
-from proxy.storage.backend import open_filesystem, open_s3
 from tests.support.registry import free_port
-from tests.support.seaweed import SeaweedFS, ensure_bucket
 
 D1, D2 = Digest.of(b"one"), Digest.of(b"two")
-
-
-@pytest.fixture(params=["filesystem", "s3"])
-async def store(request, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "filesystem":
-        yield open_filesystem(tmp_path / "data")[0]
-        return
-    seaweed: SeaweedFS = request.getfixturevalue("seaweedfs")
-    async with open_s3(seaweed.s3_config()) as s3:
-        await ensure_bucket(s3.driver.client)
-        yield s3
 
 
 async def test_bare_names_without_a_default_upstream_refuse_to_start(store: Store):

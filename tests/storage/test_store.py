@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,10 @@ import pytest
 from proxy.errors import DigestInvalid
 from proxy.reference import Digest
 from proxy.storage import RegistryStore
-from proxy.storage.backend import open_filesystem, open_s3
 from tests.storage.driver_contract import clock_past, settled
-from tests.support.seaweed import SeaweedFS, ensure_bucket
 
 D1, D2, D3 = Digest.of(b"one"), Digest.of(b"two"), Digest.of(b"three")
 REPO = "docker.io/library/alpine"
-
-
-@pytest.fixture(params=["filesystem", "s3"])
-async def store(request, tmp_path: Path) -> AsyncIterator[RegistryStore]:
-    if request.param == "filesystem":
-        yield open_filesystem(tmp_path / "data")[0]
-        return
-    seaweed: SeaweedFS = request.getfixturevalue("seaweedfs")
-    async with open_s3(seaweed.s3_config()) as s3:
-        await ensure_bucket(s3.driver.client)
-        yield s3
 
 
 async def _read(store: RegistryStore, digest: Digest, start: int = 0, end: int | None = None
