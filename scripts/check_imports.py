@@ -30,10 +30,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("vocabulary", ("=proxy", "proxy.reference", "proxy.mediatypes", "proxy.errors", "proxy.untrusted",
                     "proxy.units", "proxy.redact", "proxy.defaults", "proxy.atomicfile",
                     "proxy.logsetup", "proxy.requestnotes", "proxy.bounded", "proxy.results")),
-    ("settings", ("proxy.config", "proxy.settings", "proxy.envconfig", "proxy.auth.htpasswd")),
+    # policy/ is pure (rules, caps, signature checks over the grammar and the field parsers):
+    # the upstreams' settings parse their rules with it
+    ("settings", ("proxy.config", "proxy.settings", "proxy.envconfig", "proxy.auth.htpasswd",
+                  "proxy.policy")),
     ("drivers and upstream", ("proxy.storage.driver", "proxy.storage.localfs", "proxy.upstream",
-                              "proxy.singleflight", "proxy.sharedcache", "proxy.metrics",
-                              "proxy.policy")),
+                              "proxy.singleflight", "proxy.sharedcache", "proxy.metrics")),
     ("repository", ("proxy.storage", "proxy.layout", "proxy.routing")),
     ("fills", ("proxy.pullthrough.fill", "proxy.pullthrough.fills", "proxy.pullthrough.cluster",
                "proxy.pullthrough.coordination")),

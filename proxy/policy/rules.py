@@ -173,6 +173,15 @@ class RuleSet:
                 return decision
         return self._default
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when written alike: configurations compare by value."""
+        if not isinstance(other, RuleSet):
+            return NotImplemented
+        return (self.key, self.rules, self.default) == (other.key, other.rules, other.default)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.rules, self.default))
+
     def __repr__(self) -> str:
         return f"RuleSet({self.key!r}, {len(self.rules)} rules, default={self.default!r})"
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.policy.rules import RuleSet, parse_rules
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE
 from proxy.settings.fields import (
@@ -41,6 +42,9 @@ class UpstreamConfig:
     breaker_cooldown: float = 30.0
     #: forward proxy for its requests: ``None`` = HTTPS_PROXY/NO_PROXY..., ``""`` = direct
     proxy: str | None = None
+    #: allow/deny rules on what may be fetched (``rules``, ``rules_default``); ``None``:
+    #: neither is set, everything is allowed
+    rules: RuleSet | None = None
 
     def __repr__(self) -> str:  # never print the password
         return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
@@ -49,7 +53,7 @@ class UpstreamConfig:
 #: The keys of an ``[upstreams."<host>"]`` table.
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
                  "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
-                 "proxy")
+                 "proxy", "rules", "rules_default")
 
 
 def check_upstream_name(key: str, name: str) -> None:
@@ -98,6 +102,8 @@ def parse_upstream(name: str, raw: Any) -> UpstreamConfig:
         breaker_cooldown=parse_duration(f"{key}.breaker_cooldown", t.get("breaker_cooldown", 30)),
         proxy=(None if "proxy" not in t else "" if t["proxy"] == ""
                else parse_url(f"{key}.proxy", t["proxy"])),
+        rules=(parse_rules(key, t.get("rules"), t.get("rules_default"))
+               if "rules" in t or "rules_default" in t else None),
     )
 
 
