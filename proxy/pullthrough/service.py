@@ -7,6 +7,10 @@ and their upstream requests), :mod:`~proxy.pullthrough.fills` (single flight of 
 downloads, given at wiring), :mod:`~proxy.storage.links` (what a repository may
 serve) and :mod:`~proxy.pullthrough.recency` (uses, for eviction). Manifests by digest
 are immutable and kept forever.
+
+Every read first asks the upstream's allow/deny rules (:func:`check_rules`), before the
+memory, the store or the upstream: a denied repository or tag is ``DENIED`` whether or not
+it is cached, so a rule added later also stops serving what was fetched before it.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class PullThrough:
         self, route: Route, reference: str | Digest, accepted: AbstractSet[str], *, head: bool
     ) -> ManifestResult:
         """Resolve a manifest by tag or digest, filling the cache on a miss."""
+        check_rules(route, reference)
         result = self._in_memory(route, reference, accepted)
         if result is None:
             if isinstance(reference, Digest):
@@ -193,6 +198,7 @@ class PullThrough:
         """Find a blob of the repository: stored, being filled, or (GET) start a fill;
         HEAD asks upstream. A blob the repository holds no link to is first confirmed
         upstream for its name (a HEAD): the pool is shared by every repository."""
+        check_rules(route, digest)
         size = await self._store.blob_size(digest)
         linked = await self.links.holds_blob(route.key, digest)
         if size is not None and linked:
@@ -252,6 +258,7 @@ class PullThrough:
 
         Returns ``(tags, more)``.
         """
+        check_rules(route, None)
         query = {}
         if n is not None:
             query["n"] = str(n)
@@ -274,6 +281,20 @@ class PullThrough:
             if local is None:
                 raise NameUnknown(f"repository {route.name} is not cached") from exc
             return paginate(local, n, last)
+
+
+def check_rules(route: Route, reference: str | Digest | None) -> None:
+    """Raise ``DENIED`` (naming the rule) when the upstream's rules refuse ``route.remote``
+    by this tag, by digest, or (``None``: its tag list) as a repository."""
+    rules = route.upstream_client.config.rules
+    if rules is None:
+        return
+    tag = reference if isinstance(reference, str) else None
+    decision = rules.decide(route.remote, tag)
+    if not decision.allowed:
+        what = (route.remote if reference is None
+                else f"{route.remote}:{reference}" if tag is not None else f"{route.remote}@{reference}")
+        raise decision.error(what)
 
 
 def _not_vouched(exc: RegistryError, route: Route, digest: Digest, *, manifest: bool
