@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from proxy.bounded import BoundedDict
 from proxy.config import UpstreamConfig, path_form
 from proxy.errors import NameInvalid, NameUnknown
+from proxy.policy.rules import compile_repository_patterns
 from proxy.reference import validate_name
 from proxy.upstream import UpstreamClient
 
@@ -58,19 +59,9 @@ class Route:
 
 
 def compile_patterns(patterns: tuple[str, ...] | list[str]) -> re.Pattern[str] | None:
-    """``team/*`` (one component), ``team/**`` (any depth), exact names; ``None`` if empty."""
-    if not patterns:
-        return None
-    parts = []
-    for pattern in patterns:
-        comps = []
-        for comp in pattern.split("/"):
-            if comp == "**":
-                comps.append(r"[^/]+(?:/[^/]+)*")
-            else:
-                comps.append(re.escape(comp).replace(r"\*", "[^/]*"))
-        parts.append("/".join(comps))
-    return re.compile("|".join(f"(?:{p})" for p in parts))
+    """``team/*`` (one component), ``team/**`` (any depth), exact names; ``None`` if empty
+    (the same grammar as the upstreams' rules: :func:`compile_repository_patterns`)."""
+    return compile_repository_patterns(patterns) if patterns else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from proxy.errors import RegistryError, TagInvalid
 from proxy.handlers.common import CATALOG_FILTER, ROUTER, STORE, route_of, service_for
 from proxy.reference import is_tag, validate_name
 from proxy.results import paginate
+from proxy.routing import Route
 
 #: Upper bound on ``n`` so one request cannot ask for an unbounded page.
 MAX_PAGE = 10_000
@@ -67,6 +68,15 @@ async def list_tags(request: web.Request) -> web.Response:
     return web.json_response({"name": request.match_info["name"], "tags": tags}, headers=headers)
 
 
+def _listed(route: Route) -> bool:
+    """Whether the catalog names ``route``: not a cached repository whose upstream's rules
+    refuse its tag list (what is refused to every read is not advertised either)."""
+    if route.hosted:
+        return True
+    rules = route.upstream_client.config.rules
+    return rules is None or rules.decide(route.remote, None).allowed
+
+
 async def catalog(request: web.Request) -> web.Response:
     """Repositories held in the store (cached ones under their local names)."""
     n, last = _page_params(request, validate_name)
@@ -76,6 +86,8 @@ async def catalog(request: web.Request) -> web.Response:
     visible = request.get(CATALOG_FILTER)  # set by proxy.auth: what this client may pull
     if visible is not None:
         names = [name for name in names if visible(name)]
+    router = request.app[ROUTER]
+    names = [name for name in names if _listed(router.route(name))]
     page, more = paginate(names, n, last) if n != 0 else ([], False)
     headers = _link(request.path, n, page) if more else {}
     return web.json_response({"repositories": page}, headers=headers)

@@ -182,6 +182,26 @@ async def test_rules_apply_to_content_cached_before_them(
     assert reads_of(reg, OTHER_REPO) == before
 
 
+async def test_the_catalog_leaves_out_cached_repositories_the_rules_deny(
+        aiohttp_server, upstream_registry, http_session, images, tmp_path):
+    """A repository whose every read is denied is not advertised by ``_catalog`` either,
+    though it is still stored; an allowed one is listed."""
+    reg = upstream_registry
+    data = tmp_path / "data"
+    open_base = await serve(aiohttp_server, config(data, reg, rules=None, default=None))
+    report = await warm([f"{OTHER_REPO}:1.0.0", f"{ALLOWED_REPO}:1.2.3"], open_base)
+    assert report.ok, report.failed
+    async with http_session.get(f"{open_base}/v2/_catalog") as r:
+        assert r.status == 200
+        assert {OTHER_REPO, ALLOWED_REPO} <= set((await r.json())["repositories"])
+    ruled = await serve(aiohttp_server, config(data, reg))
+    async with http_session.get(f"{ruled}/v2/_catalog") as r:
+        assert r.status == 200
+        listed = (await r.json())["repositories"]
+    assert ALLOWED_REPO in listed
+    assert OTHER_REPO not in listed
+
+
 async def test_warm_up_of_an_allowed_tag_works_and_hosted_repositories_ignore_the_rules(
         aiohttp_server, upstream_registry, http_session, images, tmp_path):
     base = await serve(aiohttp_server, config(tmp_path / "data", upstream_registry, rules=[]))
