@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from proxy.handlers.common import HOSTED, route_of
+from proxy.handlers.common import HOSTED, PULLTHROUGH, route_of
 from proxy.mediatypes import OCI_INDEX
+from proxy.policy.referrers import filter_referrers, referrers_index
 from proxy.reference import Digest
 
 
 async def list_referrers(request: web.Request) -> web.Response:
-    """An image index of the manifests whose subject is the digest (empty, never a 404)."""
+    """An image index of the manifests whose subject is the digest (empty, never a 404):
+    pushed here (hosted) or listed by the upstream and pulled through (cached). The
+    ``artifactType`` filter is always applied here, so the header always says so."""
     route = route_of(request)
     subject = Digest.parse(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
     headers = {"Content-Type": OCI_INDEX}
     if route.hosted:
-        body = await request.app[HOSTED].referrers(route, subject, artifact_type)
-    else:  # cached repositories keep no referrers of their own
-        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+        entries = await request.app[HOSTED].referrers(route, subject)
+    else:
+        entries = await request.app[PULLTHROUGH].referrers(route, subject)
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"
-    return web.Response(body=body, headers=headers)
+    return web.Response(body=referrers_index(filter_referrers(entries, artifact_type)),
+                        headers=headers)

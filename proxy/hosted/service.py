@@ -7,7 +7,6 @@ their digest and by the existence of everything they reference in the same repos
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
@@ -31,7 +30,6 @@ from proxy.errors import (
 from proxy.mediatypes import (
     GENERIC_TYPES,
     INDEXES,
-    OCI_INDEX,
     PUSHABLE,
     references,
     sniff_media_type,
@@ -41,6 +39,7 @@ from proxy.results import CacheOutcome, ManifestResult, StoredBlob, paginate
 from proxy.routing import Route
 from proxy.singleflight import KeyedLocks
 from proxy.storage import Store, Upload, UploadStore
+from proxy.storage.referrers import stored_referrers
 from proxy.storage.space import FreeSpace
 from proxy.untrusted import loads_json, parse_digits
 
@@ -284,29 +283,9 @@ class Hosted:
         if not await self.store.unlink_blob(route.key, digest):
             raise BlobUnknown(f"blob {digest} unknown to {route.name}")
 
-    async def referrers(self, route: Route, subject: Digest, artifact_type: str | None) -> bytes:
-        """An OCI image index of the manifests whose ``subject`` is ``subject``."""
-        entries = []
-        for digest in await self.store.list_referrers(route.key, subject):
-            item = await self.store.get_manifest(digest)
-            if item is None or not await self.store.has_manifest_link(route.key, digest):
-                continue
-            try:
-                doc = loads_json(item.data)
-            except ValueError:
-                continue
-            art = doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")
-            if artifact_type is not None and art != artifact_type:
-                continue
-            desc: dict[str, Any] = {"mediaType": item.media_type, "digest": str(digest),
-                                    "size": len(item.data)}
-            if art:
-                desc["artifactType"] = art
-            if doc.get("annotations"):
-                desc["annotations"] = doc["annotations"]
-            entries.append(desc)
-        return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                           "manifests": entries}).encode()
+    async def referrers(self, route: Route, subject: Digest) -> list[dict[str, Any]]:
+        """The descriptors of the manifests pushed here whose ``subject`` is ``subject``."""
+        return await stored_referrers(self.store, route.key, subject)
 
 
 def _media_type(doc: dict[str, Any], content_type: str, data: bytes) -> str:

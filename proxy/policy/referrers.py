@@ -148,3 +148,29 @@ def referrers_index(entries: list[dict[str, Any]]) -> bytes:
     """The referrers API's answer: an OCI image index of ``entries``."""
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries},
                       separators=(",", ":")).encode()
+
+
+def referrer_descriptor(digest: Digest, media_type: str, data: bytes,
+                        subject: Digest | None = None) -> dict[str, Any] | None:
+    """The referrers list's descriptor of a manifest (its own bytes: media type, size,
+    ``artifactType`` or else the config's media type, annotations); ``None`` when it is not
+    a JSON object, or (``subject`` given) when its ``subject`` is not ``subject``, so a
+    list can only name manifests that really refer to the digest."""
+    try:
+        doc = loads_json(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if subject is not None:
+        named = doc.get("subject")
+        if not isinstance(named, dict) or named.get("digest") != str(subject):
+            return None
+    config = doc.get("config")
+    art = doc.get("artifactType") or (config.get("mediaType") if isinstance(config, dict) else None)
+    entry: dict[str, Any] = {"mediaType": media_type, "digest": str(digest), "size": len(data)}
+    if art:
+        entry["artifactType"] = art
+    if doc.get("annotations"):
+        entry["annotations"] = doc["annotations"]
+    return _descriptor(entry)

@@ -36,6 +36,7 @@ from proxy.pullthrough.coordination import Coordination, HostLock, from_peer
 from proxy.pullthrough.fills import Fills
 from proxy.pullthrough.manifests import Manifests
 from proxy.pullthrough.recency import Recency
+from proxy.pullthrough.referrers import Referrers
 from proxy.pullthrough.tags import Tags
 from proxy.reference import Digest
 from proxy.results import (
@@ -87,6 +88,10 @@ class PullThrough:
                           ttl=tag_ttl, grace=tag_grace)
         self._flight: SingleFlight[ManifestResult] = SingleFlight()  #: manifests by digest
         self._head_flight: SingleFlight[int] = SingleFlight()  #: per repository and object
+        self._referrers = Referrers(
+            store, tag_cache, ttl=tag_ttl,
+            pull_digest=lambda route, digest: self._manifest_by_digest(route, digest, head=False),
+            pull_tag=lambda route, tag: self._tags.resolve(route, tag, head=False))
 
     def forget(self, digests: list[Digest]) -> None:
         """Drop evicted objects from the in-memory caches of this process."""
@@ -245,11 +250,18 @@ class PullThrough:
         """Cancel the upstream work in flight: revalidations, manifest and HEAD flights
         (they use the upstream session, closed next). The fills close on their own."""
         upstream_work: list[asyncio.Future[Any]] = [
-            *self._tags.running(), *self._flight.running(), *self._head_flight.running()]
+            *self._tags.running(), *self._flight.running(), *self._head_flight.running(),
+            *self._referrers.running()]
         for work in upstream_work:
             work.cancel()
         if upstream_work:
             await asyncio.wait(upstream_work, timeout=5)
+
+    async def referrers(self, route: Route, subject: Digest) -> list[dict[str, Any]]:
+        """The descriptors of ``subject``'s referrers, from the upstream (its referrers API
+        or referrers schema tag), pulled through (see :mod:`~proxy.pullthrough.referrers`)."""
+        check_rules(route, subject)
+        return await self._referrers.get(route, subject)
 
     # -- tags --------------------------------------------------------------------------
 

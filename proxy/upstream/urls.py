@@ -24,6 +24,7 @@ class Endpoint(Enum):
     MANIFESTS = "manifests"
     BLOBS = "blobs"
     TAGS = "tags/list"
+    REFERRERS = "referrers"  #: OCI 1.1, by digest only
 
 
 def v2_url(base: URL, name: str, endpoint: Endpoint, reference: str | Digest | None = None,
