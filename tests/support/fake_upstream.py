@@ -52,6 +52,10 @@ class FakeUpstream:
     #: when set, a blob exists only in the repositories listed for it (a real registry's
     #: scoping; by default every blob is in every repository)
     blob_repos: dict[str, set[str]] | None = None
+    #: serve the OCI 1.1 referrers API (else a 404, as distribution 2.8 answers); it lists
+    #: the repository's manifests whose ``subject`` is the digest, plus ``extra_referrers``
+    referrers_api: bool = False
+    extra_referrers: list[dict[str, object]] = field(default_factory=list)
 
     # -- content -----------------------------------------------------------------------
 
@@ -96,6 +100,7 @@ class FakeUpstream:
         app.router.add_route("*", "/v2/{name:.+?}/manifests/{ref}", self._manifest)
         app.router.add_route("*", "/v2/{name:.+?}/blobs/{digest}", self._blob)
         app.router.add_route("*", "/v2/{name:.+?}/tags/list", self._tags)
+        app.router.add_route("GET", "/v2/{name:.+?}/referrers/{digest}", self._referrers)
         app.router.add_route("*", "/cdn/{digest}", self._cdn)
         app.middlewares.append(self._record)
         return app
@@ -145,6 +150,22 @@ class FakeUpstream:
             resp.content_length = len(data)
             return resp
         return web.Response(body=data, headers=headers)
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        if not self.referrers_api:
+            return web.Response(status=404, text="404 page not found")
+        name, subject = request.match_info["name"], request.match_info["digest"]
+        listed: list[dict[str, object]] = []
+        for (repo, ref), (data, media_type) in self.manifests.items():
+            if repo != name or not ref.startswith("sha256:"):
+                continue
+            doc = json.loads(data)
+            if (doc.get("subject") or {}).get("digest") == subject:
+                listed.append({"mediaType": media_type, "digest": ref, "size": len(data),
+                               "artifactType": doc.get("artifactType", "")})
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                 "manifests": listed + self.extra_referrers}
+        return web.json_response(index, content_type="application/vnd.oci.image.index.v1+json")
 
     async def _tags(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
