@@ -96,7 +96,8 @@ async def test_tag_schema_fallback_lists_verified_referrers_pulled_through(
     async with http_session.get(f"{base}/v2/{repo}/manifests/{sbom.digest}",
                                 headers={"Accept": sbom.media_type}) as r:
         assert r.status == 200 and await r.read() == sbom.manifest
-    async with http_session.get(f"{base}/v2/{repo}/blobs/{json.loads(sbom.manifest)['layers'][0]['digest']}") as r:
+    layer = json.loads(sbom.manifest)["layers"][0]["digest"]
+    async with http_session.get(f"{base}/v2/{repo}/blobs/{layer}") as r:
         assert r.status == 200 and await r.read() == sbom.blobs[1]
 
     # cosign's tag-based signature is still a tag
