@@ -248,7 +248,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     if not root.is_absolute():
         root = base_dir / root
 
-    upstreams = parse_upstreams(top.get("upstreams", {}))
+    upstreams = parse_upstreams(top.get("upstreams", {}), base_dir)
 
     default = proxy.get("default_upstream")
     if default is not None:

@@ -258,3 +258,9 @@ def parse_rules(key: str, rules: Any = None, default: Any = None) -> RuleSet:
     if default not in (ALLOW, DENY):
         raise ConfigError(f"{key}.rules_default", f"expected \"allow\" or \"deny\", got {default!r}")
     return RuleSet(key, parsed, default)
+
+
+def parse_repository_patterns(key: str, value: Any) -> tuple[str, ...]:
+    """A non-empty list of repository patterns, checked as ``rules`` checks theirs (for other
+    per-repository settings, compiled with :func:`compile_repository_patterns`)."""
+    return tuple(_repository_pattern(key, v) for v in _str_list(key, value))

@@ -37,6 +37,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.errors import BlobUnknown, Denied, DigestInvalid, TagInvalid
 from proxy.policy.referrers import cosign_tag
+from proxy.policy.rules import compile_repository_patterns, parse_repository_patterns
 from proxy.reference import Digest
-from proxy.settings.fields import ConfigError
+from proxy.settings.fields import ConfigError, take_keys
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -250,3 +252,35 @@ async def _verify_layer(layer: dict[str, Any], signature: str, subject: Digest,
     if not verdict.verified:
         return verdict
     return Verdict(True, verdict.reason, key_id=verdict.key_id, payload=str(digest))
+
+
+@dataclass(frozen=True)
+class SignaturePolicy:
+    """``require_signature = { keys = [...], repositories = [...] }`` of an upstream: pulls
+    of manifests of the matching repositories (all without ``repositories``) need a
+    signature one of ``keys`` made."""
+
+    keys: tuple[TrustedKey, ...]
+    repositories: tuple[str, ...] = ("**",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_repos", compile_repository_patterns(self.repositories))
+
+    def applies(self, repository: str) -> bool:
+        """Whether pulls of ``repository`` (as named on the upstream) need a signature."""
+        pattern: re.Pattern[str] = getattr(self, "_repos")  # noqa: B009 (set in __post_init__)
+        return pattern.fullmatch(repository) is not None
+
+    def __repr__(self) -> str:
+        return f"SignaturePolicy({[k.id for k in self.keys]}, repositories={list(self.repositories)})"
+
+
+def parse_signature_policy(key: str, raw: Any, base_dir: Path) -> SignaturePolicy:
+    """An upstream's ``require_signature`` table (``key`` names it in errors)."""
+    t = take_keys(raw, key, {"keys", "repositories"})
+    if "keys" not in t:
+        raise ConfigError(f"{key}.keys", "missing (the public keys, e.g. keys = [\"cosign.pub\"])")
+    keys = parse_keys(f"{key}.keys", t["keys"], base_dir)
+    if "repositories" not in t:
+        return SignaturePolicy(keys)
+    return SignaturePolicy(keys, parse_repository_patterns(f"{key}.repositories", t["repositories"]))

@@ -37,6 +37,7 @@ from proxy.pullthrough.fills import Fills
 from proxy.pullthrough.manifests import Manifests
 from proxy.pullthrough.recency import Recency
 from proxy.pullthrough.referrers import Referrers
+from proxy.pullthrough.signatures import Signatures
 from proxy.pullthrough.tags import Tags
 from proxy.reference import Digest
 from proxy.results import (
@@ -92,6 +93,10 @@ class PullThrough:
             store, tag_cache, ttl=tag_ttl,
             pull_digest=lambda route, digest: self._manifest_by_digest(route, digest, head=False),
             pull_tag=lambda route, tag: self._tags.resolve(route, tag, head=False))
+        self._signatures = Signatures(
+            store, refusal_ttl=tag_ttl,
+            pull_tag=lambda route, tag: self._tags.resolve(route, tag, head=False),
+            pull_blob=lambda route, digest: self.blob(route, digest, head=False))
 
     def forget(self, digests: list[Digest]) -> None:
         """Drop evicted objects from the in-memory caches of this process."""
@@ -133,6 +138,8 @@ class PullThrough:
             else:
                 result = await self._tags.resolve(route, reference, head=head)
                 result = await self._negotiate(route, result, accepted, head=head)
+        if route.upstream_client.config.require_signature is not None:
+            await self._signatures.check(route, reference, result)
         if result.data is not None and self.recency.due(result.digest):
             await self._store.touch_blob(result.digest)
         return result
@@ -251,7 +258,7 @@ class PullThrough:
         (they use the upstream session, closed next). The fills close on their own."""
         upstream_work: list[asyncio.Future[Any]] = [
             *self._tags.running(), *self._flight.running(), *self._head_flight.running(),
-            *self._referrers.running()]
+            *self._referrers.running(), *self._signatures.running()]
         for work in upstream_work:
             work.cancel()
         if upstream_work:

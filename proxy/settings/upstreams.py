@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from proxy.policy.rules import RuleSet, parse_rules
+from proxy.policy.signatures import SignaturePolicy, parse_signature_policy
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE
 from proxy.settings.fields import (
@@ -45,6 +47,8 @@ class UpstreamConfig:
     #: allow/deny rules on what may be fetched (``rules``, ``rules_default``); ``None``:
     #: neither is set, everything is allowed
     rules: RuleSet | None = None
+    #: ``require_signature``: cosign key signatures needed to pull (``None``: not needed)
+    require_signature: SignaturePolicy | None = None
 
     def __repr__(self) -> str:  # never print the password
         return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
@@ -53,7 +57,7 @@ class UpstreamConfig:
 #: The keys of an ``[upstreams."<host>"]`` table.
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
                  "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
-                 "proxy", "rules", "rules_default")
+                 "proxy", "rules", "rules_default", "require_signature")
 
 
 def check_upstream_name(key: str, name: str) -> None:
@@ -73,8 +77,8 @@ def path_form(host: str) -> str:
     return host.replace(":", "_")
 
 
-def parse_upstream(name: str, raw: Any) -> UpstreamConfig:
-    """One ``[upstreams."<name>"]`` table."""
+def parse_upstream(name: str, raw: Any, base_dir: Path = Path(".")) -> UpstreamConfig:
+    """One ``[upstreams."<name>"]`` table (key files relative to ``base_dir``)."""
     key = f"upstreams.{name}"
     t = take_keys(raw, key, set(UPSTREAM_KEYS))
     check_upstream_name(key, name)
@@ -104,13 +108,16 @@ def parse_upstream(name: str, raw: Any) -> UpstreamConfig:
                else parse_url(f"{key}.proxy", t["proxy"])),
         rules=(parse_rules(key, t.get("rules"), t.get("rules_default"))
                if "rules" in t or "rules_default" in t else None),
+        require_signature=(parse_signature_policy(f"{key}.require_signature",
+                                                  t["require_signature"], base_dir)
+                           if "require_signature" in t else None),
     )
 
 
-def parse_upstreams(raw: Any) -> dict[str, UpstreamConfig]:
+def parse_upstreams(raw: Any, base_dir: Path = Path(".")) -> dict[str, UpstreamConfig]:
     """``[upstreams]``: name -> upstream; no name or alias may stand for two upstreams."""
     tables = take_keys(raw, "upstreams", set(raw) if isinstance(raw, dict) else set())
-    upstreams = {name: parse_upstream(name, t) for name, t in tables.items()}
+    upstreams = {name: parse_upstream(name, t, base_dir) for name, t in tables.items()}
     seen: dict[str, str] = {}
     for up in upstreams.values():
         for alias in (up.name, *up.aliases):
