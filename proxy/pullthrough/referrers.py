@@ -103,6 +103,10 @@ class Referrers:
             return stale
         return entries
 
+    def forget(self) -> None:
+        """Drop this process's lists (the store was purged behind its back)."""
+        self._l1.clear()
+
     def running(self) -> list[Any]:
         """Fetches in flight (cancelled at shutdown)."""
         return self._flight.running()

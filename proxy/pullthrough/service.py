@@ -119,6 +119,7 @@ class PullThrough:
                 if not first and marker != seen:
                     self._manifests.forget()
                     self.links.forget()
+                    self._referrers.forget()
                     await self._tags.forget()
                     log.info("the store was purged: in-memory tags and manifests dropped")
                 seen, first = marker, False
