@@ -31,6 +31,7 @@ from tests.support.artifacts import (
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import MANIFEST_ACCEPT, PushedImage, make_tar_layer, push_image, push_index
 from tests.support.registry import RegistryProcess
+from tests.support.skopeo import SkopeoError, read_oci_layout_index, skopeo_copy
 
 UP = "upstream.test"
 
@@ -188,3 +189,31 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as exc:
             config(tmp_path / "data", "http://127.0.0.1:1", policy, base_dir=tmp_path)
         assert exc.value.key == key and words in str(exc.value), (policy, str(exc.value))
+
+
+async def test_skopeo_pulls_a_signed_multi_platform_image_and_is_refused_an_unsigned_one(
+        upstream_registry: RegistryProcess, http_session: aiohttp.ClientSession,
+        aiohttp_server: Any, tmp_path: Path) -> None:
+    reg, s = upstream_registry, http_session
+    run = uuid.uuid4().hex[:8]
+    signed, unsigned = f"signed/skopeo-{run}", f"signed/skopeo-none-{run}"
+    key, pem = signing_key()
+    amd = await push_image(s, reg.url, signed, None, [make_tar_layer(seed=1970)], schema="oci")
+    arm = await push_image(s, reg.url, signed, None, [make_tar_layer(seed=1971)], schema="oci",
+                           platform=("linux", "arm64"))
+    index = await push_index(s, reg.url, signed, "3.0", [amd, arm])
+    await push_built(s, reg.url, signed, cosign_signature(key, index.digest, f"{UP}/{signed}"),
+                     tag=sig_tag(index.digest))
+    await push_app(s, reg.url, unsigned, 1972)
+    host = (await serve(aiohttp_server, config(tmp_path / "data", reg.url, {"keys": [pem]}))
+            ).removeprefix("http://")
+
+    out = tmp_path / "pulled"
+    await skopeo_copy(f"docker://{host}/{signed}:3.0", f"oci:{out}", "--preserve-digests",
+                      all_images=True)
+    assert [m["digest"] for m in read_oci_layout_index(out)["manifests"]] == [index.digest]
+    for child in (amd, arm):
+        assert (out / "blobs" / "sha256" / child.digest[7:]).read_bytes() == child.manifest
+    with pytest.raises(SkopeoError) as refused:
+        await skopeo_copy(f"docker://{host}/{unsigned}:1.0", f"oci:{tmp_path / 'refused'}")
+    assert "not signed by a trusted key" in refused.value.stderr, refused.value.stderr
