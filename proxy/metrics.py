@@ -72,6 +72,9 @@ UPSTREAM_LATENCY: Histogram
 UPSTREAM_BYTES: Counter
 FILLS: Counter
 FILLS_IN_FLIGHT: Gauge
+RANGED_PARTS: Counter
+RANGED_RETRIES: Counter
+RANGED_FALLBACKS: Counter
 BREAKER_OPEN: Gauge
 RATELIMIT_REMAINING: Gauge
 CACHE_SIZE: Gauge
@@ -89,6 +92,7 @@ def _define() -> None:
     global UPSTREAM_ERRORS, UPSTREAM_LATENCY, UPSTREAM_BYTES, FILLS, FILLS_IN_FLIGHT
     global BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, STORE_SIZE, CACHE_BUDGET, DISK_FREE
     global DISK_SIZE, EVICTIONS, EVICTED_BYTES, BUILD_INFO
+    global RANGED_PARTS, RANGED_RETRIES, RANGED_FALLBACKS
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
     REQUEST_LATENCY = BatchedHistogram(
@@ -122,6 +126,15 @@ def _define() -> None:
     FILLS_IN_FLIGHT = Gauge("regproxy_fills_in_flight",
                             "Blob downloads from upstreams running now", ["upstream"],
                             multiprocess_mode="livesum")
+    RANGED_PARTS = Counter("regproxy_fill_ranged_parts_total",
+                           "Ranged GETs that fetched a part of a big blob (parallel fills)",
+                           ["upstream"])
+    RANGED_RETRIES = Counter("regproxy_fill_ranged_retries_total",
+                             "Parts of parallel fills asked again after they failed",
+                             ["upstream"])
+    RANGED_FALLBACKS = Counter("regproxy_fill_ranged_fallbacks_total",
+                               "Big blobs fetched as one stream because the upstream ignored "
+                               "ranges", ["upstream"])
     BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open",
                          "1 while an upstream's breaker is open", ["upstream"],
                          multiprocess_mode="max")

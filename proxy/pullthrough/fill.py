@@ -33,11 +33,12 @@ from proxy.errors import (
     SizeInvalid,
     Unavailable,
 )
+from proxy.pullthrough.ranged import RangedFill, plan_parts
 from proxy.reference import Digest
 from proxy.results import LocalSpan, SpanSource
 from proxy.storage import BlobWriter, ObjectWriter, Staging, Store
 from proxy.storage.failures import storage_failure
-from proxy.upstream import Endpoint, UpstreamClient, upstream_error
+from proxy.upstream import Endpoint, UpstreamClient, UpstreamResponse, upstream_error
 
 log = logging.getLogger("regproxy.fill")
 
@@ -197,28 +198,22 @@ class BlobFill:
         in_flight = metrics.child(metrics.FILLS_IN_FLIGHT, upstream.name)
         in_flight.inc()
         try:
+            writer.drop_prefix_hint()  # (a dead filler's: this fill may be written in order)
             async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest) as resp:
                 if resp.status != 200:
                     raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
                 self.size = resp.content_length
+                spans = plan_parts(upstream.config, self.size, resp.headers,
+                                   self._sink is not None)
+                if spans is not None:
+                    writer.announce_prefix(0)  # before the size: tailers then read the hint
                 writer.announce_size(self.size)
                 self._headers.set()
-                tee = _Tee(writer, self._advance, threaded=self.size is None
-                           or self.size >= PIPELINE_MIN_BLOB)
-                self._tee = tee
-                while True:
-                    chunk, end_of_http_chunk = await resp.content.readchunk()
-                    if not chunk:
-                        if not end_of_http_chunk:
-                            break
-                        continue
-                    if self.size is not None and self.written + tee.held + len(
-                            chunk) > self.size:
-                        raise BadGateway("upstream sent more bytes than announced")
-                    await tee.add(chunk)
-                    if self._sink is not None:
-                        await self._sink.write(chunk)
-                await tee.finish()
+                if spans is not None and self.size is not None:
+                    await RangedFill(upstream, remote, self.digest, writer, spans, self.size,
+                                     self._advance).run(resp)
+                else:
+                    await self._stream(resp, writer)
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:
@@ -273,6 +268,24 @@ class BlobFill:
             in_flight.dec()
             self._headers.set()
             self._notify()
+
+    async def _stream(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
+        """One stream, in order: the body teed into the file (and the sink)."""
+        tee = _Tee(writer, self._advance, threaded=self.size is None
+                   or self.size >= PIPELINE_MIN_BLOB)
+        self._tee = tee
+        while True:
+            chunk, end_of_http_chunk = await resp.content.readchunk()
+            if not chunk:
+                if not end_of_http_chunk:
+                    break
+                continue
+            if self.size is not None and self.written + tee.held + len(chunk) > self.size:
+                raise BadGateway("upstream sent more bytes than announced")
+            await tee.add(chunk)
+            if self._sink is not None:
+                await self._sink.write(chunk)
+        await tee.finish()
 
 
 class _Tee:
@@ -436,6 +449,8 @@ class TailReader:
         self._fd: int | None = fd
         self._seen_ok = False
         self.size = size
+        #: a ranged fill's file grows out of order: its progress is the announced prefix
+        self._prefix: int | None = staging.fill_prefix(digest)
 
     @classmethod
     async def open(cls, staging: Staging, store: Store, digest: Digest,
@@ -465,6 +480,14 @@ class TailReader:
         self._seen_ok = self._seen_ok or self._staging.fill_verified(self._digest)
         return self._seen_ok
 
+    def _written(self, verified: bool) -> int:
+        """The bytes from the start that are written: the file's size, or (a ranged fill
+        not yet verified) the prefix its filler announced (gone with the fill: no change)."""
+        if self._prefix is None or verified:
+            return os.fstat(self._fd).st_size if self._fd is not None else 0
+        self._prefix = max(self._prefix, self._staging.fill_prefix(self._digest) or 0)
+        return self._prefix
+
     @property
     def local_spans(self) -> SpanSource:
         return self.spans
@@ -481,9 +504,9 @@ class TailReader:
             limit = end if end is not None else self.size
             if limit is not None and pos >= limit:
                 return
-            written = os.fstat(self._fd).st_size
-            avail = written - pos if limit is None else min(written, limit) - pos
             verified = self._verified()
+            written = self._written(verified)
+            avail = written - pos if limit is None else min(written, limit) - pos
             if avail > 0 and limit is not None and not verified and pos + avail >= limit:
                 avail -= 1  # (as FillReader does)
             if avail > 0:

@@ -15,6 +15,7 @@ from proxy.settings.fields import (
     ConfigError,
     bool_value,
     parse_duration,
+    parse_size,
     parse_url,
     positive_int,
     str_value,
@@ -49,6 +50,10 @@ class UpstreamConfig:
     rules: RuleSet | None = None
     #: ``require_signature``: cosign key signatures needed to pull (``None``: not needed)
     require_signature: SignaturePolicy | None = None
+    #: ranged GETs a big blob is fetched with at once (1: one stream, off)
+    parallel_fills: int = 4
+    #: blobs at least this big are fetched in ranges (when the upstream supports them)
+    parallel_fill_threshold: int = 32 << 20
 
     def __repr__(self) -> str:  # never print the password
         return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
@@ -57,7 +62,8 @@ class UpstreamConfig:
 #: The keys of an ``[upstreams."<host>"]`` table.
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
                  "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
-                 "proxy", "rules", "rules_default", "require_signature")
+                 "proxy", "rules", "rules_default", "require_signature", "parallel_fills",
+                 "parallel_fill_threshold")
 
 
 def check_upstream_name(key: str, name: str) -> None:
@@ -111,7 +117,18 @@ def parse_upstream(name: str, raw: Any, base_dir: Path = Path(".")) -> UpstreamC
         require_signature=(parse_signature_policy(f"{key}.require_signature",
                                                   t["require_signature"], base_dir)
                            if "require_signature" in t else None),
+        parallel_fills=_parallel_fills(f"{key}.parallel_fills", t.get("parallel_fills", 4)),
+        parallel_fill_threshold=parse_size(f"{key}.parallel_fill_threshold",
+                                           t.get("parallel_fill_threshold", 32 << 20)),
     )
+
+
+def _parallel_fills(key: str, value: Any) -> int:
+    """How many ranged GETs fetch one big blob: 1 (off) to 16 (more only costs connections)."""
+    count = positive_int(key, value)
+    if count > 16:
+        raise ConfigError(key, f"at most 16 ranged requests per blob, got {count}")
+    return count
 
 
 def parse_upstreams(raw: Any, base_dir: Path = Path(".")) -> dict[str, UpstreamConfig]:

@@ -120,7 +120,7 @@ class BlobWriter:
         # hints for processes tailing a fill, as plain strings: this runs once per blob on
         # the event loop, where pathlib's cost shows up in profiles of small-blob pulls
         base = str(path)[:-len(path.suffix)] if path.suffix == ".fill" else None
-        self._hints = None if base is None else (base + ".size", base + ".ok")
+        self._hints = None if base is None else (base + ".size", base + ".ok", base + ".prefix")
         self._fd: int | None = fd
         self._file_id = file_id(os.fstat(fd))  #: which file is ours, whatever its name
         self._hash = hashlib.new(algorithm)
@@ -147,6 +147,58 @@ class BlobWriter:
         for chunk in chunks:
             self._hash.update(chunk)
             self.size += len(chunk)
+
+    def write_at(self, chunks: list[bytes], offset: int) -> None:
+        """Write ``chunks`` at ``offset`` (a ranged fill's part), neither hashed nor counted
+        yet: :meth:`absorb` does that once the bytes before them are in. Thread-safe for
+        disjoint ranges; a short write raises instead of leaving a hole."""
+        assert self._fd is not None
+        views = [memoryview(c) for c in chunks]
+        first = 0
+        while first < len(views):
+            n = os.pwritev(self._fd, views[first:first + _IOV_MAX], offset)
+            if n == 0:
+                raise OSError(28, "No space left on device")
+            offset += n
+            while first < len(views) and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if n:
+                views[first] = views[first][n:]
+
+    def absorb(self, end: int, chunk: int = 1 << 20) -> None:
+        """Hash the bytes written with :meth:`write_at` from what is hashed so far up to
+        ``end`` (they must all be written), in order, so :meth:`verify` covers them."""
+        assert self._fd is not None
+        while self.size < end:
+            data = os.pread(self._fd, min(chunk, end - self.size), self.size)
+            if not data:
+                raise OSError(5, "fill file shorter than its written parts")
+            self._hash.update(data)
+            self.size += len(data)
+
+    def announce_prefix(self, written: int) -> None:
+        """Tell processes tailing a ranged fill (whose file grows out of order) how many
+        bytes from the start are written (``.prefix``; atomic, as the size hint)."""
+        if self._hints is not None:
+            tmp = f"{self._hints[2]}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                try:
+                    os.write(fd, str(written).encode())
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self._hints[2])
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    def drop_prefix_hint(self) -> None:
+        """Remove a ``.prefix`` hint a dead filler of the same digest left behind."""
+        if self._hints is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._hints[2])
 
     def digest(self) -> Digest:
         """The digest of what was written so far."""

@@ -72,7 +72,8 @@ class Staging:
                 name = entry.name
                 if entry.suffix in HELD_SUFFIXES or name.startswith(PROBE_PREFIX):
                     self._remove_if_abandoned(entry)
-                elif entry.suffix in (".size", ".ok") or ".size." in name:
+                elif (entry.suffix in (".size", ".ok", ".prefix") or ".size." in name
+                      or ".prefix." in name):
                     if not (self.tmp_dir / f"{name.partition('.')[0]}.fill").exists():
                         entry.unlink()
                 elif now - entry.stat().st_mtime > min_age:
@@ -168,6 +169,14 @@ class Staging:
         except (FileNotFoundError, ValueError):
             return False
         return None if value < 0 else value
+
+    def fill_prefix(self, digest: Digest) -> int | None:
+        """The written prefix a ranged fill announced (its file grows out of order), or
+        ``None`` for a fill written in order (whose file size is its progress)."""
+        try:
+            return int(self.fill_path(digest).with_suffix(".prefix").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
 
     @staticmethod
     def filler_alive(fd: int) -> bool:

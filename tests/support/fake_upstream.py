@@ -47,6 +47,10 @@ class FakeUpstream:
     require_basic: str | None = None      # "user:password" that must be presented (Basic)
     redirect_to: str | None = None        # base URL that blob GETs are redirected to
     omit_digest_header: bool = False
+    ranges: bool = False                  # announce Accept-Ranges and answer Range with 206
+    ignore_ranges: bool = False           # announce Accept-Ranges, but answer Range with 200
+    fail_ranges: int = 0                  # the first N ranged GETs die after half their bytes
+    corrupt_ranges: bool = False          # flip a byte of every ranged answer
     token_requests: int = 0
     sent_all: set[str] = field(default_factory=set)  # digests whose body was sent in full
     #: when set, a blob exists only in the repositories listed for it (a real registry's
@@ -194,7 +198,13 @@ class FakeUpstream:
     async def _send_blob(self, request: web.Request, data: bytes) -> web.StreamResponse:
         if self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.ranges or self.ignore_ranges:
+            headers["Accept-Ranges"] = "bytes"
+        wanted = request.headers.get("Range")
+        if wanted and self.ranges and request.method == "GET":
+            return await self._send_range(request, data, wanted, headers)
+        resp = web.StreamResponse(headers=headers)
         if self.chunked_blobs and request.method == "GET":
             resp.enable_chunked_encoding()
         else:
@@ -219,4 +229,30 @@ class FakeUpstream:
                 await asyncio.sleep(self.chunk_delay)
         await resp.write_eof()
         self.sent_all.add(digest_of(data))
+        return resp
+
+    async def _send_range(self, request: web.Request, data: bytes, wanted: str,
+                          headers: dict[str, str]) -> web.StreamResponse:
+        first, _, last = wanted.removeprefix("bytes=").partition("-")
+        start, end = int(first), min(int(last) + 1, len(data)) if last else len(data)
+        body = data[start:end]
+        if self.corrupt_ranges:
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        failing = self.fail_ranges > 0
+        self.fail_ranges -= 1 if failing else 0
+        resp = web.StreamResponse(status=206, headers={
+            **headers, "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        cut = len(body) // 2 if failing else len(body)
+        for i in range(0, cut, 65536):
+            await resp.write(body[i:min(i + 65536, cut)])
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        if failing:
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        await resp.write_eof()
         return resp

@@ -1,0 +1,279 @@
+"""Parallel ranged fills: a big blob fetched as several ranged GETs at once.
+
+The fill's first GET (no ``Range``) tells the size and whether the upstream takes ranges
+(``Accept-Ranges: bytes``); it stays the first part and the other parts are asked with
+``Range`` at the same time (through :meth:`UpstreamClient.request`, so a redirect to a CDN
+is followed there without credentials). Each part is written at its offset of the fill
+file (``pwrite``, in a thread); the digest is fed in order by hashing the contiguous
+written prefix as it grows, and only that prefix is announced to readers (in process, and
+to sibling workers through the ``.prefix`` hint). A part that fails is asked again from
+where it stopped, a few times; an upstream that answers a ``Range`` with 200 makes the
+first GET run to the end (one stream, no byte fetched twice once that is known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from proxy import metrics
+from proxy.config import UpstreamConfig
+from proxy.errors import BadGateway, BlobUnknown, RegistryError, Unavailable
+from proxy.reference import Digest
+from proxy.storage import BlobWriter
+from proxy.upstream import Endpoint, UpstreamClient, UpstreamResponse, upstream_error
+
+log = logging.getLogger("regproxy.fill")
+
+#: Times a failed part is asked again (from where it stopped) before the fill fails.
+PART_RETRIES = 3
+#: Received bytes written per ``pwrite`` hop (keeps memory flat: one batch per part).
+BATCH = 1 << 20
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ranged")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def plan_parts(config: UpstreamConfig, size: int | None, headers: CIMultiDictProxy[str],
+               in_order_sink: bool) -> list[tuple[int, int]] | None:
+    """The ``[start, end)`` spans to fetch a blob in, or ``None`` for one stream: ranged
+    fills are off, the blob is small or of unknown size, the store needs the bytes in
+    order (a sink: S3), or the upstream does not announce ranges."""
+    count = config.parallel_fills
+    if count < 2 or size is None or size < max(config.parallel_fill_threshold, count):
+        return None
+    if in_order_sink:
+        return None
+    if headers.get("Accept-Ranges", "").strip().lower() != "bytes":
+        metrics.child(metrics.RANGED_FALLBACKS, config.name).inc()
+        return None
+    step = -(-size // count)
+    return [(start, min(size, start + step)) for start in range(0, size, step)]
+
+
+@dataclass
+class _Part:
+    start: int
+    end: int
+    done: int = 0  #: bytes written from ``start``
+
+    @property
+    def complete(self) -> bool:
+        return self.start + self.done >= self.end
+
+
+class _RangesIgnored(Exception):
+    """A ranged GET answered 200: the upstream sends whole blobs only."""
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` in the pool; a cancelled caller still waits for the thread to finish (the
+    file must not go while it is written or read)."""
+    fut = asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
+
+
+class RangedFill:
+    """Fetches one blob in parts into ``writer``; ``advance(n)`` is told each time the
+    contiguous written prefix grows by ``n`` bytes."""
+
+    def __init__(self, upstream: UpstreamClient, remote: str, digest: Digest,
+                 writer: BlobWriter, spans: list[tuple[int, int]], size: int,
+                 advance: Callable[[int], None]) -> None:
+        self._upstream = upstream
+        self._remote = remote
+        self._digest = digest
+        self._writer = writer
+        self._parts = [_Part(start, end) for start, end in spans]
+        self._size = size
+        self._advance = advance
+        self._prefix = 0  #: contiguous bytes written from 0
+        self._grew = asyncio.Event()
+        self._decided = asyncio.Event()  #: every ranged part answered 206, or one 200
+        self._unanswered = len(spans) - 1
+        self._one_stream = False
+        self._span0 = spans[0][1]  #: where the first GET stops, unless it takes over
+        self._crossed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def run(self, first: UpstreamResponse) -> None:
+        """Fetch every part (the first from ``first``) and hash the whole blob in order."""
+        if self._unanswered == 0:
+            self._decided.set()
+        self._tasks = [asyncio.create_task(self._first(first)), asyncio.create_task(self._hash())]
+        self._tasks += [asyncio.create_task(self._ranged(p)) for p in self._parts[1:]]
+        try:
+            pending = set(self._tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:  # (only a fallback cancels a part)
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the parts ---------------------------------------------------------------------
+
+    async def _first(self, resp: UpstreamResponse) -> None:
+        """Part 0 from the fill's first response; it runs to the end of the blob when the
+        upstream turns out to ignore ranges."""
+        part = self._parts[0]
+        try:
+            await self._stream_first(resp, part)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.close()
+            await self._retry_rest(part, Unavailable(
+                f"upstream {self._upstream.name} failed: {type(exc).__name__}"))
+            return
+        resp.close()  # the other parts bring the rest: drop this connection now
+        if not part.complete:
+            await self._retry_rest(part, BadGateway("upstream closed the blob body early"))
+
+    async def _stream_first(self, resp: UpstreamResponse, part: _Part) -> None:
+        batch: list[bytes] = []
+        held = 0
+        while not part.complete:
+            chunk = await resp.content.readany()
+            if not chunk:
+                break
+            if not self._crossed and part.start + part.done + held + len(chunk) >= self._span0:
+                await self._decided.wait()  # before the span ends: stop, or take over?
+                if self._one_stream and len(self._tasks) > 2:  # no late write of a part
+                    await asyncio.wait(self._tasks[2:])
+                self._crossed = True
+            room = part.end - (part.start + part.done + held)
+            if len(chunk) > room:
+                if part.end == self._size:
+                    raise BadGateway("upstream sent more bytes than announced")
+                chunk = chunk[:room]
+            batch.append(chunk)
+            held += len(chunk)
+            if held >= BATCH or part.start + part.done + held >= part.end:
+                await self._write(part, batch, held)
+                batch, held = [], 0
+        if batch:
+            await self._write(part, batch, held)
+
+    async def _retry_rest(self, part: _Part, error: RegistryError) -> None:
+        """The first GET broke before its span was in: ask the rest with a range."""
+        if self._one_stream:
+            raise error  # the upstream takes no ranges: nothing to resume with
+        await self._ranged(part, error)
+
+    async def _ranged(self, part: _Part, error: RegistryError | None = None) -> None:
+        """Fetch what ``part`` still lacks with ranged GETs, retried a few times."""
+        attempts = 0 if error is None else 1
+        while True:
+            if attempts > PART_RETRIES:
+                assert error is not None
+                raise error
+            if attempts:
+                metrics.child(metrics.RANGED_RETRIES, self._upstream.name).inc()
+                log.warning("blob fill %s: part at %d failed (%s); asking again", self._digest,
+                            part.start, error.message if error else "")
+                await asyncio.sleep(0.05 * attempts)
+            attempts += 1
+            try:
+                await self._fetch(part)
+                return
+            except _RangesIgnored:
+                if self._decided.is_set():  # the first GET already stopped at its span
+                    raise BadGateway("upstream stopped honouring ranges mid-fill") from None
+                self._fall_back()
+                return
+            except RegistryError as exc:  # the upstream's fault, or the connection's
+                error = exc
+
+    async def _fetch(self, part: _Part) -> None:
+        first, last = part.start + part.done, part.end - 1
+        headers = {"Range": f"bytes={first}-{last}"}
+        async with self._upstream.request("GET", self._remote, Endpoint.BLOBS, self._digest,
+                                          headers=headers) as resp:
+            if resp.status == 200:
+                raise _RangesIgnored()
+            if resp.status != 206:
+                raise upstream_error(resp, self._upstream, f"blob {self._digest}", BlobUnknown)
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+            if m is None or (int(m[1]), int(m[2])) != (first, last) or m[3] not in (
+                    "*", str(self._size)):
+                raise BadGateway("upstream answered a range with the wrong Content-Range")
+            metrics.child(metrics.RANGED_PARTS, self._upstream.name).inc()
+            self._answered()
+            batch: list[bytes] = []
+            held = 0
+            while True:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    break
+                if part.done + held + len(chunk) > part.end - part.start:
+                    raise BadGateway("upstream sent more bytes than the range asked")
+                batch.append(chunk)
+                held += len(chunk)
+                if held >= BATCH:
+                    await self._write(part, batch, held)
+                    batch, held = [], 0
+            if batch:
+                await self._write(part, batch, held)
+        if not part.complete:
+            raise BadGateway("upstream closed a ranged body early")
+
+    def _answered(self) -> None:
+        if not self._decided.is_set():
+            self._unanswered -= 1
+            if self._unanswered <= 0:
+                self._decided.set()
+
+    def _fall_back(self) -> None:
+        """The upstream ignores ranges: the first GET brings everything, the other parts
+        stop (what they wrote is written again with the same bytes, and hashed once)."""
+        log.warning("upstream %s ignores ranges; filling %s as one stream",
+                    self._upstream.name, self._digest)
+        metrics.child(metrics.RANGED_FALLBACKS, self._upstream.name).inc()
+        self._one_stream = True
+        self._parts[1:] = []
+        self._parts[0].end = self._size
+        for task in self._tasks[2:]:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._decided.set()
+
+    # -- writing and hashing -----------------------------------------------------------
+
+    async def _write(self, part: _Part, batch: list[bytes], n: int) -> None:
+        await _in_thread(self._writer.write_at, batch, part.start + part.done)
+        part.done += n
+        prefix = 0
+        for p in self._parts:
+            prefix = p.start + p.done
+            if not p.complete:
+                break
+        if prefix > self._prefix:
+            grown, self._prefix = prefix - self._prefix, prefix
+            self._writer.announce_prefix(prefix)
+            self._advance(grown)
+            self._grew.set()
+
+    async def _hash(self) -> None:
+        """Feed the digest the contiguous prefix, in order, as it grows."""
+        hashed = 0
+        while hashed < self._size:
+            while self._prefix <= hashed:
+                self._grew.clear()
+                await self._grew.wait()
+            target = self._prefix
+            await _in_thread(self._writer.absorb, target)
+            hashed = target
+

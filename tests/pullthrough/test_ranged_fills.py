@@ -1,0 +1,264 @@
+"""Parallel ranged fills: a big blob fetched as several ranged GETs at once, written at
+their offsets, hashed in order, tailed by joiners up to the contiguous prefix only; against
+the real registry, and the fault-injecting fake for retries, ignored ranges, corruption and
+CDN redirects."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy import metrics
+from proxy.app import create_app
+from proxy.config import Config
+from proxy.pullthrough.fill import TailReader
+from proxy.reference import Digest
+from proxy.settings.fields import ConfigError
+from proxy.settings.upstreams import parse_upstream
+from proxy.storage.backend import open_filesystem
+from tests.support.fake_upstream import FakeUpstream, digest_of
+from tests.support.images import push_blob
+from tests.support.proxyfix import make_config
+from tests.support.registry import upstream_gets
+from tests.support.store import is_stored, tmp_files, wait_stored, wait_until
+
+MiB = 1 << 20
+
+
+def ranged_config(data: Path, upstreams: dict[str, str], *, parts: int = 4,
+                  threshold: int = 2 * MiB, **upstream_overrides: object) -> Config:
+    cfg = make_config(data, upstreams)
+    ups = {name: replace(up, parallel_fills=parts, parallel_fill_threshold=threshold,
+                         **upstream_overrides)  # type: ignore[arg-type]
+           for name, up in cfg.upstreams.items()}
+    return replace(cfg, upstreams=ups)
+
+
+def counter(metric: object, upstream: str) -> float:
+    return metrics.child(metric, upstream)._value.get()  # type: ignore[attr-defined]
+
+
+def ranged_gets(fake: FakeUpstream, digest: str) -> list[str]:
+    """The Range headers of the blob GETs the fake saw (``""``: no Range)."""
+    return [r.headers.get("Range", "") for r in fake.requests
+            if r.method == "GET" and digest in r.path]
+
+
+@pytest.fixture
+def fake() -> FakeUpstream:
+    return FakeUpstream(ranges=True)
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_server, fake):
+    server = await aiohttp_server(fake.app())
+    return str(server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def proxy(aiohttp_server, upstream_url, tmp_path):
+    data = tmp_path / "data"
+    server = await aiohttp_server(create_app(ranged_config(data, {"fake.io": upstream_url})))
+    return str(server.make_url("")).rstrip("/"), data
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+def test_parallel_fill_settings_parse_sizes_and_name_the_key():
+    up = parse_upstream("ghcr.io", {"url": "https://ghcr.io"})
+    assert (up.parallel_fills, up.parallel_fill_threshold) == (4, 32 * MiB)
+    up = parse_upstream("ghcr.io", {"url": "https://ghcr.io", "parallel_fills": 1,
+                                    "parallel_fill_threshold": "64MiB"})
+    assert (up.parallel_fills, up.parallel_fill_threshold) == (1, 64 * MiB)
+    for key, value in (("parallel_fills", 0), ("parallel_fills", 17),
+                       ("parallel_fill_threshold", "lots")):
+        with pytest.raises(ConfigError) as err:
+            parse_upstream("ghcr.io", {"url": "https://ghcr.io", key: value})
+        assert f"upstreams.ghcr.io.{key}" in str(err.value)
+
+
+# -- the real registry ---------------------------------------------------------------
+
+
+async def test_a_big_blob_from_the_real_registry_is_filled_with_ranged_gets_and_tailed(
+        upstream_registry, aiohttp_server, tmp_path, http_session):
+    """40 MiB pushed to docker-registry: four GETs upstream (one plain, three ranged), two
+    clients (the second joins the running fill) get identical bytes, and it is stored."""
+    blob = os.urandom(40 * MiB + 12345)
+    desc = await push_blob(http_session, upstream_registry.url, "ranged/big", blob)
+    cfg = make_config(tmp_path / "data", {"reg.io": upstream_registry.url})  # defaults: 4, 32MiB
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    before = counter(metrics.RANGED_PARTS, "reg.io")
+    url = f"{base}/v2/ranged/big/blobs/{desc.digest}"
+
+    async def pull() -> bytes:
+        async with http_session.get(url) as r:
+            assert r.status == 200
+            h = hashlib.sha256()
+            first = await r.content.read(1)
+            h.update(first)
+            async for chunk in r.content.iter_any():
+                h.update(chunk)
+            return h.digest()
+
+    first = asyncio.ensure_future(pull())
+    second = asyncio.ensure_future(pull())
+    sums = await asyncio.gather(first, second)
+    assert sums == [hashlib.sha256(blob).digest()] * 2
+    await wait_stored(tmp_path / "data", desc.digest)
+    assert upstream_gets(upstream_registry, f"/blobs/{desc.digest}") == 4
+    assert counter(metrics.RANGED_PARTS, "reg.io") - before == 3
+    assert tmp_files(tmp_path / "data") == []
+
+
+# -- the fake: parts, retries, fallbacks, corruption, redirects ----------------------
+
+
+async def test_parts_are_ranged_gets_and_a_joiner_sees_every_byte_in_order(fake, proxy, client):
+    base, data = proxy
+    fake.chunk_delay = 0.001  # keep the fill running while the joiner comes
+    blob = os.urandom(6 * MiB + 7)
+    d = fake.add_blob(blob)
+
+    async def pull() -> bytes:
+        async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
+            assert r.status == 200
+            return await r.read()
+
+    bodies = await asyncio.gather(pull(), pull())
+    assert bodies == [blob, blob]
+    await wait_stored(data, d)
+    step = -(-len(blob) // 4)
+    assert sorted(ranged_gets(fake, d)) == sorted(
+        ["", *(f"bytes={s}-{min(len(blob), s + step) - 1}" for s in range(step, len(blob), step))])
+    assert tmp_files(data) == []
+
+
+async def test_a_failed_part_is_asked_again_from_where_it_stopped(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(6 * MiB)
+    d = fake.add_blob(blob)
+    fake.fail_ranges = 1
+    before = counter(metrics.RANGED_RETRIES, "fake.io")
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    await wait_stored(data, d)
+    gets = ranged_gets(fake, d)
+    assert len(gets) == 5  # the first GET, three parts, one of them asked again
+    assert counter(metrics.RANGED_RETRIES, "fake.io") - before == 1
+
+
+async def test_a_part_failing_every_time_fails_the_fill_cleanly(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(6 * MiB)
+    d = fake.add_blob(blob)
+    fake.fail_ranges = 1000
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+            await r.read()
+    await wait_until(lambda: tmp_files(data) == [], "the fill's temp files to go")
+    assert not is_stored(data, d)
+
+
+async def test_an_upstream_ignoring_ranges_falls_back_to_one_stream(fake, proxy, client):
+    base, data = proxy
+    fake.ranges, fake.ignore_ranges = False, True  # Accept-Ranges: bytes, yet 200s
+    blob = os.urandom(6 * MiB + 3)
+    d = fake.add_blob(blob)
+    before = counter(metrics.RANGED_FALLBACKS, "fake.io")
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    await wait_stored(data, d)
+    assert counter(metrics.RANGED_FALLBACKS, "fake.io") - before == 1
+    assert tmp_files(data) == []
+
+
+async def test_an_upstream_without_accept_ranges_gets_one_plain_get(fake, proxy, client):
+    base, data = proxy
+    fake.ranges = False
+    blob = os.urandom(6 * MiB)
+    d = fake.add_blob(blob)
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    await wait_stored(data, d)
+    assert ranged_gets(fake, d) == [""]
+
+
+async def test_a_corrupt_part_fails_the_fill_before_the_last_byte(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(6 * MiB)
+    d = fake.add_blob(blob)
+    fake.corrupt_ranges = True
+    received = 0
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                received += len(chunk)
+    assert received < len(blob)
+    await wait_until(lambda: tmp_files(data) == [], "the fill's temp files to go")
+    assert not is_stored(data, d)
+
+
+async def test_ranges_follow_a_redirect_to_a_cdn_without_credentials(aiohttp_server, fake,
+                                                                      tmp_path, client):
+    cdn = FakeUpstream(ranges=True)
+    cdn_url = str((await aiohttp_server(cdn.app())).make_url("")).rstrip("/")
+    fake.require_basic = "user:pw"
+    fake.redirect_to = cdn_url
+    origin = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cfg = ranged_config(tmp_path / "d", {"fake.io": origin}, username="user", password="pw")
+    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    blob = os.urandom(6 * MiB + 1)
+    d = fake.add_blob(blob)
+    cdn.add_blob(blob)
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    await wait_stored(tmp_path / "d", d)
+    at_cdn = [x for x in cdn.requests if x.method == "GET"]
+    assert sorted(bool(x.headers.get("Range")) for x in at_cdn) == [False, True, True, True]
+    assert all("Authorization" not in x.headers for x in cdn.requests)
+    assert any(x.headers.get("Authorization", "").startswith("Basic ")  # (after a 401)
+               for x in fake.requests if "/blobs/" in x.path)
+
+
+# -- tailing from another process: only the contiguous prefix ------------------------
+
+
+async def test_a_tail_reader_of_a_ranged_fill_sees_only_the_contiguous_prefix(tmp_path):
+    store, staging = open_filesystem(tmp_path)
+    blob = os.urandom(3 * MiB)
+    digest = Digest.parse(digest_of(blob))
+    writer = staging.claim_fill(digest)
+    assert writer is not None
+    try:
+        writer.announce_prefix(0)
+        writer.announce_size(len(blob))
+        reader = await TailReader.open(staging, store, digest)
+        assert reader is not None
+        writer.write_at([blob[2 * MiB:]], 2 * MiB)  # a later part lands first
+        writer.write_at([blob[:MiB]], 0)
+        writer.announce_prefix(MiB)
+        spans = reader.spans()
+        span = await asyncio.wait_for(spans.__anext__(), 5)
+        assert (span.offset, span.length) == (0, MiB)  # not the file's 3 MiB
+        writer.write_at([blob[MiB:2 * MiB]], MiB)
+        writer.absorb(len(blob))
+        writer.verify(digest, len(blob))
+        writer.announce_prefix(len(blob))
+        span = await asyncio.wait_for(spans.__anext__(), 5)
+        assert (span.offset, span.length) == (MiB, 2 * MiB - 1)  # last byte held back
+        writer.announce_verified()
+        span = await asyncio.wait_for(spans.__anext__(), 5)
+        assert (span.offset, span.length) == (3 * MiB - 1, 1)
+        await spans.aclose()
+        reader.close()
+    finally:
+        writer.abort()
