@@ -111,15 +111,19 @@ class RangedFill:
         """Fetch every part (the first from ``first``) and hash the whole blob in order."""
         if self._unanswered == 0:
             self._decided.set()
-        self._tasks = [asyncio.create_task(self._first(first)), asyncio.create_task(self._hash())]
+        hasher = asyncio.create_task(self._hash())
+        self._tasks = [asyncio.create_task(self._first(first)), hasher]
         self._tasks += [asyncio.create_task(self._ranged(p)) for p in self._parts[1:]]
         try:
             pending = set(self._tasks)
-            while pending:
+            while pending - {hasher}:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:  # (only a fallback cancels a part)
                     if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
+            if self._prefix < self._size:  # (no part is left to fill the gap)
+                raise BadGateway("upstream parts left a gap in the blob")
+            await hasher
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -146,7 +150,7 @@ class RangedFill:
         batch: list[bytes] = []
         held = 0
         while not part.complete:
-            chunk = await resp.content.readany()
+            chunk = await self._read(resp, part, batch, held)
             if not chunk:
                 break
             if not self._crossed and part.start + part.done + held + len(chunk) >= self._span0:
@@ -190,7 +194,7 @@ class RangedFill:
                 await self._fetch(part)
                 return
             except _RangesIgnored:
-                if self._decided.is_set():  # the first GET already stopped at its span
+                if self._decided.is_set() or part is self._parts[0]:  # no stream to take over
                     raise BadGateway("upstream stopped honouring ranges mid-fill") from None
                 self._fall_back()
                 return
@@ -211,11 +215,12 @@ class RangedFill:
                     "*", str(self._size)):
                 raise BadGateway("upstream answered a range with the wrong Content-Range")
             metrics.child(metrics.RANGED_PARTS, self._upstream.name).inc()
-            self._answered()
+            if part is not self._parts[0]:  # (the first part's own retry decides nothing)
+                self._answered()
             batch: list[bytes] = []
             held = 0
             while True:
-                chunk = await resp.content.readany()
+                chunk = await self._read(resp, part, batch, held)
                 if not chunk:
                     break
                 if part.done + held + len(chunk) > part.end - part.start:
@@ -229,6 +234,17 @@ class RangedFill:
                 await self._write(part, batch, held)
         if not part.complete:
             raise BadGateway("upstream closed a ranged body early")
+
+    async def _read(self, resp: UpstreamResponse, part: _Part, batch: list[bytes],
+                    held: int) -> bytes:
+        """The next chunk of ``resp``; when the body breaks, what was received is written
+        first, so the retry asks only for the rest."""
+        try:
+            return await resp.content.readany()
+        except (aiohttp.ClientError, TimeoutError):
+            if batch:
+                await self._write(part, batch, held)
+            raise
 
     def _answered(self) -> None:
         if not self._decided.is_set():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from proxy.storage.backend import open_filesystem
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import push_blob
 from tests.support.proxyfix import make_config
+from tests.support.proxyproc import ProxyProcess
 from tests.support.registry import upstream_gets
 from tests.support.store import is_stored, tmp_files, wait_stored, wait_until
 
@@ -118,6 +120,26 @@ async def test_a_big_blob_from_the_real_registry_is_filled_with_ranged_gets_and_
     assert tmp_files(tmp_path / "data") == []
 
 
+async def test_sibling_workers_tail_a_ranged_fill_and_get_identical_bytes(
+        upstream_registry, tmp_path, http_session):
+    """Two worker processes: clients landing on the worker that does not fill tail the
+    other's file, which grows out of order, through its announced prefix."""
+    blob = os.urandom(48 * MiB + 99)
+    desc = await push_blob(http_session, upstream_registry.url, "ranged/workers", blob)
+    want = hashlib.sha256(blob).hexdigest()
+    with ProxyProcess(tmp_path / "p", "--upstream", upstream_registry.url, "--workers", "2",
+                      "--data-dir", str(tmp_path / "data")) as proxy:
+        procs = await asyncio.gather(*(
+            asyncio.create_subprocess_shell(
+                f"curl -s --fail {proxy.url}/v2/ranged/workers/blobs/{desc.digest}"
+                " | sha256sum", stdout=subprocess.PIPE)
+            for _ in range(8)))
+        outs = [(await p.communicate())[0].decode().split()[0] for p in procs]
+        await wait_stored(tmp_path / "data", desc.digest)
+    assert outs == [want] * 8
+    assert upstream_gets(upstream_registry, f"/blobs/{desc.digest}") == 4
+
+
 # -- the fake: parts, retries, fallbacks, corruption, redirects ----------------------
 
 
@@ -153,6 +175,17 @@ async def test_a_failed_part_is_asked_again_from_where_it_stopped(fake, proxy, c
     gets = ranged_gets(fake, d)
     assert len(gets) == 5  # the first GET, three parts, one of them asked again
     assert counter(metrics.RANGED_RETRIES, "fake.io") - before == 1
+
+
+async def test_a_first_get_cut_short_is_resumed_with_a_range(fake, proxy, client):
+    base, data = proxy
+    blob = os.urandom(6 * MiB)
+    d = fake.add_blob(blob)
+    fake.die_after = 512 * 1024  # (the plain GET only)
+    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    await wait_stored(data, d)
+    assert f"bytes={512 * 1024}-{-(-len(blob) // 4) - 1}" in ranged_gets(fake, d)
 
 
 async def test_a_part_failing_every_time_fails_the_fill_cleanly(fake, proxy, client):
