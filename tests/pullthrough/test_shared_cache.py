@@ -122,4 +122,5 @@ async def test_three_replicas_on_shared_storage_make_one_upstream_transfer(
         for r in replicas:
             r.stop()
     assert outs == [f"200 {48 << 20}"] * 30
-    assert upstream_gets(reg, f"/blobs/{digest}") == 1
+    # one fill: its first GET and three ranged parts (parallel_fills = 4, above 32 MiB)
+    assert upstream_gets(reg, f"/blobs/{digest}") == 4
