@@ -10,6 +10,8 @@ first byte comes as soon as the first chunk is on disk, and a client that hangs 
 not stop the fill. The last byte of every response (the blob's, or a range's) is only
 handed out once the digest of the whole blob has been checked, so a corrupt or truncated
 upstream body can never look complete to a client, whichever part of it was asked for.
+A big blob may come as parallel ranged GETs (:mod:`proxy.pullthrough.ranged`): then the
+bytes readers see are the contiguous prefix written so far, never a later part.
 """
 
 from __future__ import annotations
