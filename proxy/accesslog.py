@@ -29,7 +29,9 @@ from proxy.handlers.common import CACHE_OUTCOME, ERROR, REPO, USER
 from proxy.logsetup import FIELDS
 from proxy.requestnotes import UpstreamNotes
 from proxy.results import NO_OUTCOME, CacheOutcome
-from proxy.stats import CACHE_OUTCOMES, STATS
+from proxy.stats import CACHE_OUTCOMES, STATS, UNCOUNTED_OUTCOMES
+from proxy.timeseries import SERIES, UNCOUNTED_HANDLERS, make_row
+from proxy.upstreamactivity import ACTIVITY
 
 #: Set on a response whose request gets no access-log line (it is counted in the metrics):
 #: requests aiohttp could not parse, which are reported rate-limited instead.
@@ -97,13 +99,17 @@ _PENDING: dict[tuple[str, str, int, CacheOutcome, str | None], list[float]] = {}
 
 
 def fold() -> None:
-    """Move the pending request counts into the metrics and the status statistics."""
+    """Move the pending request counts into the metrics, the status statistics and the
+    console's time series."""
+    row = make_row()  # (this second's row of the time series)
     while _PENDING:
         (handler, method, status, outcome, repo), entry = _PENDING.popitem()
         requests, sent = int(entry[_REQUESTS]), int(entry[_SENT])
         metrics.count(metrics.REQUESTS, handler, method, status, amount=requests)
         buckets = [int(n) for n in entry[_BUCKETS:]]
         metrics.child(metrics.REQUEST_LATENCY, handler, outcome).add(buckets, entry[_SECONDS])
+        if handler not in UNCOUNTED_HANDLERS:
+            _add_to_row(row, handler, method, status, outcome, requests, sent, buckets)
         kind = _CACHE_KINDS.get(handler)
         if kind is None or outcome == CacheOutcome.NONE:
             continue
@@ -120,6 +126,32 @@ def fold() -> None:
         if kind == "blob" and body:
             source = "cache" if outcome == CacheOutcome.HIT else "upstream"
             metrics.count(metrics.BYTES_SERVED, source, amount=sent)
+    ACTIVITY.fold()
+    row[_ROW_UPSTREAM_BYTES] = ACTIVITY.take_bytes()
+    SERIES.add(row)
+
+
+#: Where :func:`proxy.timeseries.make_row` keeps what :func:`_add_to_row` adds.
+_ROW_REQUESTS, _ROW_HITS, _ROW_MISSES, _ROW_CACHE, _ROW_UPSTREAM, _ROW_UPSTREAM_BYTES = range(6)
+
+
+def _add_to_row(row: list[float], handler: str, method: str, status: int,
+                outcome: CacheOutcome, requests: int, sent: int, buckets: list[int]) -> None:
+    """Count a pending entry in the time series' row: requests and their latencies; for
+    cache reads hits and misses (as the hit ratio counts them) and the blob bytes: those
+    that needed no upstream transfer of their own (as ``regproxy_bytes_saved_total``) and
+    the others."""
+    row[_ROW_REQUESTS] += requests
+    for i, n in enumerate(buckets):
+        row[_ROW_UPSTREAM_BYTES + 1 + i] += n
+    if handler not in _CACHE_KINDS or outcome in (CacheOutcome.NONE, CacheOutcome.HOSTED):
+        return
+    if outcome in CACHE_OUTCOMES:
+        row[_ROW_HITS] += requests
+    elif outcome not in UNCOUNTED_OUTCOMES:
+        row[_ROW_MISSES] += requests
+    if handler == "get_blob" and method == "GET" and status in (200, 206):
+        row[_ROW_CACHE if outcome in _SAVED else _ROW_UPSTREAM] += sent
 
 
 metrics.add_source(fold)

@@ -27,6 +27,7 @@ from proxy.handlers.common import (
     STORE,
     WORKER_STATUS,
 )
+from proxy.handlers.console import CONSOLE_CONFIG
 from proxy.hosted import Hosted, UploadLimits
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
@@ -102,6 +103,7 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     middlewares = [oci_errors] if config.auth is not None else []
     app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
+    app[CONSOLE_CONFIG] = config  # (the console's configuration page)
     app[CLEAN_TMP] = clean_tmp
     # request ids only with the access log on: they are there to correlate its lines
     app.on_response_prepare.append(_common_headers_and_request_id if config.access_log

@@ -29,6 +29,7 @@ from proxy.handlers.common import (
     method_unsupported,
     oci,
 )
+from proxy.handlers.console import CONSOLE_CONFIG
 from proxy.startup import listen_error
 
 log = logging.getLogger("regproxy")
@@ -48,6 +49,8 @@ def debug_app(main: web.Application, on_prepare: PrepareHook) -> web.Application
     app = web.Application()
     app[ROUTER], app[EVICTOR], app[WORKER_STATUS] = main[ROUTER], main[EVICTOR], main[WORKER_STATUS]
     app[STORE], app[STAGING_PROBLEM] = main[STORE], main[STAGING_PROBLEM]
+    if CONSOLE_CONFIG in main:
+        app[CONSOLE_CONFIG] = main[CONSOLE_CONFIG]
     for path, handler in DEBUG_PATHS.items():
         app.router.add_get(path, oci(handler))
         app.router.add_route("*", path, oci(method_unsupported))

@@ -19,6 +19,9 @@ from typing import Any
 from proxy.pullthrough.evictor import Evictor
 from proxy.routing import Router
 from proxy.stats import STATS, Stats
+from proxy.timeseries import SERIES, TimeSeries
+from proxy.upstreamactivity import ACTIVITY
+from proxy.upstreamactivity import combine as combine_activity
 
 log = logging.getLogger("regproxy.status")
 
@@ -49,6 +52,7 @@ class WorkerStatus:
             "shared": report.shared_bytes, "hosted": report.hosted_bytes}
         return {
             "pid": os.getpid(), **STATS.export(), "cache": cache,
+            "series": SERIES.export(), "activity": ACTIVITY.export(),
             "evictions": [list(e) for e in ev.recent[-RECENT_EVICTIONS:]],
             "upstreams": {u.name: {"breaker": u.breaker.state.value,
                                    "ratelimit_remaining": u.ratelimit_remaining}
@@ -57,7 +61,8 @@ class WorkerStatus:
 
     def _version(self) -> tuple[object, ...]:
         """Changes whenever :meth:`figures` would (cheap: asked at every flush)."""
-        return (STATS.changes, self.evictor.reported_at, len(self.evictor.recent),
+        return (STATS.changes, SERIES.changes, ACTIVITY.changes, self.evictor.reported_at,
+                len(self.evictor.recent),
                 *(u.breaker.state for u in self.router.upstreams),
                 *(u.ratelimit_remaining for u in self.router.upstreams))
 
@@ -130,6 +135,8 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
             seen["ratelimit_remaining"] = min(left, key=_as_number) if left else None
     return {
         "stats": stats,
+        "series": TimeSeries.combine(p.get("series") for p in parts),
+        "activity": combine_activity(p.get("activity") for p in parts),
         "cache": max(reports, key=lambda r: r["time"]) if reports else None,
         "evictions": evictions[-RECENT_EVICTIONS:],
         "upstreams": upstreams,

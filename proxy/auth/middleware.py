@@ -35,7 +35,7 @@ from proxy.auth.htpasswd import PasswordChecker
 from proxy.auth.throttle import LoginThrottle, Throttled
 from proxy.auth.tokens import Claims, TokenAuthority, TokenError, load_or_create_key, parse_scopes
 from proxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
-from proxy.handlers import OPS_PAGES
+from proxy.handlers import OPS_CANONICAL
 from proxy.handlers.common import CATALOG_FILTER, ROUTER, USER, upstream_ns
 from proxy.reference import validate_name
 from proxy.settings.auth import AuthConfig
@@ -240,7 +240,7 @@ async def edge_auth(request: web.Request, handler: Callable[[web.Request], Any])
     if request.match_info.http_exception is not None:
         return await handler(request)
     resource = request.match_info.route.resource
-    if resource is not None and resource.canonical in OPS_PAGES:
+    if resource is not None and resource.canonical in OPS_CANONICAL:
         await request.app[AUTH_GATE].check_operator(request)
         return await handler(request)
     api = request.path.startswith("/v2") or "prefix" in request.match_info  # /<upstream>/v2/...

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 
-from proxy.handlers import base, blobs, cluster, manifests, ops, referrers, status, tags, uploads
+from proxy.handlers import base, blobs, cluster, console, manifests, ops, referrers, status, tags, uploads
 from proxy.handlers.common import Handler, endpoint_unknown, method_unsupported, oci, oci_errors
+from proxy.timeseries import UNCOUNTED_HANDLERS
 
 # Repository names contain slashes, so ``name`` is a regex that may span segments; the
 # fixed suffixes after it keep the patterns unambiguous.
@@ -21,9 +24,15 @@ OPS_PAGES: dict[str, Handler] = {
     "/": status.status_page,
     "/status": status.status_page,
     "/status.json": status.status_json,
+    **console.CONSOLE_PAGES,  # the web console and its API
 }
 #: What every listener serves, the debug listener included: liveness and readiness probes.
 PROBES: dict[str, Handler] = {"/healthz": ops.healthz, "/readyz": ops.readyz}
+#: The operational pages as aiohttp names their routes (``{name:.+}`` -> ``{name}``), for
+#: the auth layer to recognise them.
+OPS_CANONICAL = frozenset(re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path) for path in OPS_PAGES)
+# the console's time series leave out the operational pages and probes (no traffic)
+UNCOUNTED_HANDLERS.update(h.__name__ for h in (*OPS_PAGES.values(), *PROBES.values()))
 
 
 def setup_routes(app: web.Application, *, ops_pages: bool = True) -> None:
@@ -74,4 +83,4 @@ def add_catch_all(app: web.Application) -> None:
     app.router.add_route("*", "/{tail:.*}", oci(endpoint_unknown))
 
 
-__all__ = ["OPS_PAGES", "PROBES", "add_catch_all", "oci", "oci_errors", "setup_routes"]
+__all__ = ["OPS_CANONICAL", "OPS_PAGES", "PROBES", "add_catch_all", "oci", "oci_errors", "setup_routes"]

@@ -1,0 +1,205 @@
+// The regproxy console: reads /_regproxy/api/ and draws it. No inline script (CSP), no
+// dependencies but the vendored uPlot. Pages are shown by the URL's fragment.
+"use strict";
+(function () {
+  const API = "/_regproxy/api/";
+  const state = { window: "15m", charts: {}, timer: null, repoQuery: "", repoSort: "name" };
+
+  function $(sel) { return document.querySelector(sel); }
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") node.className = v; else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c == null ? "" : String(c)));
+    return node;
+  }
+  function bytes(n) {
+    if (n == null) return "-";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + units[i];
+  }
+  function pct(r) { return r == null ? "-" : (r * 100).toFixed(1) + " %"; }
+  function when(t) { return t == null ? "never" : new Date(t * 1000).toLocaleString(); }
+  function ms(v) { return v == null ? "-" : (v < 10 ? v.toFixed(2) : v.toFixed(0)) + " ms"; }
+
+  async function api(path) {
+    const r = await fetch(API + path, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+    if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+    return r.json();
+  }
+  function showError(err) {
+    const p = $("#error");
+    p.hidden = err == null;
+    p.textContent = err == null ? "" : String(err.message || err);
+  }
+  function stamp() { $("#updated").textContent = "updated " + new Date().toLocaleTimeString(); }
+
+  // -- overview ------------------------------------------------------------------------
+  const CHARTS = {
+    requests: { series: [{ label: "requests/s", stroke: "#1d6fb8", fill: "rgba(29,111,184,0.12)" }],
+                cols: ["requests_per_second"], fmt: (v) => v == null ? "-" : v.toFixed(2) },
+    hits: { series: [{ label: "hit ratio", stroke: "#1a7f37", spanGaps: false }],
+            cols: ["hit_ratio"], fmt: pct, range: [0, 1] },
+    bytes: { series: [{ label: "from cache", stroke: "#1a7f37", fill: "rgba(26,127,55,0.12)" },
+                      { label: "fetched upstream", stroke: "#c2410c" }],
+             cols: ["bytes_cache", "bytes_upstream"], fmt: bytes },
+    latency: { series: [{ label: "p50", stroke: "#1d6fb8" }, { label: "p99", stroke: "#b91c1c" }],
+               cols: ["p50_ms", "p99_ms"], fmt: ms },
+  };
+
+  function chartSize(node) {
+    const w = Math.max(node.clientWidth || node.parentNode.clientWidth, 240);
+    return { width: w, height: w < 500 ? 180 : 220 };
+  }
+
+  function drawChart(name, data) {
+    const spec = CHARTS[name];
+    const node = $("#chart-" + name);
+    const columns = [data.series.time, ...spec.cols.map((c) => data.series[c])];
+    const points = spec.cols.reduce((n, c) => n + data.series[c].filter((v) => v != null && v !== 0).length, 0);
+    node.dataset.points = String(points);
+    let chart = state.charts[name];
+    if (chart && chart._window === state.window) { chart.setData(columns); return; }
+    if (chart) chart.destroy();
+    const opts = {
+      ...chartSize(node),
+      scales: { x: { time: true }, y: spec.range ? { range: spec.range } : {} },
+      axes: [{}, { values: (u, vals) => vals.map(spec.fmt), size: 70 }],
+      series: [{}, ...spec.series.map((s) => ({ width: 2, points: { show: false }, value: (u, v) => spec.fmt(v), ...s }))],
+      legend: { show: true },
+    };
+    chart = new uPlot(opts, columns, node);
+    chart._window = state.window;
+    state.charts[name] = chart;
+  }
+
+  function card(label, value) {
+    return el("div", { class: "card" }, el("div", { class: "value" }, value), el("div", { class: "label" }, label));
+  }
+
+  async function loadOverview() {
+    const data = await api("overview?window=" + state.window);
+    const t = data.totals;
+    const saved = t.bytes_cache + t.bytes_upstream ? t.bytes_cache / (t.bytes_cache + t.bytes_upstream) : null;
+    $("#totals").replaceChildren(
+      card("requests", String(t.requests)), card("hit ratio", pct(t.hit_ratio)),
+      card("served from cache", bytes(t.bytes_cache)), card("served via upstream", bytes(t.bytes_upstream)),
+      card("bytes saved", pct(saved)), card("fetched from upstreams", bytes(t.upstream_bytes)),
+      card("p50 latency", ms(t.p50_ms)), card("p99 latency", ms(t.p99_ms)));
+    $("#workers").textContent = data.workers.length + (data.workers.length === 1 ? " worker" : " workers");
+    for (const name of Object.keys(CHARTS)) drawChart(name, data);
+  }
+
+  // -- upstreams -----------------------------------------------------------------------
+  function counts(obj) {
+    const parts = Object.entries(obj || {}).map(([k, v]) => k + ": " + v);
+    return parts.length ? parts.join(", ") : "none";
+  }
+  async function loadUpstreams() {
+    const data = await api("upstreams");
+    $("#upstreams-table tbody").replaceChildren(...data.upstreams.map((u) => el("tr", {},
+      el("td", {}, el("strong", {}, u.name), u.default ? " (default)" : "", el("br"), el("code", {}, u.url)),
+      el("td", { class: "state-" + u.state }, u.state.replace("_", " ")),
+      el("td", {}, u.breaker),
+      el("td", {}, when(u.last_success)),
+      el("td", {}, when(u.last_failure), u.last_failure_reason ? el("br") : "", u.last_failure_reason || ""),
+      el("td", {}, u.ratelimit_remaining == null ? "-" : u.ratelimit_remaining),
+      el("td", {}, counts(u.requests_by_status)),
+      el("td", {}, counts(u.errors_by_kind)))));
+  }
+
+  // -- repositories --------------------------------------------------------------------
+  async function loadRepositories() {
+    const q = encodeURIComponent(state.repoQuery);
+    const data = await api("repositories?q=" + q + "&sort=" + state.repoSort);
+    $("#repo-count").textContent = data.repositories.length + " repositories";
+    $("#repo-table tbody").replaceChildren(...data.repositories.map((r) => {
+      const row = el("tr", { class: "clickable", "data-name": r.name }, el("td", {}, r.name), el("td", {}, r.kind),
+        el("td", {}, r.upstream || "-"), el("td", { class: "num" }, r.tags));
+      row.addEventListener("click", () => loadRepository(r.name).catch(showError));
+      return row;
+    }));
+  }
+
+  async function loadRepository(name) {
+    const data = await api("repositories/" + name.split("/").map(encodeURIComponent).join("/"));
+    const tags = el("table", { id: "tag-table" }, el("thead", {}, el("tr", {}, el("th", {}, "Tag"), el("th", {}, "Digest"),
+      el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"))),
+      el("tbody", {}, ...data.tags.map((t) => el("tr", {}, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
+        el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-")))));
+    const images = data.images.filter((i) => i.layers).map((img) => el("div", {},
+      el("h3", {}, "Image ", el("code", {}, img.digest.slice(0, 19)), " (" + bytes(img.size) + ")"),
+      el("div", { class: "scroll" }, el("table", { class: "layers" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Layer"), el("th", {}, "Size"), el("th", {}, "Also in"))),
+        el("tbody", {}, ...img.layers.map((l) => el("tr", {}, el("td", {}, el("code", {}, l.digest)),
+          el("td", { class: "num" }, bytes(l.size)), el("td", {}, l.shared_with.join(", ") || "-"))))))));
+    $("#repo-detail").replaceChildren(el("h2", {}, data.name + " (" + data.kind + (data.upstream ? ", from " + data.upstream : "") + ")"),
+      el("div", { class: "scroll" }, tags), ...images);
+  }
+
+  // -- storage -------------------------------------------------------------------------
+  async function loadStorage() {
+    const s = await api("storage");
+    $("#storage-cards").replaceChildren(
+      card("cached", bytes(s.cached_bytes)), card("evictable", bytes(s.evictable_bytes)),
+      card("budget", s.budget ? bytes(s.budget) : "none"), card("hosted", bytes(s.hosted_bytes)),
+      card("disk free", s.disk ? bytes(s.disk.free) : "-"), card("disk size", s.disk ? bytes(s.disk.size) : "-"),
+      card("measured", s.measured_at ? new Date(s.measured_at * 1000).toLocaleTimeString() : "not yet"));
+    const share = s.budget && s.evictable_bytes != null ? Math.min(100, 100 * s.evictable_bytes / s.budget) : 0;
+    $("#storage-bar").style.width = share.toFixed(1) + "%";
+    $("#evictions-table tbody").replaceChildren(...(s.evictions.length ? s.evictions.map((e) => el("tr", {},
+      el("td", {}, when(e.time)), el("td", {}, el("code", {}, e.digest)), el("td", { class: "num" }, bytes(e.bytes))))
+      : [el("tr", {}, el("td", { colspan: "3" }, "none"))]));
+  }
+
+  async function loadConfig() {
+    const c = await api("config");
+    $("#config-text").textContent = JSON.stringify(c.config, null, 2);
+  }
+
+  // -- navigation ----------------------------------------------------------------------
+  const LOADERS = { overview: loadOverview, upstreams: loadUpstreams, repositories: loadRepositories,
+                    storage: loadStorage, config: loadConfig };
+  function page() { const p = location.hash.slice(1); return LOADERS[p] ? p : "overview"; }
+
+  async function refresh() {
+    const p = page();
+    try { await LOADERS[p](); stamp(); showError(null); } catch (err) { showError(err); }
+    document.body.dataset.loaded = p;
+  }
+
+  function show() {
+    const p = page();
+    for (const s of document.querySelectorAll(".page")) s.hidden = s.id !== "page-" + p;
+    for (const a of document.querySelectorAll("nav a")) a.classList.toggle("on", a.dataset.page === p);
+    delete document.body.dataset.loaded;
+    clearInterval(state.timer);
+    state.timer = setInterval(refresh, state.window === "15m" || p !== "overview" ? 10000 : 60000);
+    refresh();
+  }
+
+  function start() {
+    window.addEventListener("hashchange", show);
+    for (const b of document.querySelectorAll("[data-window]")) {
+      b.addEventListener("click", () => {
+        state.window = b.dataset.window;
+        for (const o of document.querySelectorAll("[data-window]")) o.classList.toggle("on", o === b);
+        show();
+      });
+    }
+    let debounce = null;
+    $("#repo-search").addEventListener("input", (e) => {
+      clearTimeout(debounce);
+      debounce = setTimeout(() => { state.repoQuery = e.target.value; refresh(); }, 150);
+    });
+    $("#repo-sort").addEventListener("change", (e) => { state.repoSort = e.target.value; refresh(); });
+    window.addEventListener("resize", () => {
+      for (const [name, chart] of Object.entries(state.charts)) chart.setSize(chartSize($("#chart-" + name)));
+    });
+    show();
+  }
+  document.addEventListener("DOMContentLoaded", start);
+})();

@@ -1,0 +1,316 @@
+"""The web console: a JSON API under ``/_regproxy/api/`` and the static pages under
+``/_regproxy/console/`` that read it (uPlot charts, no inline script, no CDN).
+
+Both are operational pages (:data:`proxy.handlers.OPS_PAGES`): with ``[auth]`` only users
+with the ``ops`` right see them (they name every repository), with ``server.debug_listen``
+only that listener serves them. The figures are every worker's, merged on read
+(:mod:`proxy.workerstatus`). See ``docs/console.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__, metrics
+from proxy.config import Config
+from proxy.errors import DigestInvalid, NameUnknown, Unsupported
+from proxy.handlers.common import EVICTOR, ROUTER, STORE, WORKER_STATUS, EndpointUnknown
+from proxy.mediatypes import INDEXES
+from proxy.redact import redact_url
+from proxy.reference import Digest, validate_name
+from proxy.timeseries import WINDOWS
+from proxy.workerstatus import combine
+
+#: The effective configuration, for the config page (set at wiring).
+CONSOLE_CONFIG = web.AppKey("console_config", Config)
+
+_JSON_HEADERS = {"Cache-Control": "no-store"}
+#: The pages' policy: only this origin's script and style, no inline anything, no framing.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+_PAGE_HEADERS = {"Cache-Control": "no-store", "Content-Security-Policy": CSP,
+                 "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+#: The console's files and their content types (anything else is a 404: no path is
+#: built from the URL).
+_STATIC = {"console.js": "text/javascript", "console.css": "text/css",
+           "uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
+#: Repositories whose blob links are read to find shared layers (a bigger store answers
+#: without the sharing).
+SHARING_SCAN_LIMIT = 2000
+#: Config fields whose values never leave the process.
+_SECRET_FIELDS = ("password", "secret", "access_key", "secret_key", "token_key")
+
+
+def _json(data: Any) -> web.Response:
+    return web.json_response(data, headers=_JSON_HEADERS)
+
+
+def _figures(app: web.Application) -> dict[str, Any]:
+    metrics.flush()  # what this worker counted since the last flush
+    return combine(app[WORKER_STATUS].gather())
+
+
+async def api_overview(request: web.Request) -> web.Response:
+    """Time series of a window (``15m``, ``6h``, ``7d``), totals and workers."""
+    window = request.query.get("window", "15m")
+    if window not in WINDOWS:
+        raise Unsupported(f"window must be one of {', '.join(WINDOWS)}", status=400)
+    figures = _figures(request.app)
+    view = figures["series"].view(window)
+    return _json({"version": __version__, "now": time.time(), **view,
+                  "workers": figures["workers"]})
+
+
+def _upstream_state(breaker: str, activity: dict[str, Any] | None) -> str:
+    """One word an operator reads first: ``never_contacted`` is not ``healthy``."""
+    if breaker == "open":
+        return "down"
+    if activity is None or (activity["last_success"] is None and activity["last_failure"] is None):
+        return "never_contacted"
+    if breaker == "half_open":
+        return "recovering"
+    last_ok, last_bad = activity["last_success"] or 0, activity["last_failure"] or 0
+    return "failing" if last_bad > last_ok else "healthy"
+
+
+async def api_upstreams(request: web.Request) -> web.Response:
+    figures = _figures(request.app)
+    router = request.app[ROUTER]
+    out = []
+    for u in router.upstreams:
+        seen = figures["upstreams"].get(u.name, {"breaker": u.breaker.state.value,
+                                                 "ratelimit_remaining": u.ratelimit_remaining})
+        act = figures["activity"].get(u.name)
+        out.append({
+            "name": u.name, "url": redact_url(str(u.base)), "default": u is router.default,
+            "state": _upstream_state(seen["breaker"], act),
+            "breaker": seen["breaker"], "ratelimit_remaining": seen["ratelimit_remaining"],
+            "contacted": act is not None,
+            "last_success": None if act is None else act["last_success"],
+            "last_failure": None if act is None else act["last_failure"],
+            "last_failure_reason": None if act is None else act["last_failure_reason"],
+            "requests_by_status": {} if act is None else act["requests"],
+            "errors_by_kind": {} if act is None else act["errors"],
+        })
+    return _json({"upstreams": out})
+
+
+async def _repositories(app: web.Application) -> list[dict[str, Any]]:
+    """Every stored repository a name leads to: its name, hosted or cached, the upstream."""
+    names = app[ROUTER].names
+    out = []
+    for key in await app[STORE].list_repositories():
+        name = names.name_of_key(key)
+        if name is None:
+            continue
+        hosted = names.is_hosted_key(key)
+        place = names.place(name)
+        out.append({"name": name, "kind": "hosted" if hosted else "cached",
+                    "upstream": place.upstream, "key": key})
+    return out
+
+
+async def api_repositories(request: web.Request) -> web.Response:
+    """Cached and hosted repositories: ``q`` filters by a part of the name, ``sort`` is
+    ``name`` (default) or ``tags`` (most first)."""
+    q = request.query.get("q", "").strip().lower()[:200]
+    sort = request.query.get("sort", "name")
+    if sort not in ("name", "tags", "kind"):
+        raise Unsupported("sort must be name, tags or kind", status=400)
+    store = request.app[STORE]
+    repos = [r for r in await _repositories(request.app) if q in r["name"].lower()]
+    for repo in repos:
+        tags = await store.list_tags(repo.pop("key"))
+        repo["tags"] = len(tags or [])
+    if sort == "tags":
+        repos.sort(key=lambda r: (-r["tags"], r["name"]))
+    elif sort == "kind":
+        repos.sort(key=lambda r: (r["kind"], r["name"]))
+    else:
+        repos.sort(key=lambda r: r["name"])
+    return _json({"repositories": repos, "query": q, "sort": sort})
+
+
+def _descriptor(entry: Any) -> dict[str, Any] | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+        return None
+    try:  # (a stored manifest was verified as bytes, its descriptors are still its own)
+        Digest.parse(entry["digest"])
+    except DigestInvalid:
+        return None
+    size = entry.get("size")
+    return {"digest": entry["digest"], "media_type": entry.get("mediaType"),
+            "size": size if isinstance(size, int) else None}
+
+
+async def _image(app: web.Application, digest: Digest) -> dict[str, Any]:
+    """What a stored manifest is made of: an index's platforms, an image's layers."""
+    stored = await app[STORE].get_manifest(digest)
+    if stored is None:
+        return {"digest": str(digest), "stored": False}
+    try:
+        doc = json.loads(stored.data)
+    except ValueError:
+        doc = {}
+    out: dict[str, Any] = {"digest": str(digest), "stored": True, "media_type": stored.media_type,
+                           "manifest_size": len(stored.data)}
+    if stored.media_type in INDEXES:
+        platforms = []
+        for entry in doc.get("manifests", []) if isinstance(doc, dict) else []:
+            desc = _descriptor(entry)
+            if desc is None:
+                continue
+            plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
+            desc["platform"] = "/".join(str(plat[k]) for k in ("os", "architecture", "variant")
+                                        if plat.get(k))
+            desc["stored"] = await app[STORE].has_manifest(Digest.parse(desc["digest"]))
+            platforms.append(desc)
+        out["platforms"] = platforms
+        out["size"] = sum(p["size"] or 0 for p in platforms)
+        return out
+    config = _descriptor(doc.get("config")) if isinstance(doc, dict) else None
+    layers = [d for e in (doc.get("layers", []) if isinstance(doc, dict) else [])
+              if (d := _descriptor(e)) is not None]
+    out["config"] = config
+    out["layers"] = layers
+    out["size"] = len(stored.data) + (config["size"] or 0 if config else 0) + sum(
+        layer["size"] or 0 for layer in layers)
+    return out
+
+
+async def api_repository(request: web.Request) -> web.Response:
+    """One repository: its tags (digest, media type, size, an index's platforms) and per
+    image its layers, each with the other repositories that hold it too."""
+    name = validate_name(request.match_info["name"])
+    app = request.app
+    repos = await _repositories(app)
+    found = next((r for r in repos if r["name"] == name), None)
+    if found is None:
+        raise NameUnknown(f"no repository {name} is stored")
+    store = app[STORE]
+    tags_out = []
+    images: dict[str, dict[str, Any]] = {}
+    for tag in sorted(await store.list_tags(found["key"]) or []):
+        digest = await store.get_tag(found["key"], tag)
+        if digest is None:
+            continue
+        image = images.get(str(digest)) or await _image(app, digest)
+        images[str(digest)] = image
+        tags_out.append({"tag": tag, **{k: image.get(k) for k in (
+            "digest", "media_type", "size", "stored")},
+            "platforms": [p["platform"] for p in image.get("platforms", [])]})
+        for child in image.get("platforms", []):
+            if child["stored"] and child["digest"] not in images:
+                images[child["digest"]] = await _image(app, Digest.parse(child["digest"]))
+    # which other repositories hold each layer (their blob links)
+    wanted = {layer["digest"] for img in images.values() for layer in img.get("layers", [])}
+    holders: dict[str, list[str]] = {d: [] for d in wanted}
+    if wanted and len(repos) <= SHARING_SCAN_LIMIT:
+        for repo in repos:
+            if repo["key"] == found["key"]:
+                continue
+            for d in await store.list_blob_links(repo["key"]):
+                if str(d) in holders:
+                    holders[str(d)].append(repo["name"])
+    for img in images.values():
+        for layer in img.get("layers", []):
+            layer["shared_with"] = sorted(holders.get(layer["digest"], []))
+    return _json({"name": name, "kind": found["kind"], "upstream": found["upstream"],
+                  "tags": tags_out, "images": list(images.values()),
+                  "sharing_scanned": len(repos) <= SHARING_SCAN_LIMIT})
+
+
+async def api_storage(request: web.Request) -> web.Response:
+    figures = _figures(request.app)
+    evictor, workers = request.app[EVICTOR], request.app[WORKER_STATUS]
+    report = figures["cache"]
+    return _json({
+        "budget": evictor.max_size or None,
+        "max_age_seconds": evictor.max_age or None,
+        "measured_at": report["time"] if report else None,
+        "cached_bytes": report["evictable"] + report["shared"] if report else None,
+        "evictable_bytes": report["evictable"] if report else None,
+        "shared_bytes": report["shared"] if report else None,
+        "hosted_bytes": report["hosted"] if report else None,
+        "disk": workers.disk(),
+        "evictions": [{"time": t, "digest": d, "bytes": b}
+                      for t, d, b in reversed(figures["evictions"])],
+    })
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """A config value as JSON, secrets replaced and URLs without credentials."""
+    if any(s in key for s in _SECRET_FIELDS):
+        return None if value is None else "<redacted>"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _redacted(getattr(value, f.name), f.name)
+                for f in dataclasses.fields(value) if f.repr or not any(
+                    s in f.name for s in _SECRET_FIELDS)}
+    if isinstance(value, Mapping):
+        return {str(k): _redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redacted(v, key) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    text = str(value)
+    return redact_url(text) if "://" in text else text
+
+
+async def api_config(request: web.Request) -> web.Response:
+    config = request.app.get(CONSOLE_CONFIG)
+    return _json({"config": None if config is None else _redacted(config)})
+
+
+def _static_dir() -> Path:
+    return Path(str(resources.files("proxy").joinpath("console/static")))
+
+
+async def console_page(request: web.Request) -> web.Response:
+    """The one page: its sections (overview, upstreams, repositories, storage,
+    configuration) are shown by the script from the URL's fragment."""
+    body = (_static_dir() / "console.html").read_bytes()
+    return web.Response(body=body, content_type="text/html", charset="utf-8",
+                        headers=_PAGE_HEADERS)
+
+
+async def console_static(request: web.Request) -> web.Response:
+    name = request.match_info["file"]
+    content_type = _STATIC.get(name)
+    if content_type is None:
+        raise EndpointUnknown(f"no console file {name[:100]!r}")
+    body = (_static_dir() / name).read_bytes()
+    return web.Response(body=body, content_type=content_type, charset="utf-8",
+                        headers={"Cache-Control": "max-age=300", "Content-Security-Policy": CSP})
+
+
+async def console_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/_regproxy/console/")
+
+
+#: The console's routes (registered as operational pages by :mod:`proxy.handlers`).
+CONSOLE_PAGES = {
+    "/_regproxy/api/overview": api_overview,
+    "/_regproxy/api/upstreams": api_upstreams,
+    "/_regproxy/api/repositories": api_repositories,
+    "/_regproxy/api/repositories/{name:.+}": api_repository,
+    "/_regproxy/api/storage": api_storage,
+    "/_regproxy/api/config": api_config,
+    "/_regproxy/console": console_redirect,
+    "/_regproxy/console/": console_page,
+    "/_regproxy/console/static/{file}": console_static,
+}
+
+__all__ = ["CONSOLE_CONFIG", "CONSOLE_PAGES", "CSP"]

@@ -1,0 +1,182 @@
+"""The console's JSON API (docs/console.md) against a real upstream docker-registry, with
+real pulls through the proxy: the shapes of its answers, the figures they carry, and who
+may read them (the ``ops`` right, as the status pages)."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from proxy.app import create_app
+from proxy.server import runner_kwargs
+from proxy.settings.auth import parse_auth
+from proxy.timeseries import WINDOWS, TimeSeries, make_row
+from tests.console.traffic import basic, console_config, make_traffic
+
+API = "/_regproxy/api"
+
+
+async def get_json(client: aiohttp.ClientSession, url: str, **kw: object) -> dict:
+    async with client.get(url, **kw) as r:
+        assert r.status == 200, (url, r.status, await r.text())
+        assert r.headers["Cache-Control"] == "no-store"
+        return await r.json()
+
+
+async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_session,
+                                                      aiohttp_server, tmp_path):
+    cfg = console_config(tmp_path, upstream_registry.url)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path)
+
+    overview = await get_json(http_session, f"{base}{API}/overview?window=15m")
+    series = overview["series"]
+    step, keep = WINDOWS["15m"]
+    assert overview["step_seconds"] == step and len(series["time"]) == keep
+    assert all(b - a == step for a, b in zip(series["time"], series["time"][1:], strict=False))
+    for column in ("requests_per_second", "hit_ratio", "bytes_cache", "bytes_upstream",
+                   "upstream_bytes", "p50_ms", "p99_ms"):
+        assert len(series[column]) == keep, column
+    totals = overview["totals"]
+    assert totals["requests"] >= traffic.requests
+    assert totals["hits"] >= 1 and totals["misses"] >= 1 and 0 < totals["hit_ratio"] < 1
+    assert totals["bytes_cache"] >= traffic.layer_size  # the second pull of the big layer
+    assert totals["bytes_upstream"] >= traffic.layer_size  # its first
+    assert totals["upstream_bytes"] >= traffic.layer_size
+    assert totals["p50_ms"] is not None and totals["p99_ms"] >= totals["p50_ms"]
+    assert any(v for v in series["requests_per_second"])
+    assert overview["workers"] and overview["workers"][0]["pid"]
+    for window in WINDOWS:
+        assert (await get_json(http_session, f"{base}{API}/overview?window={window}"))[
+            "totals"]["requests"] >= traffic.requests
+    async with http_session.get(f"{base}{API}/overview?window=1y") as r:
+        assert r.status == 400 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+
+    ups = {u["name"]: u for u in (await get_json(http_session, f"{base}{API}/upstreams"))["upstreams"]}
+    reg = ups["reg.io"]
+    assert reg["state"] == "healthy" and reg["contacted"] and reg["default"]
+    assert reg["last_success"] is not None and reg["breaker"] == "closed"
+    assert sum(reg["requests_by_status"].values()) >= 2
+    never = ups["never.io"]  # configured, never asked: not "healthy"
+    assert never["state"] == "never_contacted" and not never["contacted"]
+    assert never["last_success"] is None and never["last_failure"] is None
+    assert "@" not in never["url"] and "secret" not in json.dumps(ups)
+
+    repos = (await get_json(http_session, f"{base}{API}/repositories"))["repositories"]
+    by_name = {r["name"]: r for r in repos}
+    assert by_name[traffic.repo]["kind"] == "cached" and by_name[traffic.repo]["upstream"] == "reg.io"
+    assert by_name[traffic.hosted]["kind"] == "hosted" and by_name[traffic.hosted]["upstream"] is None
+    assert [r["name"] for r in repos] == sorted(r["name"] for r in repos)
+    found = (await get_json(http_session, f"{base}{API}/repositories?q=APP"))["repositories"]
+    assert [r["name"] for r in found] == [traffic.hosted]
+    by_tags = (await get_json(http_session, f"{base}{API}/repositories?sort=tags"))["repositories"]
+    assert [r["tags"] for r in by_tags] == sorted((r["tags"] for r in by_tags), reverse=True)
+
+    detail = await get_json(http_session, f"{base}{API}/repositories/{traffic.repo}")
+    tags = {t["tag"]: t for t in detail["tags"]}
+    assert tags["v1"]["digest"] == traffic.image_digest and tags["v1"]["size"] > traffic.layer_size
+    assert tags["multi"]["media_type"] == "application/vnd.oci.image.index.v1+json"
+    assert tags["multi"]["platforms"] == ["linux/amd64", "linux/arm64"]
+    images = {i["digest"]: i for i in detail["images"]}
+    layers = {layer["digest"]: layer for layer in images[traffic.image_digest]["layers"]}
+    assert layers[traffic.shared_layer]["shared_with"] == [traffic.hosted]
+    assert layers[traffic.big_layer]["size"] == traffic.layer_size
+    assert layers[traffic.big_layer]["shared_with"] == []
+    for bad in ("UPPER/case", "a/../b"):
+        async with http_session.get(f"{base}{API}/repositories/{bad}") as r:
+            assert r.status in (400, 404), bad
+            assert (await r.json())["errors"][0]["code"] in ("NAME_INVALID", "NAME_UNKNOWN")
+    async with http_session.get(f"{base}{API}/repositories/not/stored") as r:
+        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+
+    storage = await get_json(http_session, f"{base}{API}/storage")
+    assert storage["budget"] == 1 << 30 and storage["disk"]["free"] > 0
+    assert isinstance(storage["evictions"], list)
+
+    conf = (await get_json(http_session, f"{base}{API}/config"))["config"]
+    assert conf["max_size"] == 1 << 30 and conf["upstreams"]["never.io"]["url"] == "http://127.0.0.1:9"
+    assert conf["upstreams"]["reg.io"]["password"] == "<redacted>"
+    assert "hunter2-secret" not in json.dumps(conf)
+
+
+async def test_api_needs_the_ops_right(upstream_registry, http_session, aiohttp_server, tmp_path):
+    """A user without the ops right gets 403, an anonymous client 401, and neither sees a
+    repository name; the watcher (ops only) sees them all."""
+    from tests.console.traffic import USERS, auth_table
+
+    cfg = console_config(tmp_path, upstream_registry.url,
+                         auth=parse_auth(auth_table(tmp_path), tmp_path))
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    await make_traffic(http_session, upstream_registry.url, base, tmp_path, headers=basic("admin"))
+    paths = ["/overview", "/upstreams", "/repositories", "/repositories/team/app", "/storage",
+             "/config"]
+    for path in paths:
+        async with http_session.get(f"{base}{API}{path}") as r:
+            body = await r.text()
+            assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic"), path
+            assert "team/app" not in body and "console/" not in body
+        async with http_session.get(f"{base}{API}{path}", headers=basic("admin")) as r:
+            body = await r.text()
+            assert r.status == 403, path  # may pull everything, but has no ops right
+            assert "team/app" not in body and "it/console" not in body
+    for path in ("/_regproxy/console/", "/_regproxy/console/static/console.js"):
+        async with http_session.get(f"{base}{path}") as r:
+            assert r.status == 401, path
+    assert set(USERS) >= {"watcher"}
+    repos = await get_json(http_session, f"{base}{API}/repositories", headers=basic("watcher"))
+    assert "team/app" in {r["name"] for r in repos["repositories"]}
+
+
+async def test_console_page_and_static_files(aiohttp_server, tmp_path):
+    cfg = console_config(tmp_path, "http://127.0.0.1:9")
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    async with aiohttp.ClientSession() as client:
+        async with client.get(server.make_url("/_regproxy/console"), allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "/_regproxy/console/"
+        async with client.get(server.make_url("/_regproxy/console/")) as r:
+            assert r.status == 200 and r.content_type == "text/html"
+            csp = r.headers["Content-Security-Policy"]
+            page = await r.text()
+        assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+        assert "<script>" not in page and " on" not in page.split("<body", 1)[1].split(">")[0]
+        for name in ("console.js", "console.css", "uPlot.iife.min.js", "uPlot.min.css"):
+            async with client.get(server.make_url(f"/_regproxy/console/static/{name}")) as r:
+                assert r.status == 200, name
+                assert name in page
+        for name in ("console.html", "..%2fconsole.py", "README.md", "uPlot.LICENSE"):
+            async with client.get(server.make_url(f"/_regproxy/console/static/{name}")) as r:
+                assert r.status == 404, name
+
+
+def test_time_series_merge_and_percentiles():
+    """Buckets of several workers add up, and percentiles come from the summed histogram."""
+    a, b = TimeSeries(), TimeSeries()
+    now = 1_700_000_005.0
+    # 98 fast requests (bucket 0: <= 1 ms) in one worker, two slow ones (bucket 12: 5-10 s)
+    fast = [0] * 17
+    fast[0] = 98
+    slow = [0] * 17
+    slow[12] = 2
+    a.add(make_row(requests=98, hits=90, misses=8, latency=fast), now=now)
+    b.add(make_row(requests=2, misses=2, bytes_upstream=500, latency=slow), now=now + 1)
+    merged = TimeSeries.combine([json.loads(json.dumps(a.export())), b.export(), None])
+    view = merged.view("15m", now=now + 2)
+    totals = view["totals"]
+    assert totals["requests"] == 100 and totals["hits"] == 90 and totals["misses"] == 10
+    assert totals["hit_ratio"] == 0.9 and totals["bytes_upstream"] == 500
+    assert totals["p50_ms"] is not None and totals["p50_ms"] <= 1.0
+    assert 5000 <= totals["p99_ms"] <= 10000
+    assert view["series"]["time"][-1] == int(now // 10) * 10
+    assert sum(1 for v in view["series"]["hit_ratio"] if v is not None) == 1
+    # the 7-day window keeps the same counts in coarser buckets
+    assert merged.view("7d", now=now + 2)["totals"]["requests"] == 100
+    # a window long past drops out of the 15-minute ring but not the 6-hour one
+    later = now + 20 * 60
+    merged.add(make_row(requests=1, latency=[1]), now=later)
+    assert merged.view("15m", now=later)["totals"]["requests"] == 1
+    assert merged.view("6h", now=later)["totals"]["requests"] == 101
+
+
