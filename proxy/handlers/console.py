@@ -10,6 +10,7 @@ only that listener serves them. The figures are every worker's, merged on read
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -274,14 +275,16 @@ async def api_config(request: web.Request) -> web.Response:
     return _json({"config": None if config is None else _redacted(config)})
 
 
-def _static_dir() -> Path:
-    return Path(str(resources.files("proxy").joinpath("console/static")))
+@functools.cache
+def _file(name: str) -> bytes:
+    """A console file, read once (they are small, and the loop must not wait on a disk)."""
+    return resources.files("proxy").joinpath("console/static", name).read_bytes()
 
 
 async def console_page(request: web.Request) -> web.Response:
     """The one page: its sections (overview, upstreams, repositories, storage,
     configuration) are shown by the script from the URL's fragment."""
-    body = (_static_dir() / "console.html").read_bytes()
+    body = _file("console.html")
     return web.Response(body=body, content_type="text/html", charset="utf-8",
                         headers=_PAGE_HEADERS)
 
@@ -291,7 +294,7 @@ async def console_static(request: web.Request) -> web.Response:
     content_type = _STATIC.get(name)
     if content_type is None:
         raise EndpointUnknown(f"no console file {name[:100]!r}")
-    body = (_static_dir() / name).read_bytes()
+    body = _file(name)
     return web.Response(body=body, content_type=content_type, charset="utf-8",
                         headers={"Cache-Control": "max-age=300", "Content-Security-Policy": CSP})
 

@@ -41,12 +41,13 @@
   const CHARTS = {
     requests: { series: [{ label: "requests/s", stroke: "#1d6fb8", fill: "rgba(29,111,184,0.12)" }],
                 cols: ["requests_per_second"], fmt: (v) => v == null ? "-" : v.toFixed(2) },
-    hits: { series: [{ label: "hit ratio", stroke: "#1a7f37", spanGaps: false }],
+    hits: { series: [{ label: "hit ratio", stroke: "#1a7f37", points: { show: true, size: 6, fill: "#fff" } }],
             cols: ["hit_ratio"], fmt: pct, range: [0, 1] },
     bytes: { series: [{ label: "from cache", stroke: "#1a7f37", fill: "rgba(26,127,55,0.12)" },
                       { label: "fetched upstream", stroke: "#c2410c" }],
              cols: ["bytes_cache", "bytes_upstream"], fmt: bytes },
-    latency: { series: [{ label: "p50", stroke: "#1d6fb8" }, { label: "p99", stroke: "#b91c1c" }],
+    latency: { series: [{ label: "p50", stroke: "#1d6fb8", points: { show: true, size: 6, fill: "#fff" } },
+                        { label: "p99", stroke: "#b91c1c", points: { show: true, size: 6, fill: "#fff" } }],
                cols: ["p50_ms", "p99_ms"], fmt: ms },
   };
 
@@ -67,7 +68,8 @@
     const opts = {
       ...chartSize(node),
       scales: { x: { time: true }, y: spec.range ? { range: spec.range } : {} },
-      axes: [{}, { values: (u, vals) => vals.map(spec.fmt), size: 70 }],
+      axes: [{}, { values: (u, vals) => vals.map(spec.fmt), size: 84 }],
+      // (hit ratio and latency exist only where there were requests: points, not just lines)
       series: [{}, ...spec.series.map((s) => ({ width: 2, points: { show: false }, value: (u, v) => spec.fmt(v), ...s }))],
       legend: { show: true },
     };
@@ -130,8 +132,14 @@
       el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"))),
       el("tbody", {}, ...data.tags.map((t) => el("tr", {}, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
         el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-")))));
+    // what each image is called: its tags, or its platform in an index
+    const names = {};
+    const label = (d, n) => { (names[d] = names[d] || []).push(n); };
+    for (const t of data.tags) label(t.digest, t.tag);
+    for (const img of data.images) for (const p of img.platforms || []) label(p.digest, p.platform || "?");
     const images = data.images.filter((i) => i.layers).map((img) => el("div", {},
-      el("h3", {}, "Image ", el("code", {}, img.digest.slice(0, 19)), " (" + bytes(img.size) + ")"),
+      el("h3", {}, (names[img.digest] || ["untagged"]).join(", ") + " ", el("code", {}, img.digest.slice(0, 19)),
+        " (" + bytes(img.size) + ")"),
       el("div", { class: "scroll" }, el("table", { class: "layers" },
         el("thead", {}, el("tr", {}, el("th", {}, "Layer"), el("th", {}, "Size"), el("th", {}, "Also in"))),
         el("tbody", {}, ...img.layers.map((l) => el("tr", {}, el("td", {}, el("code", {}, l.digest)),

@@ -1,0 +1,156 @@
+"""The console in a real browser: Debian's headless chromium driven by Playwright, against
+a proxy serving real traffic (pulls through it from the real upstream docker-registry).
+
+Checks that every page renders what the API says (charts with data points, the upstream
+states, the repository search, the layers shared with another repository), that the page
+runs under its CSP (an injected inline script does not run) without a console error, and
+that it fits a phone's width. Screenshots go to ``tests/artifacts/console/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import async_playwright
+
+from proxy.app import create_app
+from proxy.server import runner_kwargs
+from tests.console.traffic import console_config, make_traffic
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "console"
+#: How long a page may take to load and draw (a condition waited for, not a sleep).
+DEADLINE_MS = 20_000
+
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    assert HAVE_CHROMIUM, "chromium is missing: bash scripts/install-test-deps.sh"
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+class Page:
+    """A browser page that records console errors and uncaught exceptions."""
+
+    def __init__(self, page: Any, base: str) -> None:
+        self.page, self.base = page, base
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+    async def open(self, section: str) -> None:
+        url = f"{self.base}/_regproxy/console/#{section}"
+        if self.page.url.startswith(f"{self.base}/_regproxy/console/"):
+            await self.page.evaluate("s => { location.hash = s; }", section)
+        else:
+            await self.page.goto(url)
+        await self.page.wait_for_selector(f"body[data-loaded={section}]", timeout=DEADLINE_MS)
+        assert await self.page.is_hidden("#error"), await self.page.inner_text("#error")
+
+    async def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        await self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def test_console_pages_in_chromium(browser, upstream_registry, http_session,
+                                         aiohttp_server, tmp_path):
+    cfg = console_config(tmp_path, upstream_registry.url)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path)
+
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    p = Page(await context.new_page(), base)
+
+    # overview: four charts, each drawn by uPlot with data points
+    await p.open("overview")
+    for chart in ("requests", "hits", "bytes", "latency"):
+        node = p.page.locator(f"#chart-{chart}")
+        await node.locator("canvas").wait_for(timeout=DEADLINE_MS)
+        assert int(await node.get_attribute("data-points")) > 0, chart
+        box = await node.locator("canvas").bounding_box()
+        assert box["width"] > 400 and box["height"] > 100, chart
+    assert "%" in await p.page.inner_text("#totals")
+    await p.page.click("[data-window='6h']")
+    await p.page.wait_for_selector("body[data-loaded=overview]", timeout=DEADLINE_MS)
+    assert int(await p.page.get_attribute("#chart-requests", "data-points")) > 0
+    await p.page.click("[data-window='15m']")
+    await p.page.wait_for_selector("body[data-loaded=overview]", timeout=DEADLINE_MS)
+    await p.shot("overview")
+
+    # the CSP holds: a script injected into the page does not run
+    ran = await p.page.evaluate("""() => new Promise(resolve => {
+        document.addEventListener('securitypolicyviolation', () => resolve(window.__ran === 1));
+        const s = document.createElement('script');
+        s.textContent = 'window.__ran = 1';
+        document.body.append(s);
+    })""")
+    assert ran is False
+    p.errors = [e for e in p.errors if "Content Security Policy" not in e]  # (ours, on purpose)
+
+    # upstreams: the one pulled from is healthy, the one never asked says so
+    await p.open("upstreams")
+    rows = {(await r.locator("td").first.inner_text()).split()[0]: await r.inner_text()
+            for r in await p.page.locator("#upstreams-table tbody tr").all()}
+    assert "healthy" in rows["reg.io"] and "never contacted" in rows["never.io"]
+    await p.shot("upstreams")
+
+    # repositories: the search filters the list; a repository's tags and shared layers
+    await p.open("repositories")
+    table = p.page.locator("#repo-table tbody tr")
+    await table.nth(1).wait_for(timeout=DEADLINE_MS)
+    names = await table.locator("td:first-child").all_inner_texts()
+    assert traffic.repo in names and traffic.hosted in names
+    await p.page.fill("#repo-search", "app")
+    await p.page.wait_for_function(
+        "n => document.querySelectorAll('#repo-table tbody tr').length === n", arg=1,
+        timeout=DEADLINE_MS)
+    assert await table.locator("td:first-child").all_inner_texts() == [traffic.hosted]
+    await p.page.fill("#repo-search", traffic.repo.split("/")[1])
+    await p.page.wait_for_function(
+        "name => [...document.querySelectorAll('#repo-table tbody tr')].map(r => r.dataset.name)"
+        ".join() === name", arg=traffic.repo, timeout=DEADLINE_MS)
+    await table.first.click()
+    await p.page.wait_for_selector("#tag-table", timeout=DEADLINE_MS)
+    tags = await p.page.inner_text("#tag-table")
+    assert "multi" in tags and "linux/arm64" in tags and traffic.image_digest in tags
+    layers = await p.page.inner_text("#repo-detail")
+    assert traffic.shared_layer in layers and traffic.hosted in layers
+    await p.shot("repositories")
+
+    await p.open("storage")
+    assert "1.0 GiB" in await p.page.inner_text("#storage-cards")
+    await p.shot("storage")
+
+    await p.open("config")
+    config = await p.page.inner_text("#config-text")
+    assert "<redacted>" in config and "hunter2-secret" not in config and "never.io" in config
+    await p.shot("config")
+    assert p.errors == []
+
+    # a phone's width: nothing wider than the screen, the charts shrink to fit
+    phone = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    m = Page(await phone.new_page(), base)
+    await m.open("overview")
+    await m.page.locator("#chart-latency canvas").wait_for(timeout=DEADLINE_MS)
+    width = await m.page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 390, width
+    box = await m.page.locator("#chart-requests canvas").bounding_box()
+    assert 200 < box["width"] <= 390
+    await m.shot("overview-phone")
+    await m.open("repositories")
+    assert await m.page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    await m.shot("repositories-phone")
+    assert m.errors == []
