@@ -28,9 +28,12 @@ OPS_PAGES: dict[str, Handler] = {
 }
 #: What every listener serves, the debug listener included: liveness and readiness probes.
 PROBES: dict[str, Handler] = {"/healthz": ops.healthz, "/readyz": ops.readyz}
+#: Operational actions (POST): the console's purge. Only where the pages are, behind the
+#: same rule; never on the debug listener (it has no authentication).
+OPS_ACTIONS: dict[str, Handler] = dict(console.CONSOLE_ACTIONS)
 #: The operational pages as aiohttp names their routes (``{name:.+}`` -> ``{name}``), for
 #: the auth layer to recognise them.
-OPS_CANONICAL = frozenset(re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path) for path in OPS_PAGES)
+OPS_CANONICAL = frozenset(re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path) for path in (*OPS_PAGES, *OPS_ACTIONS))
 # the console's time series leave out the operational pages and probes (no traffic)
 UNCOUNTED_HANDLERS.update(h.__name__ for h in (*OPS_PAGES.values(), *PROBES.values()))
 
@@ -59,6 +62,7 @@ def setup_routes(app: web.Application, *, ops_pages: bool = True) -> None:
         ("DELETE", f"/v2/{_NAME}/blobs/uploads/{{uuid}}", uploads.cancel_upload),
         ("GET", f"/v2/{_NAME}/referrers/{{digest}}", referrers.list_referrers),
         *(("GET", path, handler) for path, handler in PROBES.items()),
+        *(("POST", path, handler) for path, handler in OPS_ACTIONS.items() if ops_pages),
         *(("GET", path, handler) for path, handler in OPS_PAGES.items() if ops_pages),
         ("GET", "/_regproxy/fills/{digest}", cluster.serve_fill),
     ]
@@ -83,4 +87,5 @@ def add_catch_all(app: web.Application) -> None:
     app.router.add_route("*", "/{tail:.*}", oci(endpoint_unknown))
 
 
-__all__ = ["OPS_CANONICAL", "OPS_PAGES", "PROBES", "add_catch_all", "oci", "oci_errors", "setup_routes"]
+__all__ = ["OPS_ACTIONS", "OPS_CANONICAL", "OPS_PAGES", "PROBES", "add_catch_all", "oci", "oci_errors",
+           "setup_routes"]

@@ -23,11 +23,19 @@ from aiohttp import web
 
 from proxy import __version__, metrics
 from proxy.config import Config
-from proxy.errors import DigestInvalid, NameUnknown, Unsupported
-from proxy.handlers.common import EVICTOR, ROUTER, STORE, WORKER_STATUS, EndpointUnknown
+from proxy.errors import Denied, DigestInvalid, ManifestUnknown, NameUnknown, Unsupported
+from proxy.handlers.common import (
+    EVICTOR,
+    PULLTHROUGH,
+    ROUTER,
+    STORE,
+    WORKER_STATUS,
+    EndpointUnknown,
+)
 from proxy.mediatypes import INDEXES
 from proxy.redact import redact_url
-from proxy.reference import Digest, validate_name
+from proxy.reference import Digest, parse_reference, validate_name
+from proxy.storage.eviction import purge
 from proxy.timeseries import WINDOWS
 from proxy.workerstatus import combine
 
@@ -303,6 +311,55 @@ async def console_redirect(request: web.Request) -> web.Response:
     raise web.HTTPFound("/_regproxy/console/")
 
 
+def _same_origin(request: web.Request) -> None:
+    """Actions come from the console's own script: a JSON body (a form cannot send one
+    without a CORS preflight, which nothing here answers) and, when the browser says where
+    the page came from, this origin (a browser remembers Basic credentials: no other site
+    may act with them)."""
+    if request.content_type != "application/json":
+        raise Unsupported("actions take a JSON body (Content-Type: application/json)", status=415)
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        raise Denied("actions are accepted from the console's own origin only")
+
+
+async def action_purge(request: web.Request) -> web.Response:
+    """Purge a cached image: ``{"reference": "<tag or digest>"}`` removes the tag (or the
+    manifest) and the content only it used, as ``regproxy cache purge NAME:TAG`` does; every
+    process drops what it holds in memory at the purge marker's change."""
+    _same_origin(request)
+    name = validate_name(request.match_info["name"])
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Unsupported("the body is not JSON", status=400) from None
+    ref = body.get("reference") if isinstance(body, dict) else None
+    if not isinstance(ref, str) or not ref:
+        raise Unsupported('expected {"reference": "<tag or digest>"}', status=400)
+    reference = parse_reference(ref)
+    app = request.app
+    found = next((r for r in await _repositories(app) if r["name"] == name), None)
+    if found is None:
+        raise NameUnknown(f"no repository {name} is stored")
+    if found["kind"] == "hosted":
+        raise Unsupported(f"{name} is a hosted repository: delete its tags through the API")
+    store, names = app[STORE], app[ROUTER].names
+    key = found["key"]
+    exists = (await store.has_manifest_link(key, reference) if isinstance(reference, Digest)
+              else await store.get_tag(key, reference) is not None)
+    if not exists:
+        raise ManifestUnknown(f"nothing cached as {name}{'@' if isinstance(reference, Digest) else ':'}{ref}")
+    removed = await purge(store, key, reference, names.is_hosted_key)
+    await store.mark_purge()
+    app[PULLTHROUGH].forget([d for d, _ in removed])
+    return _json({"purged": f"{name}{'@' if isinstance(reference, Digest) else ':'}{ref}",
+                  "removed": [{"digest": str(d), "bytes": n} for d, n in removed],
+                  "bytes": sum(n for _, n in removed)})
+
+
+#: The console's actions (POST; registered with the operational pages' access rule).
+CONSOLE_ACTIONS = {"/_regproxy/api/repositories/{name:.+}/purge": action_purge}
+
 #: The console's routes (registered as operational pages by :mod:`proxy.handlers`).
 CONSOLE_PAGES = {
     "/_regproxy/api/overview": api_overview,
@@ -316,4 +373,4 @@ CONSOLE_PAGES = {
     "/_regproxy/console/static/{file}": console_static,
 }
 
-__all__ = ["CONSOLE_CONFIG", "CONSOLE_PAGES", "CSP"]
+__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CSP"]

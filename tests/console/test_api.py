@@ -180,3 +180,47 @@ def test_time_series_merge_and_percentiles():
     assert merged.view("6h", now=later)["totals"]["requests"] == 101
 
 
+
+
+async def test_purge_action_needs_the_ops_right_and_purges(upstream_registry, http_session,
+                                                          aiohttp_server, tmp_path):
+    from tests.console.traffic import auth_table
+    from tests.support.store import is_stored
+
+    cfg = console_config(tmp_path, upstream_registry.url,
+                         auth=parse_auth(auth_table(tmp_path), tmp_path))
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path,
+                                 headers=basic("admin"))
+    data = tmp_path / "data"
+    assert is_stored(data, traffic.big_layer)
+    url = f"{base}{API}/repositories/{traffic.repo}/purge"
+    body = {"reference": "v1"}
+    async with http_session.post(url, json=body) as r:
+        assert r.status == 401
+    async with http_session.post(url, json=body, headers=basic("admin")) as r:
+        assert r.status == 403  # every repository right, but no ops right
+    watcher = basic("watcher")
+    async with http_session.post(url, data="reference=v1", headers={
+            **watcher, "Content-Type": "application/x-www-form-urlencoded"}) as r:
+        assert r.status == 415  # a form (another site's) cannot purge
+    async with http_session.post(url, json=body, headers={**watcher, "Origin": "http://evil.example"}) as r:
+        assert r.status == 403 and (await r.json())["errors"][0]["code"] == "DENIED"
+    async with http_session.post(f"{base}{API}/repositories/team/app/purge", json={"reference": "latest"},
+                                 headers=watcher) as r:
+        assert r.status == 405 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+    async with http_session.post(url, json={"reference": "nope"}, headers=watcher) as r:
+        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert is_stored(data, traffic.big_layer)
+
+    async with http_session.post(url, json=body, headers={**watcher, "Origin": base}) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    assert answer["purged"] == f"{traffic.repo}:v1"
+    removed = {x["digest"] for x in answer["removed"]}
+    # the big layer went; the layer the hosted repository holds too stays
+    assert traffic.big_layer in removed and traffic.shared_layer not in removed
+    assert not is_stored(data, traffic.big_layer) and is_stored(data, traffic.shared_layer)
+    detail = await get_json(http_session, f"{base}{API}/repositories/{traffic.repo}", headers=watcher)
+    assert [t["tag"] for t in detail["tags"]] == ["multi"]

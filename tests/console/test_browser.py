@@ -4,7 +4,8 @@ a proxy serving real traffic (pulls through it from the real upstream docker-reg
 Checks that every page renders what the API says (charts with data points, the upstream
 states, the repository search, the layers shared with another repository), that the page
 runs under its CSP (an injected inline script does not run) without a console error, and
-that it fits a phone's width. Screenshots go to ``tests/artifacts/console/`` (gitignored).
+that it fits a phone's width, and that the purge action purges (the API and the store
+then say so). Screenshots go to ``tests/artifacts/console/`` (gitignored).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from playwright.async_api import async_playwright
 from proxy.app import create_app
 from proxy.server import runner_kwargs
 from tests.console.traffic import console_config, make_traffic
+from tests.support.store import is_stored
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HAVE_CHROMIUM = Path(CHROMIUM).exists()
@@ -129,6 +131,26 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     layers = await p.page.inner_text("#repo-detail")
     assert traffic.shared_layer in layers and traffic.hosted in layers
     await p.shot("repositories")
+
+    # the purge action, confirmed in the browser's dialog: the tag and its own layer go
+    dialogs: list[str] = []
+
+    async def accept(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        await dialog.accept()
+
+    p.page.on("dialog", accept)
+    await p.page.click("#tag-table tr[data-tag='v1'] button.purge")
+    await p.page.wait_for_function(
+        "() => document.querySelector('#repo-notice').textContent.startsWith('purged')",
+        timeout=DEADLINE_MS)
+    await p.page.wait_for_function("() => !document.querySelector(\"#tag-table tr[data-tag='v1']\")",
+                                   timeout=DEADLINE_MS)
+    assert dialogs == [f"Purge {traffic.repo}:v1 from the cache?"]
+    detail = await (await http_session.get(f"{base}/_regproxy/api/repositories/{traffic.repo}")).json()
+    assert [t["tag"] for t in detail["tags"]] == ["multi"]
+    assert not is_stored(tmp_path / "data", traffic.big_layer)
+    assert is_stored(tmp_path / "data", traffic.shared_layer)  # the hosted image holds it
 
     await p.open("storage")
     assert "1.0 GiB" in await p.page.inner_text("#storage-cards")

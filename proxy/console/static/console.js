@@ -130,8 +130,9 @@
     const data = await api("repositories/" + name.split("/").map(encodeURIComponent).join("/"));
     const tags = el("table", { id: "tag-table" }, el("thead", {}, el("tr", {}, el("th", {}, "Tag"), el("th", {}, "Digest"),
       el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"))),
-      el("tbody", {}, ...data.tags.map((t) => el("tr", {}, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
-        el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-")))));
+      el("tbody", {}, ...data.tags.map((t) => el("tr", { "data-tag": t.tag }, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
+        el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-"),
+        data.kind === "cached" ? el("td", {}, purgeButton(data.name, t.tag)) : ""))));
     // what each image is called: its tags, or its platform in an index
     const names = {};
     const label = (d, n) => { (names[d] = names[d] || []).push(n); };
@@ -146,6 +147,26 @@
           el("td", { class: "num" }, bytes(l.size)), el("td", {}, l.shared_with.join(", ") || "-"))))))));
     $("#repo-detail").replaceChildren(el("h2", {}, data.name + " (" + data.kind + (data.upstream ? ", from " + data.upstream : "") + ")"),
       el("div", { class: "scroll" }, tags), ...images);
+  }
+
+  // a cached image's purge (after a confirmation): the tag and what only it used
+  function purgeButton(name, tag) {
+    const b = el("button", { type: "button", class: "purge" }, "Purge");
+    b.addEventListener("click", async () => {
+      if (!window.confirm("Purge " + name + ":" + tag + " from the cache?")) return;
+      try {
+        const r = await fetch(API + "repositories/" + name.split("/").map(encodeURIComponent).join("/") + "/purge", {
+          method: "POST", credentials: "same-origin",
+          headers: { "Content-Type": "application/json", Accept: "application/json" },
+          body: JSON.stringify({ reference: tag }) });
+        const answer = await r.json();
+        if (!r.ok) throw new Error(answer.errors ? answer.errors[0].message : "HTTP " + r.status);
+        $("#repo-notice").textContent = "purged " + answer.purged + ": " + answer.removed.length + " objects, " + bytes(answer.bytes);
+        await loadRepositories();
+        await loadRepository(name);
+      } catch (err) { showError(err); }
+    });
+    return b;
   }
 
   // -- storage -------------------------------------------------------------------------
