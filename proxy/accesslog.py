@@ -135,7 +135,7 @@ def fold() -> None:
 _ROW_REQUESTS, _ROW_HITS, _ROW_MISSES, _ROW_CACHE, _ROW_UPSTREAM, _ROW_UPSTREAM_BYTES = range(6)
 
 
-def _add_to_row(row: list[float], handler: str, method: str, status: int,
+def _add_to_row(row: list[int], handler: str, method: str, status: int,
                 outcome: CacheOutcome, requests: int, sent: int, buckets: list[int]) -> None:
     """Count a pending entry in the time series' row: requests and their latencies; for
     cache reads hits and misses (as the hit ratio counts them) and the blob bytes: those

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ log = logging.getLogger("regproxy.status")
 FILE_PREFIX = "status-"
 #: Evictions each worker reports (the page shows the last 20 of all workers).
 RECENT_EVICTIONS = 20
+#: Seconds between publications of the time series (the others' figures are then that
+#: much behind; the answering worker's are current): a full week serialises in ~10 ms.
+SERIES_INTERVAL = 10.0
 #: Breaker states from the least to the most alarming: the page shows the worst.
 _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -42,9 +46,14 @@ class WorkerStatus:
         self.router = router
         self.evictor = evictor
         self._published: tuple[object, ...] | None = None
+        #: The time series as last published, when, and at which change count.
+        self._series: dict[str, Any] | None = None
+        self._series_at = 0.0
+        self._series_seen = -1
 
-    def figures(self) -> dict[str, Any]:
-        """This worker's figures as of now (JSON-able)."""
+    def figures(self, series: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This worker's figures as of now (JSON-able); ``series``: the time series to
+        give instead of the current ones."""
         ev = self.evictor
         report = ev.last_report
         cache = None if report is None else {
@@ -52,7 +61,8 @@ class WorkerStatus:
             "shared": report.shared_bytes, "hosted": report.hosted_bytes}
         return {
             "pid": os.getpid(), **STATS.export(), "cache": cache,
-            "series": SERIES.export(), "activity": ACTIVITY.export(),
+            "series": SERIES.export() if series is None else series,
+            "activity": ACTIVITY.export(),
             "evictions": [list(e) for e in ev.recent[-RECENT_EVICTIONS:]],
             "upstreams": {u.name: {"breaker": u.breaker.state.value,
                                    "ratelimit_remaining": u.ratelimit_remaining}
@@ -61,7 +71,7 @@ class WorkerStatus:
 
     def _version(self) -> tuple[object, ...]:
         """Changes whenever :meth:`figures` would (cheap: asked at every flush)."""
-        return (STATS.changes, SERIES.changes, ACTIVITY.changes, self.evictor.reported_at,
+        return (STATS.changes, self._series_at, ACTIVITY.changes, self.evictor.reported_at,
                 len(self.evictor.recent),
                 *(u.breaker.state for u in self.router.upstreams),
                 *(u.ratelimit_remaining for u in self.router.upstreams))
@@ -70,13 +80,17 @@ class WorkerStatus:
         """Write this worker's figures for the others, if they changed (a metrics source)."""
         if self.directory is None:
             return
+        now = time.monotonic()
+        if self._series is None or (SERIES.changes != self._series_seen
+                                    and now - self._series_at >= SERIES_INTERVAL):
+            self._series, self._series_at, self._series_seen = SERIES.export(), now, SERIES.changes
         version = self._version()
         if version == self._published:
             return
         path = self.directory / f"{FILE_PREFIX}{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         try:  # (no fsync: figures lost in a crash are lost with the process anyway)
-            tmp.write_text(json.dumps(self.figures()))
+            tmp.write_text(json.dumps(self.figures(self._series)))
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("cannot publish the status figures to %s: %s", path, exc.strerror)
