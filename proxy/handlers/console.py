@@ -26,6 +26,7 @@ from proxy.config import Config
 from proxy.errors import Denied, DigestInvalid, ManifestUnknown, NameUnknown, Unsupported
 from proxy.handlers.common import (
     EVICTOR,
+    HOSTED,
     PULLTHROUGH,
     ROUTER,
     STORE,
@@ -357,8 +358,31 @@ async def action_purge(request: web.Request) -> web.Response:
                   "bytes": sum(n for _, n in removed)})
 
 
+async def action_delete_tag(request: web.Request) -> web.Response:
+    """Delete a tag of a hosted repository: ``{"tag": "<tag>"}`` (the manifest stays, as
+    ``DELETE /v2/<name>/manifests/<tag>`` does; ``hosted.delete_enabled`` applies)."""
+    _same_origin(request)
+    name = validate_name(request.match_info["name"])
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Unsupported("the body is not JSON", status=400) from None
+    tag = body.get("tag") if isinstance(body, dict) else None
+    if not isinstance(tag, str) or not tag:
+        raise Unsupported('expected {"tag": "<tag>"}', status=400)
+    reference = parse_reference(tag)
+    if not isinstance(reference, str):
+        raise Unsupported("expected a tag, not a digest", status=400)
+    route = request.app[ROUTER].route(name)
+    if not route.hosted:
+        raise Unsupported(f"{name} is a cached repository: purge its images instead")
+    await request.app[HOSTED].delete_manifest(route, reference)
+    return _json({"deleted": f"{name}:{reference}"})
+
+
 #: The console's actions (POST; registered with the operational pages' access rule).
-CONSOLE_ACTIONS = {"/_regproxy/api/repositories/{name:.+}/purge": action_purge}
+CONSOLE_ACTIONS = {"/_regproxy/api/repositories/{name:.+}/purge": action_purge,
+                   "/_regproxy/api/repositories/{name:.+}/delete-tag": action_delete_tag}
 
 #: The console's routes (registered as operational pages by :mod:`proxy.handlers`).
 CONSOLE_PAGES = {

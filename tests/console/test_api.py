@@ -224,3 +224,19 @@ async def test_purge_action_needs_the_ops_right_and_purges(upstream_registry, ht
     assert not is_stored(data, traffic.big_layer) and is_stored(data, traffic.shared_layer)
     detail = await get_json(http_session, f"{base}{API}/repositories/{traffic.repo}", headers=watcher)
     assert [t["tag"] for t in detail["tags"]] == ["multi"]
+    # a hosted repository's tag: deleted by the ops right, refused on a cached one
+    delete = f"{base}{API}/repositories/{traffic.hosted}/delete-tag"
+    async with http_session.post(delete, json={"tag": "latest"}, headers=basic("admin")) as r:
+        assert r.status == 403
+    async with http_session.post(f"{base}{API}/repositories/{traffic.repo}/delete-tag",
+                                 json={"tag": "multi"}, headers=watcher) as r:
+        assert r.status == 405 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+    async with http_session.post(delete, json={"tag": "sha256:" + "0" * 64}, headers=watcher) as r:
+        assert r.status == 400
+    async with http_session.post(delete, json={"tag": "latest"}, headers=watcher) as r:
+        assert r.status == 200 and (await r.json()) == {"deleted": f"{traffic.hosted}:latest"}
+    async with http_session.post(delete, json={"tag": "latest"}, headers=watcher) as r:
+        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    async with http_session.get(f"{base}/v2/{traffic.hosted}/manifests/latest",
+                                headers=basic("admin")) as r:
+        assert r.status == 404

@@ -5,7 +5,8 @@ Checks that every page renders what the API says (charts with data points, the u
 states, the repository search, the layers shared with another repository), that the page
 runs under its CSP (an injected inline script does not run) without a console error, and
 that it fits a phone's width, and that the purge action purges (the API and the store
-then say so). Screenshots go to ``tests/artifacts/console/`` (gitignored).
+then say so) and deleting a hosted tag deletes it. Screenshots go to
+``tests/artifacts/console/`` (gitignored).
 """
 
 from __future__ import annotations
@@ -151,6 +152,20 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     assert [t["tag"] for t in detail["tags"]] == ["multi"]
     assert not is_stored(tmp_path / "data", traffic.big_layer)
     assert is_stored(tmp_path / "data", traffic.shared_layer)  # the hosted image holds it
+
+    # a hosted repository's tag deleted, confirmed
+    await p.page.fill("#repo-search", traffic.hosted)
+    await p.page.wait_for_function(
+        "name => [...document.querySelectorAll('#repo-table tbody tr')].map(r => r.dataset.name)"
+        ".join() === name", arg=traffic.hosted, timeout=DEADLINE_MS)
+    await table.first.click()
+    await p.page.click("#tag-table tr[data-tag='latest'] button.delete", timeout=DEADLINE_MS)
+    await p.page.wait_for_function(
+        "() => document.querySelector('#repo-notice').textContent.startsWith('deleted')",
+        timeout=DEADLINE_MS)
+    assert dialogs[-1] == f"Delete the tag {traffic.hosted}:latest?"
+    async with http_session.get(f"{base}/v2/{traffic.hosted}/manifests/latest") as r:
+        assert r.status == 404
 
     await p.open("storage")
     assert "1.0 GiB" in await p.page.inner_text("#storage-cards")

@@ -132,7 +132,7 @@
       el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"))),
       el("tbody", {}, ...data.tags.map((t) => el("tr", { "data-tag": t.tag }, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
         el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-"),
-        data.kind === "cached" ? el("td", {}, purgeButton(data.name, t.tag)) : ""))));
+        el("td", {}, data.kind === "cached" ? purgeButton(data.name, t.tag) : deleteButton(data.name, t.tag))))));
     // what each image is called: its tags, or its platform in an index
     const names = {};
     const label = (d, n) => { (names[d] = names[d] || []).push(n); };
@@ -149,24 +149,34 @@
       el("div", { class: "scroll" }, tags), ...images);
   }
 
-  // a cached image's purge (after a confirmation): the tag and what only it used
-  function purgeButton(name, tag) {
-    const b = el("button", { type: "button", class: "purge" }, "Purge");
+  // an action on a repository's tag, after a confirmation; then the lists are read again
+  function actionButton(label, cls, question, name, action, body, done) {
+    const b = el("button", { type: "button", class: cls }, label);
     b.addEventListener("click", async () => {
-      if (!window.confirm("Purge " + name + ":" + tag + " from the cache?")) return;
+      if (!window.confirm(question)) return;
       try {
-        const r = await fetch(API + "repositories/" + name.split("/").map(encodeURIComponent).join("/") + "/purge", {
+        const r = await fetch(API + "repositories/" + name.split("/").map(encodeURIComponent).join("/") + "/" + action, {
           method: "POST", credentials: "same-origin",
           headers: { "Content-Type": "application/json", Accept: "application/json" },
-          body: JSON.stringify({ reference: tag }) });
+          body: JSON.stringify(body) });
         const answer = await r.json();
         if (!r.ok) throw new Error(answer.errors ? answer.errors[0].message : "HTTP " + r.status);
-        $("#repo-notice").textContent = "purged " + answer.purged + ": " + answer.removed.length + " objects, " + bytes(answer.bytes);
+        $("#repo-notice").textContent = done(answer);
         await loadRepositories();
         await loadRepository(name);
       } catch (err) { showError(err); }
     });
     return b;
+  }
+  // a cached image's purge: the tag and what only it used
+  function purgeButton(name, tag) {
+    return actionButton("Purge", "purge", "Purge " + name + ":" + tag + " from the cache?", name, "purge",
+      { reference: tag }, (a) => "purged " + a.purged + ": " + a.removed.length + " objects, " + bytes(a.bytes));
+  }
+  // a hosted repository's tag (the manifest stays until garbage collection)
+  function deleteButton(name, tag) {
+    return actionButton("Delete tag", "delete", "Delete the tag " + name + ":" + tag + "?", name, "delete-tag",
+      { tag: tag }, (a) => "deleted " + a.deleted);
   }
 
   // -- storage -------------------------------------------------------------------------
