@@ -257,18 +257,18 @@ async def api_storage(request: web.Request) -> web.Response:
     })
 
 
-def _redacted(value: Any, key: str = "") -> Any:
+def redacted_config(value: Any, key: str = "") -> Any:
     """A config value as JSON, secrets replaced and URLs without credentials."""
     if any(s in key for s in _SECRET_FIELDS):
         return None if value is None else "<redacted>"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _redacted(getattr(value, f.name), f.name)
+        return {f.name: redacted_config(getattr(value, f.name), f.name)
                 for f in dataclasses.fields(value) if f.repr or not any(
                     s in f.name for s in _SECRET_FIELDS)}
     if isinstance(value, Mapping):
-        return {str(k): _redacted(v, str(k)) for k, v in value.items()}
+        return {str(k): redacted_config(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return [_redacted(v, key) for v in value]
+        return [redacted_config(v, key) for v in value]
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, bool | int | float) or value is None:
@@ -281,7 +281,7 @@ def _redacted(value: Any, key: str = "") -> Any:
 
 async def api_config(request: web.Request) -> web.Response:
     config = request.app.get(CONSOLE_CONFIG)
-    return _json({"config": None if config is None else _redacted(config)})
+    return _json({"config": None if config is None else redacted_config(config)})
 
 
 @functools.cache
@@ -397,4 +397,4 @@ CONSOLE_PAGES = {
     "/_regproxy/console/static/{file}": console_static,
 }
 
-__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CSP"]
+__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CSP", "redacted_config"]

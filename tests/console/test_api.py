@@ -240,3 +240,57 @@ async def test_purge_action_needs_the_ops_right_and_purges(upstream_registry, ht
     async with http_session.get(f"{base}/v2/{traffic.hosted}/manifests/latest",
                                 headers=basic("admin")) as r:
         assert r.status == 404
+
+
+async def test_debug_listener_serves_the_console_but_no_action(aiohttp_client, tmp_path):
+    """With ``server.debug_listen`` the console and its API move to that listener (no
+    authentication there); the actions are served nowhere."""
+    from proxy.debuglisten import DEBUG_ADDRESS
+    from tests.console.traffic import auth_table
+
+    cfg = console_config(tmp_path, "http://127.0.0.1:9", debug_listen=("127.0.0.1", 0),
+                         auth=parse_auth(auth_table(tmp_path), tmp_path))
+    app = create_app(cfg)
+    client = await aiohttp_client(app)
+    for path in (f"{API}/overview", f"{API}/repositories", "/_regproxy/console/"):
+        async with client.get(path, headers=basic("watcher")) as r:
+            assert r.status == 404, path
+    async with client.post(f"{API}/repositories/it/x/purge", json={"reference": "v1"},
+                           headers=basic("watcher")) as r:
+        assert r.status == 404
+    host, port = app[DEBUG_ADDRESS]
+    debug = f"http://{host}:{port}"
+    async with aiohttp.ClientSession() as session:
+        for path in (f"{API}/overview?window=6h", f"{API}/upstreams", f"{API}/repositories",
+                     f"{API}/storage", f"{API}/config", "/_regproxy/console/",
+                     "/_regproxy/console/static/uPlot.iife.min.js"):
+            async with session.get(debug + path) as r:
+                assert r.status == 200, path
+        config = await get_json(session, f"{debug}{API}/config")
+        assert config["config"]["auth"]["htpasswd"].endswith("htpasswd")
+        async with session.post(f"{debug}{API}/repositories/it/x/purge", json={"reference": "v1"}) as r:
+            assert r.status in (404, 405)
+
+
+def test_config_page_redacts_every_secret(tmp_path):
+    from dataclasses import replace
+
+    from proxy.handlers.console import redacted_config
+    from proxy.settings.cluster import ClusterConfig
+    from proxy.settings.storage import S3Config
+
+    cfg = replace(console_config(tmp_path, "http://127.0.0.1:9"),
+                  s3=S3Config(bucket="b", endpoint_url="http://s3.internal:8333",
+                              access_key="AKIA-visible-not", secret_key="s3-secret-value"),
+                  cache_backend="redis", cache_url="redis://:redis-pass@redis.internal:6379/0",
+                  cluster=ClusterConfig(advertise_url="http://10.0.0.1:5000",
+                                        secret="cluster-secret-0123456789", lease=30.0))
+    shown = json.dumps(redacted_config(cfg))
+    for secret in ("s3-secret-value", "AKIA-visible-not", "redis-pass", "cluster-secret-0123456789",
+                   "hunter2-secret"):
+        assert secret not in shown, secret
+    out = redacted_config(cfg)
+    assert out["cache_url"] == "redis://redis.internal:6379/0"
+    assert out["s3"]["bucket"] == "b" and out["s3"]["endpoint_url"] == "http://s3.internal:8333"
+    assert out["cluster"]["advertise_url"] == "http://10.0.0.1:5000"
+    assert out["upstreams"]["reg.io"]["username"] == "puller"
