@@ -131,18 +131,23 @@ async def _repositories(app: web.Application) -> list[dict[str, Any]]:
 
 async def api_repositories(request: web.Request) -> web.Response:
     """Cached and hosted repositories: ``q`` filters by a part of the name, ``sort`` is
-    ``name`` (default) or ``tags`` (most first)."""
+    ``name`` (default), ``tags`` or ``served`` (most first: bytes sent to clients since
+    the workers started, every worker's) or ``kind``."""
     q = request.query.get("q", "").strip().lower()[:200]
     sort = request.query.get("sort", "name")
-    if sort not in ("name", "tags", "kind"):
-        raise Unsupported("sort must be name, tags or kind", status=400)
+    if sort not in ("name", "tags", "served", "kind"):
+        raise Unsupported("sort must be name, tags, served or kind", status=400)
     store = request.app[STORE]
+    served = _figures(request.app)["stats"].bytes_by_repo
     repos = [r for r in await _repositories(request.app) if q in r["name"].lower()]
     for repo in repos:
         tags = await store.list_tags(repo.pop("key"))
         repo["tags"] = len(tags or [])
+        repo["served_bytes"] = served.get(repo["name"], 0)
     if sort == "tags":
         repos.sort(key=lambda r: (-r["tags"], r["name"]))
+    elif sort == "served":
+        repos.sort(key=lambda r: (-r["served_bytes"], r["name"]))
     elif sort == "kind":
         repos.sort(key=lambda r: (r["kind"], r["name"]))
     else:

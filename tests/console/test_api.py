@@ -71,6 +71,9 @@ async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_se
     assert [r["name"] for r in repos] == sorted(r["name"] for r in repos)
     found = (await get_json(http_session, f"{base}{API}/repositories?q=APP"))["repositories"]
     assert [r["name"] for r in found] == [traffic.hosted]
+    assert by_name[traffic.repo]["served_bytes"] >= 2 * traffic.layer_size
+    by_served = (await get_json(http_session, f"{base}{API}/repositories?sort=served"))["repositories"]
+    assert by_served[0]["name"] == traffic.repo
     by_tags = (await get_json(http_session, f"{base}{API}/repositories?sort=tags"))["repositories"]
     assert [r["tags"] for r in by_tags] == sorted((r["tags"] for r in by_tags), reverse=True)
 

@@ -120,7 +120,7 @@
     $("#repo-count").textContent = data.repositories.length + " repositories";
     $("#repo-table tbody").replaceChildren(...data.repositories.map((r) => {
       const row = el("tr", { class: "clickable", "data-name": r.name }, el("td", {}, r.name), el("td", {}, r.kind),
-        el("td", {}, r.upstream || "-"), el("td", { class: "num" }, r.tags));
+        el("td", {}, r.upstream || "-"), el("td", { class: "num" }, r.tags), el("td", { class: "num" }, bytes(r.served_bytes)));
       row.addEventListener("click", () => loadRepository(r.name).catch(showError));
       return row;
     }));
