@@ -167,6 +167,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         max_manifest_size=config.max_manifest_size,
         manifest_memory=config.manifest_memory,
         default_platform=config.default_platform,
+        prefetch=config.prefetch,
     )
     app[ROUTER] = Router(names, upstreams)
     app[PULLTHROUGH] = pullthrough

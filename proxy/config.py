@@ -53,6 +53,7 @@ from proxy.settings.fields import (
     str_value,
     take_keys,
 )
+from proxy.settings.prefetch import PrefetchConfig, parse_prefetch
 from proxy.settings.storage import S3Config, parse_s3
 from proxy.settings.tls import TLSConfig, parse_tls
 from proxy.settings.upstreams import (
@@ -66,7 +67,7 @@ from proxy.settings.upstreams import (
 
 __all__ = [
     "DOCKER_HUB", "DOCKER_HUB_ALIASES", "AuthConfig", "ClusterConfig", "Config", "ConfigError",
-    "S3Config", "TLSConfig", "UpstreamConfig", "check_hosted", "from_dict", "load",
+    "PrefetchConfig", "S3Config", "TLSConfig", "UpstreamConfig", "check_hosted", "from_dict", "load",
     "parse_duration", "parse_size", "path_form", "repoint_default",
 ]
 
@@ -104,6 +105,8 @@ class Config:
     cache_backend: str = "memory"
     cache_url: str | None = None
     max_manifest_size: int = 4 << 20
+    #: ``cache.prefetch*``: fill an image's blobs when its manifest is fetched.
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     default_upstream: str | None = DOCKER_HUB
     default_platform: tuple[str, str] = ("linux", "amd64")
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
@@ -230,7 +233,9 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
                                                 storage["min_free"])
     cache = take_keys(top.get("cache", {}), "cache", {"tag_ttl", "tag_stale_while_revalidate",
                                                   "manifest_memory", "max_manifest_size",
-                                                  "max_size", "max_age", "backend", "url"})
+                                                  "max_size", "max_age", "backend", "url",
+                                                  "prefetch", "prefetch_concurrency",
+                                                  "prefetch_max_bytes"})
     backend = cache["backend"]
     if backend not in ("memory", "redis"):
         raise ConfigError("cache.backend", f"expected \"memory\" or \"redis\", got {backend!r}")
@@ -288,6 +293,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         cache_backend=backend,
         cache_url=cache_url,
         max_manifest_size=parse_size("cache.max_manifest_size", cache["max_manifest_size"]),
+        prefetch=parse_prefetch(cache),
         default_upstream=default,
         default_platform=(os_name, arch),
         upstreams=upstreams,

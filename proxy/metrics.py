@@ -75,6 +75,7 @@ FILLS_IN_FLIGHT: Gauge
 RANGED_PARTS: Counter
 RANGED_RETRIES: Counter
 RANGED_FALLBACKS: Counter
+PREFETCHES: Counter
 BREAKER_OPEN: Gauge
 RATELIMIT_REMAINING: Gauge
 CACHE_SIZE: Gauge
@@ -92,7 +93,7 @@ def _define() -> None:
     global UPSTREAM_ERRORS, UPSTREAM_LATENCY, UPSTREAM_BYTES, FILLS, FILLS_IN_FLIGHT
     global BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, STORE_SIZE, CACHE_BUDGET, DISK_FREE
     global DISK_SIZE, EVICTIONS, EVICTED_BYTES, BUILD_INFO
-    global RANGED_PARTS, RANGED_RETRIES, RANGED_FALLBACKS
+    global RANGED_PARTS, RANGED_RETRIES, RANGED_FALLBACKS, PREFETCHES
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
     REQUEST_LATENCY = BatchedHistogram(
@@ -135,6 +136,10 @@ def _define() -> None:
     RANGED_FALLBACKS = Counter("regproxy_fill_ranged_fallbacks_total",
                                "Big blobs fetched as one stream because the upstream ignored "
                                "ranges", ["upstream"])
+    PREFETCHES = Counter("regproxy_prefetch_blobs_total",
+                         "Blobs of image manifests filled ahead of their clients (cache.prefetch): "
+                         "started; requested (a client asked for it afterwards); unrequested "
+                         "(no client asked within an hour)", ["outcome"])
     BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open",
                          "1 while an upstream's breaker is open", ["upstream"],
                          multiprocess_mode="max")

@@ -53,6 +53,13 @@ class Fills:
         fill = self._running.get(str(digest))
         return None if fill is None else fill.size
 
+    async def wait_ended(self, digest: Digest) -> None:
+        """Wait until the fill of ``digest`` this process runs (if one does) has ended,
+        without reading its bytes: what a prefetch holds its slot for."""
+        fill = self._running.get(str(digest))
+        while fill is not None and not fill.ended:
+            await fill.wait_progress()
+
     async def get(self, route: Route, digest: Digest) -> StoredBlob | FillingBlob:
         """The blob's bytes for one client: a running fill joined, or a new one started;
         stored, when it was published meanwhile."""

@@ -35,6 +35,7 @@ from proxy.mediatypes import IMAGE_MANIFESTS, INDEXES, accepts, platform_child
 from proxy.pullthrough.coordination import Coordination, HostLock, from_peer
 from proxy.pullthrough.fills import Fills
 from proxy.pullthrough.manifests import Manifests
+from proxy.pullthrough.prefetch import Prefetch
 from proxy.pullthrough.recency import Recency
 from proxy.pullthrough.referrers import Referrers
 from proxy.pullthrough.signatures import Signatures
@@ -50,6 +51,7 @@ from proxy.results import (
     paginate,
 )
 from proxy.routing import Route
+from proxy.settings.prefetch import PrefetchConfig
 from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.storage import Store
@@ -75,6 +77,7 @@ class PullThrough:
         max_manifest_size: int,
         manifest_memory: int,
         default_platform: tuple[str, str],
+        prefetch: PrefetchConfig | None = None,
     ) -> None:
         self._store = store
         self._fills = fills
@@ -97,6 +100,9 @@ class PullThrough:
             store, refusal_ttl=tag_ttl,
             pull_tag=lambda route, tag: self._tags.resolve(route, tag, head=False),
             pull_blob=lambda route, digest: self.blob(route, digest, head=False))
+        #: Fills the blobs of image manifests fetched for a GET (``None``: off).
+        self._prefetch = (Prefetch(store, self.links, fills, prefetch, check=check_rules)
+                          if prefetch is not None and prefetch.enabled else None)
 
     def forget(self, digests: list[Digest]) -> None:
         """Drop evicted objects from the in-memory caches of this process."""
@@ -141,6 +147,9 @@ class PullThrough:
                 result = await self._negotiate(route, result, accepted, head=head)
         if route.upstream_client.config.require_signature is not None:
             await self._signatures.check(route, reference, result)
+        if (self._prefetch is not None and not head and result.outcome is CacheOutcome.MISS
+                and result.data is not None and result.media_type in IMAGE_MANIFESTS):
+            self._prefetch.image(route, result.data)  # (an index: its child, when asked)
         if result.data is not None and self.recency.due(result.digest):
             await self._store.touch_blob(result.digest)
         return result
@@ -212,6 +221,8 @@ class PullThrough:
         HEAD asks upstream. A blob the repository holds no link to is first confirmed
         upstream for its name (a HEAD): the pool is shared by every repository."""
         check_rules(route, digest)
+        if self._prefetch is not None and not head:
+            self._prefetch.requested(digest)
         size = await self._store.blob_size(digest)
         linked = await self.links.holds_blob(route.key, digest)
         if size is not None and linked:
@@ -257,6 +268,8 @@ class PullThrough:
     async def close(self) -> None:
         """Cancel the upstream work in flight: revalidations, manifest and HEAD flights
         (they use the upstream session, closed next). The fills close on their own."""
+        if self._prefetch is not None:
+            await self._prefetch.close()
         upstream_work: list[asyncio.Future[Any]] = [
             *self._tags.running(), *self._flight.running(), *self._head_flight.running(),
             *self._referrers.running(), *self._signatures.running()]
