@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
+from proxy.config import PrefetchConfig
 from proxy.storage import BlobWriter
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
@@ -133,7 +134,8 @@ async def test_a_background_revalidation_on_a_full_disk_logs_one_line(
         aiohttp_server, fake, monkeypatch, caplog, tmp_path):
     up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
     cfg = make_config(tmp_path / "data", {"fake.io": up}, tag_ttl=0.2,
-                      tag_stale_while_revalidate=60.0)
+                      tag_stale_while_revalidate=60.0,
+                      prefetch=PrefetchConfig(enabled=False))  # (its fills would log too)
     base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
     old = fake.add_image("app", "v1", [b"old"])
     caplog.set_level(logging.INFO)
