@@ -18,6 +18,7 @@ import pytest
 from proxy import metrics
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, PrefetchConfig, from_dict
+from proxy.pullthrough import prefetch as prefetch_mod
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import PushedImage, push_image
 from tests.support.proxyfix import make_config
@@ -100,6 +101,20 @@ async def test_a_manifest_get_stores_the_image_blobs_without_any_blob_get(
     assert prefetched("requested") - requested == 2
     for digest in blobs_of(img):
         assert upstream_gets(reg, f"/blobs/{digest}") == 1
+
+
+async def test_prefetched_blobs_no_client_asks_for_are_counted_when_they_expire(
+        aiohttp_server, upstream_registry, http_session, client, tmp_path, monkeypatch):
+    reg, data = upstream_registry, tmp_path / "data"
+    first, second = await pushed(http_session, reg, 20_000), await pushed(http_session, reg, 30_000)
+    base = await serve(aiohttp_server, proxy_config(data, reg))
+    monkeypatch.setattr(prefetch_mod, "UNREQUESTED_AFTER", 0.0)  # (an hour, in production)
+    unrequested = prefetched("unrequested")
+    await get_manifest(client, base, first.repo, "v1")
+    await wait_stored(data, *blobs_of(first))
+    await get_manifest(client, base, second.repo, "v1")  # its prefetch expires the first's
+    await wait_stored(data, *blobs_of(second))
+    assert prefetched("unrequested") - unrequested >= 2
 
 
 async def test_a_client_joins_the_fill_the_prefetch_runs(
