@@ -66,8 +66,10 @@ async def test_metrics_and_status_count_every_workers_requests(
                            [b"layer-of-two-workers" * 100], schema="oci")
     layer = img.layers[0]
     data = tmp_path / "data"
-    with ProxyProcess(tmp_path / "p", "--upstream", upstream_registry.url, "--workers", "2",
-                      "--data-dir", str(data)) as proxy:
+    config = tmp_path / "no-prefetch.toml"  # the blob's first GET is its miss (not a join)
+    config.write_text('[cache]\nprefetch = "off"\n')
+    with ProxyProcess(tmp_path / "p", "--config", str(config), "--upstream",
+                      upstream_registry.url, "--workers", "2", "--data-dir", str(data)) as proxy:
         base = f"{proxy.url}/v2/it/twoworkers"
         await fresh_get(f"{base}/manifests/v1")  # the misses: then every other read is a hit
         await fresh_get(f"{base}/blobs/{layer.digest}")
