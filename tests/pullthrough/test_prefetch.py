@@ -17,7 +17,7 @@ import pytest
 
 from proxy import metrics
 from proxy.app import create_app
-from proxy.config import Config, ConfigError, PrefetchConfig, from_dict
+from proxy.config import Config, ConfigError, PrefetchConfig, from_dict, load
 from proxy.pullthrough import prefetch as prefetch_mod
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import PushedImage, push_image
@@ -265,3 +265,5 @@ def test_prefetch_settings_and_their_errors(tmp_path):
         with pytest.raises(ConfigError) as err:
             from_dict({"cache": {key: value}})
         assert err.value.key == f"cache.{key}"
+    env = {"REGPROXY_CACHE_PREFETCH": "off", "REGPROXY_CACHE_PREFETCH_CONCURRENCY": "2"}
+    assert load(None, env).prefetch == PrefetchConfig(enabled=False, concurrency=2)
