@@ -38,7 +38,8 @@ async def serve(aiohttp_server: Any, cfg: Config) -> str:
 
 def proxy_config(data: Path, reg: RegistryProcess, **prefetch: Any) -> Config:
     cfg = make_config(data, {"upstream.test": reg.url})
-    return replace(cfg, prefetch=replace(PrefetchConfig(), **prefetch))
+    up = replace(cfg.upstreams["upstream.test"], parallel_fills=1)  # one GET per fill, counted
+    return replace(cfg, upstreams={up.name: up}, prefetch=replace(PrefetchConfig(), **prefetch))
 
 
 async def pushed(session: aiohttp.ClientSession, reg: RegistryProcess, *sizes: int
