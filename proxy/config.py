@@ -60,6 +60,7 @@ from proxy.settings.upstreams import (
     DOCKER_HUB,
     DOCKER_HUB_ALIASES,
     UpstreamConfig,
+    UpstreamURL,
     check_upstream_name,
     parse_upstreams,
     path_form,
@@ -67,7 +68,8 @@ from proxy.settings.upstreams import (
 
 __all__ = [
     "DOCKER_HUB", "DOCKER_HUB_ALIASES", "AuthConfig", "ClusterConfig", "Config", "ConfigError",
-    "PrefetchConfig", "S3Config", "TLSConfig", "UpstreamConfig", "check_hosted", "from_dict", "load",
+    "PrefetchConfig", "S3Config", "TLSConfig", "UpstreamConfig", "UpstreamURL", "check_hosted",
+    "from_dict", "load",
     "parse_duration", "parse_size", "path_form", "repoint_default",
 ]
 

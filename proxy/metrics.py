@@ -78,6 +78,10 @@ RANGED_FALLBACKS: Counter
 PREFETCHES: Counter
 BREAKER_OPEN: Gauge
 RATELIMIT_REMAINING: Gauge
+URL_BREAKER_OPEN: Gauge
+UPSTREAM_QUEUE: Gauge
+UPSTREAM_QUEUE_WAIT: Histogram
+UPSTREAM_BUSY: Counter
 CACHE_SIZE: Gauge
 STORE_SIZE: Gauge
 CACHE_BUDGET: Gauge
@@ -94,6 +98,7 @@ def _define() -> None:
     global BREAKER_OPEN, RATELIMIT_REMAINING, CACHE_SIZE, STORE_SIZE, CACHE_BUDGET, DISK_FREE
     global DISK_SIZE, EVICTIONS, EVICTED_BYTES, BUILD_INFO
     global RANGED_PARTS, RANGED_RETRIES, RANGED_FALLBACKS, PREFETCHES
+    global URL_BREAKER_OPEN, UPSTREAM_QUEUE, UPSTREAM_QUEUE_WAIT, UPSTREAM_BUSY
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
     REQUEST_LATENCY = BatchedHistogram(
@@ -143,6 +148,20 @@ def _define() -> None:
     BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open",
                          "1 while an upstream's breaker is open", ["upstream"],
                          multiprocess_mode="max")
+    URL_BREAKER_OPEN = Gauge("regproxy_upstream_url_breaker_open",
+                             "1 while the breaker of one URL of an upstream is open",
+                             ["upstream", "url"], multiprocess_mode="max")
+    UPSTREAM_QUEUE = Gauge("regproxy_upstream_queue_length",
+                           "Requests waiting for a slot under an upstream's caps",
+                           ["upstream"], multiprocess_mode="livesum")
+    UPSTREAM_QUEUE_WAIT = Histogram("regproxy_upstream_queue_wait_seconds",
+                                    "Time requests waited for a slot under an upstream's caps",
+                                    ["upstream"],
+                                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    UPSTREAM_BUSY = Counter("regproxy_upstream_busy_total",
+                            "Requests answered 503 (with Retry-After) because an upstream's "
+                            "caps were full and the queue full or the wait too long",
+                            ["upstream"])
     RATELIMIT_REMAINING = Gauge("regproxy_upstream_ratelimit_remaining",
                                 "Last ratelimit-remaining an upstream announced (Docker Hub)",
                                 ["upstream"], multiprocess_mode="mostrecent")

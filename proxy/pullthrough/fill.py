@@ -215,7 +215,7 @@ class BlobFill:
                     await RangedFill(upstream, remote, self.digest, writer, spans, self.size,
                                      self._advance).run(resp)
                 else:
-                    await self._stream(resp, writer)
+                    await self._stream(upstream, resp, writer)
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:
@@ -271,13 +271,14 @@ class BlobFill:
             self._headers.set()
             self._notify()
 
-    async def _stream(self, resp: UpstreamResponse, writer: BlobWriter) -> None:
+    async def _stream(self, upstream: UpstreamClient, resp: UpstreamResponse,
+                      writer: BlobWriter) -> None:
         """One stream, in order: the body teed into the file (and the sink)."""
         tee = _Tee(writer, self._advance, threaded=self.size is None
                    or self.size >= PIPELINE_MIN_BLOB)
         self._tee = tee
         while True:
-            chunk, end_of_http_chunk = await resp.content.readchunk()
+            chunk, end_of_http_chunk = await upstream.read_chunk(resp)
             if not chunk:
                 if not end_of_http_chunk:
                     break

@@ -44,9 +44,12 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 def plan_parts(config: UpstreamConfig, size: int | None, headers: CIMultiDictProxy[str],
                in_order_sink: bool) -> list[tuple[int, int]] | None:
     """The ``[start, end)`` spans to fetch a blob in, or ``None`` for one stream: ranged
-    fills are off, the blob is small or of unknown size, the store needs the bytes in
-    order (a sink: S3), or the upstream does not announce ranges."""
+    fills are off, the upstream has a concurrency cap, the blob is small or of unknown
+    size, the store needs the bytes in order (a sink: S3), or the upstream does not
+    announce ranges."""
     count = config.parallel_fills
+    if config.limits.max_concurrent:  # each part would need a slot: fills could starve
+        return None                   # each other holding one slot and waiting for more
     if count < 2 or size is None or size < max(config.parallel_fill_threshold, count):
         return None
     if in_order_sink:
@@ -240,7 +243,7 @@ class RangedFill:
         """The next chunk of ``resp``; when the body breaks, what was received is written
         first, so the retry asks only for the rest."""
         try:
-            return await resp.content.readany()
+            return await self._upstream.read_any(resp)  # (within the bandwidth cap)
         except (aiohttp.ClientError, TimeoutError):
             if batch:
                 await self._write(part, batch, held)

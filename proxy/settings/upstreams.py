@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy.policy.limits import Caps, parse_limits
 from proxy.policy.rules import RuleSet, parse_rules
 from proxy.policy.signatures import SignaturePolicy, parse_signature_policy
 from proxy.redact import redact_url
@@ -25,6 +26,18 @@ from proxy.settings.fields import (
 DOCKER_HUB = "docker.io"
 #: Names under which clients refer to Docker Hub (containerd's ``ns`` uses ``docker.io``).
 DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+
+
+@dataclass(frozen=True)
+class UpstreamURL:
+    """One URL of an upstream, with the credentials that go to its origin only."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:  # never print the password
+        return f"UpstreamURL(url={redact_url(self.url)!r})"
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,16 @@ class UpstreamConfig:
     parallel_fills: int = 4
     #: blobs at least this big are fetched in ranges (when the upstream supports them)
     parallel_fill_threshold: int = 32 << 20
+    #: ``[upstreams.<name>.limits]``: concurrency, rate and fill-bandwidth caps
+    limits: Caps = field(default_factory=Caps)
+    #: more URLs tried in order after ``url`` (``urls = [...]``), each with its own
+    #: credentials and breaker; ``url``/``username``/``password`` are the first's
+    more_urls: tuple[UpstreamURL, ...] = ()
+
+    @property
+    def urls(self) -> tuple[UpstreamURL, ...]:
+        """Every URL in the order they are tried."""
+        return (UpstreamURL(self.url, self.username, self.password), *self.more_urls)
 
     def __repr__(self) -> str:  # never print the password
         return f"UpstreamConfig(name={self.name!r}, url={redact_url(self.url)!r})"
@@ -63,7 +86,7 @@ class UpstreamConfig:
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
                  "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
                  "proxy", "rules", "rules_default", "require_signature", "parallel_fills",
-                 "parallel_fill_threshold")
+                 "parallel_fill_threshold", "limits", "urls")
 
 
 def check_upstream_name(key: str, name: str) -> None:
@@ -88,22 +111,30 @@ def parse_upstream(name: str, raw: Any, base_dir: Path = Path(".")) -> UpstreamC
     key = f"upstreams.{name}"
     t = take_keys(raw, key, set(UPSTREAM_KEYS))
     check_upstream_name(key, name)
-    if "url" not in t:
+    if "url" in t and "urls" in t:
+        raise ConfigError(f"{key}.urls", "give either url or urls, not both")
+    if "url" not in t and "urls" not in t:
         raise ConfigError(f"{key}.url", "missing (e.g. url = \"https://ghcr.io\")")
     aliases = t.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise ConfigError(f"{key}.aliases", "expected a list of host names")
-    username = t.get("username")
-    password = t.get("password")
-    if (username is None) != (password is None):
-        raise ConfigError(f"{key}.password" if password is None else f"{key}.username",
-                          "username and password must be given together")
+    if "urls" in t:
+        if "username" in t or "password" in t:
+            raise ConfigError(f"{key}.username", "with urls, give credentials per URL "
+                                                 "(urls = [{url = ..., username = ..., password = ...}])")
+        urls = _parse_urls(f"{key}.urls", t["urls"])
+    else:
+        urls = (_parse_url_entry(key, {"url": t["url"], **{k: t[k] for k in ("username", "password")
+                                                           if k in t}}),)
+    first = urls[0]
     return UpstreamConfig(
         name=name,
-        url=parse_url(f"{key}.url", t["url"]),
+        url=first.url,
         aliases=tuple(a.lower() for a in aliases),
-        username=str_value(f"{key}.username", username) if username is not None else None,
-        password=str_value(f"{key}.password", password) if password is not None else None,
+        username=first.username,
+        password=first.password,
+        more_urls=urls[1:],
+        limits=parse_limits(f"{key}.limits", t.get("limits")),
         library_prefix=bool_value(f"{key}.library_prefix", t.get("library_prefix", name == DOCKER_HUB)),
         connect_timeout=parse_duration(f"{key}.connect_timeout", t.get("connect_timeout", 5)),
         read_timeout=parse_duration(f"{key}.read_timeout", t.get("read_timeout", 30)),
@@ -129,6 +160,33 @@ def _parallel_fills(key: str, value: Any) -> int:
     if count > 16:
         raise ConfigError(key, f"at most 16 ranged requests per blob, got {count}")
     return count
+
+
+def _parse_urls(key: str, raw: Any) -> tuple[UpstreamURL, ...]:
+    """``urls = ["https://mirror", {url = "https://origin", username = ..., password = ...}]``."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(key, "expected a non-empty list of URLs or {url, username, password} tables")
+    urls = tuple(_parse_url_entry(f"{key}[{i}]", {"url": e} if isinstance(e, str) else e)
+                 for i, e in enumerate(raw))
+    if len({u.url for u in urls}) != len(urls):
+        raise ConfigError(key, "a URL is listed twice")
+    return urls
+
+
+def _parse_url_entry(key: str, raw: Any) -> UpstreamURL:
+    """One URL and its credentials (the upstream table's own keys, or one ``urls`` entry)."""
+    t = take_keys(raw, key, {"url", "username", "password"})
+    if "url" not in t:
+        raise ConfigError(f"{key}.url", "missing")
+    username, password = t.get("username"), t.get("password")
+    if (username is None) != (password is None):
+        raise ConfigError(f"{key}.password" if password is None else f"{key}.username",
+                          "username and password must be given together")
+    return UpstreamURL(
+        url=parse_url(f"{key}.url", t["url"]),
+        username=str_value(f"{key}.username", username) if username is not None else None,
+        password=str_value(f"{key}.password", password) if password is not None else None,
+    )
 
 
 def parse_upstreams(raw: Any, base_dir: Path = Path(".")) -> dict[str, UpstreamConfig]:

@@ -2,8 +2,13 @@
 
 It owns what is specific to talking upstream: the token flow (401 challenge -> token
 endpoint -> token cached per scope), Basic credentials, redirects to blob CDNs (followed by
-hand so that ``Authorization`` never leaves the upstream's host), timeouts and the circuit
-breaker. Callers get a plain response, or :class:`~proxy.errors.Unavailable` fast.
+hand so that ``Authorization`` never leaves the upstream's host), timeouts, the circuit
+breakers and the caps. Callers get a plain response, or :class:`~proxy.errors.Unavailable` fast.
+
+An upstream may have several URLs (a regional mirror, then the origin), tried in order:
+each is an :class:`_Origin` with its own breaker, credentials, challenge and tokens, so
+nothing one URL's origin was given ever goes to another's. What any of them serves is
+verified by digest by the caller, as always.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import aiohttp
 from yarl import URL
 
 from proxy import metrics
-from proxy.config import UpstreamConfig
+from proxy.config import UpstreamConfig, UpstreamURL
 from proxy.errors import BadGateway, RegistryError, TooManyRequests, Unavailable
+from proxy.policy.limits import ByteBucket, RequestLimiter, UpstreamBusy
+from proxy.redact import redact_url
 from proxy.reference import Digest
 from proxy.requestnotes import note_upstream
 from proxy.sharedcache import SharedCache
@@ -92,8 +99,28 @@ async def read_capped(resp: UpstreamResponse, cap: int) -> bytes:
     return bytes(body)
 
 
+_STATE_ORDER = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class _Origin:
+    """One URL of an upstream: the credentials, challenge, tokens and breaker that belong
+    to it alone."""
+
+    def __init__(self, name: str, index: int, entry: UpstreamURL, breaker: CircuitBreaker) -> None:
+        self.index = index
+        self.base = URL(entry.url)
+        self.shown = redact_url(entry.url)  #: for logs, status and metric labels
+        self.username = entry.username
+        self.password = entry.password
+        self.breaker = breaker
+        #: its key in the shared (replica) breaker cache and in the token cache: the first
+        #: URL keeps the upstream's name, so a one-URL upstream's keys are what they were
+        self.key = name if index == 0 else f"{name}#{index}"
+        self.challenge: Challenge | None = None
+
+
 class UpstreamClient:
-    """One configured upstream: ``request()`` handles auth, redirects and failures."""
+    """One configured upstream: ``request()`` handles auth, redirects, failures and caps."""
 
     def __init__(
         self,
@@ -107,16 +134,31 @@ class UpstreamClient:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.base = URL(config.url)
+        self.base = URL(config.url)  #: the first URL's
         self._session = session
         self._tokens = token_cache
         #: Shared with other replicas (Redis): an open circuit there makes us fail fast too.
         self._shared_breaker = breaker_cache
         self._token_flight: SingleFlight[str | None] = SingleFlight()
-        self._challenge: Challenge | None = None
-        #: ``breaker_file``: one breaker for every worker of the host (see the breaker)
-        self.breaker = CircuitBreaker(config.breaker_threshold, config.breaker_cooldown,
-                                      path=breaker_file, name=config.name)
+        entries = config.urls
+        #: ``breaker_file``: one breaker for every worker of the host (see the breaker); a
+        #: URL with another after it opens on its first failure, so an outage of a mirror
+        #: costs one timeout, then requests go straight to the next URL
+        self.origins = [
+            _Origin(config.name, i, entry, CircuitBreaker(
+                config.breaker_threshold if i == len(entries) - 1 else 1,
+                config.breaker_cooldown,
+                path=(breaker_file if breaker_file is None or i == 0
+                      else breaker_file.with_name(f"{breaker_file.name}.{i}")),
+                name=config.name if len(entries) == 1 else f"{config.name} ({redact_url(entry.url)})"))
+            for i, entry in enumerate(entries)]
+        caps = config.limits
+        #: the concurrency and rate caps (``None``: none set), shared by the upstream's URLs
+        self.limiter = (RequestLimiter(config.name, caps,
+                                       on_wait=self._waited)
+                        if caps.max_concurrent or caps.rate else None)
+        #: the fills' bandwidth cap (``None``: none)
+        self.bandwidth = ByteBucket(caps.bandwidth) if caps.bandwidth else None
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=config.connect_timeout,
@@ -127,6 +169,30 @@ class UpstreamClient:
         self.ratelimit_remaining: str | None = None
         #: the forward proxy of each request (the upstream's ``proxy``, or the environment)
         self.egress = Egress(config.proxy, os.environ if env is None else env)
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The breaker that stands for the whole upstream: its most available URL's, so
+        the upstream is "open" (fails fast, serves stale) only when every URL is."""
+        return min((o.breaker for o in self.origins), key=lambda b: _STATE_ORDER[b.state])
+
+    def url_states(self) -> list[tuple[str, BreakerState]]:
+        """Each URL (credentials redacted) and its breaker's state, in the order tried."""
+        return [(o.shown, o.breaker.state) for o in self.origins]
+
+    async def read_chunk(self, resp: UpstreamResponse) -> tuple[bytes, bool]:
+        """The next chunk of a fill's body (``readchunk``), within the bandwidth cap."""
+        chunk, end_of_http_chunk = await resp.content.readchunk()
+        if self.bandwidth is not None and chunk:
+            await self.bandwidth.take(len(chunk))
+        return chunk, end_of_http_chunk
+
+    async def read_any(self, resp: UpstreamResponse) -> bytes:
+        """What of a fill's body has arrived (``readany``), within the bandwidth cap."""
+        chunk = await resp.content.readany()
+        if self.bandwidth is not None and chunk:
+            await self.bandwidth.take(len(chunk))
+        return chunk
 
     def remote_name(self, name: str) -> str:
         """The repository name on this upstream (Docker Hub puts official images in library/)."""
@@ -149,53 +215,110 @@ class UpstreamClient:
         ``header_timeout``. What the caller's block raises is its own: a full disk while
         the body is stored is no upstream failure.
         """
-        if not self.breaker.allow():
+        if all(o.breaker.state is BreakerState.OPEN for o in self.origins):
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open)")
-        if (self._shared_breaker is not None and self.breaker.state is BreakerState.CLOSED
-                and await self._shared_breaker.get(self.name) is not None):
-            metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
-            raise Unavailable(f"upstream {self.name} is unavailable (circuit open on a replica)")
-        url = v2_url(self.base, repo, endpoint, reference, query)
+        await self._acquire_slot()  # (UpstreamBusy: our cap, no failure of the upstream)
+        try:
+            resp, url, started = await self._first_answer(
+                method, repo, endpoint, reference, query, dict(headers or {}))
+            try:
+                yield resp
+            except (TimeoutError, aiohttp.ClientError) as exc:  # reading the body failed
+                raise self._unavailable(method, url, exc, started, None) from None
+            finally:
+                resp.release()
+        finally:
+            if self.limiter is not None:
+                self.limiter.release()
+
+    def _waited(self, seconds: float) -> None:
+        metrics.child(metrics.UPSTREAM_QUEUE_WAIT, self.name).observe(seconds)
+
+    async def _acquire_slot(self) -> None:
+        """Wait for a slot under the caps (none set: at once); counted as queued meanwhile."""
+        if self.limiter is None:
+            return
+        queued = metrics.child(metrics.UPSTREAM_QUEUE, self.name)
+        queued.inc()
+        try:
+            await self.limiter.acquire()
+        except UpstreamBusy as exc:
+            metrics.child(metrics.UPSTREAM_BUSY, self.name).inc()
+            log.warning("upstream %s: %s", self.name, exc.message)
+            raise
+        finally:
+            queued.dec()
+
+    async def _first_answer(
+        self, method: str, repo: str, endpoint: Endpoint, reference: str | Digest | None,
+        query: Mapping[str, str] | None, headers: dict[str, str],
+    ) -> tuple[UpstreamResponse, URL, float]:
+        """The answer of the first URL that gives one, in order, skipping those whose
+        circuit is open; a URL with another after it is passed over on no answer, a 5xx
+        or a 429. The last URL's answer is returned whatever its status."""
         scope = f"repository:{repo}:pull"
-        base_headers = dict(headers or {})
         first_byte = (None if method == "GET" and endpoint is Endpoint.BLOBS
                       else self.config.header_timeout or None)
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(first_byte):
-                resp = await self._send_authorized(method, url, base_headers, scope)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            error = self._unavailable(method, url, exc, started, first_byte)  # (logged first)
-            await self._failed()
-            raise error from None
-        except BaseException:
-            self.breaker.abandon()  # (cancelled: a probe without an answer)
-            raise
-        try:
-            latency = time.monotonic() - started
-            metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(latency)
-            metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
-            note_upstream(resp.status, latency)  # (for the access line)
-            if resp.status >= 500 or resp.status == 429:
-                log.warning("upstream %s: %s %s%s answered %d%s", self.name, method, resp.url.host,
-                            resp.url.path, resp.status, _ratelimit(resp))
-            if resp.status >= 500:
-                await self._failed()
-            else:
-                self.breaker.success()
-                metrics.child(metrics.BREAKER_OPEN, self.name).set(0)
-            remaining = resp.headers.get("ratelimit-remaining")
-            if remaining is not None:
-                self.ratelimit_remaining = remaining
-                with contextlib.suppress(ValueError):
-                    metrics.child(metrics.RATELIMIT_REMAINING, self.name).set(
-                        int(remaining.split(";")[0]))
-            yield resp
-        except (TimeoutError, aiohttp.ClientError) as exc:  # reading the body failed
-            raise self._unavailable(method, url, exc, started, None) from None
-        finally:
+        error = Unavailable(f"upstream {self.name} is unavailable (circuit open)")
+        for origin in self.origins:
+            last = origin is self.origins[-1]
+            if not origin.breaker.allow():
+                metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
+                continue
+            if (self._shared_breaker is not None and origin.breaker.state is BreakerState.CLOSED
+                    and await self._shared_breaker.get(origin.key) is not None):
+                metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
+                error = Unavailable(f"upstream {self.name} is unavailable (circuit open on a replica)")
+                continue
+            url = v2_url(origin.base, repo, endpoint, reference, query)
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(first_byte):
+                    resp = await self._send_authorized(origin, method, url, headers, scope)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                error = self._unavailable(method, url, exc, started, first_byte)  # (logged first)
+                await self._failed(origin)
+                continue
+            except BaseException:
+                origin.breaker.abandon()  # (cancelled: a probe without an answer)
+                raise
+            await self._answered(origin, method, resp, started)
+            if last or (resp.status < 500 and resp.status != 429):
+                return resp, url, started
             resp.release()
+            error = Unavailable(f"upstream {self.name} answered {resp.status}")
+        raise error
+
+    async def _answered(self, origin: _Origin, method: str, resp: UpstreamResponse,
+                        started: float) -> None:
+        """Count, log and note an answer; 5xx are breaker failures, the rest successes."""
+        latency = time.monotonic() - started
+        metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(latency)
+        metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
+        note_upstream(resp.status, latency)  # (for the access line)
+        if resp.status >= 500 or resp.status == 429:
+            log.warning("upstream %s: %s %s%s answered %d%s", self.name, method, resp.url.host,
+                        resp.url.path, resp.status, _ratelimit(resp))
+        if resp.status >= 500:
+            await self._failed(origin)
+        else:
+            origin.breaker.success()
+            self._breaker_metrics(origin)
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining is not None:
+            self.ratelimit_remaining = remaining
+            with contextlib.suppress(ValueError):
+                metrics.child(metrics.RATELIMIT_REMAINING, self.name).set(
+                    int(remaining.split(";")[0]))
+            if self.limiter is not None:  # near zero: slow down (a rate cap halves)
+                self.limiter.observe_ratelimit(remaining, resp.headers.get("ratelimit-limit"))
+
+    def _breaker_metrics(self, origin: _Origin) -> None:
+        is_open = origin.breaker.state is BreakerState.OPEN
+        metrics.child(metrics.URL_BREAKER_OPEN, self.name, origin.shown).set(1 if is_open else 0)
+        metrics.child(metrics.BREAKER_OPEN, self.name).set(
+            1 if self.breaker.state is BreakerState.OPEN else 0)
 
     def _unavailable(self, method: str, url: URL, exc: BaseException, started: float,
                      header_timeout: float | None) -> Unavailable:
@@ -208,17 +331,16 @@ class UpstreamClient:
         log.warning("upstream %s: %s %s%s failed: %s", self.name, method, url.host, url.path, what)
         return Unavailable(f"upstream {self.name} failed: {type(exc).__name__}")
 
-    async def _failed(self) -> None:
-        self.breaker.failure()
-        is_open = self.breaker.state is BreakerState.OPEN
-        metrics.child(metrics.BREAKER_OPEN, self.name).set(1 if is_open else 0)
-        if is_open and self._shared_breaker is not None:
-            await self._shared_breaker.set(self.name, "open", ttl=self.breaker.cooldown)
+    async def _failed(self, origin: _Origin) -> None:
+        origin.breaker.failure()
+        self._breaker_metrics(origin)
+        if origin.breaker.state is BreakerState.OPEN and self._shared_breaker is not None:
+            await self._shared_breaker.set(origin.key, "open", ttl=origin.breaker.cooldown)
 
     async def _send_authorized(
-        self, method: str, url: URL, headers: dict[str, str], scope: str
+        self, origin: _Origin, method: str, url: URL, headers: dict[str, str], scope: str
     ) -> aiohttp.ClientResponse:
-        auth = await self._authorization(scope, refresh=False)
+        auth = await self._authorization(origin, scope, refresh=False)
         resp = await self._send(method, url, headers, auth)
         if resp.status != 401 or resp.url.origin() != url.origin():
             return resp  # (a redirect target's challenge is never ours to answer)
@@ -226,15 +348,16 @@ class UpstreamClient:
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
             (c for c in challenges if c.scheme == "basic"), None
         )
-        if chosen is None or (chosen.scheme == "basic" and self._basic() in (None, auth)):
+        if chosen is None or (chosen.scheme == "basic" and self._basic(origin) in (None, auth)):
             return resp  # nothing more we can try: the caller maps the 401
-        if chosen.scheme == "bearer" and not self._realm_allowed(chosen.params.get("realm", "")):
+        if chosen.scheme == "bearer" and not self._realm_allowed(origin,
+                                                                 chosen.params.get("realm", "")):
             log.warning("upstream %s: ignoring a token realm that is neither https nor on its "
                         "own host", self.name)
             return resp
         resp.release()
-        self._challenge = chosen
-        auth = await self._authorization(scope, refresh=True)
+        origin.challenge = chosen
+        auth = await self._authorization(origin, scope, refresh=True)
         return await self._send(method, url, headers, auth)
 
     async def _send(
@@ -259,23 +382,24 @@ class UpstreamClient:
                 method = "GET"
         raise aiohttp.TooManyRedirects(resp.request_info, resp.history)
 
-    async def _authorization(self, scope: str, *, refresh: bool) -> str | None:
-        challenge = self._challenge
+    async def _authorization(self, origin: _Origin, scope: str, *, refresh: bool) -> str | None:
+        """What this URL's origin asked for (its own challenge, credentials and tokens)."""
+        challenge = origin.challenge
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            return self._basic()
+            return self._basic(origin)
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
-        key = f"token:{self.name}:{scope}"
+        key = f"token:{origin.key}:{scope}"
         if not refresh:
             cached = await self._tokens.get(key)
             if cached is not None:
                 return f"Bearer {cached}"
-        token, _ = await self._token_flight.do(key, lambda: self._fetch_token(challenge, scope, key))
+        token, _ = await self._token_flight.do(key, lambda: self._fetch_token(origin, challenge, scope, key))
         return f"Bearer {token}" if token else None
 
-    def _realm_allowed(self, realm: str) -> bool:
+    def _realm_allowed(self, origin: _Origin, realm: str) -> bool:
         """Whether a token realm may receive this upstream's credentials: https (the
         registry's own auth service, e.g. auth.docker.io), or the upstream's own host."""
         try:
@@ -284,22 +408,24 @@ class UpstreamClient:
             return False
         if not url.absolute or url.user is not None:
             return False
-        return url.scheme == "https" or (url.scheme == self.base.scheme
-                                         and url.host == self.base.host)
+        return url.scheme == "https" or (url.scheme == origin.base.scheme
+                                         and url.host == origin.base.host)
 
-    def _basic(self) -> str | None:
-        if self.config.username is None or self.config.password is None:
+    @staticmethod
+    def _basic(origin: _Origin) -> str | None:
+        if origin.username is None or origin.password is None:
             return None
-        raw = f"{self.config.username}:{self.config.password}".encode()
+        raw = f"{origin.username}:{origin.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
-    async def _fetch_token(self, challenge: Challenge, scope: str, key: str) -> str | None:
+    async def _fetch_token(self, origin: _Origin, challenge: Challenge, scope: str,
+                           key: str) -> str | None:
         realm = URL(challenge.params["realm"])
         query = {"scope": scope}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
         headers = {}
-        basic = self._basic()
+        basic = self._basic(origin)
         if basic is not None:
             headers["Authorization"] = basic
         started = time.monotonic()
