@@ -32,6 +32,7 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.mediatypes import IMAGE_MANIFESTS, INDEXES, accepts, platform_child
+from proxy.policy.limits import UpstreamBusy
 from proxy.pullthrough.coordination import Coordination, HostLock, from_peer
 from proxy.pullthrough.fills import Fills
 from proxy.pullthrough.manifests import Manifests
@@ -251,6 +252,8 @@ class PullThrough:
         try:
             return await self._head_flight.do(
                 (kind, route.key, str(digest)), lambda: self._head_object(route, digest, manifest))
+        except UpstreamBusy:
+            raise  # (our cap, a 503 to retry, whether or not the pool holds the object)
         except RegistryError as exc:
             raise _not_vouched(exc, route, digest, manifest=manifest) from None
 
