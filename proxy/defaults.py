@@ -62,6 +62,9 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     merged = _merge(DEFAULTS, data)
     ups = merged["upstreams"]
     merged["upstreams"] = {name: raw for name, raw in ups.items() if raw is not False}
+    for name, raw in data.get("upstreams", {}).items():  # a given urls replaces a default url
+        if isinstance(raw, dict) and "urls" in raw and "url" not in raw and name in merged["upstreams"]:
+            merged["upstreams"][name].pop("url", None)
     proxy, given = merged.get("proxy"), data.get("proxy")
     chosen = given.get("default_upstream") if isinstance(given, dict) else None
     if (isinstance(proxy, dict) and chosen is None

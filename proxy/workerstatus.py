@@ -65,7 +65,8 @@ class WorkerStatus:
             "activity": ACTIVITY.export(),
             "evictions": [list(e) for e in ev.recent[-RECENT_EVICTIONS:]],
             "upstreams": {u.name: {"breaker": u.breaker.state.value,
-                                   "ratelimit_remaining": u.ratelimit_remaining}
+                                   "ratelimit_remaining": u.ratelimit_remaining,
+                                   "urls": {url: state.value for url, state in u.url_states()}}
                           for u in self.router.upstreams},
         }
 
@@ -73,7 +74,7 @@ class WorkerStatus:
         """Changes whenever :meth:`figures` would (cheap: asked at every flush)."""
         return (STATS.changes, self._series_at, ACTIVITY.changes, self.evictor.reported_at,
                 len(self.evictor.recent),
-                *(u.breaker.state for u in self.router.upstreams),
+                *(state for u in self.router.upstreams for _, state in u.url_states()),
                 *(u.ratelimit_remaining for u in self.router.upstreams))
 
     def publish(self) -> None:
@@ -141,9 +142,13 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
         if part is not parts[0] and not _alive(int(part["pid"])):
             continue
         for name, up in part["upstreams"].items():
-            seen = upstreams.setdefault(name, dict(up))
+            seen = upstreams.setdefault(name, {**up, "urls": dict(up.get("urls", {}))})
             if _SEVERITY.get(up["breaker"], 0) > _SEVERITY.get(seen["breaker"], 0):
                 seen["breaker"] = up["breaker"]
+            urls = seen.setdefault("urls", {})
+            for url, state in up.get("urls", {}).items():  # (each URL: its worst state too)
+                if _SEVERITY.get(state, 0) >= _SEVERITY.get(urls.get(url, ""), 0):
+                    urls[url] = state
             left = [v for v in (seen["ratelimit_remaining"], up["ratelimit_remaining"])
                     if v is not None]
             seen["ratelimit_remaining"] = min(left, key=_as_number) if left else None

@@ -48,6 +48,10 @@ def snapshot(app: web.Application) -> dict[str, Any]:
             "name": u.name, "url": redact_url(str(u.base)), "default": u is router.default,
             "breaker": upstreams[u.name]["breaker"],
             "ratelimit_remaining": upstreams[u.name]["ratelimit_remaining"],
+            # each URL tried in order, with its breaker (``breaker``: the upstream's, open
+            # only when every URL is)
+            "urls": [{"url": url, "breaker": upstreams[u.name].get("urls", {}).get(url, state.value)}
+                     for url, state in u.url_states()],
         } for u in router.upstreams],
         "cache": {
             # what cached content uses, and of it what eviction may remove (the budget's part)
@@ -88,11 +92,19 @@ def _chart(series: list[tuple[int, float | None]], width: int = 720, height: int
             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">{grid}{lines}</svg>')
 
 
+def _url_states(up: dict[str, Any]) -> str:
+    """The breaker of each URL, for an upstream with more than one."""
+    if len(up["urls"]) < 2:
+        return ""
+    return " (" + ", ".join(f"{html.escape(u['url'])}: {html.escape(u['breaker'])}"
+                            for u in up["urls"]) + ")"
+
+
 def render(snap: dict[str, Any]) -> str:
     e = html.escape
     ups = "".join(
         f"<tr><td>{e(u['name'])}{' (default)' if u['default'] else ''}</td><td>{e(u['url'])}</td>"
-        f"<td class='{e(u['breaker'])}'>{e(u['breaker'])}</td>"
+        f"<td class='{e(u['breaker'])}'>{e(u['breaker'])}{_url_states(u)}</td>"
         f"<td>{e(str(u['ratelimit_remaining'] or '-'))}</td></tr>" for u in snap["upstreams"])
     cache = snap["cache"]
     size, evictable = cache["bytes"], cache["evictable_bytes"]
