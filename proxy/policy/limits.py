@@ -25,7 +25,8 @@ import contextlib
 import math
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,6 +103,22 @@ class _Waiter:
     future: asyncio.Future[None]
     since: float
     timer: Timer | None = field(default=None)
+    background: bool = False
+
+
+#: Set in work no client waits for (layer prefetch): such requests queue behind every
+#: client's, so that clients' requests go first (tasks started inside inherit it).
+BACKGROUND: ContextVar[bool] = ContextVar("regproxy_background", default=False)
+
+
+@contextlib.contextmanager
+def background() -> Iterator[None]:
+    """Mark the upstream requests made inside (and in tasks started inside) as background."""
+    token = BACKGROUND.set(True)
+    try:
+        yield
+    finally:
+        BACKGROUND.reset(token)
 
 
 def _header_number(value: str | None) -> int | None:
@@ -158,16 +175,24 @@ class RequestLimiter:
 
     async def acquire(self) -> None:
         """Take a slot, waiting in line when a cap is reached; :class:`UpstreamBusy` when
-        the line is full or the wait exceeds ``max_wait``."""
+        the line is full or the wait exceeds ``max_wait``. In :func:`background` work the
+        request waits behind every client's, and a client finding the line full takes the
+        place of the last background waiter (which is told busy)."""
+        behind = BACKGROUND.get()
         if not self._queue and self._take():
             self.stats.granted += 1
             return
-        if len(self._queue) >= self.caps.queue:
+        if len(self._queue) >= self.caps.queue and not (not behind and self._bump_background()):
             self.stats.rejected_full += 1
             raise self._busy(f"{len(self._queue)} requests already waiting")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), self._clock.time())
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), self._clock.time(),
+                         background=behind)
         waiter.timer = self._clock.call_later(self.caps.max_wait, lambda: self._expire(waiter))
-        self._queue.append(waiter)
+        if behind:
+            self._queue.append(waiter)
+        else:  # ahead of the background waiters, behind the other clients
+            at = next((i for i, w in enumerate(self._queue) if w.background), len(self._queue))
+            self._queue.insert(at, waiter)
         self._schedule()
         try:
             await waiter.future
@@ -271,6 +296,19 @@ class RequestLimiter:
     def _woken(self) -> None:
         self._wake = None
         self._pump()
+
+    def _bump_background(self) -> bool:
+        """Refuse the last background waiter to make room for a client: whether one was."""
+        last = next((w for w in reversed(self._queue) if w.background and not w.future.done()),
+                    None)
+        if last is None:
+            return False
+        if last.timer is not None:
+            last.timer.cancel()
+        self._queue.remove(last)
+        self.stats.rejected_full += 1
+        last.future.set_exception(self._busy("a client request took its place in the line"))
+        return True
 
     def _expire(self, waiter: _Waiter) -> None:
         if waiter.future.done():

@@ -22,6 +22,7 @@ from typing import Any
 
 from proxy import metrics
 from proxy.mediatypes import references
+from proxy.policy.limits import background
 from proxy.pullthrough.fills import Fills
 from proxy.reference import Digest
 from proxy.results import CacheOutcome, FillingBlob
@@ -128,7 +129,8 @@ class Prefetch:
         key = str(digest)
         self._remember(key)
         try:
-            result = await self._fills.get(route, digest)
+            with background():  # its upstream GET waits behind clients' under the caps
+                result = await self._fills.get(route, digest)
         except BaseException:
             self._started.pop(key, None)
             raise

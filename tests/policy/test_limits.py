@@ -12,7 +12,15 @@ import pytest
 
 from proxy.config import ConfigError
 from proxy.errors import Unavailable
-from proxy.policy.limits import ByteBucket, Caps, RequestLimiter, UpstreamBusy, parse_limits, parse_rate
+from proxy.policy.limits import (
+    ByteBucket,
+    Caps,
+    RequestLimiter,
+    UpstreamBusy,
+    background,
+    parse_limits,
+    parse_rate,
+)
 
 
 class FakeTimer:
@@ -449,3 +457,48 @@ def test_parse_limits_errors_name_the_key(raw, key, problem):
         parse_limits("upstreams.u.limits", raw)
     assert info.value.key == key and problem in info.value.problem
     assert "\n" not in str(info.value)
+
+
+def start_background(limiter: RequestLimiter, n: int) -> list[asyncio.Task[None]]:
+    """``n`` acquisitions made in :func:`background` work (the tasks inherit the mark)."""
+    with background():
+        return start(limiter, n)
+
+
+async def test_clients_go_ahead_of_background_requests():
+    """Prefetch (background) requests wait behind every client's; clients keep their order."""
+    limiter = RequestLimiter("u", Caps(max_concurrent=1), FakeClock())
+    first = start(limiter, 1)
+    behind = start_background(limiter, 2)
+    await settle()
+    clients = start(limiter, 2)
+    await settle()
+    assert states(first + behind + clients) == ["granted", "waiting", "waiting", "waiting", "waiting"]
+    order = []
+    for _ in range(4):
+        limiter.release()
+        await settle()
+        order.append(states(behind + clients))
+    assert order == [
+        ["waiting", "waiting", "granted", "waiting"],
+        ["waiting", "waiting", "granted", "granted"],
+        ["granted", "waiting", "granted", "granted"],
+        ["granted", "granted", "granted", "granted"],
+    ]
+
+
+async def test_a_client_takes_the_place_of_a_background_waiter_in_a_full_line():
+    limiter = RequestLimiter("u", Caps(max_concurrent=1, queue=2), FakeClock())
+    first = start(limiter, 1)
+    behind = start_background(limiter, 2)
+    await settle()
+    client = start(limiter, 1)
+    await settle()
+    assert states(first + behind + client) == ["granted", "waiting", "busy", "waiting"]
+    assert isinstance(behind[1].exception(), UpstreamBusy)
+    more_background = start_background(limiter, 1)  # the line is full: no client to bump
+    await settle()
+    assert states(more_background) == ["busy"]
+    limiter.release()
+    await settle()
+    assert states(behind[:1] + client) == ["waiting", "granted"]
