@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from proxy.config import Config
+from proxy.settings.prefetch import PrefetchConfig
 from proxy.settings.upstreams import UpstreamConfig
 from tests.support.edge import write_htpasswd
 from tests.support.images import make_random_bytes, push_image, push_index
@@ -37,7 +38,10 @@ def auth_table(tmp_path: Path) -> dict[str, Any]:
 
 def console_config(tmp_path: Path, upstream: str, **overrides: object) -> Config:
     """``reg.io`` (the default, with a password the console must not show) and
-    ``never.io`` (configured, never asked); ``team/*`` hosted; a 1 GiB budget."""
+    ``never.io`` (configured, never asked); ``team/*`` hosted; a 1 GiB budget. Layer
+    prefetch is off: the tests count a first pull's layer as bytes via the upstream, which
+    a prefetch racing the client would make bytes from the cache."""
+    overrides.setdefault("prefetch", PrefetchConfig(enabled=False))
     cfg = make_config(tmp_path / "data", {"reg.io": upstream, "never.io": "http://127.0.0.1:9"},
                       hosted=("team/*",), max_size=1 << 30, **overrides)
     ups = dict(cfg.upstreams)
