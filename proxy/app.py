@@ -27,7 +27,7 @@ from proxy.handlers.common import (
     STORE,
     WORKER_STATUS,
 )
-from proxy.handlers.console import CONSOLE_CONFIG
+from proxy.handlers.console import CONSOLE_CONFIG, CONSOLE_WARMS, Warms
 from proxy.hosted import Hosted, UploadLimits
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
@@ -104,6 +104,8 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=CLIENT_MAX_SIZE)
     app[CONFIG] = config
     app[CONSOLE_CONFIG] = config  # (the console's configuration page)
+    app[CONSOLE_WARMS] = Warms()  # (its warm action's jobs)
+    app.on_shutdown.append(lambda a: a[CONSOLE_WARMS].close())
     app[CLEAN_TMP] = clean_tmp
     # request ids only with the access log on: they are there to correlate its lines
     app.on_response_prepare.append(_common_headers_and_request_id if config.access_log

@@ -9,9 +9,11 @@ only that listener serves them. The figures are every worker's, merged on read
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
+import logging
 import time
 from collections.abc import Mapping
 from enum import Enum
@@ -23,7 +25,14 @@ from aiohttp import web
 
 from proxy import __version__, metrics
 from proxy.config import Config
-from proxy.errors import Denied, DigestInvalid, ManifestUnknown, NameUnknown, Unsupported
+from proxy.errors import (
+    Denied,
+    DigestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    Unsupported,
+)
 from proxy.handlers.common import (
     EVICTOR,
     HOSTED,
@@ -34,14 +43,65 @@ from proxy.handlers.common import (
     EndpointUnknown,
 )
 from proxy.mediatypes import INDEXES
+from proxy.pullthrough import WarmProgress
 from proxy.redact import redact_url
 from proxy.reference import Digest, parse_reference, validate_name
 from proxy.storage.eviction import purge
 from proxy.timeseries import WINDOWS
 from proxy.workerstatus import combine
 
+log = logging.getLogger("regproxy.console")
+
+
+class Warms:
+    """The images this process is warming for the console, and the last ones it warmed
+    (a bounded list: the page shows them; a restart forgets them)."""
+
+    KEEP = 20
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, image: str, work: Any, progress: WarmProgress) -> dict[str, Any]:
+        """Run ``work`` (a coroutine) in the background; its job record, updated as it goes."""
+        job: dict[str, Any] = {"image": image, "started": time.time(), "finished": None,
+                               "state": "running", "error": None, "progress": progress}
+        self.jobs = [job, *self.jobs][:self.KEEP]
+
+        async def run() -> None:
+            try:
+                await work
+                job["state"] = "done"
+            except RegistryError as exc:
+                job["state"], job["error"] = "failed", exc.message
+            except Exception as exc:  # (a broken store: said on the page and in the log)
+                log.exception("warming %s failed", image)
+                job["state"], job["error"] = "failed", type(exc).__name__
+            finally:
+                job["finished"] = time.time()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def view(self) -> list[dict[str, Any]]:
+        return [{**{k: v for k, v in job.items() if k != "progress"},
+                 **dataclasses.asdict(job["progress"])} for job in self.jobs]
+
+    async def close(self) -> None:
+        """Cancel the warms still running (the upstream session closes next)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+
 #: The effective configuration, for the config page (set at wiring).
 CONSOLE_CONFIG = web.AppKey("console_config", Config)
+#: The warms this process runs for the console (set at wiring).
+CONSOLE_WARMS = web.AppKey("console_warms", Warms)
 
 _JSON_HEADERS = {"Cache-Control": "no-store"}
 #: The pages' policy: only this origin's script and style, no inline anything, no framing.
@@ -385,9 +445,75 @@ async def action_delete_tag(request: web.Request) -> web.Response:
     return _json({"deleted": f"{name}:{reference}"})
 
 
+async def _body(request: web.Request, key: str, shape: str) -> str:
+    """An action's one string argument, from its JSON body."""
+    _same_origin(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Unsupported("the body is not JSON", status=400) from None
+    value = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(value, str) or not value:
+        raise Unsupported(f'expected {{"{key}": "{shape}"}}', status=400)
+    return value
+
+
+async def action_revalidate(request: web.Request) -> web.Response:
+    """Re-validate a cached tag now: ``{"tag": "<tag>"}`` asks the upstream what it is
+    (a HEAD; the manifest is fetched only when the digest changed), whatever its TTL."""
+    name = validate_name(request.match_info["name"])
+    reference = parse_reference(await _body(request, "tag", "<tag>"))
+    if not isinstance(reference, str):
+        raise Unsupported("expected a tag, not a digest", status=400)
+    route = request.app[ROUTER].route(name)
+    if route.hosted:
+        raise Unsupported(f"{name} is a hosted repository: its tags are its own")
+    previous = await request.app[STORE].get_tag(route.key, reference)
+    result = await request.app[PULLTHROUGH].revalidate_tag(route, reference)
+    return _json({"revalidated": f"{name}:{reference}", "digest": str(result.digest),
+                  "previous": None if previous is None else str(previous),
+                  "changed": previous is not None and previous != result.digest,
+                  "outcome": result.outcome.value})
+
+
+def split_image(image: str) -> tuple[str, str | Digest]:
+    """``name:tag`` or ``name@digest`` (no tag: ``latest``), each part validated."""
+    if "@" in image:
+        name, ref = image.split("@", 1)
+    else:
+        head, _, last = image.rpartition("/")
+        name, _, ref = last.partition(":")
+        name = f"{head}/{name}" if head else name
+        ref = ref or "latest"
+    return validate_name(name), parse_reference(ref)
+
+
+async def action_warm(request: web.Request) -> web.Response:
+    """Warm a cached image: ``{"image": "<name>:<tag>"}`` pulls it into the cache in the
+    background, as ``regproxy warm`` does (the default platform of an index); 202 with
+    the job started, whose progress ``GET /_regproxy/api/warm`` shows."""
+    name, reference = split_image((await _body(request, "image", "<name>:<tag>"))[:400])
+    route = request.app[ROUTER].route(name)
+    if route.hosted:
+        raise Unsupported(f"{name} is a hosted repository: it is stored, not cached")
+    image = f"{name}{'@' if isinstance(reference, Digest) else ':'}{reference}"
+    progress = WarmProgress()
+    job = request.app[CONSOLE_WARMS].start(
+        image, request.app[PULLTHROUGH].warm(route, reference, progress), progress)
+    return web.json_response({"started": image, "at": job["started"]}, status=202,
+                             headers=_JSON_HEADERS)
+
+
+async def api_warms(request: web.Request) -> web.Response:
+    """This process's warms, newest first, with their progress."""
+    return _json({"warms": request.app[CONSOLE_WARMS].view()})
+
+
 #: The console's actions (POST; registered with the operational pages' access rule).
 CONSOLE_ACTIONS = {"/_regproxy/api/repositories/{name:.+}/purge": action_purge,
-                   "/_regproxy/api/repositories/{name:.+}/delete-tag": action_delete_tag}
+                   "/_regproxy/api/repositories/{name:.+}/delete-tag": action_delete_tag,
+                   "/_regproxy/api/repositories/{name:.+}/revalidate": action_revalidate,
+                   "/_regproxy/api/warm": action_warm}
 
 #: The console's routes (registered as operational pages by :mod:`proxy.handlers`).
 CONSOLE_PAGES = {
@@ -397,9 +523,11 @@ CONSOLE_PAGES = {
     "/_regproxy/api/repositories/{name:.+}": api_repository,
     "/_regproxy/api/storage": api_storage,
     "/_regproxy/api/config": api_config,
+    "/_regproxy/api/warm": api_warms,
     "/_regproxy/console": console_redirect,
     "/_regproxy/console/": console_page,
     "/_regproxy/console/static/{file}": console_static,
 }
 
-__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CSP", "redacted_config"]
+__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CONSOLE_WARMS", "CSP", "Warms",
+           "redacted_config", "split_image"]

@@ -1,5 +1,5 @@
 """Pull-through caching: serve from the store, fill it from the upstream on a miss."""
 
-from proxy.pullthrough.service import PullThrough
+from proxy.pullthrough.service import PullThrough, WarmProgress
 
-__all__ = ["PullThrough"]
+__all__ = ["PullThrough", "WarmProgress"]

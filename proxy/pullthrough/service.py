@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Set as AbstractSet
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.errors import (
@@ -31,7 +31,14 @@ from proxy.errors import (
     TooManyRequests,
     Unavailable,
 )
-from proxy.mediatypes import IMAGE_MANIFESTS, INDEXES, accepts, platform_child
+from proxy.mediatypes import (
+    IMAGE_MANIFESTS,
+    INDEXES,
+    PUSHABLE,
+    accepts,
+    platform_child,
+    references,
+)
 from proxy.policy.limits import UpstreamBusy
 from proxy.pullthrough.coordination import Coordination, HostLock, from_peer
 from proxy.pullthrough.fills import Fills
@@ -46,6 +53,7 @@ from proxy.results import (
     HIT,
     BlobResult,
     CacheOutcome,
+    FillingBlob,
     ManifestResult,
     StoredBlob,
     UpstreamHead,
@@ -57,9 +65,20 @@ from proxy.sharedcache import SharedCache
 from proxy.singleflight import SingleFlight
 from proxy.storage import Store
 from proxy.storage.links import RepositoryLinks
+from proxy.untrusted import loads_json
 from proxy.upstream import Endpoint, read_capped, upstream_error
 
 log = logging.getLogger("regproxy.pullthrough")
+
+
+@dataclass
+class WarmProgress:
+    """How far a :meth:`PullThrough.warm` got (read by the console while it runs)."""
+
+    manifests: int = 0
+    blobs: int = 0
+    blobs_total: int | None = None
+    bytes: int = 0  #: fetched from the upstream by this warm (cached blobs add nothing)
 
 
 class PullThrough:
@@ -214,6 +233,41 @@ class PullThrough:
                     return resolved
         raise ManifestUnknown(
             f"manifest is {result.media_type}, which is not in the request's Accept header")
+
+    async def revalidate_tag(self, route: Route, tag: str) -> ManifestResult:
+        """Ask the upstream what ``tag`` is now, however fresh it is (an operator's
+        "re-validate now"); the new digest is stored when it changed."""
+        check_rules(route, tag)
+        return await self._tags.revalidate_now(route, tag)
+
+    async def warm(self, route: Route, reference: str | Digest, progress: WarmProgress) -> None:
+        """Fill the cache with an image as a pull would (``regproxy warm`` does it over
+        HTTP): the manifest, the default platform's child of an index, then each config
+        and layer blob, one at a time (a fill's bytes are read and dropped). ``progress``
+        is updated as it goes, for whoever started it."""
+        result = await self.manifest(route, reference, PUSHABLE, head=False)
+        progress.manifests += 1
+        manifests = [result]
+        if result.media_type in INDEXES and result.data is not None:
+            child = platform_child(result.data, *self.default_platform)
+            if child is None:
+                raise ManifestUnknown(f"the index has no {'/'.join(self.default_platform)} image")
+            manifests.append(await self.manifest(route, Digest.parse(child), PUSHABLE, head=False))
+            progress.manifests += 1
+        blobs: list[Digest] = []
+        for item in manifests:
+            if item.data is not None and item.media_type not in INDEXES:
+                blobs += references(loads_json(item.data), distributable=True)[1]
+        progress.blobs_total = len(blobs)
+        for digest in blobs:
+            found = await self.blob(route, digest, head=False)
+            if isinstance(found, FillingBlob):
+                try:
+                    async for chunk in found.reader.stream():
+                        progress.bytes += len(chunk)
+                finally:
+                    found.reader.close()
+            progress.blobs += 1
 
     # -- blobs -------------------------------------------------------------------------
 

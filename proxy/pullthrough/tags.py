@@ -106,6 +106,15 @@ class Tags:
             lambda: self._revalidate(route, tag, key, want_body=not head))
         return replace(result, outcome=CacheOutcome.COALESCED if shared else result.outcome)
 
+    async def revalidate_now(self, route: Route, tag: str) -> ManifestResult:
+        """Ask the upstream what ``tag`` is now, whatever its freshness (an operator's
+        "re-validate": a HEAD, a GET only when the digest changed), joined with any
+        revalidation of the same tag in flight."""
+        key = tag_key(route.key, tag)
+        result, _ = await self._flight.do(
+            ("get", key), lambda: self._revalidate(route, tag, key, want_body=True))
+        return result
+
     async def _fresh(self, route: Route, tag: str, key: str) -> tuple[Digest | None, bool]:
         """The digest of a tag confirmed upstream less than ``ttl`` ago, if any, and
         whether it is stale: expired less than ``grace`` ago, so it may be answered while

@@ -271,8 +271,11 @@ async def test_debug_listener_serves_the_console_but_no_action(aiohttp_client, t
                 assert r.status == 200, path
         config = await get_json(session, f"{debug}{API}/config")
         assert config["config"]["auth"]["htpasswd"].endswith("htpasswd")
-        async with session.post(f"{debug}{API}/repositories/it/x/purge", json={"reference": "v1"}) as r:
-            assert r.status in (404, 405)
+        for path, body in (("/repositories/it/x/purge", {"reference": "v1"}),
+                           ("/repositories/it/x/revalidate", {"tag": "v1"}),
+                           ("/warm", {"image": "it/x:v1"})):
+            async with session.post(f"{debug}{API}{path}", json=body) as r:
+                assert r.status in (404, 405), path
 
 
 def test_config_page_redacts_every_secret(tmp_path):
@@ -297,3 +300,99 @@ def test_config_page_redacts_every_secret(tmp_path):
     assert out["s3"]["bucket"] == "b" and out["s3"]["endpoint_url"] == "http://s3.internal:8333"
     assert out["cluster"]["advertise_url"] == "http://10.0.0.1:5000"
     assert out["upstreams"]["reg.io"]["username"] == "puller"
+
+
+async def test_revalidate_and_warm_actions(upstream_registry, http_session, aiohttp_server,
+                                           tmp_path):
+    """Re-validate a tag now: the upstream's new digest is taken at once, within the TTL.
+    Warm an image: 202, and its blobs are then stored (the job says so when done). Both
+    need the ops right, a JSON body and this origin."""
+    import asyncio
+    import os
+
+    from tests.console.traffic import auth_table
+    from tests.support.images import make_random_bytes, push_image
+    from tests.support.store import is_stored
+
+    cfg = console_config(tmp_path, upstream_registry.url,
+                         auth=parse_auth(auth_table(tmp_path), tmp_path))
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path,
+                                 headers=basic("admin"))
+    watcher = {**basic("watcher"), "Origin": base}
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+    async def digest_of(tag: str) -> str:
+        async with http_session.get(f"{base}/v2/{traffic.repo}/manifests/{tag}",
+                                    headers={**basic("admin"), **accept}) as r:
+            assert r.status == 200
+            return r.headers["Docker-Content-Digest"]
+
+    newer = await push_image(http_session, upstream_registry.url, traffic.repo, "v1",
+                             [make_random_bytes(2000, seed=int.from_bytes(os.urandom(4), "big"))],
+                             schema="oci")
+    assert await digest_of("v1") == traffic.image_digest  # trusted for the TTL (300 s)
+    url = f"{base}{API}/repositories/{traffic.repo}/revalidate"
+    for headers, status in ((None, 401), (basic("admin"), 403),
+                            ({**watcher, "Origin": "http://evil.example"}, 403)):
+        async with http_session.post(url, json={"tag": "v1"}, headers=headers) as r:
+            assert r.status == status, headers
+    async with http_session.post(url, data="tag=v1", headers={
+            **watcher, "Content-Type": "application/x-www-form-urlencoded"}) as r:
+        assert r.status == 415
+    async with http_session.post(f"{base}{API}/repositories/{traffic.hosted}/revalidate",
+                                 json={"tag": "latest"}, headers=watcher) as r:
+        assert r.status == 405 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+    async with http_session.post(url, json={"tag": "sha256:" + "0" * 64}, headers=watcher) as r:
+        assert r.status == 400
+    async with http_session.post(url, json={"tag": "v1"}, headers=watcher) as r:
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+    assert answer == {"revalidated": f"{traffic.repo}:v1", "digest": newer.digest,
+                      "previous": traffic.image_digest, "changed": True, "outcome": "miss"}
+    assert await digest_of("v1") == newer.digest
+    async with http_session.post(url, json={"tag": "v1"}, headers=watcher) as r:
+        assert (await r.json())["changed"] is False
+    async with http_session.post(url, json={"tag": "gone"}, headers=watcher) as r:
+        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+    # warm: an image the proxy never saw, pulled in the background
+    layer = make_random_bytes(50_000, seed=int.from_bytes(os.urandom(4), "big"))
+    cold = await push_image(http_session, upstream_registry.url, traffic.repo, "cold", [layer],
+                            schema="oci")
+    data = tmp_path / "data"
+    assert not is_stored(data, cold.layers[0].digest)
+    warm = f"{base}{API}/warm"
+    for headers, status in ((None, 401), (basic("admin"), 403),
+                            ({**watcher, "Origin": "http://evil.example"}, 403)):
+        async with http_session.post(warm, json={"image": f"{traffic.repo}:cold"},
+                                     headers=headers) as r:
+            assert r.status == status, headers
+    for bad in ("UPPER/x:1", "a/../b:1", ""):
+        async with http_session.post(warm, json={"image": bad}, headers=watcher) as r:
+            assert r.status == 400, bad
+    async with http_session.post(warm, json={"image": f"{traffic.hosted}:latest"},
+                                 headers=watcher) as r:
+        assert r.status == 405
+    async with http_session.post(warm, json={"image": f"{traffic.repo}:cold"}, headers=watcher) as r:
+        assert r.status == 202, await r.text()
+        assert (await r.json())["started"] == f"{traffic.repo}:cold"
+    async with http_session.post(warm, json={"image": f"{traffic.repo}:nope"}, headers=watcher) as r:
+        assert r.status == 202  # (it fails in the background, and says so)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        jobs = {j["image"]: j for j in (await get_json(
+            http_session, warm, headers=basic("watcher")))["warms"]}
+        if all(j["state"] != "running" for j in jobs.values()):
+            break
+        assert loop.time() < deadline, jobs
+        await asyncio.sleep(0.05)
+    done = jobs[f"{traffic.repo}:cold"]
+    assert done["state"] == "done" and done["error"] is None, done
+    assert done["blobs"] == done["blobs_total"] == 2 and done["manifests"] == 1
+    assert done["bytes"] >= 50_000
+    assert is_stored(data, cold.layers[0].digest)
+    failed = jobs[f"{traffic.repo}:nope"]
+    assert failed["state"] == "failed" and failed["error"]

@@ -11,6 +11,7 @@ then say so) and deleting a hosted tag deletes it. Screenshots go to
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from playwright.async_api import async_playwright
 from proxy.app import create_app
 from proxy.server import runner_kwargs
 from tests.console.traffic import console_config, make_traffic
+from tests.support.images import make_random_bytes, push_image
 from tests.support.store import is_stored
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -133,7 +135,6 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     assert traffic.shared_layer in layers and traffic.hosted in layers
     await p.shot("repositories")
 
-    # the purge action, confirmed in the browser's dialog: the tag and its own layer go
     dialogs: list[str] = []
 
     async def accept(dialog: Any) -> None:
@@ -141,15 +142,41 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
         await dialog.accept()
 
     p.page.on("dialog", accept)
+    # re-validate a tag the upstream moved: the page shows the new digest at once (TTL 300 s)
+    moved = await push_image(http_session, upstream_registry.url, traffic.repo, "multi",
+                             [make_random_bytes(1500, seed=int.from_bytes(os.urandom(4), "big"))],
+                             schema="oci")
+    await p.page.click("#tag-table tr[data-tag='multi'] button.revalidate")
+    await p.page.wait_for_function(
+        "() => document.querySelector('#repo-notice').textContent.startsWith('revalidated')",
+        timeout=DEADLINE_MS)
+    assert moved.digest in await p.page.inner_text("#repo-notice")
+    await p.page.wait_for_function(
+        "d => document.querySelector(\"#tag-table tr[data-tag='multi']\").textContent.includes(d)",
+        arg=moved.digest, timeout=DEADLINE_MS)
+    assert dialogs == [f"Ask the upstream what {traffic.repo}:multi is now?"]
+
+    # warm an image the proxy never saw: the job appears, ends "done", its layer is stored
+    cold = await push_image(http_session, upstream_registry.url, traffic.repo, "cold",
+                            [make_random_bytes(20_000, seed=int.from_bytes(os.urandom(4), "big"))],
+                            schema="oci")
+    await p.page.fill("#warm-image", f"{traffic.repo}:cold")
+    await p.page.click("#warm-form button[type=submit]")
+    await p.page.wait_for_selector(f"#warm-table tr[data-image='{traffic.repo}:cold'][data-state=done]",
+                                   timeout=DEADLINE_MS)
+    assert is_stored(tmp_path / "data", cold.layers[0].digest)
+    await p.shot("repositories-actions")
+
+    # the purge action, confirmed in the browser's dialog: the tag and its own layer go
     await p.page.click("#tag-table tr[data-tag='v1'] button.purge")
     await p.page.wait_for_function(
         "() => document.querySelector('#repo-notice').textContent.startsWith('purged')",
         timeout=DEADLINE_MS)
     await p.page.wait_for_function("() => !document.querySelector(\"#tag-table tr[data-tag='v1']\")",
                                    timeout=DEADLINE_MS)
-    assert dialogs == [f"Purge {traffic.repo}:v1 from the cache?"]
+    assert dialogs[-1] == f"Purge {traffic.repo}:v1 from the cache?"
     detail = await (await http_session.get(f"{base}/_regproxy/api/repositories/{traffic.repo}")).json()
-    assert [t["tag"] for t in detail["tags"]] == ["multi"]
+    assert [t["tag"] for t in detail["tags"]] == ["cold", "multi"]  # (warmed, re-validated)
     assert not is_stored(tmp_path / "data", traffic.big_layer)
     assert is_stored(tmp_path / "data", traffic.shared_layer)  # the hosted image holds it
 

@@ -118,6 +118,7 @@
     const q = encodeURIComponent(state.repoQuery);
     const data = await api("repositories?q=" + q + "&sort=" + state.repoSort);
     $("#repo-count").textContent = data.repositories.length + " repositories";
+    await loadWarms();
     $("#repo-table tbody").replaceChildren(...data.repositories.map((r) => {
       const row = el("tr", { class: "clickable", "data-name": r.name }, el("td", {}, r.name), el("td", {}, r.kind),
         el("td", {}, r.upstream || "-"), el("td", { class: "num" }, r.tags), el("td", { class: "num" }, bytes(r.served_bytes)));
@@ -132,7 +133,8 @@
       el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"))),
       el("tbody", {}, ...data.tags.map((t) => el("tr", { "data-tag": t.tag }, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
         el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-"),
-        el("td", {}, data.kind === "cached" ? purgeButton(data.name, t.tag) : deleteButton(data.name, t.tag))))));
+        el("td", {}, ...(data.kind === "cached" ? [revalidateButton(data.name, t.tag), " ", purgeButton(data.name, t.tag)]
+          : [deleteButton(data.name, t.tag)]))))));
     // what each image is called: its tags, or its platform in an index
     const names = {};
     const label = (d, n) => { (names[d] = names[d] || []).push(n); };
@@ -173,10 +175,46 @@
     return actionButton("Purge", "purge", "Purge " + name + ":" + tag + " from the cache?", name, "purge",
       { reference: tag }, (a) => "purged " + a.purged + ": " + a.removed.length + " objects, " + bytes(a.bytes));
   }
+  // a cached tag asked of its upstream now, whatever its TTL
+  function revalidateButton(name, tag) {
+    return actionButton("Re-validate", "revalidate", "Ask the upstream what " + name + ":" + tag + " is now?", name,
+      "revalidate", { tag: tag }, (a) => "revalidated " + a.revalidated + ": " +
+        (a.changed ? "changed to " + a.digest : a.previous ? "unchanged" : "now " + a.digest));
+  }
   // a hosted repository's tag (the manifest stays until garbage collection)
   function deleteButton(name, tag) {
     return actionButton("Delete tag", "delete", "Delete the tag " + name + ":" + tag + "?", name, "delete-tag",
       { tag: tag }, (a) => "deleted " + a.deleted);
+  }
+
+  // warming an image in the background; the jobs (this worker's) are listed under the form
+  async function post(path, body) {
+    const r = await fetch(API + path, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json" }, body: JSON.stringify(body) });
+    const answer = await r.json();
+    if (!r.ok) throw new Error(answer.errors ? answer.errors[0].message : "HTTP " + r.status);
+    return answer;
+  }
+  async function loadWarms() {
+    const data = await api("warm");
+    const rows = data.warms.map((w) => el("tr", { "data-image": w.image, "data-state": w.state }, el("td", {}, w.image),
+      el("td", { class: "state-" + (w.state === "failed" ? "failing" : w.state === "done" ? "healthy" : "recovering") }, w.state),
+      el("td", { class: "num" }, w.blobs + " / " + (w.blobs_total == null ? "?" : w.blobs_total)),
+      el("td", { class: "num" }, bytes(w.bytes)), el("td", {}, when(w.started)), el("td", {}, w.error || "")));
+    $("#warm-table").hidden = rows.length === 0;
+    $("#warm-table tbody").replaceChildren(...rows);
+    if (data.warms.some((w) => w.state === "running")) setTimeout(() => loadWarms().catch(showError), 1000);
+  }
+  async function startWarm(ev) {
+    ev.preventDefault();
+    const image = $("#warm-image").value.trim();
+    if (!image) return;
+    try {
+      const a = await post("warm", { image: image });
+      $("#repo-notice").textContent = "warming " + a.started;
+      await loadWarms();
+    } catch (err) { showError(err); }
   }
 
   // -- storage -------------------------------------------------------------------------
@@ -234,6 +272,7 @@
       clearTimeout(debounce);
       debounce = setTimeout(() => { state.repoQuery = e.target.value; refresh(); }, 150);
     });
+    $("#warm-form").addEventListener("submit", startWarm);
     $("#repo-sort").addEventListener("change", (e) => { state.repoSort = e.target.value; refresh(); });
     window.addEventListener("resize", () => {
       for (const [name, chart] of Object.entries(state.charts)) chart.setSize(chartSize($("#chart-" + name)));
