@@ -27,7 +27,7 @@ from proxy.handlers.common import (
     STORE,
     WORKER_STATUS,
 )
-from proxy.handlers.console import CONSOLE_CONFIG, CONSOLE_WARMS, Warms
+from proxy.handlers.console import CONSOLE_CONFIG, CONSOLE_STORAGE, CONSOLE_WARMS, StorageIndex, Warms
 from proxy.hosted import Hosted, UploadLimits
 from proxy.pullthrough import PullThrough
 from proxy.pullthrough.cluster import Cluster
@@ -105,6 +105,7 @@ def create_app(config: Config, *, clean_tmp: bool = True) -> web.Application:
     app[CONFIG] = config
     app[CONSOLE_CONFIG] = config  # (the console's configuration page)
     app[CONSOLE_WARMS] = Warms()  # (its warm action's jobs)
+    app[CONSOLE_STORAGE] = StorageIndex()  # (its storage page's walk of the store)
     app.on_shutdown.append(lambda a: a[CONSOLE_WARMS].close())
     app[CLEAN_TMP] = clean_tmp
     # request ids only with the access log on: they are there to correlate its lines

@@ -22,6 +22,7 @@ from proxy.config import Config
 from proxy.handlers import OPS_PAGES, PROBES, add_catch_all
 from proxy.handlers.common import (
     EVICTOR,
+    FILLS,
     ROUTER,
     STAGING_PROBLEM,
     STORE,
@@ -29,7 +30,7 @@ from proxy.handlers.common import (
     method_unsupported,
     oci,
 )
-from proxy.handlers.console import CONSOLE_CONFIG
+from proxy.handlers.console import CONSOLE_CONFIG, CONSOLE_STORAGE, CONSOLE_WARMS
 from proxy.startup import listen_error
 
 log = logging.getLogger("regproxy")
@@ -51,6 +52,9 @@ def debug_app(main: web.Application, on_prepare: PrepareHook) -> web.Application
     app[STORE], app[STAGING_PROBLEM] = main[STORE], main[STAGING_PROBLEM]
     if CONSOLE_CONFIG in main:
         app[CONSOLE_CONFIG] = main[CONSOLE_CONFIG]
+    # (the console's storage page and warm list: read only here, the actions are not served)
+    app[FILLS], app[CONSOLE_STORAGE] = main[FILLS], main[CONSOLE_STORAGE]
+    app[CONSOLE_WARMS] = main[CONSOLE_WARMS]
     for path, handler in DEBUG_PATHS.items():
         app.router.add_get(path, oci(handler))
         app.router.add_route("*", path, oci(method_unsupported))

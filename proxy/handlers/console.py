@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.handlers.common import (
     EVICTOR,
+    FILLS,
     HOSTED,
     PULLTHROUGH,
     ROUTER,
@@ -47,6 +48,7 @@ from proxy.pullthrough import WarmProgress
 from proxy.redact import redact_url
 from proxy.reference import Digest, parse_reference, validate_name
 from proxy.storage.eviction import purge
+from proxy.storage.gc import collect
 from proxy.timeseries import WINDOWS
 from proxy.workerstatus import combine
 
@@ -98,10 +100,61 @@ class Warms:
             await asyncio.wait(self._tasks, timeout=5)
 
 
+class StorageIndex:
+    """What the store holds per upstream, and which names lead to each digest: one walk
+    of the repositories' tags and links and of the blob sizes, reused for ``TTL`` seconds
+    (the storage page refreshes every 10 s; walking a big store on each would not do)."""
+
+    TTL = 5.0
+    #: Tags read per repository for the names (a repository with more names its first).
+    TAGS_PER_REPOSITORY = 200
+
+    def __init__(self) -> None:
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self, app: web.Application) -> dict[str, Any]:
+        async with self._lock:  # (one walk at a time: concurrent pages share it)
+            if self._value is None or time.monotonic() - self._at > self.TTL:
+                self._value = await self._walk(app)
+                self._at = time.monotonic()
+            return self._value
+
+    async def _walk(self, app: web.Application) -> dict[str, Any]:
+        store = app[STORE]
+        repos = await _repositories(app)
+        scanned = repos[:SHARING_SCAN_LIMIT]
+        sizes = {stat.digest: stat.size async for stat in store.blob_stats()}
+        groups: dict[str, set[Digest]] = {}
+        names: dict[str, list[str]] = {}
+        for repo in scanned:
+            group = "(hosted)" if repo["kind"] == "hosted" else repo["upstream"] or "?"
+            held = groups.setdefault(group, set())
+            for tag in sorted(await store.list_tags(repo["key"]) or [])[:self.TAGS_PER_REPOSITORY]:
+                digest = await store.get_tag(repo["key"], tag)
+                if digest is not None:
+                    names.setdefault(str(digest), []).append(f"{repo['name']}:{tag}")
+            for digest in [*await store.list_manifest_links(repo["key"]),
+                           *await store.list_blob_links(repo["key"])]:
+                held.add(digest)
+                labels = names.setdefault(str(digest), [])
+                if not any(label.startswith(repo["name"] + ":") for label in labels):
+                    labels.append(repo["name"])
+        by_group = {g: {"bytes": sum(sizes.get(d, 0) for d in held),
+                        "objects": sum(1 for d in held if d in sizes)}
+                    for g, held in sorted(groups.items())}
+        return {"measured_at": time.time(), "by_upstream": by_group,
+                "stored_bytes": sum(sizes.values()), "stored_objects": len(sizes),
+                "complete": len(scanned) == len(repos), "names": names}
+
+
 #: The effective configuration, for the config page (set at wiring).
 CONSOLE_CONFIG = web.AppKey("console_config", Config)
 #: The warms this process runs for the console (set at wiring).
 CONSOLE_WARMS = web.AppKey("console_warms", Warms)
+#: The storage page's walk of the store, cached (set at wiring).
+CONSOLE_STORAGE = web.AppKey("console_storage", StorageIndex)
 
 _JSON_HEADERS = {"Cache-Control": "no-store"}
 #: The pages' policy: only this origin's script and style, no inline anything, no framing.
@@ -304,10 +357,20 @@ async def api_repository(request: web.Request) -> web.Response:
                   "sharing_scanned": len(repos) <= SHARING_SCAN_LIMIT})
 
 
+def _label(names: dict[str, list[str]], digest: str) -> list[str]:
+    """What a digest is called: ``repository:tag`` where a tag points at it, else the
+    repositories linked to it, else ``(unlinked)``."""
+    return names.get(digest) or ["(unlinked)"]
+
+
 async def api_storage(request: web.Request) -> web.Response:
+    """The eviction pass's figures, bytes per upstream and hosted, the recent evictions
+    with the names that lead to them, and this worker's fills in flight."""
     figures = _figures(request.app)
     evictor, workers = request.app[EVICTOR], request.app[WORKER_STATUS]
     report = figures["cache"]
+    index = await request.app[CONSOLE_STORAGE].get(request.app)
+    names = index["names"]
     return _json({
         "budget": evictor.max_size or None,
         "max_age_seconds": evictor.max_age or None,
@@ -317,9 +380,47 @@ async def api_storage(request: web.Request) -> web.Response:
         "shared_bytes": report["shared"] if report else None,
         "hosted_bytes": report["hosted"] if report else None,
         "disk": workers.disk(),
-        "evictions": [{"time": t, "digest": d, "bytes": b}
+        "evictions": [{"time": t, "digest": d, "bytes": b, "names": _label(names, d)}
                       for t, d, b in reversed(figures["evictions"])],
+        "by_upstream": index["by_upstream"], "stored_bytes": index["stored_bytes"],
+        "stored_objects": index["stored_objects"], "index_complete": index["complete"],
+        "index_measured_at": index["measured_at"],
+        "fills": [{"digest": str(d), "size": size, "bytes": done, "names": _label(names, str(d))}
+                  for d, size, done in request.app[FILLS].in_flight()],
     })
+
+
+#: Objects a GC dry run lists (the counts and bytes are always whole).
+GC_LIST_LIMIT = 200
+
+
+async def action_gc_dry_run(request: web.Request) -> web.Response:
+    """What ``regproxy gc`` would remove now, removing nothing: ``{"delete_untagged":
+    false, "grace_seconds": 3600}`` (both optional, as the command's flags)."""
+    _same_origin(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Unsupported("the body is not JSON", status=400) from None
+    if not isinstance(body, dict):
+        raise Unsupported('expected {"delete_untagged": false, "grace_seconds": 3600}', status=400)
+    untagged, grace = body.get("delete_untagged", False), body.get("grace_seconds", 3600)
+    if not isinstance(untagged, bool):
+        raise Unsupported("delete_untagged must be true or false", status=400)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        raise Unsupported("grace_seconds must be a number of seconds, 0 or more", status=400)
+    started = time.monotonic()
+    report = await collect(request.app[STORE], dry_run=True, delete_untagged=untagged,
+                           grace=float(grace))
+    names = request.app[ROUTER].names
+    return _json({
+        "dry_run": True, "delete_untagged": untagged, "grace_seconds": grace,
+        "bytes": report.bytes_freed, "blobs": len(report.blobs), "kept": report.kept,
+        "untagged_manifests": len(report.untagged),
+        "blob_list": [{"digest": str(d), "bytes": n} for d, n in report.blobs[:GC_LIST_LIMIT]],
+        "untagged_list": [{"repository": names.name_of_key(r) or r, "digest": str(d)}
+                          for r, d in report.untagged[:GC_LIST_LIMIT]],
+        "seconds": round(time.monotonic() - started, 3)})
 
 
 def redacted_config(value: Any, key: str = "") -> Any:
@@ -513,7 +614,8 @@ async def api_warms(request: web.Request) -> web.Response:
 CONSOLE_ACTIONS = {"/_regproxy/api/repositories/{name:.+}/purge": action_purge,
                    "/_regproxy/api/repositories/{name:.+}/delete-tag": action_delete_tag,
                    "/_regproxy/api/repositories/{name:.+}/revalidate": action_revalidate,
-                   "/_regproxy/api/warm": action_warm}
+                   "/_regproxy/api/warm": action_warm,
+                   "/_regproxy/api/storage/gc-dry-run": action_gc_dry_run}
 
 #: The console's routes (registered as operational pages by :mod:`proxy.handlers`).
 CONSOLE_PAGES = {
@@ -529,5 +631,5 @@ CONSOLE_PAGES = {
     "/_regproxy/console/static/{file}": console_static,
 }
 
-__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CONSOLE_WARMS", "CSP", "Warms",
-           "redacted_config", "split_image"]
+__all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CONSOLE_STORAGE", "CONSOLE_WARMS", "CSP",
+           "StorageIndex", "Warms", "redacted_config", "split_image"]

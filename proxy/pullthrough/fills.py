@@ -60,6 +60,11 @@ class Fills:
         while fill is not None and not fill.ended:
             await fill.wait_progress()
 
+    def in_flight(self) -> list[tuple[Digest, int | None, int]]:
+        """The fills this process runs: ``(digest, size announced, bytes so far)`` (read
+        only: the console's storage page)."""
+        return [(f.digest, f.size, f.written) for f in self._running.values() if not f.ended]
+
     async def get(self, route: Route, digest: Digest) -> StoredBlob | FillingBlob:
         """The blob's bytes for one client: a running fill joined, or a new one started;
         stored, when it was published meanwhile."""

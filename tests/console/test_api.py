@@ -97,6 +97,12 @@ async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_se
     storage = await get_json(http_session, f"{base}{API}/storage")
     assert storage["budget"] == 1 << 30 and storage["disk"]["free"] > 0
     assert isinstance(storage["evictions"], list)
+    usage = storage["by_upstream"]
+    assert set(usage) == {"reg.io", "(hosted)"} and storage["index_complete"]
+    assert usage["reg.io"]["bytes"] >= traffic.layer_size + 4000 and usage["reg.io"]["objects"] >= 5
+    assert 4000 <= usage["(hosted)"]["bytes"] < traffic.layer_size  # its layer, config, manifest
+    assert storage["stored_bytes"] < usage["reg.io"]["bytes"] + usage["(hosted)"]["bytes"]  # shared
+    assert storage["fills"] == []
 
     conf = (await get_json(http_session, f"{base}{API}/config"))["config"]
     assert conf["max_size"] == 1 << 30 and conf["upstreams"]["never.io"]["url"] == "http://127.0.0.1:9"
@@ -396,3 +402,100 @@ async def test_revalidate_and_warm_actions(upstream_registry, http_session, aioh
     assert is_stored(data, cold.layers[0].digest)
     failed = jobs[f"{traffic.repo}:nope"]
     assert failed["state"] == "failed" and failed["error"]
+
+
+async def test_storage_page_names_evictions_and_dry_runs_gc(upstream_registry, http_session,
+                                                             aiohttp_server, tmp_path):
+    """A budget of one byte evicts every cached object: each eviction is listed with the
+    name that led to it (a tag still pointing at an evicted manifest). A GC dry run after a
+    hosted tag's deletion reports that image's own objects, and deletes nothing."""
+    import asyncio
+    from dataclasses import replace
+
+    from tests.support.store import is_stored
+
+    cfg = replace(console_config(tmp_path, upstream_registry.url), max_size=1)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        storage = await get_json(http_session, f"{base}{API}/storage")
+        evicted = {e["digest"]: e for e in storage["evictions"]}
+        if traffic.image_digest in evicted and traffic.big_layer in evicted:
+            break
+        assert loop.time() < deadline, storage["evictions"]
+        await asyncio.sleep(0.1)
+    assert evicted[traffic.image_digest]["names"] == [f"{traffic.repo}:v1"]
+    assert evicted[traffic.big_layer]["names"] in ([traffic.repo], ["(unlinked)"])
+    assert evicted[traffic.big_layer]["bytes"] == traffic.layer_size
+    assert all(e["names"] for e in storage["evictions"])
+    assert traffic.shared_layer not in evicted  # a hosted image holds it
+
+    gc = f"{base}{API}/storage/gc-dry-run"
+    async with http_session.post(gc, data="x", headers={"Content-Type": "text/plain"}) as r:
+        assert r.status == 415
+    for bad in ({"delete_untagged": "yes"}, {"grace_seconds": -1}, {"grace_seconds": "1h"}, []):
+        async with http_session.post(gc, json=bad) as r:
+            assert r.status == 400, bad
+    async with http_session.get(f"{base}/v2/{traffic.hosted}/manifests/latest",
+                                headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        hosted_manifest = r.headers["Docker-Content-Digest"]
+    async with http_session.post(f"{base}{API}/repositories/{traffic.hosted}/delete-tag",
+                                 json={"tag": "latest"}) as r:
+        assert r.status == 200
+    async with http_session.post(gc, json={"grace_seconds": 0}) as r:
+        kept_links = await r.json()
+    assert r.status == 200 and kept_links["dry_run"] and kept_links["untagged_manifests"] == 0
+    async with http_session.post(gc, json={"delete_untagged": True, "grace_seconds": 0}) as r:
+        assert r.status == 200
+        report = await r.json()
+    assert report["untagged_manifests"] == 1
+    assert report["untagged_list"] == [{"repository": traffic.hosted, "digest": hosted_manifest}]
+    listed = {b["digest"] for b in report["blob_list"]}
+    # (v1's manifest was evicted: no manifest reaches the shared layer any more)
+    assert {hosted_manifest, traffic.shared_layer} <= listed
+    assert report["bytes"] == sum(b["bytes"] for b in report["blob_list"]) > 0
+    assert is_stored(tmp_path / "data", hosted_manifest)  # a dry run: nothing went
+
+
+async def test_storage_page_shows_a_fill_in_flight(aiohttp_server, http_session, tmp_path):
+    """A warm whose layer stalls upstream (the fault-injecting fake) is on the storage page
+    with its bytes so far and its size; when the upstream resumes it completes and goes."""
+    import asyncio
+
+    from tests.support.fake_upstream import FakeUpstream
+    from tests.support.proxyfix import make_config
+
+    fake = FakeUpstream()
+    layer = bytes(range(256)) * 1200  # 307200 bytes: five 64 KiB chunks and a bit
+    fake.add_image("it/slow", "v1", [layer])
+    layer_digest = next(d for d, b in fake.blobs.items() if b == layer)
+    fake.stall_after = 2 * 65536
+    upstream = await aiohttp_server(fake.app())
+    cfg = make_config(tmp_path / "data", {"fake.io": str(upstream.make_url("")).rstrip("/")})
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        async with http_session.post(f"{base}{API}/warm", json={"image": "it/slow:v1"}) as r:
+            assert r.status == 202
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            fills = (await get_json(http_session, f"{base}{API}/storage"))["fills"]
+            if fills and fills[0]["bytes"] == fake.stall_after:
+                break
+            assert loop.time() < deadline, fills
+            await asyncio.sleep(0.05)
+        assert fills == [{"digest": layer_digest, "size": len(layer), "bytes": 2 * 65536,
+                          "names": ["it/slow"]}] or fills[0]["names"] == ["(unlinked)"]
+        assert fills[0]["digest"] == layer_digest and fills[0]["size"] == len(layer)
+    finally:
+        fake.resume.set()
+    deadline = loop.time() + 30
+    while (await get_json(http_session, f"{base}{API}/warm"))["warms"][0]["state"] == "running":
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    assert (await get_json(http_session, f"{base}{API}/warm"))["warms"][0]["state"] == "done"
+    assert (await get_json(http_session, f"{base}{API}/storage"))["fills"] == []

@@ -11,6 +11,7 @@ then say so) and deleting a hosted tag deletes it. Screenshots go to
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from proxy.app import create_app
+from proxy.handlers.common import EVICTOR
 from proxy.server import runner_kwargs
 from tests.console.traffic import console_config, make_traffic
 from tests.support.images import make_random_bytes, push_image
@@ -72,7 +74,8 @@ class Page:
 async def test_console_pages_in_chromium(browser, upstream_registry, http_session,
                                          aiohttp_server, tmp_path):
     cfg = console_config(tmp_path, upstream_registry.url)
-    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    app = create_app(cfg)
+    server = await aiohttp_server(app, **runner_kwargs(cfg))
     base = str(server.make_url("")).rstrip("/")
     traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path)
 
@@ -196,6 +199,29 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
 
     await p.open("storage")
     assert "1.0 GiB" in await p.page.inner_text("#storage-cards")
+    groups = await p.page.locator("#usage-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.group)")
+    assert groups == ["(hosted)", "reg.io"]
+    assert await p.page.inner_text("#fills-table tbody") == "none"
+    await p.page.check("#gc-untagged")
+    await p.page.click("#gc-button")
+    await p.page.wait_for_selector("#gc-summary", timeout=DEADLINE_MS)
+    summary = await p.page.inner_text("#gc-summary")
+    # (multi's old index and its two children, and the hosted image whose tag went)
+    assert "nothing was deleted" in summary and "4 untagged manifest links" in summary, summary
+    # a budget of one byte from now: every cached object goes, each listed by its tag's name
+    app[EVICTOR].max_size = 1
+    app[EVICTOR].kick()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not any(e["names"] == [f"{traffic.repo}:multi"] for e in (await (await http_session.get(
+            f"{base}/_regproxy/api/storage")).json())["evictions"]):
+        assert loop.time() < deadline, "no eviction named by its tag"
+        await asyncio.sleep(0.1)
+    await p.page.reload()
+    await p.page.wait_for_selector("body[data-loaded=storage]", timeout=DEADLINE_MS)
+    await p.page.wait_for_function(
+        "name => document.querySelector('#evictions-table tbody').textContent.includes(name)",
+        arg=f"{traffic.repo}:multi", timeout=DEADLINE_MS)
     await p.shot("storage")
 
     await p.open("config")

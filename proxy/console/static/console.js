@@ -227,9 +227,36 @@
       card("measured", s.measured_at ? new Date(s.measured_at * 1000).toLocaleTimeString() : "not yet"));
     const share = s.budget && s.evictable_bytes != null ? Math.min(100, 100 * s.evictable_bytes / s.budget) : 0;
     $("#storage-bar").style.width = share.toFixed(1) + "%";
+    const groups = Object.entries(s.by_upstream);
+    $("#usage-table tbody").replaceChildren(...(groups.length ? groups.map(([g, u]) => el("tr", { "data-group": g },
+      el("td", {}, g), el("td", { class: "num" }, u.objects), el("td", { class: "num" }, bytes(u.bytes))))
+      : [el("tr", {}, el("td", { colspan: "3" }, "nothing stored"))]));
+    $("#usage-note").textContent = "stored in all: " + bytes(s.stored_bytes) + " in " + s.stored_objects +
+      " objects (content two upstreams share counts in each)" + (s.index_complete ? "" : "; only the first 2000 repositories read");
     $("#evictions-table tbody").replaceChildren(...(s.evictions.length ? s.evictions.map((e) => el("tr", {},
-      el("td", {}, when(e.time)), el("td", {}, el("code", {}, e.digest)), el("td", { class: "num" }, bytes(e.bytes))))
-      : [el("tr", {}, el("td", { colspan: "3" }, "none"))]));
+      el("td", {}, when(e.time)), el("td", {}, e.names.join(", ")), el("td", {}, el("code", {}, e.digest)),
+      el("td", { class: "num" }, bytes(e.bytes))))
+      : [el("tr", {}, el("td", { colspan: "4" }, "none"))]));
+    // (the meters' widths are set through the CSSOM: a style attribute would break the CSP)
+    const fillRow = (f) => {
+      const bar = el("div");
+      bar.style.width = (f.size ? Math.min(100, 100 * f.bytes / f.size) : 0).toFixed(1) + "%";
+      return el("tr", { "data-digest": f.digest }, el("td", {}, f.names.join(", ")), el("td", {}, el("code", {}, f.digest)),
+        el("td", { class: "num" }, bytes(f.bytes) + " / " + (f.size == null ? "?" : bytes(f.size))),
+        el("td", {}, el("div", { class: "meter" }, bar)));
+    };
+    $("#fills-table tbody").replaceChildren(...(s.fills.length ? s.fills.map(fillRow)
+      : [el("tr", {}, el("td", { colspan: "4" }, "none"))]));
+  }
+
+  async function gcDryRun() {
+    const g = await post("storage/gc-dry-run", { delete_untagged: $("#gc-untagged").checked });
+    $("#gc-result").replaceChildren(
+      el("p", { id: "gc-summary" }, "GC would remove " + g.blobs + " objects, " + bytes(g.bytes) + ", and " +
+        g.untagged_manifests + " untagged manifest links; it would keep " + g.kept + " (nothing was deleted; " +
+        g.seconds + " s)"),
+      ...(g.blob_list.length ? [el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Object"), el("th", { class: "num" }, "Size"))),
+        el("tbody", {}, ...g.blob_list.map((b) => el("tr", {}, el("td", {}, el("code", {}, b.digest)), el("td", { class: "num" }, bytes(b.bytes)))))))] : []));
   }
 
   async function loadConfig() {
@@ -273,6 +300,7 @@
       debounce = setTimeout(() => { state.repoQuery = e.target.value; refresh(); }, 150);
     });
     $("#warm-form").addEventListener("submit", startWarm);
+    $("#gc-button").addEventListener("click", () => gcDryRun().catch(showError));
     $("#repo-sort").addEventListener("change", (e) => { state.repoSort = e.target.value; refresh(); });
     window.addEventListener("resize", () => {
       for (const [name, chart] of Object.entries(state.charts)) chart.setSize(chartSize($("#chart-" + name)));
