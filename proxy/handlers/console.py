@@ -49,7 +49,7 @@ from proxy.redact import redact_url
 from proxy.reference import Digest, parse_reference, validate_name
 from proxy.storage.eviction import purge
 from proxy.storage.gc import collect
-from proxy.timeseries import WINDOWS
+from proxy.timeseries import WINDOWS, TimeSeries
 from proxy.workerstatus import combine
 
 log = logging.getLogger("regproxy.console")
@@ -205,7 +205,21 @@ def _upstream_state(breaker: str, activity: dict[str, Any] | None) -> str:
     return "failing" if last_bad > last_ok else "healthy"
 
 
+def _latency(series: Any, window: str) -> dict[str, Any]:
+    """An upstream's latency chart: p50/p99 per bucket of the window, and its totals."""
+    view = series.view(window)
+    cols = view["series"]
+    return {"time": cols["time"], "p50_ms": cols["p50_ms"], "p99_ms": cols["p99_ms"],
+            "requests": view["totals"]["requests"], "p50": view["totals"]["p50_ms"],
+            "p99": view["totals"]["p99_ms"]}
+
+
 async def api_upstreams(request: web.Request) -> web.Response:
+    """Every upstream: its state, counts, latency over a ``window`` (``15m``, ``6h``,
+    ``7d``: time to the upstream's response headers) and auth (this worker's)."""
+    window = request.query.get("window", "15m")
+    if window not in WINDOWS:
+        raise Unsupported(f"window must be one of {', '.join(WINDOWS)}", status=400)
     figures = _figures(request.app)
     router = request.app[ROUTER]
     out = []
@@ -223,8 +237,10 @@ async def api_upstreams(request: web.Request) -> web.Response:
             "last_failure_reason": None if act is None else act["last_failure_reason"],
             "requests_by_status": {} if act is None else act["requests"],
             "errors_by_kind": {} if act is None else act["errors"],
+            "latency": _latency(TimeSeries() if act is None else act["latency"], window),
+            "auth": u.auth_status,
         })
-    return _json({"upstreams": out})
+    return _json({"upstreams": out, "window": window, "now": time.time()})
 
 
 async def _repositories(app: web.Application) -> list[dict[str, Any]]:

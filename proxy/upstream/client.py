@@ -159,6 +159,8 @@ class UpstreamClient:
                         if caps.max_concurrent or caps.rate else None)
         #: the fills' bandwidth cap (``None``: none)
         self.bandwidth = ByteBucket(caps.bandwidth) if caps.bandwidth else None
+        #: The last token fetched: (when, until when, its scope), epoch seconds (the console).
+        self._last_token: tuple[float, float, str] | None = None
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=config.connect_timeout,
@@ -382,6 +384,18 @@ class UpstreamClient:
                 method = "GET"
         raise aiohttp.TooManyRedirects(resp.request_info, resp.history)
 
+    @property
+    def auth_status(self) -> dict[str, object]:
+        """This process's view of the upstream's auth, for the console (never a token or
+        a credential): the scheme of the first challenge its URLs sent, and the last token
+        fetched, with when it stops being used (tokens are kept 15 s less than granted)."""
+        last = self._last_token
+        challenge = next((o.challenge for o in self.origins if o.challenge is not None), None)
+        return {"scheme": None if challenge is None else challenge.scheme,
+                "token_fetched_at": None if last is None else last[0],
+                "token_expires_at": None if last is None else last[1],
+                "token_scope": None if last is None else last[2]}
+
     async def _authorization(self, origin: _Origin, scope: str, *, refresh: bool) -> str | None:
         """What this URL's origin asked for (its own challenge, credentials and tokens)."""
         challenge = origin.challenge
@@ -447,4 +461,5 @@ class UpstreamClient:
             expires_in = 60
         ttl = max(expires_in - 15 - int(time.monotonic() - started), 5)
         await self._tokens.set(key, token, ttl=ttl)
+        self._last_token = (time.time(), time.time() + ttl, scope)
         return token

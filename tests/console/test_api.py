@@ -63,6 +63,17 @@ async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_se
     assert never["state"] == "never_contacted" and not never["contacted"]
     assert never["last_success"] is None and never["last_failure"] is None
     assert "@" not in never["url"] and "secret" not in json.dumps(ups)
+    lat = reg["latency"]
+    assert len(lat["time"]) == len(lat["p50_ms"]) == len(lat["p99_ms"]) == keep
+    assert lat["requests"] >= 2 and 0 < lat["p50"] <= lat["p99"]
+    assert any(v is not None for v in lat["p50_ms"])
+    assert never["latency"]["requests"] == 0 and never["latency"]["p50"] is None
+    assert reg["auth"] == {"scheme": None, "token_fetched_at": None, "token_expires_at": None,
+                           "token_scope": None}  # (the test registry asks for no auth)
+    ups6h = (await get_json(http_session, f"{base}{API}/upstreams?window=6h"))["upstreams"]
+    assert len(ups6h[0]["latency"]["time"]) == WINDOWS["6h"][1]
+    async with http_session.get(f"{base}{API}/upstreams?window=1y") as r:
+        assert r.status == 400
 
     repos = (await get_json(http_session, f"{base}{API}/repositories"))["repositories"]
     by_name = {r["name"]: r for r in repos}
@@ -460,15 +471,18 @@ async def test_storage_page_names_evictions_and_dry_runs_gc(upstream_registry, h
     assert is_stored(tmp_path / "data", hosted_manifest)  # a dry run: nothing went
 
 
-async def test_storage_page_shows_a_fill_in_flight(aiohttp_server, http_session, tmp_path):
-    """A warm whose layer stalls upstream (the fault-injecting fake) is on the storage page
-    with its bytes so far and its size; when the upstream resumes it completes and goes."""
+async def test_fill_in_flight_and_token_status(aiohttp_server, http_session, tmp_path):
+    """A warm whose layer stalls upstream (the fault-injecting fake, which wants a bearer
+    token) is on the storage page with its bytes so far and its size; when the upstream
+    resumes it completes and goes. The upstreams page says a token is cached, until when,
+    and never shows it."""
     import asyncio
+    import time
 
     from tests.support.fake_upstream import FakeUpstream
     from tests.support.proxyfix import make_config
 
-    fake = FakeUpstream()
+    fake = FakeUpstream(require_token="tok-console-1234")
     layer = bytes(range(256)) * 1200  # 307200 bytes: five 64 KiB chunks and a bit
     fake.add_image("it/slow", "v1", [layer])
     layer_digest = next(d for d, b in fake.blobs.items() if b == layer)
@@ -498,4 +512,12 @@ async def test_storage_page_shows_a_fill_in_flight(aiohttp_server, http_session,
         assert loop.time() < deadline
         await asyncio.sleep(0.05)
     assert (await get_json(http_session, f"{base}{API}/warm"))["warms"][0]["state"] == "done"
-    assert (await get_json(http_session, f"{base}{API}/storage"))["fills"] == []
+    while (await get_json(http_session, f"{base}{API}/storage"))["fills"]:  # (published next)
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    ups = await get_json(http_session, f"{base}{API}/upstreams")
+    auth = ups["upstreams"][0]["auth"]
+    assert auth["scheme"] == "bearer" and auth["token_scope"] == "repository:it/slow:pull"
+    assert auth["token_fetched_at"] <= time.time() < auth["token_expires_at"]
+    assert auth["token_expires_at"] - auth["token_fetched_at"] < 300 - 14  # (15 s kept back)
+    assert "tok-console-1234" not in json.dumps(ups)

@@ -113,6 +113,12 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     rows = {(await r.locator("td").first.inner_text()).split()[0]: await r.inner_text()
             for r in await p.page.locator("#upstreams-table tbody tr").all()}
     assert "healthy" in rows["reg.io"] and "never contacted" in rows["never.io"]
+    assert "not asked yet" in rows["never.io"]  # (auth: no challenge seen)
+    chart = p.page.locator("[data-upstream-chart='reg.io']")
+    await chart.locator("canvas").wait_for(timeout=DEADLINE_MS)
+    assert int(await chart.locator(".chart").get_attribute("data-points")) > 0
+    assert "p50" in await chart.locator("figcaption").inner_text()
+    assert int(await p.page.get_attribute("[data-upstream-chart='never.io'] .chart", "data-points")) == 0
     await p.shot("upstreams")
 
     # repositories: the search filters the list; a repository's tags and shared layers

@@ -100,8 +100,46 @@
     const parts = Object.entries(obj || {}).map(([k, v]) => k + ": " + v);
     return parts.length ? parts.join(", ") : "none";
   }
+  // an upstream's latency (time to its response headers), p50 and p99, one chart each
+  function upstreamFigure(u) {
+    let fig = document.querySelector("[data-upstream-chart='" + CSS.escape(u.name) + "']");
+    if (!fig) {
+      fig = el("figure", { "data-upstream-chart": u.name }, el("figcaption", {}), el("div", { class: "chart" }));
+      $("#upstream-charts").append(fig);
+    }
+    return fig;
+  }
+  function drawUpstreamChart(u) {
+    const id = "up-" + u.name;
+    const fig = upstreamFigure(u);
+    fig.querySelector("figcaption").textContent = u.name + ": upstream latency (ms), p50 " + ms(u.latency.p50) +
+      ", p99 " + ms(u.latency.p99) + " over " + u.latency.requests + " requests";
+    const node = fig.querySelector(".chart");
+    const columns = [u.latency.time, u.latency.p50_ms, u.latency.p99_ms];
+    node.dataset.points = String(u.latency.p50_ms.filter((v) => v != null).length);
+    let chart = state.charts[id];
+    if (chart && chart._window === state.window) { chart.setData(columns); return; }
+    if (chart) chart.destroy();
+    chart = new uPlot({
+      ...chartSize(node), scales: { x: { time: true }, y: {} },
+      axes: [{}, { values: (x, vals) => vals.map(ms), size: 84 }],
+      series: [{}, ...CHARTS.latency.series.map((s) => ({ width: 2, value: (x, v) => ms(v), ...s }))],
+      legend: { show: true } }, columns, node);
+    chart._window = state.window;
+    chart._node = node;
+    state.charts[id] = chart;
+  }
+  function tokenStatus(a) {
+    if (!a.scheme) return "not asked yet";
+    if (a.scheme !== "bearer") return a.scheme;
+    if (!a.token_expires_at) return "bearer, no token yet";
+    const left = a.token_expires_at - Date.now() / 1000;
+    return "bearer: " + (left > 0 ? "token cached, " + Math.round(left) + " s left" : "token expired") +
+      " (" + a.token_scope + ")";
+  }
+
   async function loadUpstreams() {
-    const data = await api("upstreams");
+    const data = await api("upstreams?window=" + state.window);
     $("#upstreams-table tbody").replaceChildren(...data.upstreams.map((u) => el("tr", {},
       el("td", {}, el("strong", {}, u.name), u.default ? " (default)" : "", el("br"), el("code", {}, u.url)),
       el("td", { class: "state-" + u.state }, u.state.replace("_", " ")),
@@ -110,7 +148,10 @@
       el("td", {}, when(u.last_failure), u.last_failure_reason ? el("br") : "", u.last_failure_reason || ""),
       el("td", {}, u.ratelimit_remaining == null ? "-" : u.ratelimit_remaining),
       el("td", {}, counts(u.requests_by_status)),
-      el("td", {}, counts(u.errors_by_kind)))));
+      el("td", {}, counts(u.errors_by_kind)),
+      el("td", { class: "auth" }, tokenStatus(u.auth)))));
+    data.upstreams.forEach(upstreamFigure);  // (all laid out first: each chart takes its cell's width)
+    for (const u of data.upstreams) drawUpstreamChart(u);
   }
 
   // -- repositories --------------------------------------------------------------------
@@ -303,7 +344,7 @@
     $("#gc-button").addEventListener("click", () => gcDryRun().catch(showError));
     $("#repo-sort").addEventListener("change", (e) => { state.repoSort = e.target.value; refresh(); });
     window.addEventListener("resize", () => {
-      for (const [name, chart] of Object.entries(state.charts)) chart.setSize(chartSize($("#chart-" + name)));
+      for (const [name, chart] of Object.entries(state.charts)) chart.setSize(chartSize(chart._node || $("#chart-" + name)));
     });
     show();
   }
