@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.defaults import with_defaults
+from proxy.defaults import DEFAULTS, with_defaults
 from proxy.envconfig import (
     PROXY_URL,
     PROXY_USER,
     ProxyRemote,
     apply_env,
+    key_name,
     proxy_remote,
     resolve_files,
     unused_distribution_vars,
@@ -125,6 +126,10 @@ class Config:
     min_free_percent: float = 0.0
     tls: TLSConfig | None = None  #: [tls]: serve HTTPS (proxy/tls.py)
     auth: AuthConfig | None = None  #: [auth]: users and access rules (proxy/auth/)
+    #: Where each key's value came from (``cache.tag_ttl`` -> ``file``, ``environment
+    #: (VAR)``, ``flag (--x)``, ``default``), for the console; empty for a Config built in
+    #: code (:func:`load` and :meth:`with_overrides` fill it).
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def with_overrides(
         self,
@@ -137,6 +142,10 @@ class Config:
     ) -> Config:
         """Apply the command-line flags that take precedence over the file."""
         cfg = self
+        given = {"server.listen": ("--listen", listen), "server.workers": ("--workers", workers),
+                 "hosted.repositories": ("--hosted", hosted), "storage.root": ("--data-dir", data_dir)}
+        sources = {**self.sources, **{key: f"flag ({flag})" for key, (flag, value) in given.items()
+                                      if value}}
         if listen is not None:
             host, port = parse_listen("--listen", listen)
             cfg = replace(cfg, listen_host=host, listen_port=port)
@@ -152,8 +161,10 @@ class Config:
         check_debug_listen(cfg)
         if upstream is not None:
             cfg = repoint_default(cfg, parse_url("--upstream", upstream))
+            sources["proxy.default_upstream"] = "flag (--upstream)"
+            sources[key_name(("upstreams", cfg.default_upstream or "", "url"))] = "flag (--upstream)"
         check_hosted(cfg)
-        return cfg
+        return replace(cfg, sources=sources)
 
 
 def repoint_default(cfg: Config, url: str) -> Config:
@@ -349,4 +360,26 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
     env = resolve_files(os.environ if env is None else env)
     for warning in unused_distribution_vars(env):
         log.warning("%s", warning)
-    return with_remote(from_dict(apply_env(data, env), base_dir=base_dir), proxy_remote(env))
+    sources = {key: "default" for key in _keys(DEFAULTS)}
+    sources.update((key, "file") for key in _keys(data))
+    remote = proxy_remote(env)
+    cfg = with_remote(from_dict(apply_env(data, env, sources), base_dir=base_dir), remote)
+    default = ("upstreams", cfg.default_upstream or "")
+    for var, value, keys in ((PROXY_URL, remote.url, [("proxy", "default_upstream"), (*default, "url")]),
+                             (PROXY_USER, remote.username, [(*default, "username"),
+                                                            (*default, "password")])):
+        if value is not None:
+            sources.update((key_name(k), f"environment ({var})") for k in keys)
+    return replace(cfg, sources=sources)
+
+
+def _keys(table: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[str]:
+    """Every key of a parsed TOML table, as :func:`~proxy.envconfig.key_name` writes it
+    (a table's keys, not the table; an array is one key)."""
+    out = []
+    for name, value in table.items():
+        if isinstance(value, Mapping) and value:
+            out += _keys(value, (*path, name))
+        else:
+            out.append(key_name((*path, name)))
+    return out

@@ -191,12 +191,23 @@ def _upstream_vars(data: dict[str, Any], env: Mapping[str, str]
     return out
 
 
-def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """A copy of ``data`` (parsed TOML) with the environment's overrides applied."""
+def key_name(path: tuple[str, ...]) -> str:
+    """A TOML key path as the file would write it: ``cache.tag_ttl``,
+    ``upstreams."docker.io".url``."""
+    return ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else f'"{p}"' for p in path)
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str],
+              sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """A copy of ``data`` (parsed TOML) with the environment's overrides applied;
+    ``sources`` gets each key set, as :func:`key_name` writes it, and the variable that
+    set it."""
     env = resolve_files(env)
     out = copy.deepcopy(data)
 
     def put(path: tuple[str, ...], value: Any, var: str) -> None:
+        if sources is not None:
+            sources[key_name(path)] = f"environment ({var})"
         table = out
         for i, name in enumerate(path[:-1]):
             table = table.setdefault(name, {})

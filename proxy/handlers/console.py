@@ -462,8 +462,13 @@ def redacted_config(value: Any, key: str = "") -> Any:
 
 
 async def api_config(request: web.Request) -> web.Response:
+    """The effective configuration, redacted, and where each key's value came from."""
     config = request.app.get(CONSOLE_CONFIG)
-    return _json({"config": None if config is None else redacted_config(config)})
+    if config is None:
+        return _json({"config": None, "sources": {}})
+    shown = redacted_config(config)
+    shown.pop("sources", None)
+    return _json({"config": shown, "sources": dict(sorted(config.sources.items()))})
 
 
 @functools.cache

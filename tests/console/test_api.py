@@ -521,3 +521,33 @@ async def test_fill_in_flight_and_token_status(aiohttp_server, http_session, tmp
     assert auth["token_fetched_at"] <= time.time() < auth["token_expires_at"]
     assert auth["token_expires_at"] - auth["token_fetched_at"] < 300 - 14  # (15 s kept back)
     assert "tok-console-1234" not in json.dumps(ups)
+
+
+async def test_config_page_says_where_each_value_came_from(aiohttp_client, tmp_path):
+    """A file, the environment (a ``_FILE`` secret among it) and flags, each named as the
+    source of the keys it set; the rest are defaults; no value of a secret is shown."""
+    from proxy.config import load
+
+    (tmp_path / "c.toml").write_text('[cache]\ntag_ttl = "1m"\n[upstreams."gcr.io"]\n'
+                                     'url = "https://gcr.io"\n')
+    (tmp_path / "pw").write_text("env-secret-pw\n")
+    env = {"REGPROXY_CACHE_MAX_SIZE": "10GiB", "REGPROXY_UPSTREAMS_GCR_IO_USERNAME": "bot",
+           "REGPROXY_UPSTREAMS_GCR_IO_PASSWORD_FILE": str(tmp_path / "pw")}
+    cfg = load(tmp_path / "c.toml", env).with_overrides(
+        listen="127.0.0.1:0", data_dir=str(tmp_path / "data"))
+    client = await aiohttp_client(create_app(cfg))
+    answer = await get_json(client, f"{API}/config")
+    sources = answer["sources"]
+    assert sources["cache.tag_ttl"] == "file" and sources['upstreams."gcr.io".url'] == "file"
+    assert sources["cache.max_size"] == "environment (REGPROXY_CACHE_MAX_SIZE)"
+    assert sources['upstreams."gcr.io".username'] == "environment (REGPROXY_UPSTREAMS_GCR_IO_USERNAME)"
+    # (read from the _FILE, named as the variable it stands for)
+    assert sources['upstreams."gcr.io".password'] == "environment (REGPROXY_UPSTREAMS_GCR_IO_PASSWORD)"
+    assert sources["server.listen"] == "flag (--listen)" and sources["storage.root"] == "flag (--data-dir)"
+    assert sources["cache.tag_stale_while_revalidate"] == "default"
+    assert sources["server.workers"] == "default"
+    assert "sources" not in answer["config"] and answer["config"]["tag_ttl"] == 60
+    assert "env-secret-pw" not in json.dumps(answer)
+    # a configuration built in code records none
+    plain = await aiohttp_client(create_app(console_config(tmp_path, "http://127.0.0.1:9")))
+    assert (await get_json(plain, f"{API}/config"))["sources"] == {}

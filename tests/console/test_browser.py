@@ -15,6 +15,7 @@ import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,10 @@ class Page:
 
 async def test_console_pages_in_chromium(browser, upstream_registry, http_session,
                                          aiohttp_server, tmp_path):
-    cfg = console_config(tmp_path, upstream_registry.url)
+    # (as proxy.config.load records them: a configuration built in code has none)
+    cfg = replace(console_config(tmp_path, upstream_registry.url), sources={
+        "cache.max_size": "file", "server.workers": "environment (REGPROXY_SERVER_WORKERS)",
+        "server.listen": "flag (--listen)", "cache.tag_ttl": "default"})
     app = create_app(cfg)
     server = await aiohttp_server(app, **runner_kwargs(cfg))
     base = str(server.make_url("")).rstrip("/")
@@ -233,6 +237,9 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     await p.open("config")
     config = await p.page.inner_text("#config-text")
     assert "<redacted>" in config and "hunter2-secret" not in config and "never.io" in config
+    keys = await p.page.locator("#sources-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.key)")
+    assert keys == ["cache.max_size", "server.listen", "server.workers", "cache.tag_ttl"]  # defaults last
+    assert "flag (--listen)" in await p.page.inner_text("#sources-table tr[data-key='server.listen']")
     await p.shot("config")
     assert p.errors == []
 

@@ -303,6 +303,11 @@
   async function loadConfig() {
     const c = await api("config");
     $("#config-text").textContent = JSON.stringify(c.config, null, 2);
+    // the keys set somewhere first, then the defaults
+    const keys = Object.entries(c.sources).sort((a, b) => (a[1] === "default") - (b[1] === "default") || (a[0] < b[0] ? -1 : 1));
+    $("#sources-table tbody").replaceChildren(...(keys.length ? keys.map(([k, src]) => el("tr", { "data-key": k, class: src === "default" ? "muted" : "" },
+      el("td", {}, el("code", {}, k)), el("td", {}, src)))
+      : [el("tr", {}, el("td", { colspan: "2" }, "not recorded (a configuration built in code)"))]));
   }
 
   // -- navigation ----------------------------------------------------------------------
