@@ -78,7 +78,9 @@ class WarmProgress:
     manifests: int = 0
     blobs: int = 0
     blobs_total: int | None = None
-    bytes: int = 0  #: fetched from the upstream by this warm (cached blobs add nothing)
+    #: read from fills by this warm (blobs already stored add nothing; one a prefetch
+    #: finished first neither)
+    bytes: int = 0
 
 
 class PullThrough:
@@ -267,6 +269,7 @@ class PullThrough:
                         progress.bytes += len(chunk)
                 finally:
                     found.reader.close()
+                await self._fills.wait_ended(digest)  # (published: a warm done is stored)
             progress.blobs += 1
 
     # -- blobs -------------------------------------------------------------------------
