@@ -76,6 +76,7 @@ RANGED_PARTS: Counter
 RANGED_RETRIES: Counter
 RANGED_FALLBACKS: Counter
 PREFETCHES: Counter
+COLD_RANGES: Counter
 BREAKER_OPEN: Gauge
 RATELIMIT_REMAINING: Gauge
 URL_BREAKER_OPEN: Gauge
@@ -99,6 +100,7 @@ def _define() -> None:
     global DISK_SIZE, EVICTIONS, EVICTED_BYTES, BUILD_INFO
     global RANGED_PARTS, RANGED_RETRIES, RANGED_FALLBACKS, PREFETCHES
     global URL_BREAKER_OPEN, UPSTREAM_QUEUE, UPSTREAM_QUEUE_WAIT, UPSTREAM_BUSY
+    global COLD_RANGES
     REQUESTS = Counter("regproxy_requests_total", "HTTP requests answered",
                        ["route", "method", "status"])
     REQUEST_LATENCY = BatchedHistogram(
@@ -145,6 +147,9 @@ def _define() -> None:
                          "Blobs of image manifests filled ahead of their clients (cache.prefetch): "
                          "started; requested (a client asked for it afterwards); unrequested "
                          "(no client asked within an hour)", ["outcome"])
+    COLD_RANGES = Counter("regproxy_cold_ranges_total",
+                          "Client ranges far ahead of a running fill, streamed from an "
+                          "upstream ranged GET at once", ["upstream"])
     BREAKER_OPEN = Gauge("regproxy_circuit_breaker_open",
                          "1 while an upstream's breaker is open", ["upstream"],
                          multiprocess_mode="max")

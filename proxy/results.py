@@ -77,8 +77,8 @@ class LocalSpan(NamedTuple):
 
 
 #: ``source(start, end)``: the spans of bytes ``[start, end)`` of a local file, as they may
-#: be sent.
-SpanSource = Callable[[int, int | None], AsyncIterator[LocalSpan]]
+#: be sent; bytes not (yet) in the file come as ``bytes`` (a cold range from the upstream).
+SpanSource = Callable[[int, int | None], AsyncIterator[LocalSpan | bytes]]
 
 
 class BlobReader(Protocol):

@@ -32,7 +32,8 @@ log = logging.getLogger("regproxy.http")
 
 class LocalSpans(NamedTuple):
     """A local file still being written: ``source(start, end)`` yields its spans as they
-    may be sent (a fill reader's :attr:`~proxy.results.BlobReader.local_spans`)."""
+    may be sent (a fill reader's :attr:`~proxy.results.BlobReader.local_spans`), and bytes
+    not in the file yet (a cold range, from the upstream) as ``bytes``."""
 
     source: SpanSource
 
@@ -149,7 +150,7 @@ class BlobResponse(web.StreamResponse):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
     async def _send(self, request: web.BaseRequest,
-                    items: LocalSpan | AsyncIterator[bytes] | AsyncIterator[LocalSpan],
+                    items: LocalSpan | AsyncIterator[bytes] | AsyncIterator[LocalSpan | bytes],
                     ) -> AbstractStreamWriter | None:
         """Send the headers, then ``items``: spans of a file (with ``sendfile``), or bytes.
         An error from here on cuts the connection."""

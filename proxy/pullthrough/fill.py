@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from proxy.errors import (
     SizeInvalid,
     Unavailable,
 )
-from proxy.pullthrough.ranged import RangedFill, plan_parts
+from proxy.pullthrough.ranged import RangedFill, fetch_range, plan_parts
 from proxy.reference import Digest
 from proxy.results import LocalSpan, SpanSource
 from proxy.storage import BlobWriter, ObjectWriter, Staging, Store
@@ -58,12 +59,19 @@ PIPELINE_MIN_BLOB = 8 << 20
 #: Received bytes held while the thread is still busy with the previous batch.
 PIPELINE_MAX_BATCH = 8 << 20
 _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
+#: A client range starting at least this far beyond what its fill has written is a cold
+#: range: it streams from its own upstream ranged GET at once instead of waiting for the
+#: fill to get there (lazy-pulling snapshotters, containerd's parallel layer fetches).
+COLD_RANGE_LEAD = 4 << 20
 
 
-async def read_spans(spans: AsyncIterator[LocalSpan]) -> AsyncIterator[bytes]:
+async def read_spans(spans: AsyncIterator[LocalSpan | bytes]) -> AsyncIterator[bytes]:
     """The bytes of ``spans``, read in chunks of at most :data:`READ_CHUNK` (for clients
     that cannot take ``sendfile``: TLS, chunked bodies, peers)."""
     async for span in spans:
+        if isinstance(span, bytes):  # (a cold range's bytes, not in the file yet)
+            yield span
+            continue
         pos, end = span.offset, span.offset + span.length
         while pos < end:
             data = os.pread(span.fd, min(end - pos, READ_CHUNK), pos)
@@ -117,6 +125,8 @@ class BlobFill:
         self._announced = 0  #: ``written`` when readers were last woken
         self._announced_at = 0.0  #: and when (monotonic)
         self._deferred: asyncio.TimerHandle | None = None  #: a wake-up still to come
+        self._upstream: UpstreamClient | None = None  #: (for cold ranges, once it runs)
+        self._remote = ""
 
     @property
     def verified(self) -> bool:
@@ -165,6 +175,13 @@ class BlobFill:
             raise self._failure()
         return self.size
 
+    def cold(self, start: int, end: int | None) -> bool:
+        """Whether ``[start, end)`` starts so far beyond what is written that it is fetched
+        with its own upstream ranged GET (the fill itself goes on: still one full GET)."""
+        return (self._upstream is not None and self.state is FillState.RECEIVING
+                and self.size is not None and end is not None and end - start > 1
+                and start - self.written >= COLD_RANGE_LEAD)
+
     def _failure(self) -> RegistryError:
         assert self.error is not None
         return self.error
@@ -197,6 +214,7 @@ class BlobFill:
         """Download, verify, sync and publish. ``on_settled`` is called (synchronously)
         once the blob is in the store, or just before the temp file is removed."""
         writer = self._writer
+        self._upstream, self._remote = upstream, remote
         in_flight = metrics.child(metrics.FILLS_IN_FLIGHT, upstream.name)
         in_flight.inc()
         try:
@@ -411,10 +429,22 @@ class FillReader:
         """
         return read_spans(self.spans(start, end))
 
-    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[LocalSpan]:
+    async def spans(self, start: int = 0, end: int | None = None
+                    ) -> AsyncIterator[LocalSpan | bytes]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
-        arrive (for ``sendfile``; :meth:`stream` reads them)."""
+        arrive (for ``sendfile``; :meth:`stream` reads them); a cold range's bytes come
+        from the upstream first (:meth:`_cold`)."""
         fill, pos = self.fill, start
+        if end is not None and fill.cold(start, end):
+            sent = hashlib.sha256()
+            async for chunk in self._cold(start, end):
+                sent.update(chunk)
+                pos += len(chunk)
+                yield chunk
+            if pos >= end:
+                return  # (``unverified_ranges``: complete before the fill is verified)
+            if pos > start:
+                await self._match(start, pos, sent.hexdigest())
         while True:
             assert self._fd is not None, "reader closed"
             limit = end if end is not None else fill.size
@@ -434,6 +464,56 @@ class FillReader:
             if fill.size is None and fill.verified and fill.ended:
                 return  # chunked upstream body: everything was written and verified
             await fill.wait_progress()
+
+    async def _cold(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """A cold range's bytes from its own upstream GET, up to its last byte, which is
+        held back for the fill to verify (:meth:`spans` sends it from the file then),
+        unless the upstream has ``unverified_ranges``. When the upstream will not answer
+        the range, or its body breaks, this stops and the fill brings the rest."""
+        fill = self.fill
+        upstream = fill._upstream
+        assert upstream is not None and fill.size is not None
+        whole = upstream.config.unverified_ranges
+        stop = end if whole else end - 1
+        pos = start
+        try:
+            async for chunk in fetch_range(upstream, fill._remote, fill.digest, start, stop,
+                                           fill.size):
+                pos += len(chunk)
+                yield chunk
+        except RegistryError as exc:
+            log.info("cold range %d-%d of %s from upstream %s stopped at %d (%s); the fill "
+                     "brings the rest", start, end - 1, fill.digest, upstream.name, pos,
+                     exc.message)
+
+    async def _match(self, start: int, end: int, sent: str) -> None:
+        """Once the fill is verified, check that the bytes ``[start, end)`` a cold range
+        sent from its own GET (of SHA-256 ``sent``) are the verified ones: an upstream
+        could answer a range with other bytes than the blob's. A mismatch, or a fill that
+        failed, cuts the response before its last byte."""
+        fill = self.fill
+        while not fill.ended and not fill.verified:
+            await fill.wait_progress()
+        if not fill.verified:
+            raise fill._failure()
+        fd = self._fd
+        assert fd is not None
+
+        def digest_of_file() -> str:
+            h, pos = hashlib.sha256(), start
+            while pos < end:
+                data = os.pread(fd, min(end - pos, READ_CHUNK), pos)
+                if not data:
+                    raise BadGateway("blob file shrank while being read")
+                h.update(data)
+                pos += len(data)
+            return h.hexdigest()
+
+        if await asyncio.get_running_loop().run_in_executor(_TEE_POOL, digest_of_file) != sent:
+            log.error("upstream %s answered range %d-%d of %s with other bytes than the "
+                      "verified blob", fill._upstream.name if fill._upstream else "?",
+                      start, end - 1, fill.digest)
+            raise BadGateway("upstream answered a range with bytes that failed verification")
 
 
 class TailReader:
@@ -499,7 +579,8 @@ class TailReader:
         """Yield bytes ``[start, end)`` of the blob as the other process writes them."""
         return read_spans(self.spans(start, end))
 
-    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[LocalSpan]:
+    async def spans(self, start: int = 0, end: int | None = None
+                    ) -> AsyncIterator[LocalSpan | bytes]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent."""
         pos, delay = start, 0.001
         while True:

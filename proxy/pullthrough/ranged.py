@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +74,43 @@ class _Part:
 
 class _RangesIgnored(Exception):
     """A ranged GET answered 200: the upstream sends whole blobs only."""
+
+
+def check_content_range(resp: UpstreamResponse, first: int, last: int, size: int) -> None:
+    """A 206 must answer exactly the range asked, of a blob of the size the fill knows."""
+    m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+    if m is None or (int(m[1]), int(m[2])) != (first, last) or m[3] not in ("*", str(size)):
+        raise BadGateway("upstream answered a range with the wrong Content-Range")
+
+
+async def fetch_range(upstream: UpstreamClient, remote: str, digest: Digest, start: int,
+                      end: int, size: int) -> AsyncIterator[bytes]:
+    """Bytes ``[start, end)`` of a blob with one ranged GET (a cold range that must not wait
+    for its fill). Raises :class:`BadGateway` before yielding anything when the upstream
+    does not answer the range with a 206 (the caller then waits for the fill), and when
+    the body is short or too long. The bytes are not verified here."""
+    headers = {"Range": f"bytes={start}-{end - 1}"}
+    async with upstream.request("GET", remote, Endpoint.BLOBS, digest,
+                                headers=headers) as resp:
+        if resp.status == 200:
+            raise BadGateway("upstream ignores ranges")
+        if resp.status != 206:
+            raise upstream_error(resp, upstream, f"blob {digest}", BlobUnknown)
+        check_content_range(resp, start, end - 1, size)
+        metrics.child(metrics.COLD_RANGES, upstream.name).inc()
+        got = 0
+        while got < end - start:
+            try:
+                chunk = await resp.content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise Unavailable(f"upstream {upstream.name} failed: "
+                                  f"{type(exc).__name__}") from None
+            if not chunk:
+                raise BadGateway("upstream closed a ranged body early")
+            if got + len(chunk) > end - start:
+                raise BadGateway("upstream sent more bytes than the range asked")
+            got += len(chunk)
+            yield chunk
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -213,10 +250,7 @@ class RangedFill:
                 raise _RangesIgnored()
             if resp.status != 206:
                 raise upstream_error(resp, self._upstream, f"blob {self._digest}", BlobUnknown)
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-            if m is None or (int(m[1]), int(m[2])) != (first, last) or m[3] not in (
-                    "*", str(self._size)):
-                raise BadGateway("upstream answered a range with the wrong Content-Range")
+            check_content_range(resp, first, last, self._size)
             metrics.child(metrics.RANGED_PARTS, self._upstream.name).inc()
             if part is not self._parts[0]:  # (the first part's own retry decides nothing)
                 self._answered()

@@ -72,6 +72,9 @@ class UpstreamConfig:
     #: more URLs tried in order after ``url`` (``urls = [...]``), each with its own
     #: credentials and breaker; ``url``/``username``/``password`` are the first's
     more_urls: tuple[UpstreamURL, ...] = ()
+    #: a range far ahead of a running fill may complete before the blob is verified (for
+    #: lazy-pulling snapshotters that check their own chunks)
+    unverified_ranges: bool = False
 
     @property
     def urls(self) -> tuple[UpstreamURL, ...]:
@@ -86,7 +89,7 @@ class UpstreamConfig:
 UPSTREAM_KEYS = ("url", "aliases", "username", "password", "library_prefix", "connect_timeout",
                  "read_timeout", "header_timeout", "breaker_threshold", "breaker_cooldown",
                  "proxy", "rules", "rules_default", "require_signature", "parallel_fills",
-                 "parallel_fill_threshold", "limits", "urls")
+                 "parallel_fill_threshold", "limits", "urls", "unverified_ranges")
 
 
 def check_upstream_name(key: str, name: str) -> None:
@@ -151,6 +154,8 @@ def parse_upstream(name: str, raw: Any, base_dir: Path = Path(".")) -> UpstreamC
         parallel_fills=_parallel_fills(f"{key}.parallel_fills", t.get("parallel_fills", 4)),
         parallel_fill_threshold=parse_size(f"{key}.parallel_fill_threshold",
                                            t.get("parallel_fill_threshold", 32 << 20)),
+        unverified_ranges=bool_value(f"{key}.unverified_ranges",
+                                     t.get("unverified_ranges", False)),
     )
 
 
