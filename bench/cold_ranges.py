@@ -60,7 +60,7 @@ async def one_run(session: aiohttp.ClientSession, registry: RegistryProcess, hop
                   proxy: str, scratch: Path, size: int, run: int) -> dict[str, float]:
     await asyncio.to_thread(random_file, scratch, size)
     desc = await push_blob(session, registry.url, f"bench/coldrange{run}", scratch)
-    scratch.unlink()
+    await asyncio.to_thread(scratch.unlink)
     mark = hop.mark("proxy")
     start = size - 2 * MiB
     url = f"{proxy}/v2/bench/coldrange{run}/blobs/{desc.digest}"
