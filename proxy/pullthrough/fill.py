@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -63,6 +64,9 @@ _TEE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tee")
 #: range: it streams from its own upstream ranged GET at once instead of waiting for the
 #: fill to get there (lazy-pulling snapshotters, containerd's parallel layer fetches).
 COLD_RANGE_LEAD = 4 << 20
+#: Longer ranges wait for the fill (a resumed download of the rest of a blob is not worth
+#: fetching twice); containerd's parallel chunks are 8 MiB by default, snapshotters' less.
+COLD_RANGE_MAX = 16 << 20
 
 
 async def read_spans(spans: AsyncIterator[LocalSpan | bytes]) -> AsyncIterator[bytes]:
@@ -127,6 +131,7 @@ class BlobFill:
         self._deferred: asyncio.TimerHandle | None = None  #: a wake-up still to come
         self._upstream: UpstreamClient | None = None  #: (for cold ranges, once it runs)
         self._remote = ""
+        self._ranges = False  #: the upstream announced ``Accept-Ranges: bytes``
 
     @property
     def verified(self) -> bool:
@@ -177,10 +182,11 @@ class BlobFill:
 
     def cold(self, start: int, end: int | None) -> bool:
         """Whether ``[start, end)`` starts so far beyond what is written that it is fetched
-        with its own upstream ranged GET (the fill itself goes on: still one full GET)."""
-        return (self._upstream is not None and self.state is FillState.RECEIVING
-                and self.size is not None and end is not None and end - start > 1
-                and start - self.written >= COLD_RANGE_LEAD)
+        with its own upstream ranged GET (the fill itself goes on: still one full GET):
+        at most :data:`COLD_RANGE_MAX` long, from an upstream that announced ranges."""
+        return (self._upstream is not None and self._ranges and self.state is FillState.RECEIVING
+                and self.size is not None and end is not None
+                and 1 < end - start <= COLD_RANGE_MAX and start - self.written >= COLD_RANGE_LEAD)
 
     def _failure(self) -> RegistryError:
         assert self.error is not None
@@ -223,6 +229,7 @@ class BlobFill:
                 if resp.status != 200:
                     raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
                 self.size = resp.content_length
+                self._ranges = resp.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
                 spans = plan_parts(upstream.config, self.size, resp.headers,
                                    self._sink is not None)
                 if spans is not None:
@@ -420,7 +427,10 @@ class FillReader:
 
     @property
     def local_spans(self) -> SpanSource:
-        return self.spans
+        """The spans a client's response sends: a client's cold range goes upstream at once
+        (a peer resuming a stream, or the signature check, reads :meth:`stream`, which
+        waits for the fill: the rest of a blob is not worth fetching twice)."""
+        return functools.partial(self.spans, cold_ok=True)
 
     def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob as they arrive.
@@ -429,13 +439,13 @@ class FillReader:
         """
         return read_spans(self.spans(start, end))
 
-    async def spans(self, start: int = 0, end: int | None = None
+    async def spans(self, start: int = 0, end: int | None = None, *, cold_ok: bool = False
                     ) -> AsyncIterator[LocalSpan | bytes]:
         """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
-        arrive (for ``sendfile``; :meth:`stream` reads them); a cold range's bytes come
-        from the upstream first (:meth:`_cold`)."""
+        arrive (for ``sendfile``; :meth:`stream` reads them); with ``cold_ok``, a cold
+        range's bytes come from the upstream first (:meth:`_cold`)."""
         fill, pos = self.fill, start
-        if end is not None and fill.cold(start, end):
+        if cold_ok and end is not None and fill.cold(start, end):
             sent = hashlib.sha256()
             async for chunk in self._cold(start, end):
                 sent.update(chunk)

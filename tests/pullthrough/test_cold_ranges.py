@@ -15,7 +15,7 @@ import pytest
 from proxy import metrics
 from proxy.app import create_app
 from proxy.config import Config
-from proxy.pullthrough.fill import COLD_RANGE_LEAD
+from proxy.pullthrough.fill import COLD_RANGE_LEAD, COLD_RANGE_MAX
 from proxy.settings.fields import ConfigError
 from proxy.settings.upstreams import parse_upstream
 from tests.support.fake_upstream import FakeUpstream
@@ -169,6 +169,30 @@ async def test_a_range_near_the_fill_waits_for_it_and_asks_no_range(
     start = COLD_RANGE_LEAD // 4
     async with client.get(f"{base}/v2/a/blobs/{d}", headers=range_header(start)) as r:
         assert r.status == 206 and await r.read() == blob[start:start + LENGTH]
+    await wait_stored(data, d)
+    assert blob_gets(fake, d) == [""]
+
+
+async def test_long_ranges_and_upstreams_without_ranges_wait_for_the_fill(
+        fake, upstream_url, aiohttp_server, tmp_path, client):
+    """The rest of a blob (a resumed download) is not fetched twice; an upstream that
+    announces no ranges is not asked for one."""
+    data = tmp_path / "data"
+    base = await start_proxy(aiohttp_server, upstream_url, data)
+    fake.stall_after = None
+    size = COLD_RANGE_MAX + 8 * MiB
+    blob = os.urandom(size)
+    d = fake.add_blob(blob)
+    start = size - COLD_RANGE_MAX - 1
+    async with client.get(f"{base}/v2/a/blobs/{d}", headers={"Range": f"bytes={start}-"}) as r:
+        assert r.status == 206 and await r.read() == blob[start:]
+    await wait_stored(data, d)
+    assert blob_gets(fake, d) == [""]
+    fake.ranges = False  # no Accept-Ranges
+    blob = os.urandom(SIZE)
+    d = fake.add_blob(blob)
+    async with client.get(f"{base}/v2/a/blobs/{d}", headers=range_header()) as r:
+        assert r.status == 206 and await r.read() == blob[START:START + LENGTH]
     await wait_stored(data, d)
     assert blob_gets(fake, d) == [""]
 
