@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -427,10 +426,8 @@ class FillReader:
 
     @property
     def local_spans(self) -> SpanSource:
-        """The spans a client's response sends: a client's cold range goes upstream at once
-        (a peer resuming a stream, or the signature check, reads :meth:`stream`, which
-        waits for the fill: the rest of a blob is not worth fetching twice)."""
-        return functools.partial(self.spans, cold_ok=True)
+        """The spans a client's response sends (:meth:`client_spans`)."""
+        return self.client_spans
 
     def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Yield bytes ``[start, end)`` of the blob as they arrive.
@@ -439,13 +436,14 @@ class FillReader:
         """
         return read_spans(self.spans(start, end))
 
-    async def spans(self, start: int = 0, end: int | None = None, *, cold_ok: bool = False
-                    ) -> AsyncIterator[LocalSpan | bytes]:
-        """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
-        arrive (for ``sendfile``; :meth:`stream` reads them); with ``cold_ok``, a cold
-        range's bytes come from the upstream first (:meth:`_cold`)."""
-        fill, pos = self.fill, start
-        if cold_ok and end is not None and fill.cold(start, end):
+    async def client_spans(self, start: int = 0, end: int | None = None
+                           ) -> AsyncIterator[LocalSpan | bytes]:
+        """:meth:`spans` for a client's response: a cold range's bytes come from the
+        upstream at once (:meth:`_cold`), the rest as the fill brings it. (A peer resuming
+        a stream, or the signature check, reads :meth:`stream`, which waits for the fill:
+        the rest of a blob is not worth fetching twice.)"""
+        pos = start
+        if end is not None and self.fill.cold(start, end):
             sent = hashlib.sha256()
             async for chunk in self._cold(start, end):
                 sent.update(chunk)
@@ -455,6 +453,13 @@ class FillReader:
                 return  # (``unverified_ranges``: complete before the fill is verified)
             if pos > start:
                 await self._match(start, pos, sent.hexdigest())
+        async for span in self.spans(pos, end):
+            yield span
+
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncIterator[LocalSpan]:
+        """Yield the parts of ``[start, end)`` that are on disk and may be sent, as they
+        arrive (for ``sendfile``; :meth:`stream` reads them)."""
+        fill, pos = self.fill, start
         while True:
             assert self._fd is not None, "reader closed"
             limit = end if end is not None else fill.size
@@ -477,7 +482,7 @@ class FillReader:
 
     async def _cold(self, start: int, end: int) -> AsyncIterator[bytes]:
         """A cold range's bytes from its own upstream GET, up to its last byte, which is
-        held back for the fill to verify (:meth:`spans` sends it from the file then),
+        held back for the fill to verify (:meth:`client_spans` sends it from the file),
         unless the upstream has ``unverified_ranges``. When the upstream will not answer
         the range, or its body breaks, this stops and the fill brings the rest."""
         fill = self.fill
