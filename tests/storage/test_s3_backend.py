@@ -23,6 +23,7 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.config import S3Config
 from proxy.reference import Digest
+from proxy.settings.prefetch import PrefetchConfig
 from proxy.storage import RegistryStore
 from proxy.storage.backend import open_s3
 from proxy.storage.driver.s3 import MiB, S3Driver
@@ -108,6 +109,9 @@ class Proxy:
         """Digests of blob GETs answered with ``status``."""
         return {path.rsplit("/", 1)[1] for method, path, st in self.responses
                 if method == "GET" and "/blobs/sha256:" in path and st == status}
+
+
+NO_PREFETCH = PrefetchConfig(enabled=False)
 
 
 async def start_proxy(aiohttp_server, root: Path, upstreams: dict[str, str], s3: S3Config,
@@ -279,7 +283,10 @@ async def test_redirect_mode_sends_clients_to_presigned_urls(
     img = await push_image(http_session, reg.url, "s3/redirect", "v1",
                            [layer, make_tar_layer(seed=92)], schema="oci")
     config = replace(bucket.config, redirect=True)
-    proxy = await start_proxy(aiohttp_server, tmp_path / "data", {"upstream.test": reg.url}, config)
+    # no layer prefetch: a blob it stored before the client's GET would be redirected, and
+    # this checks that a fill still streams through the proxy
+    proxy = await start_proxy(aiohttp_server, tmp_path / "data", {"upstream.test": reg.url}, config,
+                              prefetch=NO_PREFETCH)
 
     # cold: the fill streams through the proxy (there is nothing to redirect to yet)
     await skopeo_copy(f"docker://{proxy.host}/s3/redirect:v1", f"oci:{tmp_path / 'cold'}")
@@ -465,8 +472,11 @@ async def test_eviction_on_the_bucket_drops_the_least_recently_used_image(
         fake.add_image(f"team/{name}", "v1", data)
     up = await aiohttp_server(fake.app())
     s3 = seaweedfs.s3_config()
+    # no layer prefetch: a client's GET right after a prefetch is a hit that marks the blob
+    # used, and the proxy marks a blob at most once every 30 s, so the last pull of 'a' would
+    # not count (the test's pulls are 1.5 s apart)
     proxy = await aiohttp_server(create_app(make_config(
-        tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3)))
+        tmp_path / "d", {"fake.io": f"http://127.0.0.1:{up.port}"}, s3=s3, prefetch=NO_PREFETCH)))
     base = f"http://127.0.0.1:{proxy.port}"
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
     async with aiohttp.ClientSession() as s:
