@@ -16,12 +16,14 @@ import pytest
 from proxy.app import create_app
 from proxy.config import UpstreamURL, from_dict
 from proxy.handlers.common import ROUTER, STORE
+from proxy.policy.limits import Caps
 from proxy.reference import Digest
 from proxy.upstream import BreakerState, UpstreamClient
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.images import push_blob, push_image
+from tests.support.images import make_tar_layer, push_blob, push_image
 from tests.support.proxyfix import make_config
 from tests.support.registry import free_port, upstream_gets
+from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 
 KiB = 1 << 10
 
@@ -150,3 +152,30 @@ def test_urls_config_forms_and_errors():
         with pytest.raises(ConfigError) as err:
             from_dict({"upstreams": {"ghcr.io": table}})
         assert key in str(err.value), (table, str(err.value))
+
+
+async def test_skopeo_pulls_through_a_dead_first_url_under_a_concurrency_cap(
+        aiohttp_server, tmp_path, upstream_registry, http_session):
+    """End to end with a real client: skopeo copies a four-layer image through a proxy
+    whose upstream's first URL refuses connections and whose requests are capped at one
+    at a time; every layer arrives intact, requests waited in line rather than failing,
+    and the dead URL's breaker is open."""
+    reg = upstream_registry
+    img = await push_image(http_session, reg.url, "it/urls-skopeo", "v1",
+                           [make_tar_layer(seed=2000 + i) for i in range(4)], schema="oci")
+    dead = f"http://127.0.0.1:{free_port()}"
+    base, up, _ = await proxy_with(aiohttp_server, tmp_path,
+                                   [UpstreamURL(dead), UpstreamURL(reg.url)],
+                                   limits=Caps(max_concurrent=1, queue=64, max_wait=60))
+    host = base.removeprefix("http://")
+    out = tmp_path / "out"
+    await skopeo_copy(f"docker://{host}/it/urls-skopeo:v1", f"oci:{out}")
+    index = read_oci_layout_index(out)
+    assert [m["digest"] for m in index["manifests"]] == [img.digest]
+    for layer in img.layers:
+        blob = out / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")
+        assert Digest.of(blob.read_bytes()) == Digest.parse(layer.digest)
+    assert up.limiter is not None
+    assert up.limiter.stats.rejected_full == up.limiter.stats.rejected_timeout == 0
+    assert up.limiter.stats.granted >= 1 + len(img.layers)  # manifest, config, layers
+    assert dict(up.url_states())[dead] is BreakerState.OPEN
