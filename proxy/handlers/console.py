@@ -413,13 +413,7 @@ GC_LIST_LIMIT = 200
 async def action_gc_dry_run(request: web.Request) -> web.Response:
     """What ``regproxy gc`` would remove now, removing nothing: ``{"delete_untagged":
     false, "grace_seconds": 3600}`` (both optional, as the command's flags)."""
-    _same_origin(request)
-    try:
-        body = await request.json()
-    except ValueError:
-        raise Unsupported("the body is not JSON", status=400) from None
-    if not isinstance(body, dict):
-        raise Unsupported('expected {"delete_untagged": false, "grace_seconds": 3600}', status=400)
+    body = await _json_object(request, '{"delete_untagged": false, "grace_seconds": 3600}')
     untagged, grace = body.get("delete_untagged", False), body.get("grace_seconds", 3600)
     if not isinstance(untagged, bool):
         raise Unsupported("delete_untagged must be true or false", status=400)
@@ -515,15 +509,8 @@ async def action_purge(request: web.Request) -> web.Response:
     """Purge a cached image: ``{"reference": "<tag or digest>"}`` removes the tag (or the
     manifest) and the content only it used, as ``regproxy cache purge NAME:TAG`` does; every
     process drops what it holds in memory at the purge marker's change."""
-    _same_origin(request)
     name = validate_name(request.match_info["name"])
-    try:
-        body = await request.json()
-    except ValueError:
-        raise Unsupported("the body is not JSON", status=400) from None
-    ref = body.get("reference") if isinstance(body, dict) else None
-    if not isinstance(ref, str) or not ref:
-        raise Unsupported('expected {"reference": "<tag or digest>"}', status=400)
+    ref = await _body(request, "reference", "<tag or digest>")
     reference = parse_reference(ref)
     app = request.app
     found = next((r for r in await _repositories(app) if r["name"] == name), None)
@@ -548,16 +535,8 @@ async def action_purge(request: web.Request) -> web.Response:
 async def action_delete_tag(request: web.Request) -> web.Response:
     """Delete a tag of a hosted repository: ``{"tag": "<tag>"}`` (the manifest stays, as
     ``DELETE /v2/<name>/manifests/<tag>`` does; ``hosted.delete_enabled`` applies)."""
-    _same_origin(request)
     name = validate_name(request.match_info["name"])
-    try:
-        body = await request.json()
-    except ValueError:
-        raise Unsupported("the body is not JSON", status=400) from None
-    tag = body.get("tag") if isinstance(body, dict) else None
-    if not isinstance(tag, str) or not tag:
-        raise Unsupported('expected {"tag": "<tag>"}', status=400)
-    reference = parse_reference(tag)
+    reference = parse_reference(await _body(request, "tag", "<tag>"))
     if not isinstance(reference, str):
         raise Unsupported("expected a tag, not a digest", status=400)
     route = request.app[ROUTER].route(name)
@@ -567,14 +546,21 @@ async def action_delete_tag(request: web.Request) -> web.Response:
     return _json({"deleted": f"{name}:{reference}"})
 
 
-async def _body(request: web.Request, key: str, shape: str) -> str:
-    """An action's one string argument, from its JSON body."""
+async def _json_object(request: web.Request, expected: str) -> dict[str, Any]:
+    """An action's JSON body, an object, once its origin is checked (:func:`_same_origin`)."""
     _same_origin(request)
     try:
         body = await request.json()
     except ValueError:
         raise Unsupported("the body is not JSON", status=400) from None
-    value = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise Unsupported(f"expected {expected}", status=400)
+    return body
+
+
+async def _body(request: web.Request, key: str, shape: str) -> str:
+    """An action's one string argument, from its JSON body."""
+    value = (await _json_object(request, f'{{"{key}": "{shape}"}}')).get(key)
     if not isinstance(value, str) or not value:
         raise Unsupported(f'expected {{"{key}": "{shape}"}}', status=400)
     return value
