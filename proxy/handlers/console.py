@@ -341,6 +341,7 @@ async def api_repository(request: web.Request) -> web.Response:
     if found is None:
         raise NameUnknown(f"no repository {name} is stored")
     store = app[STORE]
+    route = None if found["kind"] == "hosted" else app[ROUTER].route(name)
     tags_out = []
     images: dict[str, dict[str, Any]] = {}
     for tag in sorted(await store.list_tags(found["key"]) or []):
@@ -349,9 +350,15 @@ async def api_repository(request: web.Request) -> web.Response:
             continue
         image = images.get(str(digest)) or await _image(app, digest)
         images[str(digest)] = image
+        status = None if route is None else await app[PULLTHROUGH].tag_status(route, tag)
         tags_out.append({"tag": tag, **{k: image.get(k) for k in (
             "digest", "media_type", "size", "stored")},
-            "platforms": [p["platform"] for p in image.get("platforms", [])]})
+            "platforms": [p["platform"] for p in image.get("platforms", [])],
+            "validated_at": None if status is None else status.validated_at,
+            "state": None if status is None or status.fresh is None
+            else ("fresh" if status.fresh else "stale"),
+            "last_pulled": await store.blob_last_used(digest),
+            "pulls": None if status is None else status.pulls})
         for child in image.get("platforms", []):
             if child["stored"] and child["digest"] not in images:
                 images[child["digest"]] = await _image(app, Digest.parse(child["digest"]))

@@ -22,6 +22,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any
 
+from proxy.bounded import BoundedDict
 from proxy.errors import (
     BadGateway,
     BlobUnknown,
@@ -47,7 +48,7 @@ from proxy.pullthrough.prefetch import Prefetch
 from proxy.pullthrough.recency import Recency
 from proxy.pullthrough.referrers import Referrers
 from proxy.pullthrough.signatures import Signatures
-from proxy.pullthrough.tags import Tags
+from proxy.pullthrough.tags import Tags, tag_key
 from proxy.reference import Digest
 from proxy.results import (
     HIT,
@@ -83,6 +84,16 @@ class WarmProgress:
     bytes: int = 0
 
 
+@dataclass(frozen=True)
+class TagStatus:
+    """What the console shows of a cached tag: its last revalidation and this worker's
+    manifest GETs of it since start."""
+
+    validated_at: float | None  #: unix time the upstream last confirmed it
+    fresh: bool | None  #: confirmed within the TTL (None: no tag link)
+    pulls: int
+
+
 class PullThrough:
     """Reads of cached repositories, backed by the store, the upstreams and ``fills``."""
 
@@ -113,6 +124,9 @@ class PullThrough:
         self._tags = Tags(store, self._manifests, self.links, tag_cache, coordination, host_lock,
                           ttl=tag_ttl, grace=tag_grace)
         self._flight: SingleFlight[ManifestResult] = SingleFlight()  #: manifests by digest
+        #: Manifest GETs by tag in this worker since start (the console; bounded: it may
+        #: start over).
+        self._pulls: BoundedDict[str, int] = BoundedDict(100_000)
         self._head_flight: SingleFlight[int] = SingleFlight()  #: per repository and object
         self._referrers = Referrers(
             store, tag_cache, ttl=tag_ttl,
@@ -160,6 +174,9 @@ class PullThrough:
     ) -> ManifestResult:
         """Resolve a manifest by tag or digest, filling the cache on a miss."""
         check_rules(route, reference)
+        if not head and not isinstance(reference, Digest):
+            key = tag_key(route.key, reference)
+            self._pulls[key] = self._pulls.get(key, 0) + 1
         result = self._in_memory(route, reference, accepted)
         if result is None:
             if isinstance(reference, Digest):
@@ -241,6 +258,12 @@ class PullThrough:
         "re-validate now"); the new digest is stored when it changed."""
         check_rules(route, tag)
         return await self._tags.revalidate_now(route, tag)
+
+    async def tag_status(self, route: Route, tag: str) -> TagStatus:
+        """A cached tag's last revalidation, freshness and pulls here (read-only)."""
+        seen = await self._tags.validated_at(route, tag)
+        return TagStatus(None if seen is None else seen[0], None if seen is None else seen[1],
+                         self._pulls.get(tag_key(route.key, tag), 0))
 
     async def warm(self, route: Route, reference: str | Digest, progress: WarmProgress) -> None:
         """Fill the cache with an image as a pull would (``regproxy warm`` does it over

@@ -78,6 +78,14 @@ class Tags:
             return None
         return entry[0]
 
+    async def validated_at(self, route: Route, tag: str) -> tuple[float, bool] | None:
+        """When the upstream last confirmed ``tag`` (unix time; the tag link's mtime, which
+        workers and replicas share) and whether that is within the TTL (the console)."""
+        stored, age = await self._store.tag_with_age(route.key, tag)
+        if stored is None:
+            return None
+        return time.time() - age, age < self.ttl
+
     async def forget(self) -> None:
         """Drop what this process holds (the store was purged behind its back)."""
         self._l1.clear()

@@ -74,6 +74,9 @@ class Store(Protocol):
     async def touch_blob(self, digest: Digest) -> None:
         """Record a use (LRU eviction; GC's grace period protects revived objects)."""
 
+    async def blob_last_used(self, digest: Digest) -> float | None:
+        """An object's last use as :meth:`touch_blob` records it (the console); None if absent."""
+
     async def delete_blob(self, digest: Digest, *, older_than: float | None = None) -> bool:
         """Remove an object unless used since ``older_than``; True if it went."""
 

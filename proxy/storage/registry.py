@@ -121,6 +121,10 @@ class RegistryStore(Generic[D]):
     async def touch_blob(self, digest: Digest) -> None:
         await self.driver.touch(blob_key(digest))
 
+    async def blob_last_used(self, digest: Digest) -> float | None:
+        info = await self.driver.stat(blob_key(digest), last_use=True)
+        return None if info is None else info.mtime
+
     async def delete_blob(self, digest: Digest, *, older_than: float | None = None) -> bool:
         """Remove an object (and a manifest's media type); with ``older_than``, only if it
         was not used since (checked right before, so a revived object stays)."""

@@ -5,6 +5,7 @@ may read them (the ``ops`` right, as the status pages)."""
 from __future__ import annotations
 
 import json
+import time
 
 import aiohttp
 
@@ -93,6 +94,9 @@ async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_se
     assert tags["v1"]["digest"] == traffic.image_digest and tags["v1"]["size"] > traffic.layer_size
     assert tags["multi"]["media_type"] == "application/vnd.oci.image.index.v1+json"
     assert tags["multi"]["platforms"] == ["linux/amd64", "linux/arm64"]
+    # pulled through just now: confirmed upstream within the TTL, pulled twice here
+    assert tags["v1"]["state"] == "fresh" and time.time() - tags["v1"]["validated_at"] < 600
+    assert tags["v1"]["last_pulled"] is not None and tags["v1"]["pulls"] == 2
     images = {i["digest"]: i for i in detail["images"]}
     layers = {layer["digest"]: layer for layer in images[traffic.image_digest]["layers"]}
     assert layers[traffic.shared_layer]["shared_with"] == [traffic.hosted]

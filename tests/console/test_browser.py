@@ -144,6 +144,8 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     await p.page.wait_for_selector("#tag-table", timeout=DEADLINE_MS)
     tags = await p.page.inner_text("#tag-table")
     assert "multi" in tags and "linux/arm64" in tags and traffic.image_digest in tags
+    state = await p.page.inner_text("#tag-table tr[data-tag='v1'] td.tag-state")
+    assert state == "fresh"
     layers = await p.page.inner_text("#repo-detail")
     assert traffic.shared_layer in layers and traffic.hosted in layers
     await p.shot("repositories")

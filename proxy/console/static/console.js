@@ -171,9 +171,12 @@
   async function loadRepository(name) {
     const data = await api("repositories/" + name.split("/").map(encodeURIComponent).join("/"));
     const tags = el("table", { id: "tag-table" }, el("thead", {}, el("tr", {}, el("th", {}, "Tag"), el("th", {}, "Digest"),
-      el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"))),
+      el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"),
+      el("th", {}, "State"), el("th", {}, "Validated"), el("th", {}, "Last pulled"), el("th", {}, "Pulls"))),
       el("tbody", {}, ...data.tags.map((t) => el("tr", { "data-tag": t.tag }, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
         el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-"),
+        el("td", { class: "tag-state" }, t.state || "-"), el("td", {}, t.state ? when(t.validated_at) : "-"),
+        el("td", {}, when(t.last_pulled)), el("td", { class: "num" }, t.pulls == null ? "-" : String(t.pulls)),
         el("td", {}, ...(data.kind === "cached" ? [revalidateButton(data.name, t.tag), " ", purgeButton(data.name, t.tag)]
           : [deleteButton(data.name, t.tag)]))))));
     // what each image is called: its tags, or its platform in an index
