@@ -177,4 +177,6 @@ async def test_range_requests_through_the_proxy_match_the_upstream(
         bodies = [await p.read() for p in parts]
         assert [p.status for p in parts] == [206] * 4
         assert b"".join(bodies) == data
-    assert upstream_gets(reg, f"/it/range/blobs/{d}") == 1
+    # one fill; a cold range starting 4 MiB or more beyond what the fill has written (the
+    # ranges at 4 and 6 MiB) may have had its own ranged GET (issue 19: cold ranges)
+    assert 1 <= upstream_gets(reg, f"/it/range/blobs/{d}") <= 3
