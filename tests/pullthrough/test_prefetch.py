@@ -22,7 +22,7 @@ from proxy.pullthrough import prefetch as prefetch_mod
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import PushedImage, push_image
 from tests.support.proxyfix import make_config
-from tests.support.registry import RegistryProcess, upstream_gets, upstream_requests
+from tests.support.registry import RegistryProcess, upstream_gets, upstream_settled
 from tests.support.store import is_stored, wait_stored
 
 MiB = 1 << 20
@@ -52,18 +52,6 @@ async def pushed(session: aiohttp.ClientSession, reg: RegistryProcess, *sizes: i
 
 def blobs_of(img: PushedImage) -> list[str]:
     return [img.config.digest, *(layer.digest for layer in img.layers)]
-
-
-async def upstream_settled(session: aiohttp.ClientSession, reg: RegistryProcess) -> None:
-    """Wait until the registry logged every request made so far (it logs a request once
-    answered: a marker request sent now, once logged, comes after all earlier ones)."""
-    marker = f"/v2/prefetch-marker-{uuid.uuid4().hex}/tags/list"
-    async with session.get(f"{reg.url}{marker}") as r:
-        assert r.status == 404
-    deadline = asyncio.get_running_loop().time() + 10
-    while upstream_requests(reg, marker) == 0:
-        assert asyncio.get_running_loop().time() < deadline, reg.log_tail()
-        await asyncio.sleep(0.02)
 
 
 async def get_manifest(session: aiohttp.ClientSession, base: str, repo: str, ref: str,

@@ -5,10 +5,8 @@ cached content included; hosted repositories are untouched; config errors name t
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from proxy.app import create_app
 from proxy.config import Config, ConfigError, from_dict, load
 from proxy.tools.warm import warm
 from tests.support.images import PushedImage, make_tar_layer, push_image
-from tests.support.registry import RegistryProcess, upstream_requests
+from tests.support.registry import RegistryProcess, upstream_settled
 from tests.support.skopeo import read_oci_layout_index, skopeo_copy
 from tests.support.store import is_manifest_stored, wait_stored
 
@@ -52,18 +50,6 @@ def config(data: Path, reg: RegistryProcess, rules: list[dict[str, Any]] | None 
 async def serve(aiohttp_server: Any, cfg: Config) -> str:
     server = await aiohttp_server(create_app(cfg))
     return f"http://127.0.0.1:{server.port}"
-
-
-async def upstream_settled(session: aiohttp.ClientSession, reg: RegistryProcess) -> None:
-    """Wait until the registry has logged every request made so far: it logs a request once
-    answered, so a marker request sent now, once logged, comes after all earlier ones."""
-    marker = f"/v2/rules-marker-{uuid.uuid4().hex}/tags/list"
-    async with session.get(f"{reg.url}{marker}") as r:
-        assert r.status == 404
-    deadline = asyncio.get_running_loop().time() + 10
-    while upstream_requests(reg, marker) == 0:
-        assert asyncio.get_running_loop().time() < deadline, reg.log_tail()
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

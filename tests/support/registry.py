@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -12,9 +13,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 REGISTRY_BINARY = os.environ.get("DOCKER_REGISTRY_BIN", "/usr/bin/docker-registry")
 # Ignore any http_proxy/https_proxy in the environment: everything is loopback.
@@ -254,3 +256,15 @@ def upstream_requests(registry: RegistryProcess, path_fragment: str = "") -> int
 def upstream_gets(registry: RegistryProcess, path_fragment: str = "") -> int:
     """How many GET requests for such a path the upstream registry logged."""
     return len(upstream_get_lines(registry, path_fragment))
+
+
+async def upstream_settled(session: Any, reg: RegistryProcess) -> None:
+    """Wait until the registry logged every request made so far: it logs a request once
+    answered, so a marker request sent now, once logged, comes after all earlier ones."""
+    marker = f"/v2/settled-marker-{uuid.uuid4().hex}/tags/list"
+    async with session.get(f"{reg.url}{marker}") as r:
+        assert r.status == 404
+    deadline = asyncio.get_running_loop().time() + 10
+    while upstream_requests(reg, marker) == 0:
+        assert asyncio.get_running_loop().time() < deadline, reg.log_tail()
+        await asyncio.sleep(0.02)
