@@ -36,7 +36,7 @@ from proxy.errors import (
     SizeInvalid,
     Unavailable,
 )
-from proxy.pullthrough.ranged import RangedFill, fetch_range, plan_parts
+from proxy.pullthrough.ranged import RangedFill, check_content_range, fetch_range, plan_parts, split
 from proxy.reference import Digest
 from proxy.results import LocalSpan, SpanSource
 from proxy.storage import BlobWriter, ObjectWriter, Staging, Store
@@ -112,8 +112,12 @@ class BlobFill:
     """A running upstream download of one blob into the store."""
 
     def __init__(self, digest: Digest, writer: BlobWriter, sink: ObjectWriter | None = None, *,
-                 guard: Callable[[], Awaitable[bool]] | None = None) -> None:
+                 guard: Callable[[], Awaitable[bool]] | None = None,
+                 expected_size: int | None = None) -> None:
         self.digest = digest
+        #: The size a verified manifest's descriptor gives (a prefetch knows it): a big blob's
+        #: first GET then asks for its first part only.
+        self._expected = expected_size
         self._writer = writer  # its file exists from now on
         self._sink = sink
         self._guard = guard  #: the fencing check (cluster lease) before publishing
@@ -224,20 +228,31 @@ class BlobFill:
         in_flight.inc()
         try:
             writer.drop_prefix_hint()  # (a dead filler's: this fill may be written in order)
-            async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest) as resp:
-                if resp.status != 200:
+            # the first GET runs to the end of the blob unless the size was known before it
+            # (then it asks for its own part: no bytes past it are in flight when it stops)
+            known = split(upstream.config, self._expected, self._sink is not None)
+            headers = None if known is None else {"Range": f"bytes=0-{known[0][1] - 1}"}
+            spans: list[tuple[int, int]] | None
+            async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest,
+                                        headers=headers) as resp:
+                if resp.status == 206 and known is not None and self._expected is not None:
+                    check_content_range(resp, 0, known[0][1] - 1, self._expected)
+                    self.size, self._ranges, spans = self._expected, True, known
+                elif resp.status != 200:
                     raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
-                self.size = resp.content_length
-                self._ranges = resp.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
-                spans = plan_parts(upstream.config, self.size, resp.headers,
-                                   self._sink is not None)
+                else:  # (a range asked and answered 200: the upstream sends whole blobs)
+                    self.size = resp.content_length
+                    self._ranges = (resp.headers.get("Accept-Ranges", "").strip().lower()
+                                    == "bytes" and known is None)
+                    spans = None if known is not None else plan_parts(
+                        upstream.config, self.size, resp.headers, self._sink is not None)
                 if spans is not None:
                     writer.announce_prefix(0)  # before the size: tailers then read the hint
                 writer.announce_size(self.size)
                 self._headers.set()
                 if spans is not None and self.size is not None:
                     await RangedFill(upstream, remote, self.digest, writer, spans, self.size,
-                                     self._advance).run(resp)
+                                     self._advance, first_ranged=resp.status == 206).run(resp)
                 else:
                     await self._stream(upstream, resp, writer)
             try:

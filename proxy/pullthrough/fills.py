@@ -65,9 +65,11 @@ class Fills:
         only: the console's storage page)."""
         return [(f.digest, f.size, f.written) for f in self._running.values() if not f.ended]
 
-    async def get(self, route: Route, digest: Digest) -> StoredBlob | FillingBlob:
+    async def get(self, route: Route, digest: Digest, *, size: int | None = None
+                  ) -> StoredBlob | FillingBlob:
         """The blob's bytes for one client: a running fill joined, or a new one started;
-        stored, when it was published meanwhile."""
+        stored, when it was published meanwhile. ``size`` is the blob's size when a
+        verified manifest gave it (a new fill may then split its first GET)."""
         key = str(digest)
         fill = self._running.get(key)
         if fill is not None:
@@ -78,7 +80,7 @@ class Fills:
         deadline = time.monotonic() + patience
         while True:
             async with self._claiming.hold(key):
-                found = await self._claim_or_join(route, digest)
+                found = await self._claim_or_join(route, digest, size)
             if not isinstance(found, Holder):
                 return found
             remote = await self._remote(route, digest, found)  # outside the lock: in parallel
@@ -97,10 +99,11 @@ class Fills:
                     raise Unavailable(f"could not start or join a fill of {digest}")
                 log.warning("fill holder %s of %s unreachable for %.0f s; filling here too",
                             found.url, digest, patience)
-                return await _join(self._start(route, digest, writer, SOLE), CacheOutcome.MISS)
+                return await _join(self._start(route, digest, writer, SOLE, size),
+                                   CacheOutcome.MISS)
             await asyncio.sleep(0.1)
 
-    async def _claim_or_join(self, route: Route, digest: Digest
+    async def _claim_or_join(self, route: Route, digest: Digest, size_hint: int | None
                              ) -> StoredBlob | FillingBlob | Holder:
         """Start the fill, or join whoever runs it: this process, a sibling worker on this
         host, or (returned) another replica. Retried a few times: a fill can end between
@@ -130,7 +133,8 @@ class Fills:
                         writer.abort()
                         await lease.release()
                         return StoredBlob(digest, size, CacheOutcome.HIT)
-                return await _join(self._start(route, digest, writer, lease), CacheOutcome.MISS)
+                return await _join(self._start(route, digest, writer, lease, size_hint),
+                                   CacheOutcome.MISS)
             tail = await TailReader.open(self._staging, self._store, digest)  # a sibling worker
             if tail is not None:
                 return FillingBlob(digest, tail.size, tail, CacheOutcome.COALESCED)
@@ -165,8 +169,10 @@ class Fills:
             return None
         return FillingBlob(digest, reader.size, reader, CacheOutcome.COALESCED)
 
-    def _start(self, route: Route, digest: Digest, writer: BlobWriter, lease: Lease) -> BlobFill:
-        fill = BlobFill(digest, writer, self._store.fill_sink(digest), guard=lease.still_held)
+    def _start(self, route: Route, digest: Digest, writer: BlobWriter, lease: Lease,
+               size: int | None) -> BlobFill:
+        fill = BlobFill(digest, writer, self._store.fill_sink(digest), guard=lease.still_held,
+                        expected_size=size)
         key = str(digest)
         self._running[key] = fill
 

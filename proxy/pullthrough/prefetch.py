@@ -102,12 +102,12 @@ class Prefetch:
                 continue
             total += size
             self._queued.add(key)
-            self._spawn(self._blob(route, digest))
+            self._spawn(self._blob(route, digest, size))
 
-    async def _blob(self, route: Route, digest: Digest) -> None:
+    async def _blob(self, route: Route, digest: Digest, size: int) -> None:
         try:
             async with self._slots:
-                await self._fill(route, digest)
+                await self._fill(route, digest, size)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a prefetch is a guess: its failure concerns nobody
@@ -116,7 +116,7 @@ class Prefetch:
         finally:
             self._queued.discard((route.key, digest))
 
-    async def _fill(self, route: Route, digest: Digest) -> None:
+    async def _fill(self, route: Route, digest: Digest, size: int) -> None:
         """Start (or join) the fill of ``digest`` the client's GET would start, and hold
         the slot until it ended."""
         self._check(route, digest)
@@ -130,7 +130,7 @@ class Prefetch:
         self._remember(key)
         try:
             with background():  # its upstream GET waits behind clients' under the caps
-                result = await self._fills.get(route, digest)
+                result = await self._fills.get(route, digest, size=size)
         except BaseException:
             self._started.pop(key, None)
             raise

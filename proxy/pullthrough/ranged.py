@@ -41,12 +41,11 @@ _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ranged")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def plan_parts(config: UpstreamConfig, size: int | None, headers: CIMultiDictProxy[str],
-               in_order_sink: bool) -> list[tuple[int, int]] | None:
-    """The ``[start, end)`` spans to fetch a blob in, or ``None`` for one stream: ranged
-    fills are off, the upstream has a concurrency cap, the blob is small or of unknown
-    size, the store needs the bytes in order (a sink: S3), or the upstream does not
-    announce ranges."""
+def split(config: UpstreamConfig, size: int | None, in_order_sink: bool
+          ) -> list[tuple[int, int]] | None:
+    """The ``[start, end)`` spans to fetch a blob of ``size`` in, or ``None`` for one
+    stream: ranged fills are off, the upstream has a concurrency cap, the blob is small or
+    of unknown size, or the store needs the bytes in order (a sink: S3)."""
     count = config.parallel_fills
     if config.limits.max_concurrent:  # each part would need a slot: fills could starve
         return None                   # each other holding one slot and waiting for more
@@ -54,11 +53,21 @@ def plan_parts(config: UpstreamConfig, size: int | None, headers: CIMultiDictPro
         return None
     if in_order_sink:
         return None
+    step = -(-size // count)
+    return [(start, min(size, start + step)) for start in range(0, size, step)]
+
+
+def plan_parts(config: UpstreamConfig, size: int | None, headers: CIMultiDictProxy[str],
+               in_order_sink: bool) -> list[tuple[int, int]] | None:
+    """The spans of :func:`split`, once the first response (``headers``) announced that the
+    upstream takes ranges."""
+    spans = split(config, size, in_order_sink)
+    if spans is None:
+        return None
     if headers.get("Accept-Ranges", "").strip().lower() != "bytes":
         metrics.child(metrics.RANGED_FALLBACKS, config.name).inc()
         return None
-    step = -(-size // count)
-    return [(start, min(size, start + step)) for start in range(0, size, step)]
+    return spans
 
 
 @dataclass
@@ -130,7 +139,7 @@ class RangedFill:
 
     def __init__(self, upstream: UpstreamClient, remote: str, digest: Digest,
                  writer: BlobWriter, spans: list[tuple[int, int]], size: int,
-                 advance: Callable[[int], None]) -> None:
+                 advance: Callable[[int], None], *, first_ranged: bool = False) -> None:
         self._upstream = upstream
         self._remote = remote
         self._digest = digest
@@ -141,6 +150,9 @@ class RangedFill:
         self._prefix = 0  #: contiguous bytes written from 0
         self._grew = asyncio.Event()
         self._decided = asyncio.Event()  #: every ranged part answered 206, or one 200
+        #: The first GET asked for part 0's range itself (the size was known before it): it
+        #: ends at its span, with no bytes past it in flight, and cannot take over.
+        self._first_ranged = first_ranged
         self._unanswered = len(spans) - 1
         self._one_stream = False
         self._span0 = spans[0][1]  #: where the first GET stops, unless it takes over
@@ -149,7 +161,7 @@ class RangedFill:
 
     async def run(self, first: UpstreamResponse) -> None:
         """Fetch every part (the first from ``first``) and hash the whole blob in order."""
-        if self._unanswered == 0:
+        if self._unanswered == 0 or self._first_ranged:
             self._decided.set()
         hasher = asyncio.create_task(self._hash())
         self._tasks = [asyncio.create_task(self._first(first)), hasher]
@@ -182,7 +194,8 @@ class RangedFill:
             await self._retry_rest(part, Unavailable(
                 f"upstream {self._upstream.name} failed: {type(exc).__name__}"))
             return
-        resp.close()  # the other parts bring the rest: drop this connection now
+        if not self._first_ranged:
+            resp.close()  # the other parts bring the rest: drop this connection now
         if not part.complete:
             await self._retry_rest(part, BadGateway("upstream closed the blob body early"))
 

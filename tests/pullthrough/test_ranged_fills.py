@@ -262,6 +262,66 @@ async def test_ranges_follow_a_redirect_to_a_cdn_without_credentials(aiohttp_ser
                for x in fake.requests if "/blobs/" in x.path)
 
 
+# -- a size known before the first GET (a prefetch, from the manifest) ---------------
+
+
+async def prefetch_image(fake: FakeUpstream, base: str, client: aiohttp.ClientSession,
+                         data: Path, layer: bytes) -> str:
+    """Put an image of one layer on the fake, GET its manifest through the proxy (layer
+    prefetch is on by default) and wait until the prefetch stored the layer."""
+    fake.add_image("team/app", "v1", [layer])
+    d = digest_of(layer)
+    async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        assert r.status == 200
+    await wait_stored(data, d)
+    return d
+
+
+async def test_a_prefetched_big_blob_asks_only_ranges_so_no_byte_comes_twice(fake, proxy,
+                                                                            client):
+    """The manifest gave the layer's size: the fill's first GET asks for part 0 only (a
+    plain GET would still have bytes past part 0 in flight when it stops, which the
+    upstream sends and bills for nothing), and the parts cover the blob exactly once."""
+    base, data = proxy
+    layer = os.urandom(6 * MiB + 5)
+    d = await prefetch_image(fake, base, client, data, layer)
+    step = -(-len(layer) // 4)
+    spans = [f"bytes={s}-{min(len(layer), s + step) - 1}" for s in range(0, len(layer), step)]
+    assert sorted(ranged_gets(fake, d)) == sorted(spans)
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == layer
+    assert len(ranged_gets(fake, d)) == 4  # (served from the store)
+
+
+async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(fake, proxy,
+                                                                               client):
+    base, data = proxy
+    fake.ranges, fake.ignore_ranges = False, True  # the ranged first GET is answered 200
+    layer = os.urandom(6 * MiB)
+    d = await prefetch_image(fake, base, client, data, layer)
+    assert ranged_gets(fake, d) == [f"bytes=0-{-(-len(layer) // 4) - 1}"]
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == layer
+
+
+async def test_a_first_range_of_the_wrong_blob_size_fails_the_prefetch_cleanly(
+        fake, proxy, client):
+    """An upstream whose Content-Range names another size than the manifest's descriptor
+    does: nothing is stored, and the client's own GET later still gets the blob."""
+    base, data = proxy
+    layer = os.urandom(6 * MiB)
+    fake.add_image("team/app", "v1", [layer + b"x"])  # the descriptor says one byte more
+    d = digest_of(layer + b"x")
+    fake.blobs[d] = layer  # ... than the upstream holds under that digest
+    async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        assert r.status == 200
+    await wait_until(lambda: len(ranged_gets(fake, d)) >= 1, "the prefetch's first GET")
+    await wait_until(lambda: tmp_files(data) == [], "the failed fill's temp files to go")
+    assert not is_stored(data, d)
+
+
 # -- tailing from another process: only the contiguous prefix ------------------------
 
 
