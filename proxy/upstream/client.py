@@ -38,7 +38,7 @@ from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
 from proxy.upstream.breaker import BreakerState, CircuitBreaker
 from proxy.upstream.egress import Egress
-from proxy.upstream.urls import Endpoint, v2_url
+from proxy.upstream.urls import Endpoint, same_origin, v2_url
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -355,7 +355,7 @@ class UpstreamClient:
         if chosen.scheme == "bearer" and not self._realm_allowed(origin,
                                                                  chosen.params.get("realm", "")):
             log.warning("upstream %s: ignoring a token realm that is neither https nor on its "
-                        "own host", self.name)
+                        "own origin", self.name)
             return resp
         resp.release()
         origin.challenge = chosen
@@ -414,16 +414,17 @@ class UpstreamClient:
         return f"Bearer {token}" if token else None
 
     def _realm_allowed(self, origin: _Origin, realm: str) -> bool:
-        """Whether a token realm may receive this upstream's credentials: https (the
-        registry's own auth service, e.g. auth.docker.io), or the upstream's own host."""
+        """Whether a token realm may receive this URL's credentials: https (the registry's
+        own auth service, e.g. auth.docker.io), or this URL's own origin, port included (an
+        http realm on the same host but another port is another service, and would get
+        the credentials in cleartext)."""
         try:
             url = URL(realm)
         except ValueError:
             return False
         if not url.absolute or url.user is not None:
             return False
-        return url.scheme == "https" or (url.scheme == origin.base.scheme
-                                         and url.host == origin.base.host)
+        return url.scheme == "https" or same_origin(url, origin.base)
 
     @staticmethod
     def _basic(origin: _Origin) -> str | None:

@@ -52,3 +52,12 @@ def v2_url(base: URL, name: str, endpoint: Endpoint, reference: str | Digest | N
     prefix = [s for s in base.path.split("/") if s]
     url = base.with_path("/" + "/".join([*prefix, "v2", *segments]), encoded=False)
     return url.with_query(dict(query)) if query else url
+
+
+def same_origin(a: URL, b: URL) -> bool:
+    """Whether ``a`` and ``b`` share an origin: scheme, host and *effective* port (yarl's
+    ``port``: 80/443 when none is written; yarl lower-cases scheme and host), so
+    ``http://h`` and ``http://h:80`` are one origin and ``http://h:5000`` and
+    ``http://h:6666`` are two. yarl's ``origin()`` keeps a written default port, so it would
+    call the first pair two."""
+    return a.absolute and b.absolute and (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)

@@ -8,12 +8,16 @@ token it got there.
 from __future__ import annotations
 
 import base64
+import logging
 from dataclasses import replace
 
 import aiohttp
+import pytest
 from aiohttp import web
+from yarl import URL
 
 from proxy.app import create_app
+from proxy.upstream.urls import same_origin
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.proxyfix import make_config
 
@@ -94,3 +98,60 @@ async def test_a_plain_http_realm_on_another_host_gets_no_credentials(aiohttp_se
             client.get(f"{base}/v2/app/manifests/v1") as r:
         assert r.status == 404
     assert catcher.seen == []
+
+
+async def proxy_for(aiohttp_server, tmp_path, up: str) -> str:
+    """A proxy whose one upstream ``x.io`` is ``up``, with ``CREDS`` configured for it."""
+    cfg = make_config(tmp_path / "d", {"x.io": up})
+    user, password = CREDS.split(":")
+    cfg = replace(cfg, upstreams={"x.io": replace(cfg.upstreams["x.io"], username=user,
+                                                  password=password)})
+    return str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+
+
+async def test_an_http_realm_on_the_upstreams_host_but_another_port_gets_no_credentials(
+        aiohttp_server, tmp_path, caplog):
+    """Same scheme and host, another port (another service on the upstream's machine, or
+    one an attacker opened there): not the upstream's origin, so no cleartext credentials."""
+    caplog.set_level(logging.WARNING, logger="regproxy.upstream")
+    catcher = Catcher()
+    realm = str((await aiohttp_server(catcher.app())).make_url("/token"))
+    up = await challenger(aiohttp_server, "/v2/{name:.+}/manifests/{ref}", realm)
+    assert URL(realm).host == URL(up).host and URL(realm).port != URL(up).port
+    base = await proxy_for(aiohttp_server, tmp_path, up)
+    async with aiohttp.ClientSession() as client, \
+            client.get(f"{base}/v2/app/manifests/v1") as r:
+        assert r.status == 404  # the upstream's 401, mapped as ever: clients fall back
+        assert "denied" in (await r.json())["errors"][0]["message"]
+    assert catcher.seen == []  # never asked at all, so never given an Authorization
+    assert "ignoring a token realm" in caplog.text
+
+
+async def test_an_http_realm_on_the_upstreams_own_origin_gets_the_credentials(
+        aiohttp_server, tmp_path):
+    """A local registry with its token service on its own origin keeps working."""
+    fake = FakeUpstream(require_token="local-token")  # realm: http://<its host:port>/token
+    d = fake.add_image("app", "v1", [b"layer"])
+    base = await proxy_for(aiohttp_server, tmp_path,
+                           str((await aiohttp_server(fake.app())).make_url("")).rstrip("/"))
+    async with aiohttp.ClientSession() as client, \
+            client.get(f"{base}/v2/app/manifests/v1") as r:
+        assert r.status == 200 and r.headers["Docker-Content-Digest"] == d
+    expected = "Basic " + base64.b64encode(CREDS.encode()).decode()
+    assert [x.headers.get("Authorization") for x in fake.requests if x.path == "/token"] == [expected]
+    assert any(x.headers.get("Authorization") == "Bearer local-token"
+               for x in fake.requests if "/manifests/" in x.path)
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("http://registry.internal/v2/x", "http://registry.internal:80/token", True),
+    ("https://Registry.Internal", "https://registry.internal:443/token", True),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000/token?x=1", True),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:6666/token", False),
+    ("http://registry.internal", "http://registry.internal:8080/token", False),
+    ("http://registry.internal", "https://registry.internal/token", False),
+    ("https://registry.internal:443", "http://registry.internal:443/token", False),
+    ("http://registry.internal", "/token", False),
+])
+def test_same_origin_compares_the_effective_port(a, b, same):
+    assert same_origin(URL(a), URL(b)) is same and same_origin(URL(b), URL(a)) is same
