@@ -344,7 +344,7 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         auth = await self._authorization(origin, scope, refresh=False)
         resp = await self._send(method, url, headers, auth)
-        if resp.status != 401 or resp.url.origin() != url.origin():
+        if resp.status != 401 or not same_origin(resp.url, url):
             return resp  # (a redirect target's challenge is never ours to answer)
         challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
         chosen = next((c for c in challenges if c.scheme == "bearer"), None) or next(
@@ -365,11 +365,12 @@ class UpstreamClient:
     async def _send(
         self, method: str, url: URL, headers: dict[str, str], auth: str | None
     ) -> aiohttp.ClientResponse:
-        """Send, following redirects by hand; credentials only go to the upstream's origin."""
-        origin = url.origin()
+        """Send, following redirects by hand; credentials only go to the upstream's origin
+        (a CDN on another port of the same host is another origin and gets none)."""
+        first = url
         for _ in range(_MAX_REDIRECTS + 1):
             h = dict(headers)
-            if auth is not None and url.origin() == origin:
+            if auth is not None and same_origin(url, first):
                 h["Authorization"] = auth
             resp = await self._session.request(
                 method, url, headers=h, allow_redirects=False, timeout=self.timeout,

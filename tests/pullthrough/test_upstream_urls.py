@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import UpstreamURL, from_dict
@@ -130,6 +131,31 @@ async def test_credentials_and_tokens_go_only_to_their_own_urls_origin(aiohttp_s
     assert first.token_requests >= 1
     assert dict(up.url_states())[a] is BreakerState.OPEN
 
+
+
+async def test_a_url_naming_another_urls_token_service_gives_it_no_credentials(
+        aiohttp_server, tmp_path):
+    """The mirror challenges with ``realm="http://<the origin's host:port>/token"``: same
+    scheme and host, another port, so another origin: bob's credentials stay with the mirror."""
+    origin = FakeUpstream(require_token="token-of-origin")
+    d = origin.add_blob(os.urandom(KiB))
+    a = await serve(aiohttp_server, origin)
+
+    async def challenge(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"errors": [{"code": "UNAUTHORIZED", "message": "x"}]}, status=401,
+            headers={"WWW-Authenticate": f'Bearer realm="{a}/token",service="x"'})
+
+    mirror_app = web.Application()
+    mirror_app.router.add_get("/v2/{tail:.*}", challenge)
+    b = str((await aiohttp_server(mirror_app)).make_url("")).rstrip("/")
+    base, _, _ = await proxy_with(aiohttp_server, tmp_path, [
+        UpstreamURL(b, "bob", "mirror-secret"), UpstreamURL(a, "alice", "origin-secret")])
+    async with aiohttp.ClientSession() as client, client.get(f"{base}/v2/app/blobs/{d}") as r:
+        assert r.status == 404  # the mirror's 401 is its answer (mapped as ever)
+    bob = "Basic " + base64.b64encode(b"bob:mirror-secret").decode()
+    assert origin.token_requests == 0
+    assert all(r.headers.get("Authorization") != bob for r in origin.requests)
 
 def test_urls_config_forms_and_errors():
     cfg = from_dict({"upstreams": {"ghcr.io": {"urls": [

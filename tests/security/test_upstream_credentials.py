@@ -155,3 +155,27 @@ async def test_an_http_realm_on_the_upstreams_own_origin_gets_the_credentials(
 ])
 def test_same_origin_compares_the_effective_port(a, b, same):
     assert same_origin(URL(a), URL(b)) is same and same_origin(URL(b), URL(a)) is same
+
+
+@pytest.mark.parametrize("scheme", ["basic", "bearer"])
+@pytest.mark.parametrize("cdn_on_own_origin", [True, False])
+async def test_a_redirect_carries_credentials_only_to_the_same_origin(
+        aiohttp_server, tmp_path, scheme, cdn_on_own_origin):
+    """A blob GET redirected to the upstream's own origin keeps its Authorization; one to
+    another port of the same host (another origin) gets none, Basic or Bearer."""
+    fake = (FakeUpstream(require_basic=CREDS) if scheme == "basic"
+            else FakeUpstream(require_token="blob-token"))
+    blob = b"redirected layer" * 64
+    d = fake.add_blob(blob)
+    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    cdn = fake if cdn_on_own_origin else FakeUpstream()
+    cdn.add_blob(blob)
+    fake.redirect_to = up if cdn_on_own_origin else str(
+        (await aiohttp_server(cdn.app())).make_url("")).rstrip("/")
+    base = await proxy_for(aiohttp_server, tmp_path, up)
+    async with aiohttp.ClientSession() as client, client.get(f"{base}/v2/app/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    sent = ("Basic " + base64.b64encode(CREDS.encode()).decode() if scheme == "basic"
+            else "Bearer blob-token")
+    at_cdn = {x.headers.get("Authorization") for x in cdn.requests if x.path.startswith("/cdn/")}
+    assert at_cdn == ({sent} if cdn_on_own_origin else {None})
