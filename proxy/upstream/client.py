@@ -2,7 +2,7 @@
 
 It owns what is specific to talking upstream: the token flow (401 challenge -> token
 endpoint -> token cached per scope), Basic credentials, redirects to blob CDNs (followed by
-hand so that ``Authorization`` never leaves the upstream's host), timeouts, the circuit
+hand so that ``Authorization`` never leaves the upstream's origin), timeouts, the circuit
 breakers and the caps. Callers get a plain response, or :class:`~proxy.errors.Unavailable` fast.
 
 An upstream may have several URLs (a regional mirror, then the origin), tried in order:
