@@ -87,7 +87,7 @@ class WarmProgress:
 @dataclass(frozen=True)
 class TagStatus:
     """What the console shows of a cached tag: its last revalidation and this worker's
-    manifest GETs of it since start."""
+    successful manifest GETs of it since start."""
 
     validated_at: float | None  #: unix time the upstream last confirmed it
     fresh: bool | None  #: confirmed within the TTL (None: no tag link)
@@ -124,8 +124,8 @@ class PullThrough:
         self._tags = Tags(store, self._manifests, self.links, tag_cache, coordination, host_lock,
                           ttl=tag_ttl, grace=tag_grace)
         self._flight: SingleFlight[ManifestResult] = SingleFlight()  #: manifests by digest
-        #: Manifest GETs by tag in this worker since start (the console; bounded: it may
-        #: start over).
+        #: Successful manifest GETs by tag in this worker since start (the console;
+        #: bounded: it may start over).
         self._pulls: BoundedDict[str, int] = BoundedDict(100_000)
         self._head_flight: SingleFlight[int] = SingleFlight()  #: per repository and object
         self._referrers = Referrers(
@@ -174,9 +174,6 @@ class PullThrough:
     ) -> ManifestResult:
         """Resolve a manifest by tag or digest, filling the cache on a miss."""
         check_rules(route, reference)
-        if not head and not isinstance(reference, Digest):
-            key = tag_key(route.key, reference)
-            self._pulls[key] = self._pulls.get(key, 0) + 1
         result = self._in_memory(route, reference, accepted)
         if result is None:
             if isinstance(reference, Digest):
@@ -186,6 +183,9 @@ class PullThrough:
                 result = await self._negotiate(route, result, accepted, head=head)
         if route.upstream_client.config.require_signature is not None:
             await self._signatures.check(route, reference, result)
+        if not head and not isinstance(reference, Digest):  # (served: a failed GET is no pull)
+            key = tag_key(route.key, reference)
+            self._pulls[key] = self._pulls.get(key, 0) + 1
         if (self._prefetch is not None and not head and result.outcome is CacheOutcome.MISS
                 and result.data is not None and result.media_type in IMAGE_MANIFESTS):
             self._prefetch.image(route, result.data)  # (an index: its child, when asked)

@@ -5,6 +5,7 @@ may read them (the ``ops`` right, as the status pages)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import aiohttp
@@ -123,6 +124,47 @@ async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_se
     assert conf["max_size"] == 1 << 30 and conf["upstreams"]["never.io"]["url"] == "http://127.0.0.1:9"
     assert conf["upstreams"]["reg.io"]["password"] == "<redacted>"
     assert "hunter2-secret" not in json.dumps(conf)
+
+
+async def test_only_successful_tag_gets_are_pulls(upstream_registry, http_session,
+                                                  aiohttp_server, tmp_path):
+    """A tag's ``pulls`` counts the GETs that served it: not an unknown tag, not a GET whose
+    Accept the manifest is not in, not a HEAD, not a GET by digest."""
+    from proxy.handlers.common import PULLTHROUGH, ROUTER
+    from tests.support.images import push_image
+
+    cfg = console_config(tmp_path, upstream_registry.url)
+    app = create_app(cfg)
+    server = await aiohttp_server(app, **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    repo = f"it/pulls-{os.urandom(3).hex()}"
+    image = await push_image(http_session, upstream_registry.url, repo, "v1",
+                             [b"a layer of the pull counter"], schema="oci")
+    oci = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    docker = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+
+    async def status(method: str, ref: str, headers: dict[str, str]) -> int:
+        async with http_session.request(method, f"{base}/v2/{repo}/manifests/{ref}",
+                                        headers=headers) as r:
+            await r.read()
+            return r.status
+
+    async def pulls(tag: str) -> int:
+        return (await app[PULLTHROUGH].tag_status(app[ROUTER].route(repo), tag)).pulls
+
+    assert await status("GET", "nope", oci) == 404  # unknown upstream
+    assert await status("GET", "v1", docker) == 404  # resolved and stored, not acceptable
+    assert await pulls("nope") == 0 and await pulls("v1") == 0
+    detail = await get_json(http_session, f"{base}{API}/repositories/{repo}")
+    assert [(t["tag"], t["pulls"]) for t in detail["tags"]] == [("v1", 0)]
+    assert await status("HEAD", "v1", oci) == 200
+    assert await status("GET", image.digest, oci) == 200
+    assert await pulls("v1") == 0
+    assert await status("GET", "v1", oci) == 200
+    assert await status("GET", "v1", docker) == 404
+    assert await status("GET", "v1", oci) == 200  # (from memory: the hot path counts too)
+    detail = await get_json(http_session, f"{base}{API}/repositories/{repo}")
+    assert [(t["tag"], t["pulls"]) for t in detail["tags"]] == [("v1", 2)]
 
 
 async def test_api_needs_the_ops_right(upstream_registry, http_session, aiohttp_server, tmp_path):

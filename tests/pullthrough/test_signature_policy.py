@@ -116,6 +116,34 @@ async def test_only_images_signed_by_a_trusted_key_pull(
     assert (status, digest) == (200, images[free].digest)
 
 
+async def test_a_refused_unsigned_pull_is_not_counted(
+        upstream_registry: RegistryProcess, http_session: aiohttp.ClientSession,
+        aiohttp_server: Any, tmp_path: Path) -> None:
+    """The console's per-tag ``pulls`` counts what was served: a GET the policy refused is
+    none, a signed image's GET is one."""
+    from proxy.handlers.common import PULLTHROUGH, ROUTER
+
+    reg, s = upstream_registry, http_session
+    run = uuid.uuid4().hex[:8]
+    key, pem = signing_key()
+    signed, unsigned = f"signed/count-{run}", f"signed/nocount-{run}"
+    images = {repo: await push_app(s, reg.url, repo, seed)
+              for seed, repo in enumerate((signed, unsigned), 1970)}
+    await push_built(s, reg.url, signed, cosign_signature(key, images[signed].digest,
+                                                          f"{UP}/{signed}"),
+                     tag=sig_tag(images[signed].digest))
+    app = create_app(config(tmp_path / "data", reg.url, {"keys": [pem]}))
+    base = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+    async def pulls(repo: str) -> int:
+        return (await app[PULLTHROUGH].tag_status(app[ROUTER].route(repo), "1.0")).pulls
+
+    for _ in range(2):  # (the second: the refusal as kept)
+        assert (await pull(s, base, unsigned, "1.0"))[0] == 403
+    assert (await pull(s, base, signed, "1.0"))[0] == 200
+    assert await pulls(unsigned) == 0 and await pulls(signed) == 1
+
+
 async def test_a_signed_index_vouches_for_its_platform_manifests(
         upstream_registry: RegistryProcess, http_session: aiohttp.ClientSession,
         aiohttp_server: Any, tmp_path: Path) -> None:
