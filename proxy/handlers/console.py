@@ -10,6 +10,7 @@ only that listener serves them. The figures are every worker's, merged on read
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import functools
 import json
@@ -31,6 +32,7 @@ from proxy.errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    TagInvalid,
     Unsupported,
 )
 from proxy.handlers.common import (
@@ -46,7 +48,7 @@ from proxy.handlers.common import (
 from proxy.mediatypes import INDEXES
 from proxy.pullthrough import WarmProgress
 from proxy.redact import redact_url
-from proxy.reference import Digest, parse_reference, validate_name
+from proxy.reference import Digest, is_tag, parse_reference, validate_name
 from proxy.storage.eviction import purge
 from proxy.storage.gc import collect
 from proxy.timeseries import WINDOWS, TimeSeries
@@ -331,10 +333,27 @@ async def _image(app: web.Application, digest: Digest) -> dict[str, Any]:
     return out
 
 
+#: Tags one answer of a repository lists (each costs store reads: a repository with tens
+#: of thousands of tags is read a page at a time, ``tags_after`` asking for the next).
+TAGS_PER_PAGE = 200
+
+
+def _tag_page(tags: list[str], after: str | None) -> tuple[list[str], str | None]:
+    """The sorted tags' page after ``after`` (from the first: ``None``) and the marker of
+    the next page (``None``: this is the last)."""
+    ordered = sorted(tags)
+    start = 0 if after is None else bisect.bisect_right(ordered, after)
+    page = ordered[start:start + TAGS_PER_PAGE]
+    return page, page[-1] if start + TAGS_PER_PAGE < len(ordered) else None
+
+
 async def api_repository(request: web.Request) -> web.Response:
-    """One repository: its tags (digest, media type, size, an index's platforms) and per
-    image its layers, each with the other repositories that hold it too."""
+    """One repository: a page of its tags (digest, media type, size, an index's platforms)
+    and per image its layers, each with the other repositories that hold it too."""
     name = validate_name(request.match_info["name"])
+    after = request.query.get("tags_after")
+    if after is not None and not is_tag(after):
+        raise TagInvalid("tags_after must be a tag (the tags_next of the previous page)")
     app = request.app
     repos = await _repositories(app)
     found = next((r for r in repos if r["name"] == name), None)
@@ -344,7 +363,9 @@ async def api_repository(request: web.Request) -> web.Response:
     route = None if found["kind"] == "hosted" else app[ROUTER].route(name)
     tags_out = []
     images: dict[str, dict[str, Any]] = {}
-    for tag in sorted(await store.list_tags(found["key"]) or []):
+    every = await store.list_tags(found["key"]) or []
+    page, next_after = _tag_page(every, after)
+    for tag in page:
         digest = await store.get_tag(found["key"], tag)
         if digest is None:
             continue
@@ -376,7 +397,9 @@ async def api_repository(request: web.Request) -> web.Response:
         for layer in img.get("layers", []):
             layer["shared_with"] = sorted(holders.get(layer["digest"], []))
     return _json({"name": name, "kind": found["kind"], "upstream": found["upstream"],
-                  "tags": tags_out, "images": list(images.values()),
+                  "tags": tags_out, "tags_total": len(every),
+                  "tags_truncated": next_after is not None, "tags_next": next_after,
+                  "images": list(images.values()),
                   "sharing_scanned": len(repos) <= SHARING_SCAN_LIMIT})
 
 
@@ -646,4 +669,4 @@ CONSOLE_PAGES = {
 }
 
 __all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CONSOLE_STORAGE", "CONSOLE_WARMS", "CSP",
-           "StorageIndex", "Warms", "redacted_config", "split_image"]
+           "TAGS_PER_PAGE", "StorageIndex", "Warms", "redacted_config", "split_image"]

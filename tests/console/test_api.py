@@ -167,6 +167,46 @@ async def test_only_successful_tag_gets_are_pulls(upstream_registry, http_sessio
     assert [(t["tag"], t["pulls"]) for t in detail["tags"]] == [("v1", 2)]
 
 
+async def test_a_repository_s_tags_come_a_page_at_a_time(http_session, aiohttp_server, tmp_path):
+    """More tags than a page holds: the first page is full and says where the next starts,
+    following the markers lists every tag once, in order; a marker that is no tag is 400."""
+    from proxy.handlers.console import TAGS_PER_PAGE
+    from tests.support.images import push_image, push_manifest
+
+    cfg = console_config(tmp_path, "http://127.0.0.1:9")
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    repo = "team/many"
+    image = await push_image(http_session, base, repo, "latest", [b"one layer, many tags"],
+                             schema="oci")
+    tags = ["latest", *(f"t{i:04d}" for i in range(TAGS_PER_PAGE + 4))]
+    for tag in tags[1:]:
+        await push_manifest(http_session, base, repo, tag, image.manifest, image.media_type)
+    url = f"{base}{API}/repositories/{repo}"
+
+    first = await get_json(http_session, url)
+    assert [t["tag"] for t in first["tags"]] == sorted(tags)[:TAGS_PER_PAGE]
+    assert first["tags_total"] == len(tags) and first["tags_truncated"]
+    assert first["tags_next"] == sorted(tags)[TAGS_PER_PAGE - 1]
+    assert [i["digest"] for i in first["images"]] == [image.digest]
+    seen, after = [t["tag"] for t in first["tags"]], first["tags_next"]
+    while after is not None:
+        page = await get_json(http_session, url, params={"tags_after": after})
+        assert len(page["tags"]) <= TAGS_PER_PAGE and page["tags_total"] == len(tags)
+        seen += [t["tag"] for t in page["tags"]]
+        after = page["tags_next"]
+        assert page["tags_truncated"] == (after is not None)
+    assert seen == sorted(tags)
+    # a marker that is not one of the tags: the page starts after it
+    between = await get_json(http_session, url, params={"tags_after": tags[-4] + "z"})
+    assert [t["tag"] for t in between["tags"]] == tags[-3:]
+    assert not between["tags_truncated"] and between["tags_next"] is None
+    for bad in ("", "-x", "a/b", "x" * 129, "sha256:" + "0" * 64, "t 1"):
+        async with http_session.get(url, params={"tags_after": bad}) as r:
+            assert r.status == 400, bad
+            assert (await r.json())["errors"][0]["code"] == "TAG_INVALID", bad
+
+
 async def test_api_needs_the_ops_right(upstream_registry, http_session, aiohttp_server, tmp_path):
     """A user without the ops right gets 403, an anonymous client 401, and neither sees a
     repository name; the watcher (ops only) sees them all."""

@@ -259,3 +259,35 @@ async def test_console_pages_in_chromium(browser, upstream_registry, http_sessio
     assert await m.page.evaluate("() => document.documentElement.scrollWidth") <= 390
     await m.shot("repositories-phone")
     assert m.errors == []
+
+
+async def test_more_tags_than_a_page_in_chromium(browser, http_session, aiohttp_server, tmp_path):
+    """A repository with more tags than one answer lists: the page shows the first page
+    and how many there are; "More tags" appends the rest, and then goes."""
+    from proxy.handlers.console import TAGS_PER_PAGE
+    from tests.support.images import push_manifest
+
+    cfg = console_config(tmp_path, "http://127.0.0.1:9")
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    repo = "team/many"
+    image = await push_image(http_session, base, repo, "latest", [make_random_bytes(500, seed=3)],
+                             schema="oci")
+    for i in range(TAGS_PER_PAGE + 2):
+        await push_manifest(http_session, base, repo, f"t{i:04d}", image.manifest, image.media_type)
+    total = TAGS_PER_PAGE + 3
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    p = Page(await context.new_page(), base)
+    await p.open("repositories")
+    await p.page.click(f"#repo-table tr[data-name='{repo}']", timeout=DEADLINE_MS)
+    rows = "n => document.querySelectorAll('#tag-table tbody tr').length === n"
+    await p.page.wait_for_function(rows, arg=TAGS_PER_PAGE, timeout=DEADLINE_MS)
+    assert await p.page.inner_text("#tag-more") == f"{TAGS_PER_PAGE} of {total} tags More tags"
+    await p.page.click("#more-tags")
+    await p.page.wait_for_function(rows, arg=total, timeout=DEADLINE_MS)
+    assert await p.page.inner_text("#tag-more") == f"{total} of {total} tags"
+    shown = await p.page.locator("#tag-table tbody tr").evaluate_all("rs => rs.map(r => r.dataset.tag)")
+    assert shown == sorted(shown) and len(set(shown)) == total
+    assert await p.page.locator("#repo-images h3").count() == 1  # (one image, shown once)
+    await p.shot("repositories-more-tags")
+    assert p.errors == []

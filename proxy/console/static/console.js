@@ -168,31 +168,64 @@
     }));
   }
 
-  async function loadRepository(name) {
-    const data = await api("repositories/" + name.split("/").map(encodeURIComponent).join("/"));
-    const tags = el("table", { id: "tag-table" }, el("thead", {}, el("tr", {}, el("th", {}, "Tag"), el("th", {}, "Digest"),
-      el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"),
-      el("th", {}, "State"), el("th", {}, "Validated"), el("th", {}, "Last pulled"), el("th", {}, "Pulls"))),
-      el("tbody", {}, ...data.tags.map((t) => el("tr", { "data-tag": t.tag }, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
-        el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-"),
-        el("td", { class: "tag-state" }, t.state || "-"), el("td", {}, t.state ? when(t.validated_at) : "-"),
-        el("td", {}, when(t.last_pulled)), el("td", { class: "num" }, t.pulls == null ? "-" : String(t.pulls)),
-        el("td", {}, ...(data.kind === "cached" ? [revalidateButton(data.name, t.tag), " ", purgeButton(data.name, t.tag)]
-          : [deleteButton(data.name, t.tag)]))))));
+  // a repository's answer: a page of its tags (after: the last tag of the page before)
+  function repositoryPage(name, after) {
+    return api("repositories/" + name.split("/").map(encodeURIComponent).join("/") +
+      (after == null ? "" : "?tags_after=" + encodeURIComponent(after)));
+  }
+  function tagRow(data, t) {
+    return el("tr", { "data-tag": t.tag }, el("td", {}, t.tag), el("td", {}, el("code", {}, t.digest)),
+      el("td", {}, t.media_type || "-"), el("td", { class: "num" }, bytes(t.size)), el("td", {}, t.platforms.join(", ") || "-"),
+      el("td", { class: "tag-state" }, t.state || "-"), el("td", {}, t.state ? when(t.validated_at) : "-"),
+      el("td", {}, when(t.last_pulled)), el("td", { class: "num" }, t.pulls == null ? "-" : String(t.pulls)),
+      el("td", {}, ...(data.kind === "cached" ? [revalidateButton(data.name, t.tag), " ", purgeButton(data.name, t.tag)]
+        : [deleteButton(data.name, t.tag)])));
+  }
+  // the page's images not shown yet, each with its layers
+  function imageSections(data) {
     // what each image is called: its tags, or its platform in an index
     const names = {};
     const label = (d, n) => { (names[d] = names[d] || []).push(n); };
     for (const t of data.tags) label(t.digest, t.tag);
     for (const img of data.images) for (const p of img.platforms || []) label(p.digest, p.platform || "?");
-    const images = data.images.filter((i) => i.layers).map((img) => el("div", {},
+    const shown = new Set([...document.querySelectorAll("#repo-images [data-digest]")].map((n) => n.dataset.digest));
+    return data.images.filter((i) => i.layers && !shown.has(i.digest)).map((img) => el("div", { "data-digest": img.digest },
       el("h3", {}, (names[img.digest] || ["untagged"]).join(", ") + " ", el("code", {}, img.digest.slice(0, 19)),
         " (" + bytes(img.size) + ")"),
       el("div", { class: "scroll" }, el("table", { class: "layers" },
         el("thead", {}, el("tr", {}, el("th", {}, "Layer"), el("th", {}, "Size"), el("th", {}, "Also in"))),
         el("tbody", {}, ...img.layers.map((l) => el("tr", {}, el("td", {}, el("code", {}, l.digest)),
           el("td", { class: "num" }, bytes(l.size)), el("td", {}, l.shared_with.join(", ") || "-"))))))));
+  }
+  // "N of M tags" and, while there are more, the button that reads the next page
+  function moreTags(data) {
+    const shown = document.querySelectorAll("#tag-table tbody tr").length;
+    const p = $("#tag-more");
+    p.replaceChildren(shown + " of " + data.tags_total + " tags");
+    if (!data.tags_truncated) return;
+    const b = el("button", { type: "button", id: "more-tags" }, "More tags");
+    b.addEventListener("click", async () => {
+      b.disabled = true;
+      try {
+        const next = await repositoryPage(data.name, data.tags_next);
+        $("#tag-table tbody").append(...next.tags.map((t) => tagRow(next, t)));
+        $("#repo-images").append(...imageSections(next));
+        moreTags(next);
+      } catch (err) { b.disabled = false; showError(err); }
+    });
+    p.append(" ", b);
+  }
+
+  async function loadRepository(name) {
+    const data = await repositoryPage(name, null);
+    const tags = el("table", { id: "tag-table" }, el("thead", {}, el("tr", {}, el("th", {}, "Tag"), el("th", {}, "Digest"),
+      el("th", {}, "Media type"), el("th", {}, "Size"), el("th", {}, "Platforms"),
+      el("th", {}, "State"), el("th", {}, "Validated"), el("th", {}, "Last pulled"), el("th", {}, "Pulls"))),
+      el("tbody", {}, ...data.tags.map((t) => tagRow(data, t))));
     $("#repo-detail").replaceChildren(el("h2", {}, data.name + " (" + data.kind + (data.upstream ? ", from " + data.upstream : "") + ")"),
-      el("div", { class: "scroll" }, tags), ...images);
+      el("div", { class: "scroll" }, tags), el("p", { id: "tag-more", class: "muted" }), el("div", { id: "repo-images" }));
+    $("#repo-images").append(...imageSections(data));
+    moreTags(data);
   }
 
   // an action on a repository's tag, after a confirmation; then the lists are read again
