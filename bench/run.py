@@ -505,7 +505,7 @@ def define_wan_rows(res: Results, images: list[WanImage]) -> None:
             res.row(f"wan.{image.key}.{phase}.vs", f"{label}: {what} ÷ direct ↓", ".2f")
             res.row(f"wan.{image.key}.{phase}.upreq", f"{label}: {what}: upstream requests ↓", "d")
             res.row(f"wan.{image.key}.{phase}.upbytes", f"{label}: {what}: upstream bytes ÷ image size ↓",
-                    ".2f")
+                    ".3f")  # (the target is <= 1.00: a third digit shows what rounding hides)
             res.row(f"wan.{image.key}.{phase}.upconn", f"{label}: {what}: upstream connections opened ↓",
                     "d")
 
