@@ -21,7 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "cache": {
         "tag_ttl": "5m", "tag_stale_while_revalidate": "30s", "manifest_memory": "64MiB",
         "max_manifest_size": "4MiB", "max_size": 0, "max_age": 0, "backend": "memory",
-        "prefetch": "layers", "prefetch_concurrency": 8, "prefetch_max_bytes": "2GiB",
+        "prefetch": "layers", "prefetch_concurrency": 16, "prefetch_max_bytes": "2GiB",
     },
     "proxy": {"default_upstream": "docker.io", "default_platform": "linux/amd64"},
     "hosted": {

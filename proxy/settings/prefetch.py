@@ -18,7 +18,7 @@ class PrefetchConfig:
     """How much of an image the proxy fetches ahead of its client."""
 
     enabled: bool = True  #: ``cache.prefetch = "layers"``
-    concurrency: int = 8  #: ``cache.prefetch_concurrency``: prefetch fills at a time, per process
+    concurrency: int = 16  #: ``cache.prefetch_concurrency``: prefetch fills at a time, per process
     #: ``cache.prefetch_max_bytes``: per image, blobs past this many bytes (in manifest
     #: order, the config first) are left to the client's requests; 0: no cap.
     max_bytes: int = 2 << 30

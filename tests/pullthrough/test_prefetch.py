@@ -245,7 +245,7 @@ async def test_a_failing_prefetch_does_not_touch_the_client(aiohttp_server, clie
 
 def test_prefetch_settings_and_their_errors(tmp_path):
     cfg = from_dict({})
-    assert cfg.prefetch == PrefetchConfig(enabled=True, concurrency=8, max_bytes=2 << 30)
+    assert cfg.prefetch == PrefetchConfig(enabled=True, concurrency=16, max_bytes=2 << 30)
     cfg = from_dict({"cache": {"prefetch": "off", "prefetch_concurrency": 3,
                                "prefetch_max_bytes": "512MiB"}})
     assert cfg.prefetch == PrefetchConfig(enabled=False, concurrency=3, max_bytes=512 * MiB)
