@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 from bench.load import MANIFEST_ACCEPT, run_ab, run_load, run_wrk  # noqa: E402
 from bench.seed import MiB, Seeded, Sizes, WanImage, seed, seed_wan  # noqa: E402
 from bench.systems import (  # noqa: E402
+    NGINX_BINARY,
     CountingHop,
     Distribution,
     Managed,
@@ -40,7 +41,7 @@ from bench.systems import (  # noqa: E402
     UpstreamCounter,
     WanHop,
 )
-from tests.support.registry import RegistryProcess  # noqa: E402
+from tests.support.registry import REGISTRY_BINARY, RegistryProcess  # noqa: E402
 
 SYSTEMS = ("regproxy", "distribution", "nginx")
 SCENARIOS = ("burst", "single", "pull", "warm", "manifests")  # on loopback: the default
@@ -581,6 +582,17 @@ def wan_system(name: str, base: str, hop: WanHop, image: WanImage, res: Results,
           flush=True)
 
 
+def missing_tools(systems: list[str], scenarios: set[str]) -> list[str]:
+    """The programs this run needs that are not installed (said before anything starts,
+    rather than as a traceback half-way through)."""
+    needed = {REGISTRY_BINARY}
+    if "nginx" in systems:
+        needed.add(NGINX_BINARY)
+    if "manifests" in scenarios:
+        needed |= {"wrk", "ab"}
+    return sorted(tool for tool in needed if shutil.which(tool) is None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -611,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{', '.join(ALL_SCENARIOS)}, all")
     wan_shape = {"rtt_ms": args.wan_rtt_ms, "conn_mibs": args.wan_conn_mibs,
                  "total_mibs": args.wan_total_mibs}
+    missing = missing_tools(systems, scenarios)
+    if missing:
+        print(f"bench: missing {', '.join(missing)} (Debian: apt-get install -y docker-registry "
+              "nginx wrk apache2-utils)", file=sys.stderr)
+        return 2
     sizes = Sizes.quick() if args.quick else Sizes.full()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
