@@ -34,6 +34,7 @@ from proxy.mediatypes import (
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE, SUPPORTED_ALGORITHMS, TAG_RE, Digest
 from proxy.upstream.auth import parse_challenges
+from proxy.upstream.urls import same_origin
 
 #: Read and write blobs in pieces of this size.
 CHUNK = 1 << 20
@@ -454,12 +455,24 @@ class RegistryClient:
             return
         if scheme != "bearer" or "realm" not in params:
             raise ToolError(f"unsupported authentication challenge {challenge[:100]!r}")
+        try:
+            realm = URL(params["realm"])
+        except ValueError:
+            realm = URL()
+        if not realm.absolute or realm.scheme not in ("http", "https"):
+            raise ToolError(f"the registry named an invalid token realm "
+                            f"{redact_url(params['realm'])[:100]!r}")
+        if self.username and realm.scheme != "https" and not same_origin(realm, self.base):
+            raise ToolError(f"refusing to send credentials to the token realm "
+                            f"{redact_url(params['realm'])[:100]!r}: it is neither https nor "
+                            f"on the registry's own origin")  # (anonymous tokens: any realm)
         query = {"service": params["service"]} if "service" in params else {}
         scope = self._scope(repo, push) or params.get("scope", "")
         if scope:
             query["scope"] = scope
         headers = {"Authorization": _basic(self.username, self.password)} if self.username else {}
-        async with self.session.get(params["realm"], params=query, headers=headers) as resp:
+        async with self.session.get(realm, params=query, headers=headers,
+                                    allow_redirects=False) as resp:
             if resp.status in (401, 403):
                 raise ToolError(f"the token endpoint refused the credentials (HTTP {resp.status})")
             if resp.status != 200:

@@ -180,3 +180,43 @@ async def test_a_failed_manifest_push_names_the_digest_with_an_at(aiohttp_server
         with pytest.raises(ToolError) as err:
             await client.get_manifest("alpine", digest)
         assert f"alpine@{digest}" in str(err.value)
+
+
+async def test_the_client_sends_no_credentials_to_a_realm_on_another_http_origin(aiohttp_server):
+    """A registry (or whoever answers on its address) naming an http token realm on another
+    port must not get the user's password sent there in cleartext: the realm must be https
+    or the registry's own origin (the proxy's own rule for upstreams, docs/security.md)."""
+    seen: list[tuple[int, str | None]] = []
+    realm = {"url": ""}
+
+    async def token(request: web.Request) -> web.Response:
+        seen.append((request.url.port or 0, request.headers.get("Authorization")))
+        return web.json_response({"token": "t"})
+
+    async def challenge(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") == "Bearer t":
+            return web.json_response({"tags": []})
+        return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401, headers={
+            "WWW-Authenticate": f'Bearer realm="{realm["url"]}",service="reg"'})
+
+    def app() -> web.Application:
+        a = web.Application()
+        a.router.add_get("/token", token)
+        a.router.add_route("*", "/{tail:.*}", challenge)
+        return a
+
+    thief, registry = await aiohttp_server(app()), await aiohttp_server(app())
+    realm["url"] = f"http://127.0.0.1:{thief.port}/token"
+    async with RegistryClient.connect(f"http://127.0.0.1:{registry.port}", username="u",
+                                      password="secret") as client:
+        with pytest.raises(ToolError) as err:
+            async with client.request("GET", "/v2/a/tags/list", repo="a"):
+                pass
+        assert "realm" in str(err.value)
+        assert seen == []
+        # the registry's own origin (a local registry's token service) still gets them
+        realm["url"] = f"http://127.0.0.1:{registry.port}/token"
+        async with client.request("GET", "/v2/a/tags/list", repo="a") as resp:
+            assert resp.status == 200
+    assert [port for port, _ in seen] == [registry.port]
+    assert seen[0][1] is not None and seen[0][1].startswith("Basic ")
