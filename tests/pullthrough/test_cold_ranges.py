@@ -6,7 +6,6 @@ and the fault-injecting fake (a full GET stalled mid-body, corrupt blobs and ran
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -18,9 +17,10 @@ from proxy.config import Config
 from proxy.pullthrough.fill import COLD_RANGE_LEAD, COLD_RANGE_MAX
 from proxy.settings.fields import ConfigError
 from proxy.settings.upstreams import parse_upstream
+from tests.support.counters import counter
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import push_blob
-from tests.support.proxyfix import make_config
+from tests.support.proxyfix import make_config, serve_app, with_upstream_fields
 from tests.support.registry import upstream_gets
 from tests.support.store import is_stored, tmp_files, wait_stored, wait_until
 
@@ -32,20 +32,8 @@ STALL = 1 * MiB  #: where the fake holds the full GET's body until told to go on
 
 def cold_config(data: Path, upstreams: dict[str, str], **upstream_overrides: object) -> Config:
     """One stream per fill (so the fake's stall holds the whole fill back)."""
-    cfg = make_config(data, upstreams)
-    ups = {name: replace(up, parallel_fills=1, **upstream_overrides)  # type: ignore[arg-type]
-           for name, up in cfg.upstreams.items()}
-    return replace(cfg, upstreams=ups)
-
-
-def counter(metric: object, upstream: str) -> float:
-    return metrics.child(metric, upstream)._value.get()  # type: ignore[attr-defined]
-
-
-def blob_gets(fake: FakeUpstream, digest: str) -> list[str]:
-    """The Range headers of the blob GETs the fake saw (``""``: a full GET)."""
-    return [r.headers.get("Range", "") for r in fake.requests
-            if r.method == "GET" and digest in r.path]
+    return with_upstream_fields(make_config(data, upstreams), parallel_fills=1,
+                                **upstream_overrides)
 
 
 @pytest.fixture
@@ -53,15 +41,9 @@ def fake() -> FakeUpstream:
     return FakeUpstream(ranges=True, stall_after=STALL)
 
 
-@pytest.fixture
-async def upstream_url(aiohttp_server, fake):
-    server = await aiohttp_server(fake.app())
-    return str(server.make_url("")).rstrip("/")
-
-
 async def start_proxy(aiohttp_server, upstream_url: str, data: Path, **overrides: object) -> str:
-    app = create_app(cold_config(data, {"fake.io": upstream_url}, **overrides))
-    return str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    return await serve_app(aiohttp_server,
+                           create_app(cold_config(data, {"fake.io": upstream_url}, **overrides)))
 
 
 def range_header(start: int = START, length: int = LENGTH) -> dict[str, str]:
@@ -97,7 +79,7 @@ async def test_a_cold_range_streams_before_the_fill_reaches_it_and_ends_after_ve
         assert counter(metrics.UPSTREAM_BYTES, "fake.io") - verified_before == SIZE
     assert last == blob[START + LENGTH - 1:START + LENGTH]
     await wait_stored(data, d)
-    assert blob_gets(fake, d) == ["", f"bytes={START}-{START + LENGTH - 2}"]  # one full fill
+    assert fake.blob_ranges(d) == ["", f"bytes={START}-{START + LENGTH - 2}"]  # one full fill
     assert tmp_files(data) == []
 
 
@@ -118,7 +100,7 @@ async def test_a_corrupt_blob_cuts_the_cold_range_before_its_last_byte(
     assert received == blob[START:START + LENGTH - 1]  # (the range itself was intact)
     await wait_until(lambda: tmp_files(data) == [], "the fill's temp files to go")
     assert not is_stored(data, d)
-    assert blob_gets(fake, d).count("") == 1
+    assert fake.blob_ranges(d).count("") == 1
 
 
 async def test_range_bytes_other_than_the_verified_blob_cut_the_response(
@@ -136,7 +118,7 @@ async def test_range_bytes_other_than_the_verified_blob_cut_the_response(
             received += await r.content.read()
     assert len(received) == LENGTH - 1
     await wait_stored(data, d)  # the fill itself was good
-    assert blob_gets(fake, d).count("") == 1
+    assert fake.blob_ranges(d).count("") == 1
 
 
 async def test_unverified_ranges_complete_before_the_fill_ends(
@@ -154,7 +136,7 @@ async def test_unverified_ranges_complete_before_the_fill_ends(
     assert counter(metrics.COLD_RANGES, "fake.io") - cold_before == 1
     fake.resume.set()
     await wait_stored(data, d)
-    assert blob_gets(fake, d) == ["", f"bytes={START}-{START + LENGTH - 1}"]  # one full fill
+    assert fake.blob_ranges(d) == ["", f"bytes={START}-{START + LENGTH - 1}"]  # one full fill
     async with client.get(f"{base}/v2/a/blobs/{d}") as r:
         assert await r.read() == blob
 
@@ -170,7 +152,7 @@ async def test_a_range_near_the_fill_waits_for_it_and_asks_no_range(
     async with client.get(f"{base}/v2/a/blobs/{d}", headers=range_header(start)) as r:
         assert r.status == 206 and await r.read() == blob[start:start + LENGTH]
     await wait_stored(data, d)
-    assert blob_gets(fake, d) == [""]
+    assert fake.blob_ranges(d) == [""]
 
 
 async def test_long_ranges_and_upstreams_without_ranges_wait_for_the_fill(
@@ -187,14 +169,14 @@ async def test_long_ranges_and_upstreams_without_ranges_wait_for_the_fill(
     async with client.get(f"{base}/v2/a/blobs/{d}", headers={"Range": f"bytes={start}-"}) as r:
         assert r.status == 206 and await r.read() == blob[start:]
     await wait_stored(data, d)
-    assert blob_gets(fake, d) == [""]
+    assert fake.blob_ranges(d) == [""]
     fake.ranges = False  # no Accept-Ranges
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
     async with client.get(f"{base}/v2/a/blobs/{d}", headers=range_header()) as r:
         assert r.status == 206 and await r.read() == blob[START:START + LENGTH]
     await wait_stored(data, d)
-    assert blob_gets(fake, d) == [""]
+    assert fake.blob_ranges(d) == [""]
 
 
 async def test_an_upstream_ignoring_the_range_leaves_it_to_the_fill(
@@ -207,7 +189,7 @@ async def test_an_upstream_ignoring_the_range_leaves_it_to_the_fill(
     async with client.get(f"{base}/v2/a/blobs/{d}", headers=range_header()) as r:
         assert r.status == 206 and await r.read() == blob[START:START + LENGTH]
     await wait_stored(data, d)
-    assert blob_gets(fake, d).count("") == 1
+    assert fake.blob_ranges(d).count("") == 1
 
 
 async def test_a_cold_range_from_the_real_registry_during_a_ranged_fill(
@@ -218,7 +200,7 @@ async def test_a_cold_range_from_the_real_registry_during_a_ranged_fill(
     blob = os.urandom(40 * MiB + 777)
     desc = await push_blob(http_session, upstream_registry.url, "cold/big", blob)
     cfg = make_config(tmp_path / "data", {"reg.io": upstream_registry.url})
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     cold_before = counter(metrics.COLD_RANGES, "reg.io")
     parts_before = counter(metrics.RANGED_PARTS, "reg.io")
     start = len(blob) - 3 * MiB

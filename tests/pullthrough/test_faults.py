@@ -14,7 +14,7 @@ from yarl import URL
 
 from proxy.app import create_app
 from tests.support.fake_upstream import FakeUpstream, digest_of
-from tests.support.proxyfix import make_config
+from tests.support.proxyfix import make_config, serve_app, with_upstream_fields
 from tests.support.store import blob_path, is_stored, stored_tag, tmp_files, wait_stored
 
 MiB = 1 << 20
@@ -29,17 +29,11 @@ def fake() -> FakeUpstream:
 
 
 @pytest.fixture
-async def upstream_url(aiohttp_server, fake):
-    server = await aiohttp_server(fake.app())
-    return str(server.make_url("")).rstrip("/")
-
-
-@pytest.fixture
 async def proxy(aiohttp_server, upstream_url, tmp_path):
     """(base URL, data dir) of a proxy whose default upstream is the fake."""
     data = tmp_path / "data"
-    server = await aiohttp_server(create_app(make_config(data, {"fake.io": upstream_url})))
-    return str(server.make_url("")).rstrip("/"), data
+    return await serve_app(aiohttp_server,
+                           create_app(make_config(data, {"fake.io": upstream_url}))), data
 
 
 # -- blobs -------------------------------------------------------------------------------
@@ -320,7 +314,7 @@ async def test_tags_are_revalidated_with_head_after_the_ttl(aiohttp_server, fake
                                                             tmp_path, client):
     cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0.2,
                       tag_stale_while_revalidate=0.0)  # every request after the TTL waits
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     d1 = fake.add_image("app", "latest", [b"one"])
     url = f"{base}/v2/app/manifests/latest"
     async with client.get(url) as r:
@@ -347,7 +341,7 @@ async def test_a_tag_just_past_its_ttl_is_answered_at_once_and_revalidated_behin
     past the grace the request waits for the revalidation again."""
     cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0.3,
                       tag_stale_while_revalidate=0.6)
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     d1 = fake.add_image("app", "latest", [b"one"])
     url = f"{base}/v2/app/manifests/latest"
     async with client.get(url) as r:
@@ -378,7 +372,7 @@ async def test_a_tag_just_past_its_ttl_is_answered_at_once_and_revalidated_behin
 async def test_last_known_tag_is_served_when_the_upstream_fails(aiohttp_server, fake, upstream_url,
                                                                 tmp_path, client, status):
     cfg = make_config(tmp_path / "d", {"fake.io": upstream_url}, tag_ttl=0)
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     d = fake.add_image("app", "stable", [b"content"])
     async with client.get(f"{base}/v2/app/manifests/stable") as r:
         assert r.status == 200
@@ -415,7 +409,7 @@ async def test_circuit_breaker_makes_an_outage_cost_one_timeout(aiohttp_server, 
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there: connections are refused
     cfg = make_config(tmp_path / "d", {"down.io": f"http://127.0.0.1:{port}"})
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     for _ in range(3):
         async with client.get(f"{base}/v2/app/manifests/x") as r:
             assert r.status == 503
@@ -441,12 +435,10 @@ async def test_manifest_with_a_wrong_digest_is_refused(fake, proxy, client):
 async def test_bearer_token_flow_and_redirects_without_credentials(aiohttp_server, fake, tmp_path,
                                                                    client):
     cdn = FakeUpstream()
-    cdn_server = await aiohttp_server(cdn.app())
     fake.require_token = "s3cret-token"
-    fake.redirect_to = str(cdn_server.make_url("")).rstrip("/")
-    up = await aiohttp_server(fake.app())
-    cfg = make_config(tmp_path / "d", {"fake.io": str(up.make_url("")).rstrip("/")})
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    fake.redirect_to = await serve_app(aiohttp_server, cdn.app())
+    cfg = make_config(tmp_path / "d", {"fake.io": await serve_app(aiohttp_server, fake.app())})
+    base = await serve_app(aiohttp_server, create_app(cfg))
     blobs = [os.urandom(1000 + i) for i in range(3)]
     d = fake.add_image("app", "v1", blobs)
     for b in blobs:
@@ -467,15 +459,12 @@ async def test_bearer_token_flow_and_redirects_without_credentials(aiohttp_serve
 @pytest.mark.parametrize("with_credentials", [True, False])
 async def test_basic_auth_upstream_gets_its_configured_credentials(aiohttp_server, fake, tmp_path,
                                                                    client, with_credentials):
-    from dataclasses import replace
-
     fake.require_basic = "robot:s3cret"
-    up = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    up = await serve_app(aiohttp_server, fake.app())
     cfg = make_config(tmp_path / "d", {"basic.io": up})
     if with_credentials:
-        ups = {"basic.io": replace(cfg.upstreams["basic.io"], username="robot", password="s3cret")}
-        cfg = replace(cfg, upstreams=ups)
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+        cfg = with_upstream_fields(cfg, username="robot", password="s3cret")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     d = fake.add_image("private/app", "v1", [b"secret layer"])
     async with client.get(f"{base}/v2/private/app/manifests/v1") as r:
         if with_credentials:
@@ -491,10 +480,10 @@ async def test_basic_auth_upstream_gets_its_configured_credentials(aiohttp_serve
 
 async def test_ns_and_path_prefix_route_to_one_cache_key(aiohttp_server, tmp_path, client):
     hub, ghcr = FakeUpstream(), FakeUpstream()
-    hub_url = str((await aiohttp_server(hub.app())).make_url("")).rstrip("/")
-    ghcr_url = str((await aiohttp_server(ghcr.app())).make_url("")).rstrip("/")
+    hub_url = await serve_app(aiohttp_server, hub.app())
+    ghcr_url = await serve_app(aiohttp_server, ghcr.app())
     cfg = make_config(tmp_path / "d", {"docker.io": hub_url, "ghcr.io": ghcr_url})
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     hub_digest = hub.add_image("library/alpine", "3", [b"hub"])
     ghcr_digest = ghcr.add_image("org/tool", "1", [b"ghcr"])
     for url in (f"{base}/v2/alpine/manifests/3", f"{base}/v2/library/alpine/manifests/3?ns=docker.io",

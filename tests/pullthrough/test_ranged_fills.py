@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import os
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -23,9 +22,10 @@ from proxy.reference import Digest
 from proxy.settings.fields import ConfigError
 from proxy.settings.upstreams import parse_upstream
 from proxy.storage.backend import open_filesystem
+from tests.support.counters import counter
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.images import push_blob
-from tests.support.proxyfix import make_config
+from tests.support.proxyfix import make_config, serve_app, with_upstream_fields
 from tests.support.proxyproc import ProxyProcess
 from tests.support.registry import upstream_gets
 from tests.support.store import is_stored, tmp_files, wait_stored, wait_until
@@ -35,21 +35,8 @@ MiB = 1 << 20
 
 def ranged_config(data: Path, upstreams: dict[str, str], *, parts: int = 4,
                   threshold: int = 2 * MiB, **upstream_overrides: object) -> Config:
-    cfg = make_config(data, upstreams)
-    ups = {name: replace(up, parallel_fills=parts, parallel_fill_threshold=threshold,
-                         **upstream_overrides)  # type: ignore[arg-type]
-           for name, up in cfg.upstreams.items()}
-    return replace(cfg, upstreams=ups)
-
-
-def counter(metric: object, upstream: str) -> float:
-    return metrics.child(metric, upstream)._value.get()  # type: ignore[attr-defined]
-
-
-def ranged_gets(fake: FakeUpstream, digest: str) -> list[str]:
-    """The Range headers of the blob GETs the fake saw (``""``: no Range)."""
-    return [r.headers.get("Range", "") for r in fake.requests
-            if r.method == "GET" and digest in r.path]
+    return with_upstream_fields(make_config(data, upstreams), parallel_fills=parts,
+                                parallel_fill_threshold=threshold, **upstream_overrides)
 
 
 @pytest.fixture
@@ -58,16 +45,10 @@ def fake() -> FakeUpstream:
 
 
 @pytest.fixture
-async def upstream_url(aiohttp_server, fake):
-    server = await aiohttp_server(fake.app())
-    return str(server.make_url("")).rstrip("/")
-
-
-@pytest.fixture
 async def proxy(aiohttp_server, upstream_url, tmp_path):
     data = tmp_path / "data"
-    server = await aiohttp_server(create_app(ranged_config(data, {"fake.io": upstream_url})))
-    return str(server.make_url("")).rstrip("/"), data
+    return await serve_app(aiohttp_server,
+                           create_app(ranged_config(data, {"fake.io": upstream_url}))), data
 
 
 # -- configuration -------------------------------------------------------------------
@@ -96,7 +77,7 @@ async def test_a_big_blob_from_the_real_registry_is_filled_with_ranged_gets_and_
     blob = os.urandom(40 * MiB + 12345)
     desc = await push_blob(http_session, upstream_registry.url, "ranged/big", blob)
     cfg = make_config(tmp_path / "data", {"reg.io": upstream_registry.url})  # defaults: 4, 32MiB
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     before = counter(metrics.RANGED_PARTS, "reg.io")
     url = f"{base}/v2/ranged/big/blobs/{desc.digest}"
 
@@ -158,7 +139,7 @@ async def test_parts_are_ranged_gets_and_a_joiner_sees_every_byte_in_order(fake,
     assert bodies == [blob, blob]
     await wait_stored(data, d)
     step = -(-len(blob) // 4)
-    assert sorted(ranged_gets(fake, d)) == sorted(
+    assert sorted(fake.blob_ranges(d)) == sorted(
         ["", *(f"bytes={s}-{min(len(blob), s + step) - 1}" for s in range(step, len(blob), step))])
     await wait_until(lambda: tmp_files(data) == [], "the fill's hint files to go")
 
@@ -172,7 +153,7 @@ async def test_a_failed_part_is_asked_again_from_where_it_stopped(fake, proxy, c
     async with client.get(f"{base}/v2/a/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == blob
     await wait_stored(data, d)
-    gets = ranged_gets(fake, d)
+    gets = fake.blob_ranges(d)
     assert len(gets) == 5  # the first GET, three parts, one of them asked again
     assert counter(metrics.RANGED_RETRIES, "fake.io") - before == 1
 
@@ -185,7 +166,7 @@ async def test_a_first_get_cut_short_is_resumed_with_a_range(fake, proxy, client
     async with client.get(f"{base}/v2/a/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == blob
     await wait_stored(data, d)
-    assert f"bytes={512 * 1024}-{-(-len(blob) // 4) - 1}" in ranged_gets(fake, d)
+    assert f"bytes={512 * 1024}-{-(-len(blob) // 4) - 1}" in fake.blob_ranges(d)
 
 
 async def test_a_part_failing_every_time_fails_the_fill_cleanly(fake, proxy, client):
@@ -221,7 +202,7 @@ async def test_an_upstream_without_accept_ranges_gets_one_plain_get(fake, proxy,
     async with client.get(f"{base}/v2/a/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == blob
     await wait_stored(data, d)
-    assert ranged_gets(fake, d) == [""]
+    assert fake.blob_ranges(d) == [""]
 
 
 async def test_a_corrupt_part_fails_the_fill_before_the_last_byte(fake, proxy, client):
@@ -243,12 +224,12 @@ async def test_a_corrupt_part_fails_the_fill_before_the_last_byte(fake, proxy, c
 async def test_ranges_follow_a_redirect_to_a_cdn_without_credentials(aiohttp_server, fake,
                                                                       tmp_path, client):
     cdn = FakeUpstream(ranges=True)
-    cdn_url = str((await aiohttp_server(cdn.app())).make_url("")).rstrip("/")
+    cdn_url = await serve_app(aiohttp_server, cdn.app())
     fake.require_basic = "user:pw"
     fake.redirect_to = cdn_url
-    origin = str((await aiohttp_server(fake.app())).make_url("")).rstrip("/")
+    origin = await serve_app(aiohttp_server, fake.app())
     cfg = ranged_config(tmp_path / "d", {"fake.io": origin}, username="user", password="pw")
-    base = str((await aiohttp_server(create_app(cfg))).make_url("")).rstrip("/")
+    base = await serve_app(aiohttp_server, create_app(cfg))
     blob = os.urandom(6 * MiB + 1)
     d = fake.add_blob(blob)
     cdn.add_blob(blob)
@@ -288,10 +269,10 @@ async def test_a_prefetched_big_blob_asks_only_ranges_so_no_byte_comes_twice(fak
     d = await prefetch_image(fake, base, client, data, layer)
     step = -(-len(layer) // 4)
     spans = [f"bytes={s}-{min(len(layer), s + step) - 1}" for s in range(0, len(layer), step)]
-    assert sorted(ranged_gets(fake, d)) == sorted(spans)
+    assert sorted(fake.blob_ranges(d)) == sorted(spans)
     async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == layer
-    assert len(ranged_gets(fake, d)) == 4  # (served from the store)
+    assert len(fake.blob_ranges(d)) == 4  # (served from the store)
 
 
 async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(fake, proxy,
@@ -300,7 +281,7 @@ async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(
     fake.ranges, fake.ignore_ranges = False, True  # the ranged first GET is answered 200
     layer = os.urandom(6 * MiB)
     d = await prefetch_image(fake, base, client, data, layer)
-    assert ranged_gets(fake, d) == [f"bytes=0-{-(-len(layer) // 4) - 1}"]
+    assert fake.blob_ranges(d) == [f"bytes=0-{-(-len(layer) // 4) - 1}"]
     async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == layer
 
@@ -317,7 +298,7 @@ async def test_a_first_range_of_the_wrong_blob_size_fails_the_prefetch_cleanly(
     async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
             "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
         assert r.status == 200
-    await wait_until(lambda: len(ranged_gets(fake, d)) >= 1, "the prefetch's first GET")
+    await wait_until(lambda: len(fake.blob_ranges(d)) >= 1, "the prefetch's first GET")
     await wait_until(lambda: tmp_files(data) == [], "the failed fill's temp files to go")
     assert not is_stored(data, d)
 

@@ -117,12 +117,6 @@ def fake() -> FakeUpstream:
     return FakeUpstream(referrers_api=True)
 
 
-@pytest.fixture
-async def upstream_url(aiohttp_server: Any, fake: FakeUpstream) -> str:
-    server = await aiohttp_server(fake.app())
-    return str(server.make_url("")).rstrip("/")
-
-
 def image_with_referrers(fake: FakeUpstream) -> tuple[str, dict[str, str]]:
     """``app:1`` with an SBOM and a VEX document attached: (its digest, type -> digest)."""
     digest = fake.add_image("app", "1", [b"layer of app 1"])

@@ -170,12 +170,6 @@ def fake() -> FakeUpstream:
     return FakeUpstream()
 
 
-@pytest.fixture
-async def upstream_url(aiohttp_server: Any, fake: FakeUpstream) -> str:
-    server = await aiohttp_server(fake.app())
-    return str(server.make_url("")).rstrip("/")
-
-
 async def test_the_verdict_is_kept_and_an_outage_is_not_unsigned(
         fake: FakeUpstream, upstream_url: str, aiohttp_server: Any, tmp_path: Path,
         client: aiohttp.ClientSession) -> None:

@@ -95,6 +95,12 @@ class FakeUpstream:
         """How many recorded requests had this method and a path containing ``fragment``."""
         return sum(1 for r in self.requests if r.method == method and fragment in r.path)
 
+    def blob_ranges(self, digest: str) -> list[str]:
+        """The Range headers of the GETs of ``digest`` in order (``""``: a full GET), to
+        tell a fill's parts and a cold range's own GET apart."""
+        return [r.headers.get("Range", "") for r in self.requests
+                if r.method == "GET" and digest in r.path]
+
     # -- HTTP --------------------------------------------------------------------------
 
     def app(self) -> web.Application:

@@ -1,8 +1,14 @@
-"""Building a proxy instance for tests: a config pointing at given upstreams."""
+"""Building a proxy instance for tests: a config pointing at given upstreams, and the
+base URL of an app served in-process."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+from aiohttp import web
 
 from proxy.config import Config, UpstreamConfig
 
@@ -34,3 +40,17 @@ def make_config(
         upstreams=ups,
     )
     return Config(**{**base.__dict__, **overrides})
+
+
+def with_upstream_fields(cfg: Config, **fields: object) -> Config:
+    """``cfg`` with ``fields`` (e.g. ``parallel_fills``) set on every upstream."""
+    ups = {name: replace(up, **fields)  # type: ignore[arg-type]
+           for name, up in cfg.upstreams.items()}
+    return replace(cfg, upstreams=ups)
+
+
+async def serve_app(aiohttp_server: Callable[[web.Application], Awaitable[Any]],
+                    app: web.Application) -> str:
+    """Serve ``app`` with pytest-aiohttp's ``aiohttp_server``: its base URL, no trailing
+    slash (how upstream URLs and request paths are joined in the tests)."""
+    return str((await aiohttp_server(app)).make_url("")).rstrip("/")
