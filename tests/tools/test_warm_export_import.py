@@ -157,7 +157,10 @@ async def test_warm_all_platforms_and_failures_give_a_nonzero_exit(
     assert not report.ok and "no manifest for platform windows/amd64" in report.failed[0][1]
 
 
-async def test_warm_retries_a_failed_blob(aiohttp_server):
+async def flaky_registry(aiohttp_server) -> tuple[str, bytes, dict[str, int]]:
+    """A registry serving ``flaky:1`` whose layer GET fails first with a 503, then is cut
+    mid-body, then succeeds (every time fails once ``attempts["broken"]`` is set): (its
+    URL, the layer, the attempts counter)."""
     blob = b"x" * 3_000_000
     digest = sha256_digest(blob)
     config = b"{}"
@@ -190,13 +193,37 @@ async def test_warm_retries_a_failed_blob(aiohttp_server):
     app.router.add_get("/v2/flaky/manifests/{ref}", manifests)
     app.router.add_get("/v2/flaky/blobs/{digest}", blobs)
     server = await aiohttp_server(app)
-    report = await warm(["flaky:1"], f"http://127.0.0.1:{server.port}", progress=True)  # rich bars
+    return f"http://127.0.0.1:{server.port}", blob, attempts
+
+
+async def test_warm_retries_a_failed_blob(aiohttp_server):
+    url, blob, attempts = await flaky_registry(aiohttp_server)
+    report = await warm(["flaky:1"], url, progress=True)  # rich bars
     assert report.ok, report.failed
-    assert attempts["blob"] == 3 and report.bytes == len(blob) + len(config)
+    assert attempts["blob"] == 3 and report.bytes == len(blob) + len(b"{}")
 
     attempts["broken"] = 1  # fails every time now
-    report = await warm(["flaky:1"], f"http://127.0.0.1:{server.port}", retries=1)
+    report = await warm(["flaky:1"], url, retries=1)
     assert not report.ok and "HTTP 503" in report.failed[0][1]
+
+
+async def test_export_retries_a_cut_blob_and_writes_its_member_once(aiohttp_server, tmp_path):
+    """The attempt cut mid-body has written part of the layer's member: it is cut off
+    again, so the archive holds the layer once, whole, and nothing after it is shifted."""
+    url, blob, attempts = await flaky_registry(aiohttp_server)
+    tarball = tmp_path / "flaky.tar"
+    report = await export_images(["flaky:1"], tarball, url)
+    assert attempts["blob"] == 3 and report.blobs == 2 and report.bytes == len(blob) + len(b"{}")
+    with tarfile.open(tarball) as tar:
+        layer = f"blobs/sha256/{sha256_digest(blob).split(':', 1)[1]}"
+        assert tar.getnames().count(layer) == 1
+        assert tar.extractfile(layer).read() == blob
+        assert json.load(tar.extractfile("manifest.json"))[0]["RepoTags"] == ["flaky:1"]
+
+    attempts["broken"] = 1  # fails every time now: no archive, no partial file
+    with pytest.raises(ToolError, match="HTTP 503"):
+        await export_images(["flaky:1"], tmp_path / "broken.tar", url, retries=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flaky.tar"]
 
 
 # ---------------------------------------------------------------------------
