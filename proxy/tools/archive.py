@@ -35,6 +35,7 @@ from yarl import URL
 
 from proxy.mediatypes import DOCKER_MANIFEST, OCI_INDEX
 from proxy.reference import NAME_RE, TAG_RE
+from proxy.tools.blobfetch import fetch_blob
 from proxy.tools.client import (
     CHUNK,
     DEFAULT_PROXY,
@@ -149,34 +150,18 @@ class _Exported:
 
 async def _stream_blob(client: RegistryClient, writer: TarWriter, name: str, desc: Descriptor,
                        progress: Progress, overall: Any, retries: int, image: str) -> None:
-    task = progress.task(row_label(image, desc.digest), desc.size)
+    """One blob into its tar member; a failed attempt's partial member is cut off again."""
     start = writer.offset
 
-    async def attempt() -> None:
+    async def restart() -> None:
         if writer.offset != start:
             await writer.rollback(start)
-        progress.rewind(task, overall)
-        hasher = hashlib.new(desc.algorithm)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            async with client.blob(name, desc.digest) as resp:
-                async for chunk in resp.content.iter_chunked(CHUNK):
-                    hasher.update(chunk)
-                    progress.advance(task, len(chunk), overall)
-                    yield chunk
+    async def sink(chunks: AsyncIterator[bytes]) -> None:
+        await writer.add_stream(blob_path(desc.digest), desc.size, chunks)
 
-        await writer.add_stream(blob_path(desc.digest), desc.size, chunks())
-        actual = f"{desc.algorithm}:{hasher.hexdigest()}"
-        if actual != desc.digest:
-            raise ToolError(f"blob {desc.digest}: body has digest {actual}", retryable=True)
-
-    def on_retry(n: int, exc: BaseException) -> None:
-        progress.log(f"retry {n}/{retries} of {name}@{desc.digest}: {describe(exc)}")
-
-    try:
-        await with_retries(attempt, retries=retries, on_retry=on_retry)
-    finally:
-        progress.done(task)
+    await fetch_blob(client, name, desc, progress, overall, retries=retries, image=image,
+                     sink=sink, restart=restart)
 
 
 async def export_images(

@@ -8,14 +8,13 @@ cached comes straight off the disk. Bodies are read in 1 MiB chunks, hashed and 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.tools.blobfetch import fetch_blob
 from proxy.tools.client import (
-    CHUNK,
     DEFAULT_PROXY,
     Descriptor,
     ImageRef,
@@ -26,9 +25,8 @@ from proxy.tools.client import (
     ToolError,
     describe,
     resolve,
-    with_retries,
 )
-from proxy.tools.progress import Progress, make_progress, row_label
+from proxy.tools.progress import make_progress
 from proxy.units import human_rate, human_size
 
 
@@ -71,38 +69,6 @@ def parse_platforms(platforms: Sequence[str] | None, all_platforms: bool) -> lis
     if all_platforms:
         return None
     return [Platform.parse(p) for p in platforms] if platforms else [Platform("linux", "amd64")]
-
-
-async def fetch_blob(client: RegistryClient, name: str, desc: Descriptor, progress: Progress,
-                     overall: object, *, retries: int = 3, image: str = "") -> tuple[int, bool]:
-    """GET one blob through the proxy, discarding the body; digest and size are verified.
-    Retried ``retries`` times; returns the bytes read by the successful attempt and whether
-    the proxy had the blob already. Its progress row is labelled with ``image``."""
-    task = progress.task(row_label(image or name, desc.digest), desc.size)
-
-    async def attempt() -> tuple[int, bool]:
-        progress.rewind(task, overall)
-        hasher = hashlib.new(desc.algorithm)
-        size = 0
-        async with client.blob(name, desc.digest) as resp:
-            hit = resp.headers.get("X-Cache") == "hit"
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-                progress.advance(task, len(chunk), overall)
-        actual = f"{desc.algorithm}:{hasher.hexdigest()}"
-        if size != desc.size or actual != desc.digest:
-            raise ToolError(f"blob {desc.digest}: got {size} bytes with digest {actual}, "
-                            f"expected {desc.size} bytes", retryable=True)
-        return size, hit
-
-    def on_retry(n: int, exc: BaseException) -> None:
-        progress.log(f"retry {n}/{retries} of {name}@{desc.digest}: {describe(exc)}")
-
-    try:
-        return await with_retries(attempt, retries=retries, on_retry=on_retry)
-    finally:
-        progress.done(task)
 
 
 async def warm(
