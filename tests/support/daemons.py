@@ -31,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from tests.support.processes import stop_process
+
 DOCKERD = "dockerd"
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -264,14 +266,7 @@ class _Daemon:
         """Stop the daemon and everything started for it; unmount, save the log, delete state."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            stop_process(proc, grace=STOP_TIMEOUT)
             # Leftovers in the daemon's session (it was started with setsid).
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)

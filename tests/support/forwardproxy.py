@@ -10,6 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from tests.support.processes import stop_process
 from tests.support.registry import free_port
 
 TINYPROXY = "/usr/bin/tinyproxy"
@@ -60,13 +61,7 @@ class TinyProxy:
                 if "Request (file descriptor" in line and "): " in line]
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
         if self._log is not None:
             self._log.close()

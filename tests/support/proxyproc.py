@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.processes import stop_process
 from tests.support.registry import free_port
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -71,13 +72,7 @@ class ProxyProcess:
             return ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> ProxyProcess:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.processes import stop_process
 from tests.support.registry import free_port
 
 
@@ -53,11 +54,5 @@ class RedisProcess:
         assert self.cli("flushall") == "OK"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None

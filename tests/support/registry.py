@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
@@ -17,6 +16,8 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from tests.support.processes import stop_process
 
 REGISTRY_BINARY = os.environ.get("DOCKER_REGISTRY_BIN", "/usr/bin/docker-registry")
 # Ignore any http_proxy/https_proxy in the environment: everything is loopback.
@@ -179,16 +180,7 @@ class RegistryProcess:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the registry: SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=timeout)
+        stop_process(self._proc, grace=timeout)
         self._cleanup()
         # Wait until the port is really free so a restart can bind it again.
         deadline = time.monotonic() + timeout

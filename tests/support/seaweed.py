@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import S3Config
+from tests.support.processes import stop_process
 
 ACCESS_KEY = "regproxy-test"
 SECRET_KEY = "regproxy-test-secret"
@@ -56,12 +57,7 @@ class SeaweedFS:
 
     def stop(self) -> None:
         """Kill it (a graceful stop takes ~25 s; the data is throw-away anyway)."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(2)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, grace=2)
         for port in self.ports:  # sockets weed puts in /tmp regardless of its flags
             for kind in ("master-grpc", "volume-grpc", "filer-grpc", "s3", "s3-grpc"):
                 with contextlib.suppress(OSError):
