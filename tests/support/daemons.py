@@ -28,10 +28,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 
-from tests.support.processes import stop_process
+from tests.support.processes import StartStop, stop_process
 
 DOCKERD = "dockerd"
 CONTAINERD = "containerd"
@@ -204,7 +203,7 @@ def _check(res: subprocess.CompletedProcess[str], what: str, log: str) -> Result
     return res
 
 
-class _Daemon:
+class _Daemon(StartStop):
     """Start/stop/cleanup shared by DockerDaemon and Containerd."""
 
     name = "daemon"
@@ -292,17 +291,6 @@ class _Daemon:
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of the daemon's log."""
         return _tail(self.log_path, lines)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # client helpers -----------------------------------------------------------
     async def _arun(self, args: list[str], time_limit: float, check: bool) -> Result:

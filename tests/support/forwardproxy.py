@@ -7,16 +7,15 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
-from tests.support.processes import stop_process
+from tests.support.processes import StartStop, stop_process
 from tests.support.registry import free_port
 
 TINYPROXY = "/usr/bin/tinyproxy"
 
 
-class TinyProxy:
+class TinyProxy(StartStop):
     """``tinyproxy -d`` on a free 127.0.0.1 port; ``requests()`` lists what it forwarded."""
 
     def __init__(self, workdir: Path) -> None:
@@ -66,10 +65,3 @@ class TinyProxy:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def __enter__(self) -> TinyProxy:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

@@ -9,13 +9,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.support.processes import stop_process
+from tests.support.processes import StartStop, stop_process
 from tests.support.registry import free_port
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class ProxyProcess:
+class ProxyProcess(StartStop):
     """``regproxy serve`` in a subprocess on a free loopback port; logs go to a file.
     ``env`` is added to the environment (which has no ``*_proxy`` variables otherwise)."""
 
@@ -74,9 +74,3 @@ class ProxyProcess:
     def stop(self) -> None:
         stop_process(self.proc)
         self.proc = None
-
-    def __enter__(self) -> ProxyProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

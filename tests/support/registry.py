@@ -14,10 +14,9 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
-from tests.support.processes import stop_process
+from tests.support.processes import StartStop, stop_process
 
 REGISTRY_BINARY = os.environ.get("DOCKER_REGISTRY_BIN", "/usr/bin/docker-registry")
 # Ignore any http_proxy/https_proxy in the environment: everything is loopback.
@@ -35,7 +34,7 @@ class RegistryError(RuntimeError):
     """The registry process failed to start or answer."""
 
 
-class RegistryProcess:
+class RegistryProcess(StartStop):
     """A docker-registry subprocess with filesystem storage under ``workdir``.
 
     The port and storage directory are fixed at construction time so that
@@ -215,16 +214,6 @@ class RegistryProcess:
         if log is not None:
             log.close()
 
-    def __enter__(self) -> RegistryProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 _GET = re.compile(r'"GET (/v2/\S+) HTTP')
