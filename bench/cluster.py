@@ -18,17 +18,14 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
-from bench.run import Results, scratch, wait_quiet  # noqa: E402
+from bench.run import Deadline, Results, bounded_run, scratch, wait_quiet  # noqa: E402
 from bench.systems import _tree_pids  # noqa: E402
 from proxy.config import S3Config  # noqa: E402
 from tests.support.cluster import Replicas  # noqa: E402
@@ -62,10 +59,6 @@ PULL_PARALLEL = 3  # blobs at a time per pulling client (docker's max-concurrent
 WARM_ROUNDS = {1: 3, 8: 1}  # clients -> fetches of the blob per client
 TIME_BOUND = 330  # seconds
 QUIET_WAIT = 10.0  # at most this long waiting for an idle machine before a scenario
-
-
-class Deadline(Exception):
-    """The run took longer than its bound."""
 
 
 @dataclass
@@ -503,33 +496,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = parser.parse_args(argv)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGALRM:
-            raise Deadline("the benchmark exceeded its time bound")
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm(TIME_BOUND)
-    work = Path(tempfile.mkdtemp(prefix="regproxy-cluster-"))
     rep = Report()
     started = time.monotonic()
     status = 0
-    try:
-        run(rep, work)
-    except (KeyboardInterrupt, Deadline) as exc:
-        rep.note(f"run aborted: {exc!r}")
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-    except Exception as exc:
-        rep.note(f"run failed: {exc!r}\n{traceback.format_exc(limit=6)}")
-        status = 1
-    finally:
-        signal.alarm(0)
-        if args.keep:
-            print(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    with bounded_run("regproxy-cluster-", TIME_BOUND, args.keep) as work:
+        try:
+            run(rep, work)
+        except (KeyboardInterrupt, Deadline) as exc:
+            rep.note(f"run aborted: {exc!r}")
+            status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        except Exception as exc:
+            rep.note(f"run failed: {exc!r}\n{traceback.format_exc(limit=6)}")
+            status = 1
     print(f"\n{rep.markdown()}\n")
     print(f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {os.cpu_count()} cores "
           f"({platform.machine()}); run took {time.monotonic() - started:.0f} s; every client verifies "

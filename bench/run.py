@@ -63,6 +63,31 @@ class Deadline(Exception):
     """The whole run took longer than its bound."""
 
 
+@contextlib.contextmanager
+def bounded_run(prefix: str, seconds: int, keep: bool) -> Iterator[Path]:
+    """A benchmark run's work directory, and its bound: SIGTERM raises KeyboardInterrupt and
+    ``seconds`` later SIGALRM raises :class:`Deadline`, so that the run's own cleanup stops
+    every process it started. The directory is deleted afterwards unless ``keep``."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGALRM:
+            raise Deadline("the benchmark exceeded its time bound")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, on_signal)
+    signal.alarm(seconds)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        signal.alarm(0)
+        if keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------
 # results and the table
 # ---------------------------------------------------------------------------------------
@@ -629,31 +654,18 @@ def main(argv: list[str] | None = None) -> int:
               "nginx wrk apache2-utils)", file=sys.stderr)
         return 2
     sizes = Sizes.quick() if args.quick else Sizes.full()
+    bound = (6 if args.quick else 25) * 60 + (5 if args.quick else 10) * 60 * (WAN in scenarios)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGALRM:
-            raise Deadline("the benchmark exceeded its time bound")
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
-    signal.alarm((6 if args.quick else 25) * 60 + (5 if args.quick else 10) * 60 * (WAN in scenarios))
-
-    work = Path(tempfile.mkdtemp(prefix="regproxy-bench-"))
     res = Results()
     started = time.monotonic()
     status = 0
-    try:
-        run(systems, sizes, work, res, shlex.split(args.regproxy_args), scenarios, wan_shape, args.quick)
-    except (KeyboardInterrupt, Deadline) as exc:
-        res.note(f"run aborted: {exc!r}")
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-    finally:
-        signal.alarm(0)
-        if args.keep:
-            print(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    with bounded_run("regproxy-bench-", bound, args.keep) as work:
+        try:
+            run(systems, sizes, work, res, shlex.split(args.regproxy_args), scenarios, wan_shape,
+                args.quick)
+        except (KeyboardInterrupt, Deadline) as exc:
+            res.note(f"run aborted: {exc!r}")
+            status = 130 if isinstance(exc, KeyboardInterrupt) else 1
     mode = "quick" if args.quick else "full"
     if args.regproxy_args:
         mode += f" (regproxy {args.regproxy_args})"
