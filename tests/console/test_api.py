@@ -14,9 +14,21 @@ from proxy.app import create_app
 from proxy.server import runner_kwargs
 from proxy.settings.auth import parse_auth
 from proxy.timeseries import WINDOWS, TimeSeries, make_row
-from tests.console.traffic import basic, console_config, make_traffic
+from tests.console.traffic import Traffic, auth_table, basic, console_config, make_traffic
 
 API = "/_regproxy/api"
+
+
+async def console_with_users(upstream_registry, http_session, aiohttp_server,
+                             tmp_path) -> tuple[str, Traffic]:
+    """A proxy with the console and the users of ``auth_table`` (so rights can be tried),
+    and traffic through it pulled as ``admin``: its base URL and what was pulled."""
+    cfg = console_config(tmp_path, upstream_registry.url,
+                         auth=parse_auth(auth_table(tmp_path), tmp_path))
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    return base, await make_traffic(http_session, upstream_registry.url, base, tmp_path,
+                                    headers=basic("admin"))
 
 
 async def get_json(client: aiohttp.ClientSession, url: str, **kw: object) -> dict:
@@ -210,13 +222,9 @@ async def test_a_repository_s_tags_come_a_page_at_a_time(http_session, aiohttp_s
 async def test_api_needs_the_ops_right(upstream_registry, http_session, aiohttp_server, tmp_path):
     """A user without the ops right gets 403, an anonymous client 401, and neither sees a
     repository name; the watcher (ops only) sees them all."""
-    from tests.console.traffic import USERS, auth_table
+    from tests.console.traffic import USERS
 
-    cfg = console_config(tmp_path, upstream_registry.url,
-                         auth=parse_auth(auth_table(tmp_path), tmp_path))
-    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
-    base = str(server.make_url("")).rstrip("/")
-    await make_traffic(http_session, upstream_registry.url, base, tmp_path, headers=basic("admin"))
+    base, _ = await console_with_users(upstream_registry, http_session, aiohttp_server, tmp_path)
     paths = ["/overview", "/upstreams", "/repositories", "/repositories/team/app", "/storage",
              "/config"]
     for path in paths:
@@ -290,15 +298,10 @@ def test_time_series_merge_and_percentiles():
 
 async def test_purge_action_needs_the_ops_right_and_purges(upstream_registry, http_session,
                                                           aiohttp_server, tmp_path):
-    from tests.console.traffic import auth_table
     from tests.support.store import is_stored
 
-    cfg = console_config(tmp_path, upstream_registry.url,
-                         auth=parse_auth(auth_table(tmp_path), tmp_path))
-    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
-    base = str(server.make_url("")).rstrip("/")
-    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path,
-                                 headers=basic("admin"))
+    base, traffic = await console_with_users(upstream_registry, http_session, aiohttp_server,
+                                             tmp_path)
     data = tmp_path / "data"
     assert is_stored(data, traffic.big_layer)
     url = f"{base}{API}/repositories/{traffic.repo}/purge"
@@ -352,7 +355,6 @@ async def test_debug_listener_serves_the_console_but_no_action(aiohttp_client, t
     """With ``server.debug_listen`` the console and its API move to that listener (no
     authentication there); the actions are served nowhere."""
     from proxy.debuglisten import DEBUG_ADDRESS
-    from tests.console.traffic import auth_table
 
     cfg = console_config(tmp_path, "http://127.0.0.1:9", debug_listen=("127.0.0.1", 0),
                          auth=parse_auth(auth_table(tmp_path), tmp_path))
@@ -413,16 +415,11 @@ async def test_revalidate_and_warm_actions(upstream_registry, http_session, aioh
     import asyncio
     import os
 
-    from tests.console.traffic import auth_table
     from tests.support.images import make_random_bytes, push_image
     from tests.support.store import is_stored
 
-    cfg = console_config(tmp_path, upstream_registry.url,
-                         auth=parse_auth(auth_table(tmp_path), tmp_path))
-    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
-    base = str(server.make_url("")).rstrip("/")
-    traffic = await make_traffic(http_session, upstream_registry.url, base, tmp_path,
-                                 headers=basic("admin"))
+    base, traffic = await console_with_users(upstream_registry, http_session, aiohttp_server,
+                                             tmp_path)
     watcher = {**basic("watcher"), "Origin": base}
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 
