@@ -207,6 +207,7 @@ class _Daemon(StartStop):
     """Start/stop/cleanup shared by DockerDaemon and Containerd."""
 
     name = "daemon"
+    sock: Path  #: its API socket (set by the subclass)
 
     def __init__(self, tmpdir: Path | str | None = None) -> None:
         # State lives in a short private dir under /tmp (socket path limit);
@@ -224,8 +225,16 @@ class _Daemon(StartStop):
     def _command(self) -> list[str]:
         raise NotImplementedError
 
-    def _ready(self) -> bool:
+    def _version_command(self) -> list[str]:
+        """A client command that succeeds once the daemon answers on ``self.sock``."""
         raise NotImplementedError
+
+    def _ready(self) -> bool:
+        if not _unix_socket_ready(self.sock):
+            return False
+        res = subprocess.run(self._version_command(), capture_output=True, env=self.env,
+                             timeout=10, check=False)
+        return res.returncode == 0
 
     # lifecycle ----------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT) -> Self:
@@ -338,17 +347,8 @@ class DockerDaemon(_Daemon):
         """Value for ``docker -H``."""
         return f"unix://{self.sock}"
 
-    def _ready(self) -> bool:
-        if not _unix_socket_ready(self.sock):
-            return False
-        res = subprocess.run(
-            [DOCKER_CLI, "-H", self.host, "version", "--format", "{{.Server.Version}}"],
-            capture_output=True,
-            env=self.env,
-            timeout=10,
-            check=False,
-        )
-        return res.returncode == 0
+    def _version_command(self) -> list[str]:
+        return [DOCKER_CLI, "-H", self.host, "version", "--format", "{{.Server.Version}}"]
 
     def _command(self) -> list[str]:
         cmd = [
@@ -428,17 +428,8 @@ class Containerd(_Daemon):
             '  address = ""\n'
         )
 
-    def _ready(self) -> bool:
-        if not _unix_socket_ready(self.sock):
-            return False
-        res = subprocess.run(
-            [CTR, "--address", str(self.sock), "version"],
-            capture_output=True,
-            env=self.env,
-            timeout=10,
-            check=False,
-        )
-        return res.returncode == 0
+    def _version_command(self) -> list[str]:
+        return [CTR, "--address", str(self.sock), "version"]
 
     def _command(self) -> list[str]:
         return [CONTAINERD, "--config", str(self.config_path)]
