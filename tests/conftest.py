@@ -23,23 +23,15 @@ from tests.support.seaweed import SeaweedFS, start_seaweedfs  # noqa: E402
 @pytest.fixture(scope="session")
 def upstream_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
     """A docker-registry shared by the whole session; do not stop it in tests."""
-    reg = RegistryProcess(tmp_path_factory.mktemp("upstream-registry"))
-    reg.start()
-    try:
+    with RegistryProcess(tmp_path_factory.mktemp("upstream-registry")) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture
 def fresh_registry(tmp_path: Path) -> Iterator[RegistryProcess]:
     """A private docker-registry for one test; it may be stopped and restarted freely."""
-    reg = RegistryProcess(tmp_path / "fresh-registry")
-    reg.start()
-    try:
+    with RegistryProcess(tmp_path / "fresh-registry") as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture
@@ -83,11 +75,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """One redis-server for the session; tests use ``redis_url``, which empties it first."""
-    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
-    try:
+    with RedisProcess(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.processes import stop_process
+from tests.support.processes import StartStop, stop_process
 from tests.support.registry import free_port
 
 
-class RedisProcess:
+class RedisProcess(StartStop):
     """``redis-server`` without persistence, bound to 127.0.0.1 on a free port."""
 
     def __init__(self, workdir: Path) -> None:
