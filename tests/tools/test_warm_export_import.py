@@ -45,6 +45,13 @@ async def start_proxy(aiohttp_server, data: Path, reg: RegistryProcess) -> str:
     return f"http://127.0.0.1:{server.port}"
 
 
+def tar_directory(directory: Path, tarball: Path) -> None:
+    """``tarball`` holding ``directory``'s tree at its root, as an OCI-layout archive is."""
+    with tarfile.open(tarball, "w") as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+
+
 def cached(data: Path, digest: str) -> bool:
     return is_stored(data, digest)
 
@@ -304,18 +311,14 @@ async def test_import_of_a_skopeo_docker_archive_and_an_oci_index_layout(
     await skopeo_copy(f"docker://{host}/imp/multi:v1", f"oci:{layout}:v1", "--preserve-digests",
                       all_images=True)
     oci_tar = tmp_path / "layout.tar"
-    with tarfile.open(oci_tar, "w") as tar:
-        for path in sorted(layout.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(layout)), recursive=False)
+    tar_directory(layout, oci_tar)
     # a bare tag in ref.name and no manifest.json: no repository name
     result = await import_archive(oci_tar, proxy, repo_prefix="team/")
     assert not result.ok and "no image name" in result.failed[0][1]
     doc = json.loads((layout / "index.json").read_text())
     doc["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "imp/multi:v1"
     (layout / "index.json").write_text(json.dumps(doc))
-    with tarfile.open(oci_tar, "w") as tar:
-        for path in sorted(layout.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(layout)), recursive=False)
+    tar_directory(layout, oci_tar)
     result = await import_archive(oci_tar, proxy, repo_prefix="team/")
     assert result.ok, result.failed
     body, ctype, digest = await get_manifest(http_session, proxy, "team/imp/multi", "v1")
@@ -327,9 +330,7 @@ async def test_import_of_a_skopeo_docker_archive_and_an_oci_index_layout(
     (layout / "blobs" / "sha256" / arm64.digest[7:]).unlink()
     doc["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "imp/partial:v1"
     (layout / "index.json").write_text(json.dumps(doc))
-    with tarfile.open(oci_tar, "w") as tar:
-        for path in sorted(layout.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(layout)), recursive=False)
+    tar_directory(layout, oci_tar)
     result = await import_archive(oci_tar, proxy, repo_prefix="team/")
     assert result.ok and result.warnings, result.failed
     _, _, digest = await get_manifest(http_session, proxy, "team/imp/partial", "v1")
