@@ -234,6 +234,46 @@ class UpstreamClient:
             if self.limiter is not None:
                 self.limiter.release()
 
+    def redirect_target(self, resp: UpstreamResponse) -> URL | None:
+        """Where a response of :meth:`request` came from when the upstream redirected it
+        off its own origins (a blob CDN's signed URL), else ``None``: the URL that
+        :meth:`request_redirected` may ask again, taken only from the upstream's redirect."""
+        url = resp.url
+        if not url.absolute or any(same_origin(url, o.base) for o in self.origins):
+            return None
+        return url
+
+    @asynccontextmanager
+    async def request_redirected(self, url: URL, headers: dict[str, str] | None = None
+                                 ) -> AsyncIterator[UpstreamResponse]:
+        """GET ``url`` (a :meth:`redirect_target`) again, e.g. with another ``Range``,
+        instead of asking the registry for a new redirect: one WAN round trip less.
+
+        It is sent as following the redirect sends it: no credentials (``url`` is not the
+        upstream's origin), further redirects followed the same way, and through the same
+        egress, caps, timeouts and request metrics. It is not the registry, so its
+        answers and failures do not move the breakers; any status is yielded (a signed
+        URL that expired answers 403: the caller asks the registry again). Raises
+        :class:`Unavailable` when there is no answer, or reading the body fails.
+        """
+        await self._acquire_slot()
+        try:
+            started = time.monotonic()
+            try:
+                resp = await self._send("GET", url, dict(headers or {}), None)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise self._unavailable("GET", url, exc, started, None) from None
+            self._count("GET", resp, started)
+            try:
+                yield resp
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise self._unavailable("GET", url, exc, started, None) from None
+            finally:
+                resp.release()
+        finally:
+            if self.limiter is not None:
+                self.limiter.release()
+
     def _waited(self, seconds: float) -> None:
         metrics.child(metrics.UPSTREAM_QUEUE_WAIT, self.name).observe(seconds)
 
@@ -295,13 +335,7 @@ class UpstreamClient:
     async def _answered(self, origin: _Origin, method: str, resp: UpstreamResponse,
                         started: float) -> None:
         """Count, log and note an answer; 5xx are breaker failures, the rest successes."""
-        latency = time.monotonic() - started
-        metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(latency)
-        metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
-        note_upstream(resp.status, latency)  # (for the access line)
-        if resp.status >= 500 or resp.status == 429:
-            log.warning("upstream %s: %s %s%s answered %d%s", self.name, method, resp.url.host,
-                        resp.url.path, resp.status, _ratelimit(resp))
+        self._count(method, resp, started)
         if resp.status >= 500:
             await self._failed(origin)
         else:
@@ -315,6 +349,16 @@ class UpstreamClient:
                     int(remaining.split(";")[0]))
             if self.limiter is not None:  # near zero: slow down (a rate cap halves)
                 self.limiter.observe_ratelimit(remaining, resp.headers.get("ratelimit-limit"))
+
+    def _count(self, method: str, resp: UpstreamResponse, started: float) -> None:
+        """Count, log and note an answer (any URL's: the registry's or a redirect target's)."""
+        latency = time.monotonic() - started
+        metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(latency)
+        metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
+        note_upstream(resp.status, latency)  # (for the access line)
+        if resp.status >= 500 or resp.status == 429:
+            log.warning("upstream %s: %s %s%s answered %d%s", self.name, method, resp.url.host,
+                        resp.url.path, resp.status, _ratelimit(resp))
 
     def _breaker_metrics(self, origin: _Origin) -> None:
         is_open = origin.breaker.state is BreakerState.OPEN
