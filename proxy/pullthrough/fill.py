@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
+from yarl import URL
+
 from proxy import metrics
 from proxy.errors import (
     BadGateway,
@@ -135,6 +137,9 @@ class BlobFill:
         self._upstream: UpstreamClient | None = None  #: (for cold ranges, once it runs)
         self._remote = ""
         self._ranges = False  #: the upstream announced ``Accept-Ranges: bytes``
+        #: where the first GET was redirected off the upstream's origin (a blob CDN's
+        #: signed URL): the ranged parts and cold ranges ask it directly
+        self._direct: URL | None = None
 
     @property
     def verified(self) -> bool:
@@ -246,13 +251,15 @@ class BlobFill:
                                     == "bytes" and known is None)
                     spans = None if known is not None else plan_parts(
                         upstream.config, self.size, resp.headers, self._sink is not None)
+                self._direct = upstream.redirect_target(resp)
                 if spans is not None:
                     writer.announce_prefix(0)  # before the size: tailers then read the hint
                 writer.announce_size(self.size)
                 self._headers.set()
                 if spans is not None and self.size is not None:
                     await RangedFill(upstream, remote, self.digest, writer, spans, self.size,
-                                     self._advance, first_ranged=resp.status == 206).run(resp)
+                                     self._advance, first_ranged=resp.status == 206,
+                                     direct=self._direct).run(resp)
                 else:
                     await self._stream(upstream, resp, writer)
             try:
@@ -508,7 +515,7 @@ class FillReader:
         pos = start
         try:
             async for chunk in fetch_range(upstream, fill._remote, fill.digest, start, stop,
-                                           fill.size):
+                                           fill.size, fill._direct):
                 pos += len(chunk)
                 yield chunk
         except RegistryError as exc:

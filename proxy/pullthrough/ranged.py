@@ -2,13 +2,16 @@
 
 The fill's first GET (no ``Range``) tells the size and whether the upstream takes ranges
 (``Accept-Ranges: bytes``); it stays the first part and the other parts are asked with
-``Range`` at the same time (through :meth:`UpstreamClient.request`, so a redirect to a CDN
-is followed there without credentials). Each part is written at its offset of the fill
-file (``pwrite``, in a thread); the digest is fed in order by hashing the contiguous
-written prefix as it grows, and only that prefix is announced to readers (in process, and
-to sibling workers through the ``.prefix`` hint). A part that fails is asked again from
-where it stopped, a few times; an upstream that answers a ``Range`` with 200 makes the
-first GET run to the end (one stream, no byte fetched twice once that is known).
+``Range`` at the same time. When the first GET was redirected off the upstream's origin (a
+blob CDN's signed URL), the parts and their retries go straight to that URL, without
+credentials, instead of asking the registry for a redirect each; a CDN that refuses (the
+URL expired) makes the parts ask the registry again, as they do without one. Each part is
+written at its offset of the fill file (``pwrite``, in a thread); the digest is fed in
+order by hashing the contiguous written prefix as it grows, and only that prefix is
+announced to readers (in process, and to sibling workers through the ``.prefix`` hint).
+A part that fails is asked again from where it stopped, a few times; an upstream that
+answers a ``Range`` with 200 makes the first GET run to the end (one stream, no byte
+fetched twice once that is known).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from proxy import metrics
 from proxy.config import UpstreamConfig
@@ -92,15 +97,65 @@ def check_content_range(resp: UpstreamResponse, first: int, last: int, size: int
         raise BadGateway("upstream answered a range with the wrong Content-Range")
 
 
+class _Refused(Exception):
+    """A redirect target gave no ranged answer (no answer, or a status other than 206 and
+    200): its signed URL may have expired, so the registry is asked again."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@asynccontextmanager
+async def _ranged_get(upstream: UpstreamClient, remote: str, digest: Digest,
+                      headers: dict[str, str], direct: URL | None
+                      ) -> AsyncIterator[UpstreamResponse]:
+    """A ranged blob GET: to ``direct`` (the fill's redirect target) when given, where
+    anything but a 206 or a 200 raises :class:`_Refused` before yielding; else to the
+    registry (which may redirect, as usual), any status yielded."""
+    if direct is None:
+        async with upstream.request("GET", remote, Endpoint.BLOBS, digest,
+                                    headers=headers) as resp:
+            yield resp
+        return
+    answered = False
+    try:
+        async with upstream.request_redirected(direct, headers) as resp:
+            answered = True
+            if resp.status not in (200, 206):
+                raise _Refused(f"answered {resp.status}")
+            yield resp
+    except RegistryError as exc:
+        if answered:
+            raise  # (the body broke: an ordinary failure of the part)
+        raise _Refused(exc.message) from None
+
+
 async def fetch_range(upstream: UpstreamClient, remote: str, digest: Digest, start: int,
-                      end: int, size: int) -> AsyncIterator[bytes]:
+                      end: int, size: int, direct: URL | None = None) -> AsyncIterator[bytes]:
     """Bytes ``[start, end)`` of a blob with one ranged GET (a cold range that must not wait
-    for its fill). Raises :class:`BadGateway` before yielding anything when the upstream
-    does not answer the range with a 206 (the caller then waits for the fill), and when
-    the body is short or too long. The bytes are not verified here."""
+    for its fill): to ``direct``, the fill's redirect target, when given, and to the
+    registry if that refuses. Raises :class:`BadGateway` before yielding anything when the
+    upstream does not answer the range with a 206 (the caller then waits for the fill),
+    and when the body is short or too long. The bytes are not verified here."""
     headers = {"Range": f"bytes={start}-{end - 1}"}
-    async with upstream.request("GET", remote, Endpoint.BLOBS, digest,
-                                headers=headers) as resp:
+    try:
+        async for chunk in _fetch_range(upstream, remote, digest, start, end, size, headers,
+                                        direct):
+            yield chunk
+        return
+    except _Refused as exc:  # (raised before any byte was yielded)
+        assert direct is not None
+        log.info("cold range of %s: the redirect target %s %s; asking upstream %s again",
+                 digest, direct.host, exc.reason, upstream.name)
+    async for chunk in _fetch_range(upstream, remote, digest, start, end, size, headers, None):
+        yield chunk
+
+
+async def _fetch_range(upstream: UpstreamClient, remote: str, digest: Digest, start: int,
+                       end: int, size: int, headers: dict[str, str], direct: URL | None
+                       ) -> AsyncIterator[bytes]:
+    async with _ranged_get(upstream, remote, digest, headers, direct) as resp:
         if resp.status == 200:
             raise BadGateway("upstream ignores ranges")
         if resp.status != 206:
@@ -139,8 +194,12 @@ class RangedFill:
 
     def __init__(self, upstream: UpstreamClient, remote: str, digest: Digest,
                  writer: BlobWriter, spans: list[tuple[int, int]], size: int,
-                 advance: Callable[[int], None], *, first_ranged: bool = False) -> None:
+                 advance: Callable[[int], None], *, first_ranged: bool = False,
+                 direct: URL | None = None) -> None:
         self._upstream = upstream
+        #: Where the first GET was redirected off the upstream's origin (a blob CDN): the
+        #: parts are asked there until it refuses once (``None``: ask the registry).
+        self._direct = direct
         self._remote = remote
         self._digest = digest
         self._writer = writer
@@ -255,10 +314,27 @@ class RangedFill:
                 error = exc
 
     async def _fetch(self, part: _Part) -> None:
+        """One ranged GET of what ``part`` lacks: to the redirect target while there is one
+        (it refusing costs no retry: the registry is asked at once, and for every part
+        from then on), else to the registry."""
+        direct = self._direct
+        if direct is not None:
+            try:
+                await self._fetch_from(part, direct)
+                return
+            except _Refused as exc:
+                if self._direct is not None:  # (once, whichever part saw it first)
+                    log.warning("blob fill %s: the redirect target %s %s; asking upstream %s "
+                                "for the parts again", self._digest, direct.host, exc.reason,
+                                self._upstream.name)
+                    self._direct = None
+        await self._fetch_from(part, None)
+
+    async def _fetch_from(self, part: _Part, direct: URL | None) -> None:
         first, last = part.start + part.done, part.end - 1
         headers = {"Range": f"bytes={first}-{last}"}
-        async with self._upstream.request("GET", self._remote, Endpoint.BLOBS, self._digest,
-                                          headers=headers) as resp:
+        async with _ranged_get(self._upstream, self._remote, self._digest, headers,
+                               direct) as resp:
             if resp.status == 200:
                 raise _RangesIgnored()
             if resp.status != 206:

@@ -2,7 +2,8 @@
 
 It serves manifests and blobs from dicts and can misbehave on demand: die mid-blob, lie
 about a digest, be slow, answer 429/5xx, demand a bearer token, or redirect blob GETs to
-another host. Every request is recorded so tests can count upstream traffic.
+another host (optionally to signed URLs that expire). Every request is recorded so tests
+can count upstream traffic.
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ class FakeUpstream:
     require_token: str | None = None      # bearer token that must be presented
     require_basic: str | None = None      # "user:password" that must be presented (Basic)
     redirect_to: str | None = None        # base URL that blob GETs are redirected to
+    sign_redirects: bool = False          # each redirect names a new ``?sig=<n>`` (signed URL)
+    signed_url_uses: int | None = None    # (as the CDN) a ``sig`` answers this many GETs, then
+    expired_status: int = 403             # this status (S3 and CloudFront say 403 when expired;
+                                          # 0: the connection is closed unanswered)
     omit_digest_header: bool = False
     ranges: bool = False                  # announce Accept-Ranges and answer Range with 206
     ignore_ranges: bool = False           # announce Accept-Ranges, but answer Range with 200
     fail_ranges: int = 0                  # the first N ranged GETs die after half their bytes
     corrupt_ranges: bool = False          # flip a byte of every ranged answer
     token_requests: int = 0
+    signatures: int = 0                   # signed redirects issued
+    signature_uses: dict[str, int] = field(default_factory=dict)  # (as the CDN) GETs per sig
     sent_all: set[str] = field(default_factory=set)  # digests whose body was sent in full
     #: when set, a blob exists only in the repositories listed for it (a real registry's
     #: scoping; by default every blob is in every repository)
@@ -192,13 +199,25 @@ class FakeUpstream:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "x"}]},
                                      status=404)
         if self.redirect_to and request.method == "GET":
-            raise web.HTTPTemporaryRedirect(f"{self.redirect_to}/cdn/{digest}")
+            signed = ""
+            if self.sign_redirects:
+                self.signatures += 1
+                signed = f"?sig={self.signatures}"
+            raise web.HTTPTemporaryRedirect(f"{self.redirect_to}/cdn/{digest}{signed}")
         return await self._send_blob(request, data)
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         data = self.blobs.get(request.match_info["digest"])
         if data is None:
             raise web.HTTPNotFound()
+        if self.signed_url_uses is not None:  # a signed URL that expires after a few GETs
+            sig = request.query.get("sig", "")
+            self.signature_uses[sig] = self.signature_uses.get(sig, 0) + 1
+            if not sig or self.signature_uses[sig] > self.signed_url_uses:
+                if self.expired_status == 0:
+                    assert request.transport is not None
+                    request.transport.close()
+                return web.Response(status=self.expired_status or 500, text="Request has expired")
         return await self._send_blob(request, data)
 
     async def _send_blob(self, request: web.Request, data: bytes) -> web.StreamResponse:
