@@ -18,7 +18,8 @@ from proxy.app import create_app
 from proxy.config import Config
 from proxy.settings.prefetch import PrefetchConfig
 from tests.pullthrough.test_cold_ranges import LENGTH, SIZE, STALL, START, cold_config, range_header
-from tests.pullthrough.test_ranged_fills import MiB, counter, ranged_config, ranged_gets
+from tests.pullthrough.test_ranged_fills import MiB, ranged_config
+from tests.support.counters import counter
 from tests.support.fake_upstream import FakeUpstream, Recorded
 from tests.support.store import wait_stored
 
@@ -93,7 +94,7 @@ async def test_parts_go_straight_to_the_cdn_url_without_credentials(
     at_cdn = upstream.cdn_gets(d)
     step = -(-len(layer) // 4)
     spans = [f"bytes={s}-{min(len(layer), s + step) - 1}" for s in range(0, len(layer), step)]
-    assert sorted(ranged_gets(upstream.cdn, d)) == sorted(["" if not prefetch else spans[0],
+    assert sorted(upstream.cdn.blob_ranges(d)) == sorted(["" if not prefetch else spans[0],
                                                            *spans[1:]])
     signed = {(r.path, r.query) for r in at_cdn}  # one signed URL (the config blob had one)
     assert len(signed) == 1 and signed.pop()[1].startswith("sig=")
@@ -192,7 +193,7 @@ async def start_cold_range(up: Redirecting, aiohttp_server, data: Path,
         assert r.status == 206
         head = await r.content.readexactly(LENGTH - 1)
         assert d not in up.cdn.sent_all  # (the fill is still held)
-        gets = ranged_gets(up.cdn, d)
+        gets = up.cdn.blob_ranges(d)
         up.cdn.resume.set()
         head += await r.content.read()
     await wait_stored(data, d)
@@ -205,7 +206,7 @@ async def test_a_cold_range_goes_straight_to_the_cdn_url(upstream, aiohttp_serve
     blob, d, body = await start_cold_range(upstream, aiohttp_server, tmp_path / "data", client)
     assert body == blob[START:START + LENGTH]
     assert len([r for r in upstream.registry_blob_gets(d) if "Authorization" in r.headers]) == 1
-    assert ranged_gets(upstream.cdn, d) == ["", f"bytes={START}-{START + LENGTH - 2}"]
+    assert upstream.cdn.blob_ranges(d) == ["", f"bytes={START}-{START + LENGTH - 2}"]
     assert {r.query for r in upstream.cdn_gets(d)} == {"sig=1"}
     assert all("Authorization" not in r.headers for r in upstream.cdn.requests)
 
