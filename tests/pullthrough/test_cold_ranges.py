@@ -80,7 +80,7 @@ async def test_a_cold_range_streams_before_the_fill_reaches_it_and_ends_after_ve
     assert last == blob[START + LENGTH - 1:START + LENGTH]
     await wait_stored(data, d)
     assert fake.blob_ranges(d) == ["", f"bytes={START}-{START + LENGTH - 2}"]  # one full fill
-    assert tmp_files(data) == []
+    await wait_until(lambda: tmp_files(data) == [], "the fill's hint files to go")  # (after the rename)
 
 
 async def test_a_corrupt_blob_cuts_the_cold_range_before_its_last_byte(

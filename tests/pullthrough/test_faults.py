@@ -15,7 +15,14 @@ from yarl import URL
 from proxy.app import create_app
 from tests.support.fake_upstream import FakeUpstream, digest_of
 from tests.support.proxyfix import make_config, serve_app, with_upstream_fields
-from tests.support.store import blob_path, is_stored, stored_tag, tmp_files, wait_stored
+from tests.support.store import (
+    blob_path,
+    is_stored,
+    stored_tag,
+    tmp_files,
+    wait_stored,
+    wait_until,
+)
 
 MiB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -51,7 +58,7 @@ async def test_blob_miss_is_streamed_cached_and_then_served_locally(fake, proxy,
     async with client.get(f"{base}/v2/other/repo/blobs/{d}") as r:  # dedup across repos
         assert r.status == 200 and await r.read() == blob
     assert fake.count("GET", f"/blobs/{d}") == 1
-    assert tmp_files(data) == []
+    await wait_until(lambda: tmp_files(data) == [], "the fill's temp and hint files to go")
 
 
 async def test_twenty_concurrent_clients_cause_one_upstream_transfer(fake, proxy, client):
@@ -179,9 +186,8 @@ async def test_upstream_dying_mid_blob_aborts_the_client_and_caches_nothing(fake
         async with client.get(f"{base}/v2/a/blobs/{d}") as r:
             assert r.status == 200
             await r.read()
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: tmp_files(data) == [], "the fill's temp and hint files to go")
     assert not is_stored(data, d)
-    assert tmp_files(data) == []
     fake.die_after = None  # the upstream recovers: the next pull fills the cache
     async with client.get(f"{base}/v2/a/blobs/{d}") as r:
         assert await r.read() == blob
@@ -196,9 +202,8 @@ async def test_upstream_lying_about_a_digest_is_never_cached(fake, proxy, client
     with pytest.raises(aiohttp.ClientPayloadError):
         async with client.get(f"{base}/v2/a/blobs/{d}") as r:
             await r.read()
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: tmp_files(data) == [], "the fill's temp and hint files to go")
     assert not is_stored(data, d)
-    assert tmp_files(data) == []
 
 
 async def test_range_requests_on_a_filling_and_on_a_cached_blob(fake, proxy, client):
