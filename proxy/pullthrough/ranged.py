@@ -2,7 +2,9 @@
 
 The fill's first GET (no ``Range``) tells the size and whether the upstream takes ranges
 (``Accept-Ranges: bytes``); it stays the first part and the other parts are asked with
-``Range`` at the same time. When the first GET was redirected off the upstream's origin (a
+``Range`` at the same time. When the size is known before it (a prefetch has it from the
+manifest), the first GET asks for part 0's range itself, so no byte past that part is in
+flight when it ends. When the first GET was redirected off the upstream's origin (a
 blob CDN's signed URL), the parts and their retries go straight to that URL, without
 credentials, instead of asking the registry for a redirect each; a CDN that refuses (the
 URL expired) makes the parts ask the registry again, as they do without one. Each part is
