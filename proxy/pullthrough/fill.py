@@ -246,6 +246,8 @@ class BlobFill:
                 elif resp.status != 200:
                     raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
                 else:  # (a range asked and answered 200: the upstream sends whole blobs)
+                    if known is not None:
+                        metrics.child(metrics.RANGED_FALLBACKS, upstream.name).inc()
                     self.size = resp.content_length
                     self._ranges = (resp.headers.get("Accept-Ranges", "").strip().lower()
                                     == "bytes" and known is None)

@@ -312,6 +312,7 @@ class PullThrough:
         filling = self._fills.running_size(digest)
         if head and linked and filling is not None:
             return UpstreamHead(digest, filling, CacheOutcome.COALESCED)
+        upstream_size: int | None = None  #: what the upstream's HEAD said, when it was asked
         if head or not linked:
             upstream_size, shared = await self._confirm(route, digest, manifest=False)
             await self.links.add_blob(route.key, digest)
@@ -321,7 +322,7 @@ class PullThrough:
             if head:
                 return UpstreamHead(digest, upstream_size,
                                     CacheOutcome.COALESCED if shared else CacheOutcome.MISS)
-        return await self._fills.get(route, digest)
+        return await self._fills.get(route, digest, size=upstream_size)  # (a big one: ranged)
 
     async def _confirm(self, route: Route, digest: Digest, *, manifest: bool) -> tuple[int, bool]:
         """Ask the upstream whether the repository holds ``digest`` (one HEAD per repository

@@ -126,7 +126,7 @@ async def test_an_expired_cdn_url_makes_the_parts_ask_the_registry_again(
 
     authorized = [r for r in upstream.registry_blob_gets(d) if "Authorization" in r.headers]
     assert len(authorized) == 4  # the first GET, then each part once
-    assert sorted(bool(r.headers.get("Range")) for r in authorized) == [False, True, True, True]
+    assert all(r.headers.get("Range") for r in authorized)  # (the HEAD told the size)
     uses = dict(upstream.cdn.signature_uses)
     refused = uses.pop("1") - 1  # sig 1: the first GET, then the parts' refusals
     # (aiohttp sends a GET again once when a reused connection closes unanswered)

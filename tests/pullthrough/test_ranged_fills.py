@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,7 @@ from proxy.config import Config
 from proxy.pullthrough.fill import TailReader
 from proxy.reference import Digest
 from proxy.settings.fields import ConfigError
+from proxy.settings.prefetch import PrefetchConfig
 from proxy.settings.upstreams import parse_upstream
 from proxy.storage.backend import open_filesystem
 from tests.support.counters import counter
@@ -46,9 +48,38 @@ def fake() -> FakeUpstream:
 
 @pytest.fixture
 async def proxy(aiohttp_server, upstream_url, tmp_path):
+    """A proxy with layer prefetch off (a fill starts at a client's blob GET)."""
+    data = tmp_path / "data"
+    cfg = replace(ranged_config(data, {"fake.io": upstream_url}),
+                  prefetch=PrefetchConfig(enabled=False))
+    return await serve_app(aiohttp_server, create_app(cfg)), data
+
+
+@pytest.fixture
+async def prefetching(aiohttp_server, upstream_url, tmp_path):
+    """A proxy with layer prefetch on (the default)."""
     data = tmp_path / "data"
     return await serve_app(aiohttp_server,
                            create_app(ranged_config(data, {"fake.io": upstream_url}))), data
+
+
+async def linked(fake: FakeUpstream, base: str, client: aiohttp.ClientSession, blob: bytes
+                 ) -> str:
+    """Put ``blob`` in an image ``team/app:v1`` on the fake and GET its manifest through
+    the proxy (prefetch off): the repository then holds a link to the blob, so a blob GET
+    needs no HEAD upstream and its fill knows no size before its first GET (a plain GET,
+    which tells it). A blob GET with no link is confirmed by a HEAD, whose size makes every
+    GET of the fill ranged."""
+    fake.add_image("team/app", "v1", [blob])
+    async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        assert r.status == 200
+    return digest_of(blob)
+
+
+def spans_of(size: int, parts: int = 4, start: int = 0) -> list[str]:
+    step = -(-size // parts)
+    return [f"bytes={s}-{min(size, s + step) - 1}" for s in range(start, size, step)]
 
 
 # -- configuration -------------------------------------------------------------------
@@ -72,7 +103,8 @@ def test_parallel_fill_settings_parse_sizes_and_name_the_key():
 
 async def test_a_big_blob_from_the_real_registry_is_filled_with_ranged_gets_and_tailed(
         upstream_registry, aiohttp_server, tmp_path, http_session):
-    """40 MiB pushed to docker-registry: four GETs upstream (one plain, three ranged), two
+    """40 MiB pushed to docker-registry: four GETs upstream (all ranged: the HEAD that
+    confirms the repository holds it told the size), two
     clients (the second joins the running fill) get identical bytes, and it is stored."""
     blob = os.urandom(40 * MiB + 12345)
     desc = await push_blob(http_session, upstream_registry.url, "ranged/big", blob)
@@ -125,10 +157,11 @@ async def test_sibling_workers_tail_a_ranged_fill_and_get_identical_bytes(
 
 
 async def test_parts_are_ranged_gets_and_a_joiner_sees_every_byte_in_order(fake, proxy, client):
+    """A linked blob: the first GET is plain (it tells the size), the other parts ranged."""
     base, data = proxy
     fake.chunk_delay = 0.001  # keep the fill running while the joiner comes
     blob = os.urandom(6 * MiB + 7)
-    d = fake.add_blob(blob)
+    d = await linked(fake, base, client, blob)
 
     async def pull() -> bytes:
         async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
@@ -138,10 +171,22 @@ async def test_parts_are_ranged_gets_and_a_joiner_sees_every_byte_in_order(fake,
     bodies = await asyncio.gather(pull(), pull())
     assert bodies == [blob, blob]
     await wait_stored(data, d)
-    step = -(-len(blob) // 4)
-    assert sorted(fake.blob_ranges(d)) == sorted(
-        ["", *(f"bytes={s}-{min(len(blob), s + step) - 1}" for s in range(step, len(blob), step))])
+    assert sorted(fake.blob_ranges(d)) == sorted(["", *spans_of(len(blob))[1:]])
+    assert fake.count("HEAD", f"/blobs/{d}") == 0
     await wait_until(lambda: tmp_files(data) == [], "the fill's hint files to go")
+
+
+async def test_a_blob_get_confirmed_by_a_head_asks_only_ranges(fake, proxy, client):
+    """No link yet: the HEAD that confirms the repository holds the blob tells its size, so
+    the first GET asks for part 0 only and no byte past it is sent for nothing."""
+    base, data = proxy
+    blob = os.urandom(6 * MiB + 7)
+    d = fake.add_blob(blob)
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == blob
+    await wait_stored(data, d)
+    assert fake.count("HEAD", f"/blobs/{d}") == 1
+    assert sorted(fake.blob_ranges(d)) == sorted(spans_of(len(blob)))
 
 
 async def test_a_failed_part_is_asked_again_from_where_it_stopped(fake, proxy, client):
@@ -161,9 +206,9 @@ async def test_a_failed_part_is_asked_again_from_where_it_stopped(fake, proxy, c
 async def test_a_first_get_cut_short_is_resumed_with_a_range(fake, proxy, client):
     base, data = proxy
     blob = os.urandom(6 * MiB)
-    d = fake.add_blob(blob)
+    d = await linked(fake, base, client, blob)
     fake.die_after = 512 * 1024  # (the plain GET only)
-    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == blob
     await wait_stored(data, d)
     assert f"bytes={512 * 1024}-{-(-len(blob) // 4) - 1}" in fake.blob_ranges(d)
@@ -198,11 +243,17 @@ async def test_an_upstream_without_accept_ranges_gets_one_plain_get(fake, proxy,
     base, data = proxy
     fake.ranges = False
     blob = os.urandom(6 * MiB)
-    d = fake.add_blob(blob)
-    async with client.get(f"{base}/v2/a/blobs/{d}") as r:
+    d = await linked(fake, base, client, blob)
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
         assert r.status == 200 and await r.read() == blob
     await wait_stored(data, d)
     assert fake.blob_ranges(d) == [""]
+    other = os.urandom(6 * MiB)  # no link: the first GET asks a range, answered 200: one stream
+    d2 = fake.add_blob(other)
+    async with client.get(f"{base}/v2/team/app/blobs/{d2}") as r:
+        assert r.status == 200 and await r.read() == other
+    await wait_stored(data, d2)
+    assert fake.blob_ranges(d2) == spans_of(len(other))[:1]
 
 
 async def test_a_corrupt_part_fails_the_fill_before_the_last_byte(fake, proxy, client):
@@ -237,7 +288,7 @@ async def test_ranges_follow_a_redirect_to_a_cdn_without_credentials(aiohttp_ser
         assert r.status == 200 and await r.read() == blob
     await wait_stored(tmp_path / "d", d)
     at_cdn = [x for x in cdn.requests if x.method == "GET"]
-    assert sorted(bool(x.headers.get("Range")) for x in at_cdn) == [False, True, True, True]
+    assert sorted(bool(x.headers.get("Range")) for x in at_cdn) == [True] * 4  # (HEAD: size)
     assert all("Authorization" not in x.headers for x in cdn.requests)
     assert any(x.headers.get("Authorization", "").startswith("Basic ")  # (after a 401)
                for x in fake.requests if "/blobs/" in x.path)
@@ -259,12 +310,12 @@ async def prefetch_image(fake: FakeUpstream, base: str, client: aiohttp.ClientSe
     return d
 
 
-async def test_a_prefetched_big_blob_asks_only_ranges_so_no_byte_comes_twice(fake, proxy,
-                                                                            client):
+async def test_a_prefetched_big_blob_asks_only_ranges_so_no_byte_comes_twice(
+        fake, prefetching, client):
     """The manifest gave the layer's size: the fill's first GET asks for part 0 only (a
     plain GET would still have bytes past part 0 in flight when it stops, which the
     upstream sends and bills for nothing), and the parts cover the blob exactly once."""
-    base, data = proxy
+    base, data = prefetching
     layer = os.urandom(6 * MiB + 5)
     d = await prefetch_image(fake, base, client, data, layer)
     step = -(-len(layer) // 4)
@@ -275,9 +326,9 @@ async def test_a_prefetched_big_blob_asks_only_ranges_so_no_byte_comes_twice(fak
     assert len(fake.blob_ranges(d)) == 4  # (served from the store)
 
 
-async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(fake, proxy,
-                                                                               client):
-    base, data = proxy
+async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(
+        fake, prefetching, client):
+    base, data = prefetching
     fake.ranges, fake.ignore_ranges = False, True  # the ranged first GET is answered 200
     layer = os.urandom(6 * MiB)
     d = await prefetch_image(fake, base, client, data, layer)
@@ -287,10 +338,10 @@ async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(
 
 
 async def test_a_first_range_of_the_wrong_blob_size_fails_the_prefetch_cleanly(
-        fake, proxy, client):
+        fake, prefetching, client):
     """An upstream whose Content-Range names another size than the manifest's descriptor
     does: nothing is stored, and the client's own GET later still gets the blob."""
-    base, data = proxy
+    base, data = prefetching
     layer = os.urandom(6 * MiB)
     fake.add_image("team/app", "v1", [layer + b"x"])  # the descriptor says one byte more
     d = digest_of(layer + b"x")
