@@ -38,7 +38,7 @@ from proxy.errors import (
     SizeInvalid,
     Unavailable,
 )
-from proxy.pullthrough.ranged import RangedFill, check_content_range, fetch_range, plan_parts, split
+from proxy.pullthrough.ranged import RangedFill, content_range_is, fetch_range, plan_parts, split
 from proxy.reference import Digest
 from proxy.results import LocalSpan, SpanSource
 from proxy.storage import BlobWriter, ObjectWriter, Staging, Store
@@ -117,8 +117,8 @@ class BlobFill:
                  guard: Callable[[], Awaitable[bool]] | None = None,
                  expected_size: int | None = None) -> None:
         self.digest = digest
-        #: The size a verified manifest's descriptor gives (a prefetch knows it): a big blob's
-        #: first GET then asks for its first part only.
+        #: The size known before the first GET (a manifest's descriptor, for a prefetch; the
+        #: confirming HEAD, for a blob GET): a big blob's first GET then asks for part 0 only.
         self._expected = expected_size
         self._writer = writer  # its file exists from now on
         self._sink = sink
@@ -233,26 +233,7 @@ class BlobFill:
         in_flight.inc()
         try:
             writer.drop_prefix_hint()  # (a dead filler's: this fill may be written in order)
-            # the first GET runs to the end of the blob unless the size was known before it
-            # (then it asks for its own part: no bytes past it are in flight when it stops)
-            known = split(upstream.config, self._expected, self._sink is not None)
-            headers = None if known is None else {"Range": f"bytes=0-{known[0][1] - 1}"}
-            spans: list[tuple[int, int]] | None
-            async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest,
-                                        headers=headers) as resp:
-                if resp.status == 206 and known is not None and self._expected is not None:
-                    check_content_range(resp, 0, known[0][1] - 1, self._expected)
-                    self.size, self._ranges, spans = self._expected, True, known
-                elif resp.status != 200:
-                    raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
-                else:  # (a range asked and answered 200: the upstream sends whole blobs)
-                    if known is not None:
-                        metrics.child(metrics.RANGED_FALLBACKS, upstream.name).inc()
-                    self.size = resp.content_length
-                    self._ranges = (resp.headers.get("Accept-Ranges", "").strip().lower()
-                                    == "bytes" and known is None)
-                    spans = None if known is not None else plan_parts(
-                        upstream.config, self.size, resp.headers, self._sink is not None)
+            async with self._first_get(upstream, remote) as (resp, spans):
                 self._direct = upstream.redirect_target(resp)
                 if spans is not None:
                     writer.announce_prefix(0)  # before the size: tailers then read the hint
@@ -318,6 +299,42 @@ class BlobFill:
             in_flight.dec()
             self._headers.set()
             self._notify()
+
+    @contextlib.asynccontextmanager
+    async def _first_get(self, upstream: UpstreamClient, remote: str
+                         ) -> AsyncIterator[tuple[UpstreamResponse, list[tuple[int, int]] | None]]:
+        """The fill's first GET and the ranged parts to fetch beside it (``None``: one
+        stream). It runs to the end of the blob unless the size was known before it; then
+        it asks for its own part, so no bytes past that are in flight when it stops. An
+        upstream whose 206 names another size than the one known (a HEAD that lied) is
+        asked again with a plain GET: the bytes decide, as the digest check does."""
+        expected = self._expected
+        while True:
+            known = split(upstream.config, expected, self._sink is not None)
+            headers = None if known is None else {"Range": f"bytes=0-{known[0][1] - 1}"}
+            async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest,
+                                        headers=headers) as resp:
+                spans: list[tuple[int, int]] | None
+                if resp.status == 206 and known is not None and expected is not None:
+                    if not content_range_is(resp, 0, known[0][1] - 1, expected):
+                        log.warning("upstream %s answered the first range of %s for another "
+                                    "size than %d; asking for the whole blob", upstream.name,
+                                    self.digest, expected)
+                        expected = None
+                        continue
+                    self.size, self._ranges, spans = expected, True, known
+                elif resp.status != 200:
+                    raise upstream_error(resp, upstream, f"blob {self.digest}", BlobUnknown)
+                else:  # (a range asked and answered 200: the upstream sends whole blobs)
+                    if known is not None:
+                        metrics.child(metrics.RANGED_FALLBACKS, upstream.name).inc()
+                    self.size = resp.content_length
+                    self._ranges = (resp.headers.get("Accept-Ranges", "").strip().lower()
+                                    == "bytes" and known is None)
+                    spans = None if known is not None else plan_parts(
+                        upstream.config, self.size, resp.headers, self._sink is not None)
+                yield resp, spans
+                return
 
     async def _stream(self, upstream: UpstreamClient, resp: UpstreamResponse,
                       writer: BlobWriter) -> None:

@@ -92,10 +92,15 @@ class _RangesIgnored(Exception):
     """A ranged GET answered 200: the upstream sends whole blobs only."""
 
 
+def content_range_is(resp: UpstreamResponse, first: int, last: int, size: int) -> bool:
+    """Whether a 206 answers exactly the range asked, of a blob of ``size``."""
+    m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+    return m is not None and (int(m[1]), int(m[2])) == (first, last) and m[3] in ("*", str(size))
+
+
 def check_content_range(resp: UpstreamResponse, first: int, last: int, size: int) -> None:
     """A 206 must answer exactly the range asked, of a blob of the size the fill knows."""
-    m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-    if m is None or (int(m[1]), int(m[2])) != (first, last) or m[3] not in ("*", str(size)):
+    if not content_range_is(resp, first, last, size):
         raise BadGateway("upstream answered a range with the wrong Content-Range")
 
 

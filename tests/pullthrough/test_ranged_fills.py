@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 from dataclasses import replace
@@ -337,21 +338,31 @@ async def test_a_prefetched_blob_from_an_upstream_ignoring_ranges_is_one_stream(
         assert r.status == 200 and await r.read() == layer
 
 
-async def test_a_first_range_of_the_wrong_blob_size_fails_the_prefetch_cleanly(
+async def test_a_size_known_wrongly_before_the_first_get_is_asked_again_plainly(
         fake, prefetching, client):
-    """An upstream whose Content-Range names another size than the manifest's descriptor
-    does: nothing is stored, and the client's own GET later still gets the blob."""
+    """The size known before the first GET was wrong (here a manifest descriptor one byte
+    too big; a HEAD can lie the same way): the upstream's 206 names the real size, so the
+    fill asks again with a plain GET and the bytes decide (digest and size checked)."""
     base, data = prefetching
     layer = os.urandom(6 * MiB)
-    fake.add_image("team/app", "v1", [layer + b"x"])  # the descriptor says one byte more
-    d = digest_of(layer + b"x")
-    fake.blobs[d] = layer  # ... than the upstream holds under that digest
+    d = fake.add_blob(layer)
+    config = b'{"architecture":"amd64","os":"linux"}'
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": fake.add_blob(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d,
+                    "size": len(layer) + 1}]}).encode()
+    fake.add_manifest("team/app", "v1", manifest, "application/vnd.oci.image.manifest.v1+json")
     async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
             "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
         assert r.status == 200
-    await wait_until(lambda: len(fake.blob_ranges(d)) >= 1, "the prefetch's first GET")
-    await wait_until(lambda: tmp_files(data) == [], "the failed fill's temp files to go")
-    assert not is_stored(data, d)
+    await wait_stored(data, d)
+    gets = fake.blob_ranges(d)  # the wrong first range, then a plain GET and its 3 parts
+    assert gets[:2] == [spans_of(len(layer) + 1)[0], ""]
+    assert sorted(gets[2:]) == sorted(spans_of(len(layer))[1:])
+    async with client.get(f"{base}/v2/team/app/blobs/{d}") as r:
+        assert r.status == 200 and await r.read() == layer
 
 
 # -- tailing from another process: only the contiguous prefix ------------------------
