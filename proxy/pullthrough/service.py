@@ -170,9 +170,11 @@ class PullThrough:
     # -- manifests ---------------------------------------------------------------------
 
     async def manifest(
-        self, route: Route, reference: str | Digest, accepted: AbstractSet[str], *, head: bool
+        self, route: Route, reference: str | Digest, accepted: AbstractSet[str], *, head: bool,
+        count: bool = True,
     ) -> ManifestResult:
-        """Resolve a manifest by tag or digest, filling the cache on a miss."""
+        """Resolve a manifest by tag or digest, filling the cache on a miss. A served tag
+        GET counts as one of the tag's pulls unless ``count`` is false (a warm: no client)."""
         check_rules(route, reference)
         result = self._in_memory(route, reference, accepted)
         if result is None:
@@ -183,7 +185,7 @@ class PullThrough:
                 result = await self._negotiate(route, result, accepted, head=head)
         if route.upstream_client.config.require_signature is not None:
             await self._signatures.check(route, reference, result)
-        if not head and not isinstance(reference, Digest):  # (served: a failed GET is no pull)
+        if count and not head and not isinstance(reference, Digest):  # (a failed GET: no pull)
             key = tag_key(route.key, reference)
             self._pulls[key] = self._pulls.get(key, 0) + 1
         if (self._prefetch is not None and not head and result.outcome is CacheOutcome.MISS
@@ -269,8 +271,9 @@ class PullThrough:
         """Fill the cache with an image as a pull would (``regproxy warm`` does it over
         HTTP): the manifest, the default platform's child of an index, then each config
         and layer blob, one at a time (a fill's bytes are read and dropped). ``progress``
-        is updated as it goes, for whoever started it."""
-        result = await self.manifest(route, reference, PUSHABLE, head=False)
+        is updated as it goes, for whoever started it. It is no pull of the tag (the
+        console's ``pulls`` count clients')."""
+        result = await self.manifest(route, reference, PUSHABLE, head=False, count=False)
         progress.manifests += 1
         manifests = [result]
         if result.media_type in INDEXES and result.data is not None:

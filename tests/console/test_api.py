@@ -179,6 +179,41 @@ async def test_only_successful_tag_gets_are_pulls(upstream_registry, http_sessio
     assert [(t["tag"], t["pulls"]) for t in detail["tags"]] == [("v1", 2)]
 
 
+async def test_a_warm_is_no_pull(upstream_registry, http_session, aiohttp_server, tmp_path):
+    """A console warm fills the cache through the manifest path but is not a client's pull:
+    the tag's ``pulls`` stays 0; a client GET after it makes 1."""
+    import asyncio
+
+    from tests.support.images import push_image
+
+    cfg = console_config(tmp_path, upstream_registry.url)
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    repo = f"it/warm-{os.urandom(3).hex()}"
+    await push_image(http_session, upstream_registry.url, repo, "v1",
+                     [b"a layer warmed, not pulled"], schema="oci")
+    async with http_session.post(f"{base}{API}/warm", json={"image": f"{repo}:v1"}) as r:
+        assert r.status == 202, await r.text()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while (job := (await get_json(http_session, f"{base}{API}/warm"))["warms"][0])[
+            "state"] == "running":
+        assert loop.time() < deadline, job
+        await asyncio.sleep(0.05)
+    assert job["state"] == "done", job
+
+    async def pulls() -> list[tuple[str, int]]:
+        detail = await get_json(http_session, f"{base}{API}/repositories/{repo}")
+        return [(t["tag"], t["pulls"]) for t in detail["tags"]]
+
+    assert await pulls() == [("v1", 0)]
+    async with http_session.get(f"{base}/v2/{repo}/manifests/v1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        assert r.status == 200
+        await r.read()
+    assert await pulls() == [("v1", 1)]
+
+
 async def test_a_repository_s_tags_come_a_page_at_a_time(http_session, aiohttp_server, tmp_path):
     """More tags than a page holds: the first page is full and says where the next starts,
     following the markers lists every tag once, in order; a marker that is no tag is 400."""
