@@ -30,6 +30,7 @@ from proxy.errors import (
     Denied,
     DigestInvalid,
     ManifestUnknown,
+    NameInvalid,
     NameUnknown,
     RegistryError,
     TagInvalid,
@@ -260,30 +261,61 @@ async def _repositories(app: web.Application) -> list[dict[str, Any]]:
     return out
 
 
+#: Repositories one answer of the list holds (each costs a store read of its tags: a store
+#: of tens of thousands is read a page at a time, ``after`` asking for the next).
+REPOSITORIES_PER_PAGE = 500
+#: The longest search (a part of a repository name; names are at most 255 characters).
+QUERY_MAX = 255
+#: What a repository name is made of (a search with anything else matches none).
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-/")
+
+
+def _search(raw: str) -> str:
+    """The ``q`` of the list: lower case, a part of a repository name (400 otherwise:
+    nothing outside the names' alphabet can match, and it bounds the work)."""
+    q = raw.strip().lower()
+    if len(q) > QUERY_MAX or not _NAME_CHARS.issuperset(q):
+        raise NameInvalid(f"q must be a part of a repository name ({QUERY_MAX} characters"
+                          " at most: a-z, 0-9, '.', '_', '-', '/')")
+    return q
+
+
 async def api_repositories(request: web.Request) -> web.Response:
-    """Cached and hosted repositories: ``q`` filters by a part of the name, ``sort`` is
-    ``name`` (default), ``tags`` or ``served`` (most first: bytes sent to clients since
-    the workers started, every worker's) or ``kind``."""
-    q = request.query.get("q", "").strip().lower()[:200]
+    """A page of the cached and hosted repositories, by name: ``q`` keeps the names with
+    that part, ``after`` starts after a name (the ``next`` of the page before); ``sort``
+    orders the page's rows: ``name`` (default), ``tags`` or ``served`` (most first: bytes
+    sent to clients since the workers started, every worker's) or ``kind``."""
+    q = _search(request.query.get("q", ""))
+    after = request.query.get("after")
+    if after is not None:
+        try:
+            validate_name(after)
+        except NameInvalid:
+            raise NameInvalid("after must be a repository name (the next of the previous"
+                              " page)") from None
     sort = request.query.get("sort", "name")
     if sort not in ("name", "tags", "served", "kind"):
         raise Unsupported("sort must be name, tags, served or kind", status=400)
     store = request.app[STORE]
     served = _figures(request.app)["stats"].bytes_by_repo
-    repos = [r for r in await _repositories(request.app) if q in r["name"].lower()]
+    matching = sorted((r for r in await _repositories(request.app) if q in r["name"]),
+                      key=lambda r: r["name"])
+    start = 0 if after is None else bisect.bisect_right([r["name"] for r in matching], after)
+    repos = matching[start:start + REPOSITORIES_PER_PAGE]
+    more = start + REPOSITORIES_PER_PAGE < len(matching)
     for repo in repos:
         tags = await store.list_tags(repo.pop("key"))
         repo["tags"] = len(tags or [])
         repo["served_bytes"] = served.get(repo["name"], 0)
+    next_after = repos[-1]["name"] if more else None
     if sort == "tags":
         repos.sort(key=lambda r: (-r["tags"], r["name"]))
     elif sort == "served":
         repos.sort(key=lambda r: (-r["served_bytes"], r["name"]))
     elif sort == "kind":
         repos.sort(key=lambda r: (r["kind"], r["name"]))
-    else:
-        repos.sort(key=lambda r: r["name"])
-    return _json({"repositories": repos, "query": q, "sort": sort})
+    return _json({"repositories": repos, "total": len(matching), "truncated": more,
+                  "next": next_after, "query": q, "sort": sort})
 
 
 def _descriptor(entry: Any) -> dict[str, Any] | None:
@@ -669,4 +701,5 @@ CONSOLE_PAGES = {
 }
 
 __all__ = ["CONSOLE_ACTIONS", "CONSOLE_CONFIG", "CONSOLE_PAGES", "CONSOLE_STORAGE", "CONSOLE_WARMS", "CSP",
-           "TAGS_PER_PAGE", "StorageIndex", "Warms", "redacted_config", "split_image"]
+           "QUERY_MAX", "REPOSITORIES_PER_PAGE", "TAGS_PER_PAGE", "StorageIndex", "Warms",
+           "redacted_config", "split_image"]

@@ -254,6 +254,75 @@ async def test_a_repository_s_tags_come_a_page_at_a_time(http_session, aiohttp_s
             assert (await r.json())["errors"][0]["code"] == "TAG_INVALID", bad
 
 
+async def test_the_repository_list_comes_a_page_at_a_time(http_session, aiohttp_server, tmp_path,
+                                                         monkeypatch):
+    """More repositories than a page holds (the cap made small): each answer reads the tags
+    of its own repositories only, following ``next`` lists every name once, in order, with
+    ``q`` too; a marker that is no repository name, or a search no name can match, is 400."""
+    from proxy.handlers import console
+    from proxy.handlers.common import STORE
+    from tests.support.images import push_image
+
+    monkeypatch.setattr(console, "REPOSITORIES_PER_PAGE", 2)
+    cfg = console_config(tmp_path, "http://127.0.0.1:9")
+    app = create_app(cfg)
+    server = await aiohttp_server(app, **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    names = [f"team/r{i}" for i in range(5)] + ["team/other"]
+    for name in names:
+        await push_image(http_session, base, name, "latest", [name.encode()], schema="oci")
+    store = app[STORE]
+    reads: list[str] = []
+    list_tags = store.list_tags
+
+    async def counted(key: str) -> list[str] | None:
+        reads.append(key)
+        return await list_tags(key)
+
+    monkeypatch.setattr(store, "list_tags", counted)
+    url = f"{base}{API}/repositories"
+
+    async def walk(total: int, **params: str) -> list[str]:
+        seen: list[str] = []
+        after = None
+        while True:
+            reads.clear()
+            page = await get_json(http_session, url, params={
+                **params, **({} if after is None else {"after": after})})
+            assert len(page["repositories"]) <= 2 and len(reads) == len(page["repositories"])
+            assert page["total"] == total
+            seen += [r["name"] for r in page["repositories"]]
+            after = page["next"]
+            assert page["truncated"] == (after is not None)
+            if after is None:
+                return seen
+
+    first = await get_json(http_session, url)
+    assert [r["name"] for r in first["repositories"]] == sorted(names)[:2]
+    assert first["total"] == len(names) and first["truncated"] and first["next"] == sorted(names)[1]
+    assert await walk(len(names)) == sorted(names)
+    assert await walk(5, q=" /R") == sorted(names)[1:]  # (lower case, trimmed)
+    last = await get_json(http_session, url, params={"q": "/r", "after": "team/r3"})
+    assert [r["name"] for r in last["repositories"]] == ["team/r4"] and last["total"] == 5
+    # a marker that is not a stored name: the page starts after it
+    between = await get_json(http_session, url, params={"after": "team/r2a"})
+    assert [r["name"] for r in between["repositories"]] == ["team/r3", "team/r4"]
+    assert not between["truncated"] and between["next"] is None
+    # the sort orders the page (a page by name)
+    await push_image(http_session, base, "team/r1", "second", [b"two tags"], schema="oci")
+    by_tags = await get_json(http_session, url, params={"sort": "tags", "after": "team/other"})
+    assert [(r["name"], r["tags"]) for r in by_tags["repositories"]] == [("team/r1", 2),
+                                                                         ("team/r0", 1)]
+    assert by_tags["next"] == "team/r1"
+    for params, code in (({"after": ""}, "NAME_INVALID"), ({"after": "UPPER"}, "NAME_INVALID"),
+                         ({"after": "a/../b"}, "NAME_INVALID"), ({"after": "x" * 300}, "NAME_INVALID"),
+                         ({"q": "a b"}, "NAME_INVALID"), ({"q": "é"}, "NAME_INVALID"),
+                         ({"q": "r" * 256}, "NAME_INVALID"), ({"sort": "size"}, "UNSUPPORTED")):
+        async with http_session.get(url, params=params) as r:
+            assert r.status == 400, params
+            assert (await r.json())["errors"][0]["code"] == code, params
+
+
 async def test_api_needs_the_ops_right(upstream_registry, http_session, aiohttp_server, tmp_path):
     """A user without the ops right gets 403, an anonymous client 401, and neither sees a
     repository name; the watcher (ops only) sees them all."""
