@@ -291,3 +291,40 @@ async def test_more_tags_than_a_page_in_chromium(browser, http_session, aiohttp_
     assert await p.page.locator("#repo-images h3").count() == 1  # (one image, shown once)
     await p.shot("repositories-more-tags")
     assert p.errors == []
+
+
+async def test_more_repositories_than_a_page_in_chromium(browser, http_session, aiohttp_server,
+                                                         tmp_path, monkeypatch):
+    """More repositories than one answer lists (the cap made small): the page shows the
+    first page and how many there are; "More repositories" appends the rest and goes; a
+    sort then orders every row shown, the refresh reading both pages again."""
+    from proxy.handlers import console
+    from tests.support.images import push_manifest
+
+    monkeypatch.setattr(console, "REPOSITORIES_PER_PAGE", 3)
+    cfg = console_config(tmp_path, "http://127.0.0.1:9")
+    server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
+    base = str(server.make_url("")).rstrip("/")
+    names = [f"team/r{i}" for i in range(5)]
+    for name in names:
+        image = await push_image(http_session, base, name, "latest", [name.encode()], schema="oci")
+    for tag in ("a", "b"):  # the last by name has the most tags: on the second page
+        await push_manifest(http_session, base, names[-1], tag, image.manifest, image.media_type)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    p = Page(await context.new_page(), base)
+    await p.open("repositories")
+    shown = "() => [...document.querySelectorAll('#repo-table tbody tr')].map(r => r.dataset.name).join()"
+    await p.page.wait_for_function(f"n => ({shown})() === n", arg=",".join(names[:3]),
+                                   timeout=DEADLINE_MS)
+    assert await p.page.inner_text("#repo-more") == "3 of 5 repositories More repositories"
+    assert await p.page.inner_text("#repo-count") == "5 repositories"
+    await p.page.click("#more-repos")
+    await p.page.wait_for_function(f"n => ({shown})() === n", arg=",".join(names),
+                                   timeout=DEADLINE_MS)
+    assert await p.page.inner_text("#repo-more") == "5 of 5 repositories"
+    await p.page.select_option("#repo-sort", "tags")
+    await p.page.wait_for_function(f"n => ({shown})() === n",
+                                   arg=",".join([names[-1], *names[:-1]]), timeout=DEADLINE_MS)
+    assert await p.page.inner_text("#repo-more") == "5 of 5 repositories"
+    await p.shot("repositories-more")
+    assert p.errors == []

@@ -3,7 +3,7 @@
 "use strict";
 (function () {
   const API = "/_regproxy/api/";
-  const state = { window: "15m", charts: {}, timer: null, repoQuery: "", repoSort: "name" };
+  const state = { window: "15m", charts: {}, timer: null, repoQuery: "", repoSort: "name", repoPages: 1 };
 
   function $(sel) { return document.querySelector(sel); }
   function el(tag, attrs, ...children) {
@@ -155,17 +155,52 @@
   }
 
   // -- repositories --------------------------------------------------------------------
-  async function loadRepositories() {
-    const q = encodeURIComponent(state.repoQuery);
-    const data = await api("repositories?q=" + q + "&sort=" + state.repoSort);
-    $("#repo-count").textContent = data.repositories.length + " repositories";
-    await loadWarms();
-    $("#repo-table tbody").replaceChildren(...data.repositories.map((r) => {
+  // the list comes a page at a time, by name; the rows read so far are sorted here, the
+  // same way the API sorts a page (a refresh reads again as many pages as were shown)
+  function repositoriesPage(after) {
+    return api("repositories?q=" + encodeURIComponent(state.repoQuery) + "&sort=" + state.repoSort +
+      (after == null ? "" : "&after=" + encodeURIComponent(after)));
+  }
+  const REPO_ORDER = {
+    name: () => 0, tags: (a, b) => b.tags - a.tags, served: (a, b) => b.served_bytes - a.served_bytes,
+    kind: (a, b) => (a.kind < b.kind ? -1 : a.kind > b.kind ? 1 : 0),
+  };
+  function showRepositories(rows, last) {
+    const order = REPO_ORDER[state.repoSort] || REPO_ORDER.name;
+    rows.sort((a, b) => order(a, b) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    $("#repo-count").textContent = last.total + " repositories";
+    $("#repo-table tbody").replaceChildren(...rows.map((r) => {
       const row = el("tr", { class: "clickable", "data-name": r.name }, el("td", {}, r.name), el("td", {}, r.kind),
         el("td", {}, r.upstream || "-"), el("td", { class: "num" }, r.tags), el("td", { class: "num" }, bytes(r.served_bytes)));
       row.addEventListener("click", () => loadRepository(r.name).catch(showError));
       return row;
     }));
+    const p = $("#repo-more");
+    p.replaceChildren(rows.length + " of " + last.total + " repositories" +
+      (last.truncated && state.repoSort !== "name" ? " (sorted among those shown)" : ""));
+    if (!last.truncated) return;
+    const b = el("button", { type: "button", id: "more-repos" }, "More repositories");
+    b.addEventListener("click", async () => {
+      b.disabled = true;
+      try {
+        const next = await repositoriesPage(last.next);
+        state.repoPages += 1;
+        showRepositories(rows.concat(next.repositories), next);
+      } catch (err) { b.disabled = false; showError(err); }
+    });
+    p.append(" ", b);
+  }
+  async function loadRepositories() {
+    let data = await repositoriesPage(null);
+    let rows = data.repositories, pages = 1;
+    while (pages < state.repoPages && data.truncated) {
+      data = await repositoriesPage(data.next);
+      rows = rows.concat(data.repositories);
+      pages += 1;
+    }
+    state.repoPages = pages;
+    await loadWarms();
+    showRepositories(rows, data);
   }
 
   // a repository's answer: a page of its tags (after: the last tag of the page before)
@@ -379,7 +414,7 @@
     let debounce = null;
     $("#repo-search").addEventListener("input", (e) => {
       clearTimeout(debounce);
-      debounce = setTimeout(() => { state.repoQuery = e.target.value; refresh(); }, 150);
+      debounce = setTimeout(() => { state.repoQuery = e.target.value; state.repoPages = 1; refresh(); }, 150);
     });
     $("#warm-form").addEventListener("submit", startWarm);
     $("#gc-button").addEventListener("click", () => gcDryRun().catch(showError));
