@@ -204,6 +204,21 @@ class RequestLimiter:
                 self._forget(waiter)
             raise
 
+    def try_acquire(self, n: int) -> int:
+        """Take up to ``n`` slots that are free right now, never waiting: how many were
+        taken (0 when anyone waits in line: queued callers go first). Both caps count, so
+        under a rate cap this takes at most the tokens in the bucket. For a fill's extra
+        ranged parts: a caller holding a slot must never wait for another (two such fills
+        could each hold one and wait for the other's). Each taken slot is given back with
+        :meth:`release`."""
+        if n <= 0 or any(not w.future.done() for w in self._queue):
+            return 0
+        taken = 0
+        while taken < n and self._take():
+            taken += 1
+        self.stats.granted += taken
+        return taken
+
     def release(self) -> None:
         """Give a slot back (after the request's response is read or abandoned)."""
         if self._in_flight <= 0:

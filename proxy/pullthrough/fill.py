@@ -38,7 +38,13 @@ from proxy.errors import (
     SizeInvalid,
     Unavailable,
 )
-from proxy.pullthrough.ranged import RangedFill, content_range_is, fetch_range, plan_parts, split
+from proxy.pullthrough.ranged import (
+    PartSlots,
+    RangedFill,
+    content_range_is,
+    fetch_range,
+    plan_parts,
+)
 from proxy.reference import Digest
 from proxy.results import LocalSpan, SpanSource
 from proxy.storage import BlobWriter, ObjectWriter, Staging, Store
@@ -233,18 +239,28 @@ class BlobFill:
         in_flight.inc()
         try:
             writer.drop_prefix_hint()  # (a dead filler's: this fill may be written in order)
-            async with self._first_get(upstream, remote) as (resp, spans):
-                self._direct = upstream.redirect_target(resp)
-                if spans is not None:
-                    writer.announce_prefix(0)  # before the size: tailers then read the hint
-                writer.announce_size(self.size)
-                self._headers.set()
-                if spans is not None and self.size is not None:
-                    await RangedFill(upstream, remote, self.digest, writer, spans, self.size,
-                                     self._advance, first_ranged=resp.status == 206,
-                                     direct=self._direct).run(resp)
-                else:
-                    await self._stream(upstream, resp, writer)
+            # under caps the fill holds a slot per request in flight (PartSlots): its first
+            # GET's, waited for, and its other parts', taken only when free right now
+            slots = PartSlots(upstream)
+            try:
+                await slots.take_first()
+                async with self._first_get(upstream, remote, slots) as (resp, spans):
+                    self._direct = upstream.redirect_target(resp)
+                    if spans is not None:
+                        writer.announce_prefix(0)  # before the size: tailers read the hint
+                    else:
+                        slots.keep(1)  # (parts planned for nothing: their slots go back)
+                    writer.announce_size(self.size)
+                    self._headers.set()
+                    if spans is not None and self.size is not None:
+                        await RangedFill(upstream, remote, self.digest, writer, spans,
+                                         self.size, self._advance, slots,
+                                         first_ranged=resp.status == 206,
+                                         direct=self._direct).run(resp)
+                    else:
+                        await self._stream(upstream, resp, writer)
+            finally:
+                slots.close()
             try:
                 writer.verify(self.digest, self.size)
             except (DigestInvalid, SizeInvalid) as exc:
@@ -301,19 +317,22 @@ class BlobFill:
             self._notify()
 
     @contextlib.asynccontextmanager
-    async def _first_get(self, upstream: UpstreamClient, remote: str
+    async def _first_get(self, upstream: UpstreamClient, remote: str, slots: PartSlots
                          ) -> AsyncIterator[tuple[UpstreamResponse, list[tuple[int, int]] | None]]:
         """The fill's first GET and the ranged parts to fetch beside it (``None``: one
         stream). It runs to the end of the blob unless the size was known before it; then
         it asks for its own part, so no bytes past that are in flight when it stops. An
         upstream whose 206 names another size than the one known (a HEAD that lied) is
-        asked again with a plain GET: the bytes decide, as the digest check does."""
+        asked again with a plain GET: the bytes decide, as the digest check does. Every
+        GET is sent under the first of ``slots``; the parts are planned with as many more as
+        are free: before the GET when the size is known, else once its answer told it."""
         expected = self._expected
         while True:
-            known = split(upstream.config, expected, self._sink is not None)
+            slots.keep(1)  # (what a try before planned)
+            known = plan_parts(upstream.config, expected, self._sink is not None, slots)
             headers = None if known is None else {"Range": f"bytes=0-{known[0][1] - 1}"}
             async with upstream.request("GET", remote, Endpoint.BLOBS, self.digest,
-                                        headers=headers) as resp:
+                                        headers=headers, slot_held=True) as resp:
                 spans: list[tuple[int, int]] | None
                 if resp.status == 206 and known is not None and expected is not None:
                     if not content_range_is(resp, 0, known[0][1] - 1, expected):
@@ -332,7 +351,7 @@ class BlobFill:
                     self._ranges = (resp.headers.get("Accept-Ranges", "").strip().lower()
                                     == "bytes" and known is None)
                     spans = None if known is not None else plan_parts(
-                        upstream.config, self.size, resp.headers, self._sink is not None)
+                        upstream.config, self.size, self._sink is not None, slots, resp.headers)
                 yield resp, spans
                 return
 

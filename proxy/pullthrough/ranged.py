@@ -14,6 +14,13 @@ announced to readers (in process, and to sibling workers through the ``.prefix``
 A part that fails is asked again from where it stopped, a few times; an upstream that
 answers a ``Range`` with 200 makes the first GET run to the end (one stream, no byte
 fetched twice once that is known).
+
+Under an upstream's caps (``[upstreams.<name>.limits]``) a fill holds one slot per request
+it has in flight (:class:`PartSlots`): its first GET's slot, waited for like any request,
+and one for each extra part, taken only if free right now and no one waits in line. It
+never waits for a slot while holding one, so fills cannot starve each other; an idle
+upstream gets every part, a busy one fewer, a full one a single stream. A part's retries
+reuse its slot, and each slot is given back once, when its part ends.
 """
 
 from __future__ import annotations
@@ -48,32 +55,78 @@ _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ranged")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def split(config: UpstreamConfig, size: int | None, in_order_sink: bool
-          ) -> list[tuple[int, int]] | None:
-    """The ``[start, end)`` spans to fetch a blob of ``size`` in, or ``None`` for one
-    stream: ranged fills are off, the upstream has a concurrency cap, the blob is small or
-    of unknown size, or the store needs the bytes in order (a sink: S3)."""
+class PartSlots:
+    """The slots under an upstream's caps that one fill's requests hold, one per request in
+    flight (each sent with ``slot_held``): the first waited for, the others only taken when
+    free right now, so a fill never waits for a slot while it holds one. Every slot is
+    given back exactly once: a part's by its task when it ends, the rest by :meth:`close`.
+    Without caps the counting is the same and costs nothing."""
+
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self._upstream = upstream
+        self.held = 0
+
+    async def take_first(self) -> None:
+        """The first GET's slot, waiting in line like any request."""
+        await self._upstream.acquire_slot()
+        self.held += 1
+
+    def take_free(self, n: int) -> int:
+        """Up to ``n`` more slots, only those free now: how many were taken."""
+        taken = self._upstream.try_acquire_slots(n)
+        self.held += taken
+        return taken
+
+    def give_back(self) -> None:
+        if self.held <= 0:
+            raise RuntimeError("a fill gave back a slot it did not hold")
+        self.held -= 1
+        self._upstream.release_slot()
+
+    def keep(self, n: int) -> None:
+        """Give back all but ``n`` slots (those no part will use)."""
+        while self.held > n:
+            self.give_back()
+
+    def close(self) -> None:
+        self.keep(0)
+
+
+def parts_wanted(config: UpstreamConfig, size: int | None, in_order_sink: bool) -> int:
+    """How many parts a blob of ``size`` is worth (1: one stream): ranged fills are off, the
+    blob is small or of unknown size, or the store needs the bytes in order (a sink: S3)."""
     count = config.parallel_fills
-    if config.limits.max_concurrent:  # each part would need a slot: fills could starve
-        return None                   # each other holding one slot and waiting for more
     if count < 2 or size is None or size < max(config.parallel_fill_threshold, count):
-        return None
-    if in_order_sink:
+        return 1
+    return 1 if in_order_sink else count
+
+
+def split(size: int, count: int) -> list[tuple[int, int]] | None:
+    """The ``[start, end)`` spans to fetch a blob of ``size`` in as ``count`` parts, or
+    ``None`` for one stream (fewer than two)."""
+    if count < 2:
         return None
     step = -(-size // count)
     return [(start, min(size, start + step)) for start in range(0, size, step)]
 
 
-def plan_parts(config: UpstreamConfig, size: int | None, headers: CIMultiDictProxy[str],
-               in_order_sink: bool) -> list[tuple[int, int]] | None:
-    """The spans of :func:`split`, once the first response (``headers``) announced that the
-    upstream takes ranges."""
-    spans = split(config, size, in_order_sink)
-    if spans is None:
+def plan_parts(config: UpstreamConfig, size: int | None, in_order_sink: bool,
+               slots: PartSlots, headers: CIMultiDictProxy[str] | None = None
+               ) -> list[tuple[int, int]] | None:
+    """The spans to fetch a blob of ``size`` in, with as many parts as ``slots`` (which
+    holds the first GET's slot) can take at once; ``None``: one stream. Asked either once
+    the first (plain) GET's response ``headers`` told the size and whether the upstream
+    takes ranges, or before the first GET when the size is known already (no ``headers``:
+    that GET then asks for the first span, and its 206 tells)."""
+    wanted = parts_wanted(config, size, in_order_sink)
+    if size is None or wanted < 2:
         return None
-    if headers.get("Accept-Ranges", "").strip().lower() != "bytes":
+    if headers is not None and headers.get("Accept-Ranges", "").strip().lower() != "bytes":
         metrics.child(metrics.RANGED_FALLBACKS, config.name).inc()
         return None
+    slots.take_free(wanted - 1)
+    spans = split(size, slots.held)
+    slots.keep(1 if spans is None else len(spans))  # (a small blob may make fewer spans)
     return spans
 
 
@@ -115,19 +168,20 @@ class _Refused(Exception):
 
 @asynccontextmanager
 async def _ranged_get(upstream: UpstreamClient, remote: str, digest: Digest,
-                      headers: dict[str, str], direct: URL | None
+                      headers: dict[str, str], direct: URL | None, *, slot_held: bool = False
                       ) -> AsyncIterator[UpstreamResponse]:
     """A ranged blob GET: to ``direct`` (the fill's redirect target) when given, where
     anything but a 206 or a 200 raises :class:`_Refused` before yielding; else to the
-    registry (which may redirect, as usual), any status yielded."""
+    registry (which may redirect, as usual), any status yielded. ``slot_held``: the caller
+    holds the slot under the caps (a fill's part)."""
     if direct is None:
         async with upstream.request("GET", remote, Endpoint.BLOBS, digest,
-                                    headers=headers) as resp:
+                                    headers=headers, slot_held=slot_held) as resp:
             yield resp
         return
     answered = False
     try:
-        async with upstream.request_redirected(direct, headers) as resp:
+        async with upstream.request_redirected(direct, headers, slot_held=slot_held) as resp:
             answered = True
             if resp.status not in (200, 206):
                 raise _Refused(f"answered {resp.status}")
@@ -197,13 +251,18 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 class RangedFill:
     """Fetches one blob in parts into ``writer``; ``advance(n)`` is told each time the
-    contiguous written prefix grows by ``n`` bytes."""
+    contiguous written prefix grows by ``n`` bytes. ``slots`` holds one slot per span (the
+    first GET's, which the caller's request holds, and one per other part, which each
+    part's task gives back when it ends); every request of the parts is sent under them."""
 
     def __init__(self, upstream: UpstreamClient, remote: str, digest: Digest,
                  writer: BlobWriter, spans: list[tuple[int, int]], size: int,
-                 advance: Callable[[int], None], *, first_ranged: bool = False,
-                 direct: URL | None = None) -> None:
+                 advance: Callable[[int], None], slots: PartSlots, *,
+                 first_ranged: bool = False, direct: URL | None = None) -> None:
+        if slots.held != len(spans):
+            raise AssertionError(f"{len(spans)} parts under {slots.held} slots")
         self._upstream = upstream
+        self._slots = slots
         #: Where the first GET was redirected off the upstream's origin (a blob CDN): the
         #: parts are asked there until it refuses once (``None``: ask the registry).
         self._direct = direct
@@ -231,7 +290,7 @@ class RangedFill:
             self._decided.set()
         hasher = asyncio.create_task(self._hash())
         self._tasks = [asyncio.create_task(self._first(first)), hasher]
-        self._tasks += [asyncio.create_task(self._ranged(p)) for p in self._parts[1:]]
+        self._tasks += [asyncio.create_task(self._part(p)) for p in self._parts[1:]]
         try:
             pending = set(self._tasks)
             while pending - {hasher}:
@@ -290,6 +349,14 @@ class RangedFill:
         if batch:
             await self._write(part, batch, held)
 
+    async def _part(self, part: _Part) -> None:
+        """A part other than the first, under its own slot, given back when it ends (a
+        task cancelled before it started leaves its slot to :meth:`PartSlots.close`)."""
+        try:
+            await self._ranged(part)
+        finally:
+            self._slots.give_back()
+
     async def _retry_rest(self, part: _Part, error: RegistryError) -> None:
         """The first GET broke before its span was in: ask the rest with a range."""
         if self._one_stream:
@@ -341,7 +408,7 @@ class RangedFill:
         first, last = part.start + part.done, part.end - 1
         headers = {"Range": f"bytes={first}-{last}"}
         async with _ranged_get(self._upstream, self._remote, self._digest, headers,
-                               direct) as resp:
+                               direct, slot_held=True) as resp:
             if resp.status == 200:
                 raise _RangesIgnored()
             if resp.status != 206:

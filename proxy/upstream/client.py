@@ -206,6 +206,7 @@ class UpstreamClient:
     async def request(
         self, method: str, repo: str, endpoint: Endpoint, reference: str | Digest | None = None,
         *, query: Mapping[str, str] | None = None, headers: dict[str, str] | None = None,
+        slot_held: bool = False,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send ``METHOD /v2/<repo>/<endpoint>[/<reference>]`` upstream (the URL comes from
         :func:`~proxy.upstream.urls.v2_url`) and yield the final response.
@@ -215,12 +216,15 @@ class UpstreamClient:
         blob GETs may wait ``read_timeout`` for the response headers; everything else
         (manifests, tags, HEADs: small answers a hung upstream must not hold up) gets
         ``header_timeout``. What the caller's block raises is its own: a full disk while
-        the body is stored is no upstream failure.
+        the body is stored is no upstream failure. ``slot_held``: the caller holds a slot
+        under the caps for this request (:meth:`acquire_slot`, :meth:`try_acquire_slots`)
+        and gives it back itself; else the request takes one and gives it back.
         """
         if all(o.breaker.state is BreakerState.OPEN for o in self.origins):
             metrics.child(metrics.UPSTREAM_ERRORS, self.name, "breaker_open").inc()
             raise Unavailable(f"upstream {self.name} is unavailable (circuit open)")
-        await self._acquire_slot()  # (UpstreamBusy: our cap, no failure of the upstream)
+        if not slot_held:
+            await self.acquire_slot()  # (UpstreamBusy: our cap, no failure of the upstream)
         try:
             resp, url, started = await self._first_answer(
                 method, repo, endpoint, reference, query, dict(headers or {}))
@@ -231,8 +235,8 @@ class UpstreamClient:
             finally:
                 resp.release()
         finally:
-            if self.limiter is not None:
-                self.limiter.release()
+            if not slot_held:
+                self.release_slot()
 
     def redirect_target(self, resp: UpstreamResponse) -> URL | None:
         """Where a response of :meth:`request` came from when the upstream redirected it
@@ -244,8 +248,8 @@ class UpstreamClient:
         return url
 
     @asynccontextmanager
-    async def request_redirected(self, url: URL, headers: dict[str, str] | None = None
-                                 ) -> AsyncIterator[UpstreamResponse]:
+    async def request_redirected(self, url: URL, headers: dict[str, str] | None = None, *,
+                                 slot_held: bool = False) -> AsyncIterator[UpstreamResponse]:
         """GET ``url`` (a :meth:`redirect_target`) again, e.g. with another ``Range``,
         instead of asking the registry for a new redirect: one WAN round trip less.
 
@@ -255,8 +259,10 @@ class UpstreamClient:
         answers and failures do not move the breakers; any status is yielded (a signed
         URL that expired answers 403: the caller asks the registry again). Raises
         :class:`Unavailable` when there is no answer, or reading the body fails.
+        ``slot_held`` as for :meth:`request`.
         """
-        await self._acquire_slot()
+        if not slot_held:
+            await self.acquire_slot()
         try:
             started = time.monotonic()
             try:
@@ -271,14 +277,15 @@ class UpstreamClient:
             finally:
                 resp.release()
         finally:
-            if self.limiter is not None:
-                self.limiter.release()
+            if not slot_held:
+                self.release_slot()
 
     def _waited(self, seconds: float) -> None:
         metrics.child(metrics.UPSTREAM_QUEUE_WAIT, self.name).observe(seconds)
 
-    async def _acquire_slot(self) -> None:
-        """Wait for a slot under the caps (none set: at once); counted as queued meanwhile."""
+    async def acquire_slot(self) -> None:
+        """Wait for a slot under the caps (none set: at once); counted as queued meanwhile.
+        Give it back with :meth:`release_slot`."""
         if self.limiter is None:
             return
         queued = metrics.child(metrics.UPSTREAM_QUEUE, self.name)
@@ -291,6 +298,16 @@ class UpstreamClient:
             raise
         finally:
             queued.dec()
+
+    def try_acquire_slots(self, n: int) -> int:
+        """Up to ``n`` slots free right now, never waiting (no caps: all ``n``); see
+        :meth:`RequestLimiter.try_acquire`. Give each back with :meth:`release_slot`."""
+        return n if self.limiter is None else self.limiter.try_acquire(n)
+
+    def release_slot(self) -> None:
+        """Give back a slot of :meth:`acquire_slot` or :meth:`try_acquire_slots`."""
+        if self.limiter is not None:
+            self.limiter.release()
 
     async def _first_answer(
         self, method: str, repo: str, endpoint: Endpoint, reference: str | Digest | None,

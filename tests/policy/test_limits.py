@@ -502,3 +502,61 @@ async def test_a_client_takes_the_place_of_a_background_waiter_in_a_full_line():
     limiter.release()
     await settle()
     assert states(behind[:1] + client) == ["waiting", "granted"]
+
+
+# --- taking free slots without waiting -------------------------------------------------------
+
+async def test_try_acquire_takes_only_the_free_slots_and_never_waits():
+    limiter = RequestLimiter("u", Caps(max_concurrent=4), FakeClock())
+    await limiter.acquire()
+    assert limiter.try_acquire(3) == 3 and limiter.in_flight == 4
+    assert limiter.try_acquire(2) == 0 and limiter.queued == 0  # full: none, and no wait
+    for _ in range(4):
+        limiter.release()
+    assert limiter.try_acquire(0) == 0 and limiter.try_acquire(-1) == 0
+    assert limiter.try_acquire(9) == 4 and limiter.in_flight == 4
+    assert limiter.stats.granted == 8 and limiter.stats.waited == 0
+    with pytest.raises(RuntimeError):
+        for _ in range(5):
+            limiter.release()  # each taken slot goes back once; a fifth is a bug
+    assert limiter.in_flight == 0
+
+
+async def test_try_acquire_without_caps_takes_all():
+    limiter = RequestLimiter("u", Caps(), FakeClock())
+    assert limiter.try_acquire(3) == 3 and limiter.in_flight == 3
+
+
+async def test_a_caller_in_line_goes_before_try_acquire():
+    """A slot freed while someone waits is theirs; and tokens earned while the waiter's
+    wake-up has not run yet are not taken from under it either."""
+    clock = FakeClock()
+    limiter = RequestLimiter("u", Caps(max_concurrent=2), clock)
+    await limiter.acquire()
+    await limiter.acquire()
+    [waiter] = start(limiter, 1)
+    await settle()
+    limiter.release()  # handed to the waiter at once
+    await settle()
+    assert states([waiter]) == ["granted"] and limiter.try_acquire(1) == 0
+    limiter.release()
+    limiter.release()
+
+    limiter = RequestLimiter("u", Caps(max_concurrent=4, rate=1, burst=1), clock)
+    await limiter.acquire()  # the only token
+    [waiter] = start(limiter, 1)
+    await settle()
+    assert limiter.queued == 1
+    clock.now += 3  # tokens earned, the wake-up timer not fired yet
+    assert limiter.try_acquire(3) == 0 and limiter.in_flight == 1
+    await clock.advance(0)  # the wake-up: the waiter gets its token
+    assert states([waiter]) == ["granted"] and limiter.in_flight == 2
+
+
+async def test_try_acquire_takes_at_most_the_tokens_in_the_bucket():
+    clock = FakeClock()
+    limiter = RequestLimiter("u", Caps(rate=2, burst=3), clock)
+    assert limiter.try_acquire(5) == 3
+    assert limiter.try_acquire(1) == 0
+    await clock.advance(0.5)
+    assert limiter.try_acquire(5) == 1

@@ -189,18 +189,3 @@ def test_a_bad_cap_names_its_key(limits, problem):
     with pytest.raises(ConfigError) as err:
         parse_upstream("ghcr.io", {"url": "https://ghcr.io", "limits": limits})
     assert f"upstreams.ghcr.io.limits.{problem}" in str(err.value)
-
-
-def test_a_concurrency_cap_fills_big_blobs_as_one_stream():
-    """Ranged parts would each need a slot: fills holding one and waiting for more could
-    starve each other, so with max_concurrent a fill is one stream."""
-    from multidict import CIMultiDict, CIMultiDictProxy
-
-    from proxy.config import UpstreamConfig
-    from proxy.pullthrough.ranged import plan_parts
-    headers = CIMultiDictProxy(CIMultiDict({"Accept-Ranges": "bytes"}))
-    up = UpstreamConfig(name="fake.io", url="http://127.0.0.1:1")
-    assert plan_parts(up, 64 << 20, headers, False) is not None
-    assert plan_parts(replace(up, limits=Caps(max_concurrent=8)), 64 << 20, headers, False) is None
-    assert plan_parts(replace(up, limits=Caps(rate=5, bandwidth=1 << 20)), 64 << 20, headers,
-                      False) is not None

@@ -43,6 +43,7 @@ class FakeUpstream:
     chunked_blobs: bool = False           # blob bodies without Content-Length (chunked)
     stall_after: int | None = None        # after N body bytes, wait until ``resume`` is set
     resume: asyncio.Event = field(default_factory=asyncio.Event)
+    answer_gate: asyncio.Event | None = None  # blob GETs wait for it before answering
     status: int | None = None             # answer every /v2/<name>/... request with this
     require_token: str | None = None      # bearer token that must be presented
     require_basic: str | None = None      # "user:password" that must be presented (Basic)
@@ -198,6 +199,8 @@ class FakeUpstream:
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "x"}]},
                                      status=404)
+        if self.answer_gate is not None and request.method == "GET":
+            await self.answer_gate.wait()
         if self.redirect_to and request.method == "GET":
             signed = ""
             if self.sign_redirects:
