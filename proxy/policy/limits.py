@@ -10,6 +10,9 @@ with ``Retry-After``, never a 429, which the client retries or takes to its next
   has both. :meth:`RequestLimiter.observe_ratelimit` takes Docker Hub's
   ``ratelimit-remaining``/``ratelimit-limit`` headers: at or below ``slow_below`` of the
   limit the rate is halved until the window refills (no effect without a rate cap).
+  :meth:`RequestLimiter.try_acquire` takes only slots free right now (never waiting, and
+  none while anyone is queued): a ranged fill's extra parts, which must never wait for a
+  slot while their fill holds one.
 * :class:`ByteBucket`: ``bandwidth`` bytes a second, shared by an upstream's fills; a fill
   awaits :meth:`ByteBucket.take` for each chunk before passing it on.
 
