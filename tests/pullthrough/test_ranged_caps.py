@@ -6,6 +6,7 @@ fill, retried, corrupt or cancelled, nothing is in flight."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,11 +36,12 @@ def fake() -> FakeUpstream:
 Proxy = tuple[str, Path, UpstreamClient, Any]
 
 
-async def capped(aiohttp_server: Any, upstream_url: str, tmp_path: Path, caps: Caps) -> Proxy:
-    """A proxy with ranged fills from 2 MiB, layer prefetch off, and ``caps``."""
+async def capped(aiohttp_server: Any, upstream_url: str, tmp_path: Path, caps: Caps, *,
+                 prefetch: bool = False) -> Proxy:
+    """A proxy with ranged fills from 2 MiB, layer prefetch off (unless asked), and ``caps``."""
     data = tmp_path / "data"
     cfg = replace(ranged_config(data, {"fake.io": upstream_url}, limits=caps),
-                  prefetch=PrefetchConfig(enabled=False))
+                  prefetch=PrefetchConfig(enabled=prefetch))
     app = create_app(cfg)
     server = await aiohttp_server(app)
     return str(server.make_url("")).rstrip("/"), data, app[ROUTER].upstreams[0], app
@@ -206,3 +208,29 @@ async def test_a_fill_cancelled_mid_way_gives_every_slot_back(aiohttp_server, up
     await wait_until(lambda: limiter.in_flight == 0, "every slot given back")
     await wait_until(lambda: tmp_files(data) == [], "the cancelled fill's temp files to go")
     assert not is_stored(data, d)
+
+
+async def test_a_size_known_wrongly_gives_its_planned_slots_back_before_asking_again(
+        aiohttp_server, upstream_url, tmp_path, fake, client):
+    """A descriptor one byte too big: the first range's 206 names the real size, the fill
+    asks again plainly under its first slot and plans its parts anew; nothing is kept."""
+    base, data, up, _ = await capped(aiohttp_server, upstream_url, tmp_path,
+                                     Caps(max_concurrent=4), prefetch=True)
+    layer = os.urandom(6 * MiB)
+    d = fake.add_blob(layer)
+    config = b'{"architecture":"amd64","os":"linux"}'
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": fake.add_blob(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d,
+                    "size": len(layer) + 1}]}).encode()
+    fake.add_manifest("team/app", "v1", manifest, "application/vnd.oci.image.manifest.v1+json")
+    async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+        assert r.status == 200
+    await wait_stored(data, d)
+    gets = fake.blob_ranges(d)
+    assert gets[1] == "" and len(gets) >= 2  # the wrong first range, then a plain GET
+    assert await pull(client, f"{base}/v2/team/app/blobs/{d}") == layer
+    await wait_until(lambda: limiter_of(up).in_flight == 0, "every slot given back")
