@@ -6,7 +6,6 @@ fill, retried, corrupt or cancelled, nothing is in flight."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,7 +21,13 @@ from proxy.handlers.common import FILLS, ROUTER
 from proxy.policy.limits import Caps, RequestLimiter
 from proxy.settings.prefetch import PrefetchConfig
 from proxy.upstream import UpstreamClient
-from tests.pullthrough.test_ranged_fills import MiB, linked, ranged_config, spans_of
+from tests.pullthrough.test_ranged_fills import (
+    MiB,
+    linked,
+    prefetch_image,
+    ranged_config,
+    spans_of,
+)
 from tests.support.counters import counter
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.store import is_stored, tmp_files, wait_stored, wait_until
@@ -217,19 +222,7 @@ async def test_a_size_known_wrongly_gives_its_planned_slots_back_before_asking_a
     base, data, up, _ = await capped(aiohttp_server, upstream_url, tmp_path,
                                      Caps(max_concurrent=4), prefetch=True)
     layer = os.urandom(6 * MiB)
-    d = fake.add_blob(layer)
-    config = b'{"architecture":"amd64","os":"linux"}'
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": fake.add_blob(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d,
-                    "size": len(layer) + 1}]}).encode()
-    fake.add_manifest("team/app", "v1", manifest, "application/vnd.oci.image.manifest.v1+json")
-    async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
-            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
-        assert r.status == 200
-    await wait_stored(data, d)
+    d = await prefetch_image(fake, base, client, data, layer, size_error=1)
     gets = fake.blob_ranges(d)
     assert gets[1] == "" and len(gets) >= 2  # the wrong first range, then a plain GET
     assert await pull(client, f"{base}/v2/team/app/blobs/{d}") == layer

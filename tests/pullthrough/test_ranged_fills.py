@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import subprocess
 from dataclasses import replace
@@ -299,10 +298,11 @@ async def test_ranges_follow_a_redirect_to_a_cdn_without_credentials(aiohttp_ser
 
 
 async def prefetch_image(fake: FakeUpstream, base: str, client: aiohttp.ClientSession,
-                         data: Path, layer: bytes) -> str:
+                         data: Path, layer: bytes, *, size_error: int = 0) -> str:
     """Put an image of one layer on the fake, GET its manifest through the proxy (layer
-    prefetch is on by default) and wait until the prefetch stored the layer."""
-    fake.add_image("team/app", "v1", [layer])
+    prefetch is on by default) and wait until the prefetch stored the layer.
+    ``size_error``: the descriptor's size is off by that much (a manifest that lies)."""
+    fake.add_image("team/app", "v1", [layer], size_error=size_error)
     d = digest_of(layer)
     async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
             "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
@@ -345,19 +345,7 @@ async def test_a_size_known_wrongly_before_the_first_get_is_asked_again_plainly(
     fill asks again with a plain GET and the bytes decide (digest and size checked)."""
     base, data = prefetching
     layer = os.urandom(6 * MiB)
-    d = fake.add_blob(layer)
-    config = b'{"architecture":"amd64","os":"linux"}'
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": fake.add_blob(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d,
-                    "size": len(layer) + 1}]}).encode()
-    fake.add_manifest("team/app", "v1", manifest, "application/vnd.oci.image.manifest.v1+json")
-    async with client.get(f"{base}/v2/team/app/manifests/v1", headers={
-            "Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
-        assert r.status == 200
-    await wait_stored(data, d)
+    d = await prefetch_image(fake, base, client, data, layer, size_error=1)
     gets = fake.blob_ranges(d)  # the wrong first range, then a plain GET and its 3 parts
     assert gets[:2] == [spans_of(len(layer) + 1)[0], ""]
     assert sorted(gets[2:]) == sorted(spans_of(len(layer))[1:])

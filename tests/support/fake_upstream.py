@@ -77,10 +77,13 @@ class FakeUpstream:
         return d
 
     def add_image(self, repo: str, tag: str, layers: list[bytes],
-                  media_type: str = "application/vnd.oci.image.manifest.v1+json") -> str:
-        """Store config + layers + manifest under repo:tag; returns the manifest digest."""
+                  media_type: str = "application/vnd.oci.image.manifest.v1+json", *,
+                  size_error: int = 0) -> str:
+        """Store config + layers + manifest under repo:tag; returns the manifest digest.
+        ``size_error``: added to each layer descriptor's size (a manifest that lies)."""
         layer_descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": self.add_blob(data), "size": len(data)} for data in layers]
+                        "digest": self.add_blob(data), "size": len(data) + size_error}
+                       for data in layers]
         config = json.dumps({"architecture": "amd64", "os": "linux",
                              "rootfs": {"type": "layers",
                                         "diff_ids": [d["digest"] for d in layer_descs]}}).encode()
