@@ -38,7 +38,7 @@ from proxy.singleflight import SingleFlight
 from proxy.upstream.auth import Challenge, parse_challenges
 from proxy.upstream.breaker import BreakerState, CircuitBreaker
 from proxy.upstream.egress import Egress
-from proxy.upstream.urls import Endpoint, same_origin, v2_url
+from proxy.upstream.urls import Endpoint, realm_may_get_credentials, same_origin, v2_url
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -107,7 +107,6 @@ class _Origin:
     to it alone."""
 
     def __init__(self, name: str, index: int, entry: UpstreamURL, breaker: CircuitBreaker) -> None:
-        self.index = index
         self.base = URL(entry.url)
         self.shown = redact_url(entry.url)  #: for logs, status and metric labels
         self.username = entry.username
@@ -134,7 +133,6 @@ class UpstreamClient:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.base = URL(config.url)  #: the first URL's
         self._session = session
         self._tokens = token_cache
         #: Shared with other replicas (Redis): an open circuit there makes us fail fast too.
@@ -171,6 +169,11 @@ class UpstreamClient:
         self.ratelimit_remaining: str | None = None
         #: the forward proxy of each request (the upstream's ``proxy``, or the environment)
         self.egress = Egress(config.proxy, os.environ if env is None else env)
+
+    @property
+    def base(self) -> URL:
+        """The first URL (``url``; ``urls`` tried after it)."""
+        return self.origins[0].base
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -356,8 +359,10 @@ class UpstreamClient:
         if resp.status >= 500:
             await self._failed(origin)
         else:
-            origin.breaker.success()
-            self._breaker_metrics(origin)
+            origin.breaker.success()  # (closed now: so is the upstream, which has this URL;
+            # set without reading the breakers, a stat of their files each, per request)
+            metrics.child(metrics.URL_BREAKER_OPEN, self.name, origin.shown).set(0)
+            metrics.child(metrics.BREAKER_OPEN, self.name).set(0)
         remaining = resp.headers.get("ratelimit-remaining")
         if remaining is not None:
             self.ratelimit_remaining = remaining
@@ -368,7 +373,8 @@ class UpstreamClient:
                 self.limiter.observe_ratelimit(remaining, resp.headers.get("ratelimit-limit"))
 
     def _count(self, method: str, resp: UpstreamResponse, started: float) -> None:
-        """Count, log and note an answer (any URL's: the registry's or a redirect target's)."""
+        """Count and log an answer (any URL's: the registry's or a redirect target's); the
+        breakers and the rate-limit headers are :meth:`_answered`'s."""
         latency = time.monotonic() - started
         metrics.child(metrics.UPSTREAM_LATENCY, self.name).observe(latency)
         metrics.child(metrics.UPSTREAM_REQUESTS, self.name, method, str(resp.status)).inc()
@@ -486,7 +492,7 @@ class UpstreamClient:
             return False
         if not url.absolute or url.user is not None:
             return False
-        return url.scheme == "https" or same_origin(url, origin.base)
+        return realm_may_get_credentials(url, origin.base)
 
     @staticmethod
     def _basic(origin: _Origin) -> str | None:
