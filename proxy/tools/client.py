@@ -34,7 +34,7 @@ from proxy.mediatypes import (
 from proxy.redact import redact_url
 from proxy.reference import NAME_RE, SUPPORTED_ALGORITHMS, TAG_RE, Digest
 from proxy.upstream.auth import parse_challenges
-from proxy.upstream.urls import same_origin
+from proxy.upstream.urls import realm_may_get_credentials
 
 #: Read and write blobs in pieces of this size.
 CHUNK = 1 << 20
@@ -462,7 +462,7 @@ class RegistryClient:
         if not realm.absolute or realm.scheme not in ("http", "https"):
             raise ToolError(f"the registry named an invalid token realm "
                             f"{redact_url(params['realm'])[:100]!r}")
-        if self.username and realm.scheme != "https" and not same_origin(realm, self.base):
+        if self.username and not realm_may_get_credentials(realm, self.base):
             raise ToolError(f"refusing to send credentials to the token realm "
                             f"{redact_url(params['realm'])[:100]!r}: it is neither https nor "
                             f"on the registry's own origin")  # (anonymous tokens: any realm)

@@ -61,3 +61,10 @@ def same_origin(a: URL, b: URL) -> bool:
     ``http://h:6666`` are two. yarl's ``origin()`` keeps a written default port, so it would
     call the first pair two."""
     return a.absolute and b.absolute and (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def realm_may_get_credentials(realm: URL, base: URL) -> bool:
+    """Whether a token realm may receive credentials that belong to ``base``: an https realm
+    (a registry's own auth service, e.g. auth.docker.io), or ``base``'s own origin, port
+    included (an http realm elsewhere would get them in cleartext)."""
+    return realm.absolute and (realm.scheme == "https" or same_origin(realm, base))
