@@ -185,7 +185,7 @@ class RequestLimiter:
         if not self._queue and self._take():
             self.stats.granted += 1
             return
-        if len(self._queue) >= self.caps.queue and not (not behind and self._bump_background()):
+        if len(self._queue) >= self.caps.queue and (behind or not self._bump_background()):
             self.stats.rejected_full += 1
             raise self._busy(f"{len(self._queue)} requests already waiting")
         waiter = _Waiter(asyncio.get_running_loop().create_future(), self._clock.time(),
