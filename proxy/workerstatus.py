@@ -142,10 +142,10 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
         if part is not parts[0] and not _alive(int(part["pid"])):
             continue
         for name, up in part["upstreams"].items():
-            seen = upstreams.setdefault(name, {**up, "urls": dict(up.get("urls", {}))})
+            seen = upstreams.setdefault(name, {**up, "urls": {}})
             if _SEVERITY.get(up["breaker"], 0) > _SEVERITY.get(seen["breaker"], 0):
                 seen["breaker"] = up["breaker"]
-            urls = seen.setdefault("urls", {})
+            urls = seen["urls"]
             for url, state in up.get("urls", {}).items():  # (each URL: its worst state too)
                 if _SEVERITY.get(state, 0) >= _SEVERITY.get(urls.get(url, ""), 0):
                     urls[url] = state

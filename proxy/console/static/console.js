@@ -264,17 +264,22 @@
   }
 
   // an action on a repository's tag, after a confirmation; then the lists are read again
+  // an action's POST (a JSON body); its answer, or an Error with the API's message
+  async function post(path, body) {
+    const r = await fetch(API + path, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json" }, body: JSON.stringify(body) });
+    const answer = await r.json();
+    if (!r.ok) throw new Error(answer.errors ? answer.errors[0].message : "HTTP " + r.status);
+    return answer;
+  }
   function actionButton(label, cls, question, name, action, body, done) {
     const b = el("button", { type: "button", class: cls }, label);
     b.addEventListener("click", async () => {
       if (!window.confirm(question)) return;
       try {
-        const r = await fetch(API + "repositories/" + name.split("/").map(encodeURIComponent).join("/") + "/" + action, {
-          method: "POST", credentials: "same-origin",
-          headers: { "Content-Type": "application/json", Accept: "application/json" },
-          body: JSON.stringify(body) });
-        const answer = await r.json();
-        if (!r.ok) throw new Error(answer.errors ? answer.errors[0].message : "HTTP " + r.status);
+        const answer = await post("repositories/" + name.split("/").map(encodeURIComponent).join("/") + "/" + action,
+          body);
         $("#repo-notice").textContent = done(answer);
         await loadRepositories();
         await loadRepository(name);
@@ -300,14 +305,6 @@
   }
 
   // warming an image in the background; the jobs (this worker's) are listed under the form
-  async function post(path, body) {
-    const r = await fetch(API + path, {
-      method: "POST", credentials: "same-origin",
-      headers: { "Content-Type": "application/json", Accept: "application/json" }, body: JSON.stringify(body) });
-    const answer = await r.json();
-    if (!r.ok) throw new Error(answer.errors ? answer.errors[0].message : "HTTP " + r.status);
-    return answer;
-  }
   async function loadWarms() {
     const data = await api("warm");
     const rows = data.warms.map((w) => el("tr", { "data-image": w.image, "data-state": w.state }, el("td", {}, w.image),
