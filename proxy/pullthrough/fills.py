@@ -68,8 +68,9 @@ class Fills:
     async def get(self, route: Route, digest: Digest, *, size: int | None = None
                   ) -> StoredBlob | FillingBlob:
         """The blob's bytes for one client: a running fill joined, or a new one started;
-        stored, when it was published meanwhile. ``size`` is the blob's size when a
-        verified manifest gave it (a new fill may then split its first GET)."""
+        stored, when it was published meanwhile. ``size`` is the blob's size when it is
+        known before the fill (a manifest's descriptor, the confirming HEAD): a new fill
+        may then ask its first GET for part 0 only."""
         key = str(digest)
         fill = self._running.get(key)
         if fill is not None:
