@@ -64,8 +64,7 @@ def put_image(up: Redirecting, layer: bytes) -> str:
 
 
 def requests_counted(status: str) -> float:
-    return metrics.child(metrics.UPSTREAM_REQUESTS, "fake.io", "GET",
-                         status)._value.get()  # type: ignore[attr-defined]
+    return counter(metrics.UPSTREAM_REQUESTS, "fake.io", "GET", status)
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["client-get", "prefetch"])

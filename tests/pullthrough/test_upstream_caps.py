@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import push_blob
 from tests.support.proxyfix import make_config
 from tests.support.registry import upstream_gets
+from tests.support.store import wait_until
 
 KiB = 1 << 10
 
@@ -49,14 +49,6 @@ class Counting:
             return resp
         finally:
             self.now -= 1
-
-
-async def until(condition: Callable[[], bool], what: str, deadline: float = 20.0) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def proxy_for(aiohttp_server, tmp_path: Path, fake: FakeUpstream, counting: Counting,
@@ -85,8 +77,8 @@ async def test_concurrency_never_exceeds_the_cap_and_the_rest_wait(aiohttp_serve
     async with aiohttp.ClientSession() as client:
         gets = [asyncio.create_task(_get(client, f"{base}/v2/app/blobs/{d}")) for d in digests]
         # two stalled at the upstream, the rest waiting at the proxy
-        await until(lambda: up.limiter is not None and up.limiter.queued == 6
-                    and counting.now == 2, "2 requests upstream, 6 queued")
+        await wait_until(lambda: up.limiter is not None and up.limiter.queued == 6
+                         and counting.now == 2, "2 requests upstream, 6 queued", patience=20)
         assert up.limiter.in_flight == 2
         fake.resume.set()
         results = await asyncio.gather(*gets)
@@ -108,7 +100,8 @@ async def test_a_full_queue_and_a_long_wait_are_503_with_retry_after_not_429(
         try:
             assert first.status == 200
             waiting = asyncio.create_task(_get(client, f"{base}/v2/app/blobs/{b}"))
-            await until(lambda: up.limiter is not None and up.limiter.queued == 1, "one queued")
+            await wait_until(lambda: up.limiter is not None and up.limiter.queued == 1,
+                             "one queued", patience=20)
             status, body, headers = await _get(client, f"{base}/v2/app/blobs/{c}")  # queue full
             assert status == 503 and headers["Retry-After"] == "1"
             assert b"UNAVAILABLE" in body and b"at its cap" in body
