@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import aiohttp
 
@@ -36,6 +37,16 @@ async def get_json(client: aiohttp.ClientSession, url: str, **kw: object) -> dic
         assert r.status == 200, (url, r.status, await r.text())
         assert r.headers["Cache-Control"] == "no-store"
         return await r.json()
+
+
+async def post_expect(client: aiohttp.ClientSession, url: str, status: int,
+                      code: str | None = None, **kw: Any) -> None:
+    """POST an action that must be refused (or whose answer the test does not read): its
+    status, and the OCI error code when one is named."""
+    async with client.post(url, **kw) as r:
+        assert r.status == status, (url, kw, await r.text())
+        if code is not None:
+            assert (await r.json())["errors"][0]["code"] == code
 
 
 async def test_api_answers_with_the_traffic_it_served(upstream_registry, http_session,
@@ -410,21 +421,18 @@ async def test_purge_action_needs_the_ops_right_and_purges(upstream_registry, ht
     assert is_stored(data, traffic.big_layer)
     url = f"{base}{API}/repositories/{traffic.repo}/purge"
     body = {"reference": "v1"}
-    async with http_session.post(url, json=body) as r:
-        assert r.status == 401
-    async with http_session.post(url, json=body, headers=basic("admin")) as r:
-        assert r.status == 403  # every repository right, but no ops right
+    await post_expect(http_session, url, 401, json=body)
+    # every repository right, but no ops right
+    await post_expect(http_session, url, 403, json=body, headers=basic("admin"))
     watcher = basic("watcher")
-    async with http_session.post(url, data="reference=v1", headers={
-            **watcher, "Content-Type": "application/x-www-form-urlencoded"}) as r:
-        assert r.status == 415  # a form (another site's) cannot purge
-    async with http_session.post(url, json=body, headers={**watcher, "Origin": "http://evil.example"}) as r:
-        assert r.status == 403 and (await r.json())["errors"][0]["code"] == "DENIED"
-    async with http_session.post(f"{base}{API}/repositories/team/app/purge", json={"reference": "latest"},
-                                 headers=watcher) as r:
-        assert r.status == 405 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
-    async with http_session.post(url, json={"reference": "nope"}, headers=watcher) as r:
-        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    # a form (another site's) cannot purge
+    await post_expect(http_session, url, 415, data="reference=v1",
+                      headers={**watcher, "Content-Type": "application/x-www-form-urlencoded"})
+    await post_expect(http_session, url, 403, "DENIED", json=body,
+                      headers={**watcher, "Origin": "http://evil.example"})
+    await post_expect(http_session, f"{base}{API}/repositories/team/app/purge", 405, "UNSUPPORTED",
+                      json={"reference": "latest"}, headers=watcher)
+    await post_expect(http_session, url, 404, "MANIFEST_UNKNOWN", json={"reference": "nope"}, headers=watcher)
     assert is_stored(data, traffic.big_layer)
 
     async with http_session.post(url, json=body, headers={**watcher, "Origin": base}) as r:
@@ -439,17 +447,13 @@ async def test_purge_action_needs_the_ops_right_and_purges(upstream_registry, ht
     assert [t["tag"] for t in detail["tags"]] == ["multi"]
     # a hosted repository's tag: deleted by the ops right, refused on a cached one
     delete = f"{base}{API}/repositories/{traffic.hosted}/delete-tag"
-    async with http_session.post(delete, json={"tag": "latest"}, headers=basic("admin")) as r:
-        assert r.status == 403
-    async with http_session.post(f"{base}{API}/repositories/{traffic.repo}/delete-tag",
-                                 json={"tag": "multi"}, headers=watcher) as r:
-        assert r.status == 405 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
-    async with http_session.post(delete, json={"tag": "sha256:" + "0" * 64}, headers=watcher) as r:
-        assert r.status == 400
+    await post_expect(http_session, delete, 403, json={"tag": "latest"}, headers=basic("admin"))
+    await post_expect(http_session, f"{base}{API}/repositories/{traffic.repo}/delete-tag", 405, "UNSUPPORTED",
+                      json={"tag": "multi"}, headers=watcher)
+    await post_expect(http_session, delete, 400, json={"tag": "sha256:" + "0" * 64}, headers=watcher)
     async with http_session.post(delete, json={"tag": "latest"}, headers=watcher) as r:
         assert r.status == 200 and (await r.json()) == {"deleted": f"{traffic.hosted}:latest"}
-    async with http_session.post(delete, json={"tag": "latest"}, headers=watcher) as r:
-        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    await post_expect(http_session, delete, 404, "MANIFEST_UNKNOWN", json={"tag": "latest"}, headers=watcher)
     async with http_session.get(f"{base}/v2/{traffic.hosted}/manifests/latest",
                                 headers=basic("admin")) as r:
         assert r.status == 404
@@ -542,14 +546,11 @@ async def test_revalidate_and_warm_actions(upstream_registry, http_session, aioh
                             ({**watcher, "Origin": "http://evil.example"}, 403)):
         async with http_session.post(url, json={"tag": "v1"}, headers=headers) as r:
             assert r.status == status, headers
-    async with http_session.post(url, data="tag=v1", headers={
-            **watcher, "Content-Type": "application/x-www-form-urlencoded"}) as r:
-        assert r.status == 415
-    async with http_session.post(f"{base}{API}/repositories/{traffic.hosted}/revalidate",
-                                 json={"tag": "latest"}, headers=watcher) as r:
-        assert r.status == 405 and (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
-    async with http_session.post(url, json={"tag": "sha256:" + "0" * 64}, headers=watcher) as r:
-        assert r.status == 400
+    await post_expect(http_session, url, 415, data="tag=v1",
+                      headers={**watcher, "Content-Type": "application/x-www-form-urlencoded"})
+    await post_expect(http_session, f"{base}{API}/repositories/{traffic.hosted}/revalidate", 405,
+                      "UNSUPPORTED", json={"tag": "latest"}, headers=watcher)
+    await post_expect(http_session, url, 400, json={"tag": "sha256:" + "0" * 64}, headers=watcher)
     async with http_session.post(url, json={"tag": "v1"}, headers=watcher) as r:
         assert r.status == 200, await r.text()
         answer = await r.json()
@@ -558,8 +559,7 @@ async def test_revalidate_and_warm_actions(upstream_registry, http_session, aioh
     assert await digest_of("v1") == newer.digest
     async with http_session.post(url, json={"tag": "v1"}, headers=watcher) as r:
         assert (await r.json())["changed"] is False
-    async with http_session.post(url, json={"tag": "gone"}, headers=watcher) as r:
-        assert r.status == 404 and (await r.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    await post_expect(http_session, url, 404, "MANIFEST_UNKNOWN", json={"tag": "gone"}, headers=watcher)
 
     # warm: an image the proxy never saw, pulled in the background
     layer = make_random_bytes(50_000, seed=int.from_bytes(os.urandom(4), "big"))
@@ -576,14 +576,12 @@ async def test_revalidate_and_warm_actions(upstream_registry, http_session, aioh
     for bad in ("UPPER/x:1", "a/../b:1", ""):
         async with http_session.post(warm, json={"image": bad}, headers=watcher) as r:
             assert r.status == 400, bad
-    async with http_session.post(warm, json={"image": f"{traffic.hosted}:latest"},
-                                 headers=watcher) as r:
-        assert r.status == 405
+    await post_expect(http_session, warm, 405, json={"image": f"{traffic.hosted}:latest"}, headers=watcher)
     async with http_session.post(warm, json={"image": f"{traffic.repo}:cold"}, headers=watcher) as r:
         assert r.status == 202, await r.text()
         assert (await r.json())["started"] == f"{traffic.repo}:cold"
-    async with http_session.post(warm, json={"image": f"{traffic.repo}:nope"}, headers=watcher) as r:
-        assert r.status == 202  # (it fails in the background, and says so)
+    # (it fails in the background, and says so)
+    await post_expect(http_session, warm, 202, json={"image": f"{traffic.repo}:nope"}, headers=watcher)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while True:
@@ -632,17 +630,15 @@ async def test_storage_page_names_evictions_and_dry_runs_gc(upstream_registry, h
     assert traffic.shared_layer not in evicted  # a hosted image holds it
 
     gc = f"{base}{API}/storage/gc-dry-run"
-    async with http_session.post(gc, data="x", headers={"Content-Type": "text/plain"}) as r:
-        assert r.status == 415
+    await post_expect(http_session, gc, 415, data="x", headers={"Content-Type": "text/plain"})
     for bad in ({"delete_untagged": "yes"}, {"grace_seconds": -1}, {"grace_seconds": "1h"}, []):
         async with http_session.post(gc, json=bad) as r:
             assert r.status == 400, bad
     async with http_session.get(f"{base}/v2/{traffic.hosted}/manifests/latest",
                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
         hosted_manifest = r.headers["Docker-Content-Digest"]
-    async with http_session.post(f"{base}{API}/repositories/{traffic.hosted}/delete-tag",
-                                 json={"tag": "latest"}) as r:
-        assert r.status == 200
+    await post_expect(http_session, f"{base}{API}/repositories/{traffic.hosted}/delete-tag", 200,
+                      json={"tag": "latest"})
     async with http_session.post(gc, json={"grace_seconds": 0}) as r:
         kept_links = await r.json()
     assert r.status == 200 and kept_links["dry_run"] and kept_links["untagged_manifests"] == 0
@@ -679,8 +675,7 @@ async def test_fill_in_flight_and_token_status(aiohttp_server, http_session, tmp
     server = await aiohttp_server(create_app(cfg), **runner_kwargs(cfg))
     base = str(server.make_url("")).rstrip("/")
     try:
-        async with http_session.post(f"{base}{API}/warm", json={"image": "it/slow:v1"}) as r:
-            assert r.status == 202
+        await post_expect(http_session, f"{base}{API}/warm", 202, json={"image": "it/slow:v1"})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while True:

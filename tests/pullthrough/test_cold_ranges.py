@@ -41,9 +41,12 @@ def fake() -> FakeUpstream:
     return FakeUpstream(ranges=True, stall_after=STALL)
 
 
-async def start_proxy(aiohttp_server, upstream_url: str, data: Path, **overrides: object) -> str:
-    return await serve_app(aiohttp_server,
-                           create_app(cold_config(data, {"fake.io": upstream_url}, **overrides)))
+async def start_proxy(aiohttp_server, upstream_url: str, tmp_path: Path, **overrides: object
+                      ) -> tuple[str, Path]:
+    """A proxy on the fake (one stream per fill), and its data directory."""
+    data = tmp_path / "data"
+    return await serve_app(aiohttp_server, create_app(
+        cold_config(data, {"fake.io": upstream_url}, **overrides))), data
 
 
 def range_header(start: int = START, length: int = LENGTH) -> dict[str, str]:
@@ -60,8 +63,7 @@ def test_unverified_ranges_is_off_by_default_and_named_in_errors():
 
 async def test_a_cold_range_streams_before_the_fill_reaches_it_and_ends_after_verification(
         fake, upstream_url, aiohttp_server, tmp_path, client):
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path)
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
     verified_before = counter(metrics.UPSTREAM_BYTES, "fake.io")
@@ -85,8 +87,7 @@ async def test_a_cold_range_streams_before_the_fill_reaches_it_and_ends_after_ve
 
 async def test_a_corrupt_blob_cuts_the_cold_range_before_its_last_byte(
         fake, upstream_url, aiohttp_server, tmp_path, client):
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path)
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
     fake.corrupt = True  # the full GET's first byte is flipped: the fill fails verification
@@ -105,8 +106,7 @@ async def test_a_corrupt_blob_cuts_the_cold_range_before_its_last_byte(
 
 async def test_range_bytes_other_than_the_verified_blob_cut_the_response(
         fake, upstream_url, aiohttp_server, tmp_path, client):
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path)
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
     fake.corrupt_ranges = True  # the blob is good, the ranged answer is not
@@ -123,8 +123,7 @@ async def test_range_bytes_other_than_the_verified_blob_cut_the_response(
 
 async def test_unverified_ranges_complete_before_the_fill_ends(
         fake, upstream_url, aiohttp_server, tmp_path, client):
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data, unverified_ranges=True)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path, unverified_ranges=True)
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
     cold_before = counter(metrics.COLD_RANGES, "fake.io")
@@ -143,8 +142,7 @@ async def test_unverified_ranges_complete_before_the_fill_ends(
 
 async def test_a_range_near_the_fill_waits_for_it_and_asks_no_range(
         fake, upstream_url, aiohttp_server, tmp_path, client):
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path)
     fake.stall_after = None
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
@@ -159,8 +157,7 @@ async def test_long_ranges_and_upstreams_without_ranges_wait_for_the_fill(
         fake, upstream_url, aiohttp_server, tmp_path, client):
     """The rest of a blob (a resumed download) is not fetched twice; an upstream that
     announces no ranges is not asked for one."""
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path)
     fake.stall_after = None
     size = COLD_RANGE_MAX + 8 * MiB
     blob = os.urandom(size)
@@ -181,8 +178,7 @@ async def test_long_ranges_and_upstreams_without_ranges_wait_for_the_fill(
 
 async def test_an_upstream_ignoring_the_range_leaves_it_to_the_fill(
         fake, upstream_url, aiohttp_server, tmp_path, client):
-    data = tmp_path / "data"
-    base = await start_proxy(aiohttp_server, upstream_url, data, unverified_ranges=True)
+    base, data = await start_proxy(aiohttp_server, upstream_url, tmp_path, unverified_ranges=True)
     fake.ranges, fake.ignore_ranges, fake.stall_after = False, True, None
     blob = os.urandom(SIZE)
     d = fake.add_blob(blob)
